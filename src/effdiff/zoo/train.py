@@ -1,0 +1,205 @@
+"""Training of the bundled models: seeded, checkpointed, resumable, with EMA weights.
+
+Generators learn ε-prediction on the cosine schedule with 10 % caption dropout (so classifier-free
+guidance works); the classifier learns the digits with small random shifts so that it judges
+generated digits, not only centred ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from effdiff.zoo.architectures import (
+    NOISE_SCHEDULE,
+    DigitClassifier,
+    build_tiny_dit,
+    build_tiny_sd,
+    default_scheduler,
+)
+from effdiff.zoo.captions import caption_bank, caption_states
+from effdiff.zoo.data import load_digits
+
+GENERATORS = {"tiny-sd": build_tiny_sd, "tiny-dit": build_tiny_dit}
+TRAINABLE = (*GENERATORS, "mnist-features")
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    seed: int = 0
+    steps: int = 20000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup: int = 500
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 1000
+    max_minutes: float | None = None  # wall-clock budget; then the run is no longer bit-deterministic
+    device: str = "cpu"
+    bf16: bool = False
+
+
+def _denoise_loss(model, images, text, timesteps, noise, schedule: DDPMScheduler, is_dit: bool):
+    noisy = schedule.add_noise(images, noise, timesteps)
+    if is_dit:
+        pred = model(noisy, encoder_hidden_states=text, timestep=timesteps,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    else:
+        pred = model(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred.float(), noise.float())
+
+
+def _shift(images: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random translation by up to ``max_shift`` pixels (background is -1)."""
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4, value=-1.0)
+    dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=gen).tolist()
+    size = images.shape[-1]
+    return padded[..., dy : dy + size, dx : dx + size]
+
+
+class Trainer:
+    """Runs one model's training to ``config.steps`` and writes checkpoints and final weights to ``out``."""
+
+    def __init__(self, config: TrainConfig, out: Path) -> None:
+        self.config, self.out = config, Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.is_classifier = config.model == "mnist-features"
+        self.model = (DigitClassifier() if self.is_classifier else GENERATORS[config.model]()).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.01)
+        self.step, self.elapsed, self.losses = 0, 0.0, []
+        split = load_digits()
+        self.images, self.labels = split.train_images.to(self.device), split.train_labels.to(self.device)
+        per_digit, uncond = caption_bank(caption_states())
+        self.per_digit, self.uncond = per_digit.to(self.device), uncond.to(self.device)
+        self.schedule = DDPMScheduler(**{k: v for k, v in NOISE_SCHEDULE.items() if k != "set_alpha_to_one"})
+        self.schedule.alphas_cumprod = self.schedule.alphas_cumprod.to(self.device)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def resume(self) -> None:
+        if not self.checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}")
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.elapsed, self.losses = state["step"], state["elapsed"], state["losses"]
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_checkpoint(self) -> None:
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                    "step": self.step, "elapsed": self.elapsed, "losses": self.losses,
+                    "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state()}, tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def _lr(self) -> float:
+        c = self.config
+        if self.step < c.warmup:
+            return c.lr * (self.step + 1) / c.warmup
+        progress = (self.step - c.warmup) / max(1, c.steps - c.warmup)
+        if c.max_minutes:  # a time budget decays the rate by whichever runs out first
+            progress = max(progress, self.elapsed / (c.max_minutes * 60))
+        return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    def _batch_loss(self) -> torch.Tensor:
+        c = self.config
+        idx = torch.randint(0, len(self.images), (c.batch_size,), generator=self.gen).to(self.device)
+        images, labels = self.images[idx], self.labels[idx]
+        if self.is_classifier:
+            return torch.nn.functional.cross_entropy(self.model(_shift(images, self.gen)), labels)
+        template = torch.randint(0, self.per_digit.shape[1], (c.batch_size,), generator=self.gen).to(self.device)
+        text = self.per_digit[labels, template]
+        drop = (torch.rand(c.batch_size, generator=self.gen) < c.caption_dropout).to(self.device)
+        text = torch.where(drop[:, None, None], self.uncond.expand_as(text), text)
+        timesteps = torch.randint(0, 1000, (c.batch_size,), generator=self.gen).to(self.device)
+        noise = torch.randn(images.shape, generator=self.gen).to(self.device)
+        return _denoise_loss(self.model, images, text, timesteps, noise, self.schedule, c.model == "tiny-dit")
+
+    def run(self) -> None:
+        c = self.config
+        start = time.perf_counter() - self.elapsed
+        bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.model}")
+        while self.step < c.steps:
+            for group in self.opt.param_groups:
+                group["lr"] = self._lr()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
+                loss = self._batch_loss()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            decay = min(c.ema_decay, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                    e.lerp_(p, 1 - decay)
+            self.step += 1
+            self.losses.append(round(loss.item(), 5))
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(self.losses[-100:]) / len(self.losses[-100:]):.4f}")
+            self.elapsed = time.perf_counter() - start
+            if self.step % c.checkpoint_every == 0:
+                self.save_checkpoint()
+            if c.max_minutes is not None and self.elapsed > c.max_minutes * 60:
+                break
+        bar.close()
+        self.save_checkpoint()
+        self.export()
+
+    def export(self) -> None:
+        """Write the EMA weights in diffusers layout plus a training record."""
+        from effdiff.zoo.checkpoints import save_model
+
+        record = {"config": asdict(self.config), "steps_done": self.step, "wall_seconds": round(self.elapsed, 1),
+                  "machine": f"{platform.node()} {platform.processor() or platform.machine()} "
+                             f"{torch.cuda.get_device_name() if self.device.type == 'cuda' else 'cpu'}",
+                  "final_loss_avg100": sum(self.losses[-100:]) / max(1, len(self.losses[-100:])),
+                  "parameters": sum(p.numel() for p in self.ema.parameters())}
+        save_model(self.config.model, self.ema.cpu(), default_scheduler(), self.out / "export", record)
+
+
+def train(config: TrainConfig, out: Path, resume: bool = False) -> Path:
+    """Train (or continue) one bundled model; returns the folder of its exported weights."""
+    if config.model not in TRAINABLE:
+        raise ValueError(f"unknown model {config.model!r}; trainable: {', '.join(TRAINABLE)}")
+    trainer = Trainer(config, out)
+    if resume:
+        trainer.resume()
+    trainer.run()
+    return trainer.out / "export"
+
+
+if __name__ == "__main__":  # used on the GPU machine, where the package is not installed
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", choices=TRAINABLE)
+    parser.add_argument("--out", type=Path, required=True)
+    for field in ("seed", "steps", "batch_size", "checkpoint_every"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(TrainConfig, field))
+    for field in ("lr", "max_minutes"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(TrainConfig, field))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--resume", action="store_true")
+    args = vars(parser.parse_args())
+    out, resume = args.pop("out"), args.pop("resume")
+    print(json.dumps(asdict(TrainConfig(**args))))
+    train(TrainConfig(**args), out, resume)
