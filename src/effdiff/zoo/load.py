@@ -1,0 +1,122 @@
+"""``effdiff.load``: bundled models by name, speed-only twins, local diffusers checkpoints.
+
+Hub ids are tried only where a hub is reachable; offline they fail at once with a sentence that
+names HF_HUB_OFFLINE and the local-path alternative, instead of half a minute of retries.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+
+from effdiff.zoo.checkpoints import DENOISER_FOLDER, CheckpointError, load_classifier, read_record
+from effdiff.zoo.pipelines import TinyDiTPipeline, TinySDPipeline
+
+WEIGHTS = Path(__file__).parent / "weights"
+BUNDLED = ("tiny-sd", "tiny-dit")
+PIPELINE_OF = {"tiny-sd": TinySDPipeline, "tiny-dit": TinyDiTPipeline}
+
+
+class ModelNotFoundError(ValueError):
+    """The name is neither a bundled model, a twin, a local folder nor a reachable hub id."""
+
+
+def _bundled(name: str) -> DiffusionPipeline:
+    from effdiff.zoo.text import load_text_encoder
+
+    return _from_folder(WEIGHTS / name, name, *load_text_encoder())
+
+
+def _from_folder(folder: Path, kind: str, text_encoder, tokenizer) -> DiffusionPipeline:
+    sub = folder / DENOISER_FOLDER[kind]
+    for needed in (sub / "config.json", sub / "diffusion_pytorch_model.safetensors",
+                   folder / "scheduler" / "scheduler_config.json"):
+        if not needed.exists():
+            raise CheckpointError(f"missing {needed}: expected a diffusers folder with {DENOISER_FOLDER[kind]}/ "
+                                  "and scheduler/ as written by save_pretrained")
+    model_cls = _denoiser_class(kind)
+    try:
+        denoiser = model_cls.from_pretrained(sub).eval()
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    except Exception as exc:  # corrupt json / safetensors surface as many types
+        raise CheckpointError(f"could not read the checkpoint in {sub}: {exc}") from exc
+    denoiser.requires_grad_(False)
+    pipe = PIPELINE_OF[kind](denoiser, scheduler, text_encoder, tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.effdiff_model_name = kind
+    return pipe
+
+
+def _denoiser_class(kind: str):
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+
+    return UNet2DConditionModel if kind == "tiny-sd" else PixArtTransformer2DModel
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _local(path: Path) -> DiffusionPipeline:
+    record = read_record(path)
+    if record.get("name") in BUNDLED:
+        from effdiff.zoo.text import load_text_encoder
+
+        return _from_folder(path, record["name"], *load_text_encoder())
+    if not (path / "model_index.json").exists():
+        raise CheckpointError(
+            f"{path} is not a diffusers checkpoint: expected {path / 'model_index.json'} "
+            f"(a folder written by DiffusionPipeline.save_pretrained) or an effdiff model folder"
+        )
+    try:
+        return DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"could not load the diffusers checkpoint in {path}: {exc}") from exc
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    """False at once when HF_HUB_OFFLINE is set; otherwise one short TCP probe, never a retry loop."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def load(name: str, dtype: torch.dtype | None = None) -> DiffusionPipeline:
+    """A ready pipeline for a bundled name, a speed-only twin, a local folder, or a hub id."""
+    from effdiff.zoo.twins import TWINS, build_twin
+
+    if name in BUNDLED:
+        pipe = _bundled(name)
+    elif name in TWINS:
+        pipe = build_twin(name)
+    elif Path(name).expanduser().exists():
+        pipe = _local(Path(name).expanduser())
+    elif _looks_like_hub_id(name):
+        if not _hub_reachable():
+            raise ModelNotFoundError(
+                f"{name!r} looks like a Hugging Face hub id, but the hub cannot be reached (HF_HUB_OFFLINE is "
+                "set, or there is no network), so nothing can be downloaded. Pass a local folder written by save_pretrained instead, or one of: "
+                + ", ".join((*BUNDLED, *TWINS))
+            )
+        pipe = DiffusionPipeline.from_pretrained(name)
+    else:
+        raise ModelNotFoundError(
+            f"no model called {name!r}: not a bundled model ({', '.join(BUNDLED)}), not a speed-only twin "
+            f"({', '.join(TWINS)}), and no folder exists at {Path(name).expanduser().resolve()}"
+        )
+    return pipe.to(dtype=dtype) if dtype is not None else pipe
+
+
+def load_feature_extractor():
+    """The bundled ``mnist-features`` classifier (FID/KID features and prompt-accuracy judge)."""
+    return load_classifier(WEIGHTS / "mnist-features")
