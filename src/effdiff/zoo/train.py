@@ -1,6 +1,6 @@
 """Training of the bundled models: seeded, checkpointed, resumable, with EMA weights.
 
-Generators learn ε-prediction on the cosine schedule with 10 % caption dropout (so classifier-free
+Generators learn v-prediction on the cosine schedule with 10 % caption dropout (so classifier-free
 guidance works); the classifier learns the digits with small random shifts so that it judges
 generated digits, not only centred ones.
 """
@@ -56,7 +56,8 @@ def _denoise_loss(model, images, text, timesteps, noise, schedule: DDPMScheduler
                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
     else:
         pred = model(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
-    return torch.nn.functional.mse_loss(pred.float(), noise.float())
+    target = schedule.get_velocity(images, noise, timesteps)
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
 def _shift(images: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:

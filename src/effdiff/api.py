@@ -1,0 +1,115 @@
+"""``effdiff.accelerate(pipe, recipe)``: patch a diffusers pipeline in place, reversibly.
+
+The pipeline's class is swapped for a same-named subclass whose ``__call__`` resets the step
+context and lets methods adjust defaults (e.g. a solver's steps) before the original call runs;
+``pipe.effdiff.remove()`` undoes everything in reverse order, restoring the class.
+Accelerating an already accelerated pipeline *stacks*: the combined recipe is checked, the old one
+removed and the combination re-applied in declared order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from effdiff.adapters import adapter_for, denoiser_attr
+from effdiff.context import ContextHooks, StepContext
+from effdiff.recipe import RecipeLike, build, check, order, to_string
+from effdiff.registry import Method
+
+
+class EffdiffHandle:
+    """``pipe.effdiff``: what is active, the live step context, and the way back."""
+
+    def __init__(self, pipe: Any, methods: list[Method]) -> None:
+        self.pipe = pipe
+        self.methods: list[Method] = []
+        self.context = StepContext()
+        self.adapter = adapter_for(pipe)
+        self._base_class = type(pipe)
+        self._signature = inspect.signature(self._base_class.__call__)
+        self._hooks = ContextHooks(self.context, getattr(pipe, denoiser_attr(pipe)))
+        pipe.__class__ = _call_class(self._base_class)
+        pipe.__dict__["effdiff"] = self
+        try:
+            for method in methods:
+                method.apply(pipe, self.context)
+                method.applied = True
+                self.methods.append(method)
+        except BaseException:
+            self.remove()
+            raise
+
+    @property
+    def recipe(self) -> str:
+        return to_string(self.methods)
+
+    def describe(self) -> str:
+        """One line per active method with its parameters, in application order."""
+        head = f"effdiff on {type(self.adapter.model).__name__} ({self.adapter.kind})"
+        if not self.methods:
+            return head + ": no methods active"
+        return "\n".join([head + ":"] + [f"  {i + 1}. {m.describe()}" for i, m in enumerate(self.methods)])
+
+    def __repr__(self) -> str:
+        return f"<effdiff {self.recipe or 'none'}>"
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        bound = self._signature.bind(self.pipe, *args, **kwargs)
+        explicit = frozenset(bound.arguments)
+        for method in self.methods:
+            method.prepare_call(bound.arguments, explicit)
+        guidance = bound.arguments.get("guidance_scale", _default(self._signature, "guidance_scale"))
+        self._hooks.begin_call(self.pipe.scheduler, guidance if isinstance(guidance, (int, float)) else None)
+        return self._base_class.__call__(*bound.args, **bound.kwargs)
+
+    def remove(self) -> None:
+        """Undo every method (last first) and the hooks; the pipeline behaves exactly as before."""
+        while self.methods:
+            method = self.methods.pop()
+            method.remove()
+            method.applied = False
+        self._hooks.remove()
+        if type(self.pipe) is not self._base_class:
+            self.pipe.__class__ = self._base_class
+        self.pipe.__dict__.pop("effdiff", None)
+
+
+def _default(signature: inspect.Signature, name: str) -> Any:
+    param = signature.parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+_CALL_CLASSES: dict[type, type] = {}
+
+
+def _call_class(base: type) -> type:
+    """A subclass of ``base`` (same name) whose ``__call__`` goes through the handle."""
+    if base not in _CALL_CLASSES:
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self.__dict__["effdiff"]._call(args, kwargs)
+
+        __call__.__doc__ = base.__call__.__doc__
+        __call__.__signature__ = inspect.signature(base.__call__)  # type: ignore[attr-defined]
+        _CALL_CLASSES[base] = type(base.__name__, (base,), {
+            "__call__": __call__, "__module__": base.__module__, "__qualname__": base.__qualname__,
+            "_effdiff_base": base,
+        })
+    return _CALL_CLASSES[base]
+
+
+def accelerate(pipe: Any, recipe: RecipeLike) -> Any:
+    """Apply ``recipe`` to ``pipe`` in place and return it; refusals happen before any compute."""
+    adapter = adapter_for(pipe)
+    device = adapter.device.type
+    new = build(recipe, adapter.kind, device, type(adapter.model).__name__)
+    handle: EffdiffHandle | None = pipe.__dict__.get("effdiff")
+    if handle is None:
+        EffdiffHandle(pipe, new)
+        return pipe
+    combined = handle.methods + new
+    check(combined, adapter.kind, device, type(adapter.model).__name__)
+    combined = order(combined)
+    handle.remove()
+    EffdiffHandle(pipe, combined)
+    return pipe

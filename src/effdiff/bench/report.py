@@ -1,0 +1,178 @@
+"""Reports of one bench run: a rich terminal table and a single self-contained HTML file.
+
+The HTML embeds everything (image grids and Pareto plots as base64 PNG) so it can be mailed or
+attached to an issue as one file. Labels travel with every row: speed-only, simulated, trained.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from effdiff.bench.runner import STORE_NAME, image_dir, recipe_slug
+from effdiff.bench.store import ResultsStore
+
+COLUMNS = (  # (header, metrics key, format)
+    ("speed-up", "speedup", "{:.2f}×"),
+    ("s/image", "time_per_image_s", "{:.3f}"),
+    ("NFE", "nfe", "{:d}"),
+    ("GMACs/img", "macs_per_image", "gmac"),
+    ("GFLOP/s", "gflops_achieved", "{:.1f}"),
+    ("peak MB", "peak_memory_mb", "{:.0f}"),
+    ("PSNR", "psnr", "{:.2f}"),
+    ("SSIM", "ssim", "{:.3f}"),
+    ("FID", "fid", "{:.2f}"),
+    ("FID floor", "fid_floor", "{:.2f}"),
+    ("KID", "kid", "{:.4f}"),
+    ("acc", "prompt_accuracy", "{:.1%}"),
+)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if fmt == "gmac":
+        return f"{value / 1e9:.3f}"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _labels(metrics: dict[str, Any]) -> str:
+    return ", ".join(metrics.get("labels") or [])
+
+
+def load_rows(out_dir: str | Path, run_id: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """(run id, its rows) from ``out_dir``'s store; the latest run when no id is given."""
+    with ResultsStore(Path(out_dir) / STORE_NAME) as store:
+        run_id = run_id or store.latest_run()
+        if run_id is None:
+            raise ValueError(f"no bench runs stored in {Path(out_dir) / STORE_NAME}")
+        return run_id, store.rows(run_id)
+
+
+def print_table(rows: list[dict[str, Any]], console=None) -> None:
+    """The results as a rich table in the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="effdiff bench (speed-ups: same run, same prompts and seeds)")
+    for header in ("model", "recipe", *[c[0] for c in COLUMNS], "labels"):
+        table.add_column(header, justify="left" if header in ("model", "recipe", "labels") else "right")
+    for row in rows:
+        m = row["metrics"]
+        table.add_row(row["model"], row["recipe"] or "baseline", *[_fmt(m.get(k), f) for _, k, f in COLUMNS],
+                      _labels(m))
+    (console or Console(width=None if sys.stdout.isatty() else 200)).print(table)
+
+
+def _png_b64(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def pareto_png(rows: list[dict[str, Any]], model: str) -> bytes | None:
+    """Speed-up vs FID (or PSNR without FID) for one model's recipes; None for speed-only models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["metrics"].get("speedup"), r["metrics"], r["recipe"] or "baseline") for r in rows
+              if r["model"] == model]
+    key = "fid" if all(m.get("fid") is not None for _, m, _ in points) else "psnr"
+    points = [(s, m[key], name) for s, m, name in points if s is not None and m.get(key) is not None]
+    if not points:
+        return None
+    lower_better = key == "fid"
+    front = [p for p in points if not any(
+        q is not p and q[0] >= p[0] and (q[1] <= p[1] if lower_better else q[1] >= p[1])
+        and (q[0], q[1]) != (p[0], p[1]) for q in points)]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+    ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue")
+    front.sort()
+    ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", lw=1, label="Pareto front")
+    for s, v, name in points:
+        ax.annotate(name, (s, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    floor = next((r["metrics"].get("fid_floor") for r in rows if r["model"] == model), None)
+    if key == "fid" and floor is not None:
+        ax.axhline(floor, color="grey", ls="--", lw=1, label="real-vs-real floor")
+    ax.set_xlabel("speed-up vs baseline (×)")
+    ax.set_ylabel("FID (lower is better)" if key == "fid" else "PSNR vs baseline, dB")
+    ax.set_title(model)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _table_html(rows: list[dict[str, Any]]) -> str:
+    headers = ("model", "recipe", *[c[0] for c in COLUMNS], "labels")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        m = row["metrics"]
+        values = [_fmt(m.get(k), f) for _, k, f in COLUMNS]
+        cells = [row["model"], row["recipe"] or "baseline", *values, _labels(m)]
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _env_html(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    r = rows[0]
+    keys = ("torch_version", "diffusers_version", "effdiff_version", "threads", "dtype", "device", "machine")
+    return "<p class='env'>" + " · ".join(f"{k}: {html.escape(str(r[k]))}" for k in keys) + "</p>"
+
+
+def write_html(
+    rows: list[dict[str, Any]], run_id: str, out_dir: str | Path, path: str | Path | None = None
+) -> Path:
+    """One self-contained HTML file: table, per-model Pareto plot, per-recipe image grids."""
+    out_dir = Path(out_dir)
+    path = Path(path) if path is not None else out_dir / f"report-{run_id}.html"
+    parts = [f"<h1>effdiff bench — run {html.escape(run_id)}</h1>", _env_html(rows),
+             "<p>Speed-ups are ratios against the baseline (DDIM, CFG, same steps) timed in the same process "
+             "(warm, median of ≥ 3, alternating). PSNR/SSIM are measured against the baseline's own images; "
+             "FID/KID against the 1,000 held-out digits, beside the real-vs-real floor of the same size. "
+             "<b>speed-only</b>: random-weight twin, no quality; <b>simulated</b>: fake-quant without a "
+             "low-bit kernel; <b>trained</b>: the recipe trains or calibrates.</p>",
+             "<h2>Results</h2>", _table_html(rows)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        parts.append(f"<h2>{html.escape(model)}</h2>")
+        plot = pareto_png(rows, model)
+        if plot is not None:
+            parts.append(f"<img class='plot' alt='Pareto plot {html.escape(model)}' src='{_png_b64(plot)}'>")
+        else:
+            parts.append("<p>speed-only model: no quality axis, no Pareto plot.</p>")
+        for row in (r for r in rows if r["model"] == model):
+            grid = image_dir(out_dir, run_id, model) / f"{recipe_slug(row['recipe'])}.png"
+            if grid.exists():
+                label = html.escape(f"{row['recipe'] or 'baseline'} {_labels(row['metrics'])}".strip())
+                src = _png_b64(grid.read_bytes())
+                parts.append(f"<figure class='grid'><img alt='grid {label}' src='{src}'>"
+                             f"<figcaption>{label}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}.env{color:#555;font-size:12px}"
+             "figure.grid{display:inline-block;margin:6px}img{image-rendering:pixelated}")
+    doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>effdiff bench {html.escape(run_id)}"
+           f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc, encoding="utf-8")
+    return path
+
+
+def report(out_dir: str | Path, run_id: str | None = None, html_path: str | Path | None = None,
+           console=None) -> Path:
+    """Print the table of a stored run and write its HTML report; returns the HTML path."""
+    run_id, rows = load_rows(out_dir, run_id)
+    print_table(rows, console)
+    return write_html(rows, run_id, out_dir, html_path)

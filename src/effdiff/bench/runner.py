@@ -1,0 +1,364 @@
+"""``run_bench``: every recipe against its own baseline, on the same prompts and seeds, in one process.
+
+Per model the baseline (empty recipe: the pipeline as loaded, DDIM, CFG) comes first, then each
+recipe. For each one: FLOPs and NFE on a one-image call, then warm, alternating baseline/variant
+timing (median of >= 3) on a small batch with a stage split and peak memory, then, for trained
+models, all samples for PSNR/SSIM (vs the baseline's images), FID/KID (vs held-out, with the
+real-vs-real floor) and prompt accuracy. Each (model, recipe) row is committed when done.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from effdiff.bench.calling import call_parameters, to_images
+from effdiff.bench.store import Environment, ResultsStore
+from effdiff.eval.cost import (
+    NFECounter,
+    PeakMemory,
+    StageTimer,
+    StageTimes,
+    Timing,
+    achieved_gflops,
+    count_flops,
+    find_denoiser,
+    time_alternating,
+    time_call,
+)
+
+SLOW_APPLY_S = 1.0  # re-applying a recipe slower than this for every repetition is impractical
+STORE_NAME = "results.sqlite"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything that decides the numbers; its hash ties resumed runs to their start."""
+
+    models: tuple[str, ...]
+    recipes: tuple[str, ...]
+    samples: int
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...] | None
+    quick: bool
+    timing_batch: int
+    reps: int
+    gen_batch: int
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else list(range(self.samples))
+
+
+def make_config(models: Sequence[str], recipes: Sequence[str], samples: int, steps: int, guidance: float,
+                seeds: Sequence[int] | None, quick: bool, timing_batch: int = 4, reps: int = 3,
+                gen_batch: int = 16) -> BenchConfig:
+    """Normalise arguments: baseline first, quick-mode caps applied, seeds checked."""
+    ordered = ["", *[r.strip() for r in recipes if r.strip()]]
+    ordered = list(dict.fromkeys(ordered))
+    if quick:
+        steps, samples, timing_batch = min(steps, 10), min(samples, 20), min(timing_batch, 2)
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 (FID/KID need two images), got {samples}")
+    if seeds is not None and len(seeds) != samples:
+        raise ValueError(f"{len(seeds)} seeds given for {samples} samples; give one seed per sample")
+    return BenchConfig(tuple(models), tuple(ordered), samples, steps, guidance,
+                       tuple(seeds) if seeds is not None else None, quick,
+                       min(timing_batch, samples), max(reps, 3), gen_batch)
+
+
+def recipe_slug(recipe: str) -> str:
+    """A file-name-safe name for a recipe ('' is the baseline)."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", recipe) or "baseline"
+
+
+# ---------------------------------------------------------------- calling a pipeline uniformly
+
+
+class Caller:
+    """Runs a pipeline on sample indices with per-sample seeds (so images do not depend on batching)."""
+
+    def __init__(self, pipe, config: BenchConfig) -> None:
+        from effdiff.zoo.data import NUM_CLASSES, eval_prompt
+
+        self.pipe, self.config = pipe, config
+        self.seeds = config.seed_list()
+        self.digits = [i % NUM_CLASSES for i in range(config.samples)]
+        self.prompts = [eval_prompt(d) for d in self.digits]
+        self.class_conditional = "class_labels" in call_parameters(pipe)
+
+    def __call__(self, indices: Sequence[int]) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(self.seeds[i]) for i in indices]
+        kwargs: dict[str, Any] = {"num_inference_steps": self.config.steps,
+                                  "guidance_scale": self.config.guidance, "generator": gens}
+        if self.class_conditional:
+            out = self.pipe(class_labels=[self.digits[i] for i in indices], output_type="np", **kwargs)
+        else:
+            prompts = [self.prompts[i] for i in indices]
+            out = self.pipe(prompts, negative_prompt=None, output_type="pt", **kwargs)
+        return to_images(out)
+
+
+# ---------------------------------------------------------------- recipes
+
+
+class RecipeSwitch:
+    """Applies / removes one recipe on a pipeline; the empty recipe is the untouched baseline."""
+
+    def __init__(self, pipe, recipe: str, accelerate_fn: Callable) -> None:
+        self.pipe, self.recipe, self.accelerate_fn = pipe, recipe, accelerate_fn
+        self.active = False
+
+    def apply(self) -> None:
+        if self.recipe and not self.active:
+            self.accelerate_fn(self.pipe, self.recipe)
+            self.active = True
+
+    def remove(self) -> None:
+        if self.recipe and self.active:
+            self.pipe.effdiff.remove()
+            self.active = False
+
+    def describe_and_labels(self) -> tuple[str, list[str]]:
+        """What the core says is active, and its honesty labels (simulated / trained)."""
+        handle = getattr(self.pipe, "effdiff", None)
+        if not self.recipe or handle is None:
+            return "baseline", []
+        describe = getattr(handle, "describe", None)
+        text = str(describe()) if callable(describe) else ""
+        labels = getattr(handle, "labels", None)
+        labels = labels() if callable(labels) else labels
+        if labels is None:
+            labels = [w for w in ("simulated", "trained") if w in text.lower()]
+        return text, sorted({str(label) for label in labels})
+
+
+# ---------------------------------------------------------------- measurement of one recipe
+
+
+class _Instrumented:
+    """A timed callable that also records the stage split and peak memory of every call."""
+
+    def __init__(self, pipe, fn: Callable[[], object], device: str) -> None:
+        self.pipe, self.fn, self.device = pipe, fn, device
+        self.stages: list[StageTimes] = []
+        self.peaks: list[int] = []
+        self.memory_method = ""
+
+    def __call__(self) -> None:
+        with PeakMemory(self.device) as mem, StageTimer(self.pipe) as timer:
+            self.fn()
+        self.stages.append(timer.times)
+        self.peaks.append(mem.peak_bytes)
+        self.memory_method = mem.method
+
+    def stage_medians(self, skip: int, per: int) -> dict[str, float]:
+        timed = self.stages[skip:] or self.stages
+        return {k: statistics.median(getattr(s, k) for s in timed) / per
+                for k in ("encode", "denoise", "decode", "other")}
+
+
+def _cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig, device: str) -> dict[str, Any]:
+    batch = list(range(config.timing_batch))
+    start = time.perf_counter()
+    switch.apply()
+    apply_seconds = time.perf_counter() - start
+    describe, labels = switch.describe_and_labels()
+    with NFECounter(find_denoiser(pipe)) as nfe, count_flops() as flops:
+        caller([0])
+    switch.remove()
+
+    base = _Instrumented(pipe, lambda: caller(batch), device)
+    var = _Instrumented(pipe, lambda: caller(batch), device)
+    if not switch.recipe:
+        var_t = time_call(var, reps=config.reps, warmup=1)
+        base_t, mode = var_t, "baseline"
+    elif apply_seconds < SLOW_APPLY_S:
+        base_t, var_t = time_alternating(base, var, reps=config.reps, warmup=1,
+                                         enter_variant=switch.apply, exit_variant=switch.remove)
+        mode = "alternating"
+    else:  # a calibrating/training recipe: time in adjacent blocks instead of re-applying it each rep
+        base_t = time_call(base, reps=config.reps, warmup=1)
+        switch.apply()
+        try:
+            var_t = time_call(var, reps=config.reps, warmup=1)
+        finally:
+            switch.remove()
+        mode = "adjacent blocks"
+    per_image = var_t.median / len(batch)
+    return {
+        "describe": describe, "labels": labels, "apply_seconds": apply_seconds, "timing_mode": mode,
+        "timing_batch": len(batch), "reps": config.reps, "times_s": var_t.times,
+        "baseline_times_s": base_t.times, "time_spread": var_t.spread,
+        "time_per_image_s": per_image, "baseline_time_per_image_s": base_t.median / len(batch),
+        "speedup": _ratio(base_t, var_t), "nfe": nfe.calls,
+        "stages_per_image_s": var.stage_medians(skip=1, per=len(batch)),
+        "flops_per_image": flops.flops, "macs_per_image": flops.macs,
+        "attention_flops_per_image": flops.attention,
+        "gflops_achieved": achieved_gflops(flops.flops, per_image),
+        "peak_memory_mb": max(var.peaks[1:] or var.peaks) / 2**20, "memory_method": var.memory_method,
+    }
+
+
+def _ratio(base: Timing, var: Timing) -> float:
+    return base.median / var.median if var.median > 0 else float("nan")
+
+
+def _samples(caller: Caller, switch: RecipeSwitch, config: BenchConfig) -> torch.Tensor:
+    switch.apply()
+    try:
+        chunks = [caller(range(i, min(i + config.gen_batch, config.samples)))
+                  for i in range(0, config.samples, config.gen_batch)]
+    finally:
+        switch.remove()
+    return torch.cat(chunks)
+
+
+# ---------------------------------------------------------------- the run
+
+
+class _Judges:
+    """Classifier and FID/KID judge, loaded once per run and only if a trained model needs them."""
+
+    def __init__(self) -> None:
+        self._judge = None
+
+    @property
+    def judge(self):
+        if self._judge is None:
+            from effdiff.eval.distribution import DistributionJudge
+
+            self._judge = DistributionJudge.bundled()
+        return self._judge
+
+
+def _quality(images: torch.Tensor, baseline: torch.Tensor, caller: Caller, judges: _Judges,
+             floor: dict[str, float]) -> dict[str, Any]:
+    from effdiff.eval.accuracy import prompt_accuracy
+    from effdiff.eval.fidelity import fidelity
+
+    dist = judges.judge.score(images)
+    return {
+        **fidelity(images, baseline), "fid": dist["fid"], "kid": dist["kid"], "kid_std": dist["kid_std"],
+        "fid_floor": floor["fid"], "kid_floor": floor["kid"], "n_samples": len(images),
+        "n_reference": dist["n_reference"], "floor_half_size": floor["n_generated"],
+        "prompt_accuracy": prompt_accuracy(images, caller.digits, judges.judge.features.classifier),
+    }
+
+
+def image_dir(out_dir: Path, run_id: str, model: str) -> Path:
+    return Path(out_dir) / "images" / run_id / recipe_slug(model)
+
+
+def run_bench(
+    models: Sequence[str],
+    recipes: Sequence[str],
+    samples: int = 100,
+    steps: int = 50,
+    guidance: float = 4.0,
+    seeds: Sequence[int] | None = None,
+    out_dir: str | Path = "effdiff-bench",
+    quick: bool = False,
+    resume_run_id: str | None = None,
+    *,
+    loader: Callable[[str], Any] | None = None,
+    accelerate_fn: Callable | None = None,
+    timing_batch: int = 4,
+    reps: int = 3,
+    progress: bool = True,
+) -> str:
+    """Benchmark ``recipes`` on ``models``; returns the run id (results in ``out_dir/results.sqlite``)."""
+    config = make_config(models, recipes, samples, steps, guidance, seeds, quick, timing_batch, reps)
+    if loader is None:
+        from effdiff.zoo import load as loader
+    if accelerate_fn is None and any(config.recipes):
+        from effdiff.api import accelerate as accelerate_fn
+    out_dir = Path(out_dir)
+    judges = _Judges()
+    with ResultsStore(out_dir / STORE_NAME) as store:
+        run_id = store.start_run(_config_dict(config), resume_run_id)
+        done = store.finished(run_id)
+        todo = [(m, r) for m in config.models for r in config.recipes if (m, r) not in done]
+        with _progress(progress) as bar:
+            task = bar.add_task(f"run {run_id}", total=len(config.models) * len(config.recipes),
+                                completed=len(config.models) * len(config.recipes) - len(todo))
+            for model in config.models:
+                recipes_left = [r for m, r in todo if m == model]
+                if recipes_left:
+                    _bench_model(model, recipes_left, config, loader, accelerate_fn, store, run_id,
+                                 out_dir, judges, lambda name: bar.update(task, description=name),
+                                 lambda: bar.advance(task))
+    return run_id
+
+
+def _config_dict(config: BenchConfig) -> dict[str, Any]:
+    data = asdict(config)
+    data["seeds"] = list(config.seeds) if config.seeds is not None else f"range({config.samples})"
+    return data
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled)
+
+
+def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, accelerate_fn,
+                 store: ResultsStore, run_id: str, out_dir: Path, judges: _Judges,
+                 describe: Callable[[str], None], advance: Callable[[], None]) -> None:
+    pipe = loader(model)
+    speed_only = bool(getattr(pipe, "effdiff_speed_only", False))
+    device = str(getattr(pipe, "device", "cpu"))
+    dtype = str(find_denoiser(pipe).dtype).replace("torch.", "")
+    env = Environment.current(dtype=dtype, device=device)
+    caller = Caller(pipe, config)
+    folder = image_dir(out_dir, run_id, model)
+    folder.mkdir(parents=True, exist_ok=True)
+    baseline_images = floor = None
+    if not speed_only:
+        floor = judges.judge.floor(config.samples)
+        baseline_images = _baseline_images(folder, caller, pipe, accelerate_fn, config)
+    for recipe in recipes:
+        describe(f"{model} · {recipe or 'baseline'}: timing")
+        switch = RecipeSwitch(pipe, recipe, accelerate_fn)
+        metrics: dict[str, Any] = {"model": model, "recipe": recipe, "speed_only": speed_only,
+                                   "steps": config.steps, "guidance": config.guidance}
+        metrics.update(_cost(pipe, caller, switch, config, device))
+        if speed_only:
+            metrics["labels"] = sorted({*metrics["labels"], "speed-only"})
+        else:
+            describe(f"{model} · {recipe or 'baseline'}: {config.samples} samples")
+            images = baseline_images if not recipe else _samples(caller, switch, config)
+            _save_images(folder, recipe, images)
+            metrics.update(_quality(images, baseline_images, caller, judges, floor))
+        store.write(run_id, model, recipe, "speed-only" if speed_only else "full", metrics, env)
+        advance()
+
+
+def _baseline_images(folder: Path, caller: Caller, pipe, accelerate_fn, config: BenchConfig) -> torch.Tensor:
+    """The baseline's samples: from this run's saved file when resuming, else generated now."""
+    path = folder / f"{recipe_slug('')}.pt"
+    if path.exists():
+        images = torch.load(path)
+        if len(images) == config.samples:
+            return images
+    return _samples(caller, RecipeSwitch(pipe, "", accelerate_fn), config)
+
+
+def _save_images(folder: Path, recipe: str, images: torch.Tensor) -> None:
+    """Samples as a tensor (for resume and re-scoring) and a grid PNG (for the report)."""
+    from effdiff.bench.generate import save_grid
+
+    slug = recipe_slug(recipe)
+    tmp = folder / f"{slug}.pt.tmp"
+    torch.save(images, tmp)
+    tmp.replace(folder / f"{slug}.pt")
+    save_grid(images[:40], folder / f"{slug}.png", columns=10)

@@ -1,0 +1,2 @@
+"""Metrics: cost (time, NFE, FLOPs, memory), fidelity,
+distribution (FID/KID), prompt accuracy."""

@@ -1,0 +1,131 @@
+"""diffusers schedulers as ``solver`` methods.
+
+Applying one swaps ``pipe.scheduler`` for ``Scheduler.from_config(original.config, ...)`` and makes
+the recipe's ``steps`` the *default* ``num_inference_steps``: a call that passes
+``num_inference_steps`` explicitly keeps it (the user's explicit choice wins over the recipe's).
+``remove`` puts the original scheduler object back. No scheduler is rewritten here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from effdiff.registry import FAMILIES, Method, Paper, Param
+
+DDIM = Paper("Denoising Diffusion Implicit Models", "2010.02502", "ICLR 2021")
+PNDM = Paper("Pseudo Numerical Methods for Diffusion Models on Manifolds", "2202.09778", "ICLR 2022")
+DPM = Paper("DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in Around 10 Steps",
+            "2206.00927", "NeurIPS 2022")
+DPMPP = Paper("DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+              "2211.01095", "arXiv 2022")
+UNIPC = Paper("UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models",
+              "2302.04867", "NeurIPS 2023")
+DEIS = Paper("Fast Sampling of Diffusion Models with Exponential Integrator", "2204.13902", "ICLR 2023")
+EDM = Paper("Elucidating the Design Space of Diffusion-Based Generative Models", "2206.00364", "NeurIPS 2022")
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """One solver: the diffusers class, config overrides, and the paper it comes from."""
+
+    name: str
+    scheduler: str
+    paper: Paper
+    summary: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+SCHEDULERS: tuple[SchedulerSpec, ...] = (
+    SchedulerSpec("ddim", "DDIMScheduler", DDIM, "deterministic DDIM sampler"),
+    SchedulerSpec("pndm", "PNDMScheduler", PNDM, "pseudo linear multistep (PLMS)", {"skip_prk_steps": True}),
+    SchedulerSpec("dpm2s", "DPMSolverSinglestepScheduler", DPM, "DPM-Solver-2, singlestep",
+                  {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
+    SchedulerSpec("dpm3s", "DPMSolverSinglestepScheduler", DPM, "DPM-Solver-3, singlestep",
+                  {"solver_order": 3, "algorithm_type": "dpmsolver++"}),
+    SchedulerSpec("dpmpp2m", "DPMSolverMultistepScheduler", DPMPP, "DPM-Solver++ 2M, multistep",
+                  {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
+    SchedulerSpec("dpmpp3m", "DPMSolverMultistepScheduler", DPMPP, "DPM-Solver++ 3M, multistep",
+                  {"solver_order": 3, "algorithm_type": "dpmsolver++"}),
+    SchedulerSpec("dpmpp-sde", "DPMSolverMultistepScheduler", DPMPP,
+                  "SDE-DPM-Solver++ 2M (stochastic; no torchsde needed)",
+                  {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}),
+    SchedulerSpec("unipc", "UniPCMultistepScheduler", UNIPC, "UniPC predictor-corrector"),
+    SchedulerSpec("deis", "DEISMultistepScheduler", DEIS, "DEIS exponential integrator"),
+    SchedulerSpec("euler", "EulerDiscreteScheduler", EDM, "Euler (k-diffusion sigmas)"),
+    SchedulerSpec("euler-a", "EulerAncestralDiscreteScheduler", EDM, "Euler ancestral (stochastic)"),
+    SchedulerSpec("heun", "HeunDiscreteScheduler", EDM, "Heun 2nd order (2 denoiser calls per step)"),
+)
+
+
+def scheduler_class(name: str) -> type:
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def supports_karras(scheduler: str) -> bool:
+    return "use_karras_sigmas" in inspect.signature(scheduler_class(scheduler).__init__).parameters
+
+
+def tolerate_step_kwargs(scheduler: Any) -> None:
+    """Drop ``generator`` / ``eta`` from ``step()`` calls when this scheduler does not take them.
+
+    Stock diffusers pipelines filter these by signature (``prepare_extra_step_kwargs``); pipelines
+    written for one scheduler may not, and Heun/PNDM/DEIS would then fail on ``generator=``.
+    """
+    accepted = inspect.signature(scheduler.step).parameters
+    dropped = [k for k in ("generator", "eta") if k not in accepted]
+    if not dropped:
+        return
+    inner = scheduler.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        for key in dropped:
+            kwargs.pop(key, None)
+        return inner(*args, **kwargs)
+
+    scheduler.step = step
+
+
+class SchedulerMethod(Method):
+    """Base of the scheduler-swap methods (one subclass per ``SchedulerSpec``)."""
+
+    family = "solver"
+    before = tuple(f for f in FAMILIES if f != "solver")
+    exclusive = ("scheduler",)
+    spec_: ClassVar[SchedulerSpec]
+
+    def apply(self, pipe: Any, ctx: Any) -> None:
+        self._pipe = pipe
+        self._original = pipe.scheduler
+        overrides = dict(self.spec_.config)
+        if self.values.get("karras"):
+            overrides["use_karras_sigmas"] = True
+        scheduler = scheduler_class(self.spec_.scheduler).from_config(self._original.config, **overrides)
+        tolerate_step_kwargs(scheduler)
+        pipe.scheduler = scheduler
+
+    def remove(self) -> None:
+        self._pipe.scheduler = self._original
+
+    def prepare_call(self, arguments: dict[str, Any], explicit: frozenset[str]) -> None:
+        if "num_inference_steps" not in explicit:
+            arguments["num_inference_steps"] = self.values["steps"]
+
+
+def _make(spec: SchedulerSpec) -> type[SchedulerMethod]:
+    params = {"steps": Param(int, 20, 1, 1000, help="default num_inference_steps (an explicit call wins)")}
+    if supports_karras(spec.scheduler):
+        params["karras"] = Param(bool, False, help="Karras et al. (2022) sigma spacing")
+    doc = (f"{spec.summary}: diffusers ``{spec.scheduler}``.\n\n"
+           f"Paper: {spec.paper.title} (arXiv {spec.paper.arxiv}, {spec.paper.venue}).")
+    cls_name = "".join(part.capitalize() for part in spec.name.replace("-", "_").split("_")) + "Solver"
+    return type(cls_name, (SchedulerMethod,), {
+        "__doc__": doc, "__module__": __name__, "name": spec.name, "paper": spec.paper,
+        "summary": spec.summary, "params": params, "spec_": spec,
+    })
+
+
+SOLVER_CLASSES: dict[str, type[SchedulerMethod]] = {spec.name: _make(spec) for spec in SCHEDULERS}

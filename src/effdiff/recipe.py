@@ -1,0 +1,122 @@
+"""Recipes: ``"dpmpp2m:steps=20+deepcache:interval=3"`` -> ordered, checked method objects.
+
+Grammar: methods joined by ``+``; each is ``name`` or ``name:key=value,key=value``. Order and
+compatibility come only from the methods' declarations (``after``/``before``/``exclusive``,
+``backbones``, ``devices``), and every refusal happens before any compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from effdiff.registry import FAMILIES, Method, RecipeError, get_method
+
+RecipeLike = str | Method | Sequence[str | Method] | None
+
+__all__ = ["RecipeError", "RecipeLike", "build", "check", "order", "parse", "to_string"]
+
+
+def _parse_one(text: str) -> Method:
+    text = text.strip()
+    if not text:
+        raise RecipeError("empty method in recipe (two '+' in a row, or a '+' at an end)")
+    name, sep, rest = text.partition(":")
+    cls = get_method(name)
+    values: dict[str, Any] = {}
+    if rest.strip():
+        for pair in rest.split(","):
+            key, eq, value = pair.partition("=")
+            key = key.strip()
+            if not eq or not key:
+                raise RecipeError(f"{cls.name}: expected key=value, got {pair.strip()!r}")
+            if key in values:
+                raise RecipeError(f"{cls.name}: parameter {key!r} given twice")
+            values[key] = value.strip()
+    elif sep:
+        raise RecipeError(f"{cls.name}: nothing after ':'; write {cls.name} or {cls.name}:key=value")
+    return cls(**values)
+
+
+def parse(recipe: RecipeLike) -> list[Method]:
+    """Method objects in the order written; names and parameters validated."""
+    if recipe is None:
+        return []
+    if isinstance(recipe, Method):
+        return [recipe]
+    if isinstance(recipe, str):
+        if not recipe.strip():
+            return []
+        return [_parse_one(part) for part in recipe.split("+")]
+    if isinstance(recipe, Sequence):
+        out: list[Method] = []
+        for item in recipe:
+            if isinstance(item, Method):
+                out.append(item)
+            elif isinstance(item, str):
+                out.extend(parse(item))
+            else:
+                raise RecipeError(f"a recipe item must be a string or a Method, got {type(item).__name__}")
+        return out
+    raise RecipeError(f"a recipe must be a string, a Method or a list of them, got {type(recipe).__name__}")
+
+
+def _refers(method: Method, ref: str) -> bool:
+    return ref in (method.name, method.family)
+
+
+def _must_precede(a: Method, b: Method) -> bool:
+    return any(_refers(a, r) for r in b.after) or any(_refers(b, r) for r in a.before)
+
+
+def order(methods: Sequence[Method]) -> list[Method]:
+    """Topological order of the declared constraints; ties keep the written order."""
+    remaining = list(methods)
+    result: list[Method] = []
+    while remaining:
+        ready = [m for m in remaining if not any(_must_precede(o, m) for o in remaining if o is not m)]
+        if not ready:
+            names = ", ".join(m.name for m in remaining)
+            raise RecipeError(f"the ordering constraints of {names} contradict each other")
+        result.append(ready[0])
+        remaining.remove(ready[0])
+    return result
+
+
+def check(methods: Sequence[Method], kind: str | None = None, device: str | None = None,
+          backbone_name: str = "") -> None:
+    """Refuse duplicates, clashes over an exclusive resource, and unsupported backbones or devices."""
+    seen: dict[str, Method] = {}
+    for m in methods:
+        if m.name in seen:
+            raise RecipeError(f"{m.name} is listed twice in the recipe")
+        seen[m.name] = m
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            shared = sorted(set(a.exclusive) & set(b.exclusive))
+            if shared:
+                raise RecipeError(f"{a.name} and {b.name} cannot be stacked: both take over the {shared[0]}")
+    for m in methods:
+        if kind is not None and kind not in m.backbones:
+            what = f"{backbone_name} ({kind})" if backbone_name else kind
+            raise RecipeError(f"{m.name} supports {'/'.join(sorted(m.backbones))} backbones, not {what}")
+        if device is not None and device not in m.devices:
+            raise RecipeError(f"{m.name} runs on {'/'.join(sorted(m.devices))}, not on {device}")
+
+
+def build(recipe: RecipeLike, kind: str | None = None, device: str | None = None,
+          backbone_name: str = "") -> list[Method]:
+    """parse -> check -> order: what ``accelerate`` applies."""
+    methods = parse(recipe)
+    check(methods, kind, device, backbone_name)
+    return order(methods)
+
+
+def to_string(methods: Sequence[Method]) -> str:
+    """The recipe text that rebuilds ``methods`` (the inverse of ``parse``)."""
+    return "+".join(m.spec() for m in methods)
+
+
+def family_rank(method: Method) -> int:
+    """Position of a method's family in the canonical list (for display only, not for ordering)."""
+    return FAMILIES.index(method.family)

@@ -1,0 +1,232 @@
+"""Method base class and discovery.
+
+A method *declares* what it is (family, backbones, devices, search space, ordering, paper); the
+core (``recipe.py``) decides order and compatibility from those declarations alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from effdiff.context import StepContext
+
+FAMILIES: tuple[str, ...] = ("solver", "cache", "tokens", "quant", "prune", "distill", "parallel", "compile")
+BACKBONES: frozenset[str] = frozenset({"unet", "dit"})
+
+
+class RecipeError(ValueError):
+    """Any user mistake in a recipe (unknown method or parameter, incompatible stack). One sentence."""
+
+
+@dataclass(frozen=True)
+class Paper:
+    """The publication a method implements; ``arxiv`` links the registry to the catalogue."""
+
+    title: str
+    arxiv: str | None = None
+    venue: str | None = None
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter: its type and valid range. Together the params are the search space."""
+
+    type: type
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return f"one of {', '.join(map(str, self.choices))}"
+        if self.type is bool:
+            return "true or false"
+        if self.low is not None or self.high is not None:
+            low = "-inf" if self.low is None else f"{self.low:g}"
+            high = "inf" if self.high is None else f"{self.high:g}"
+            return f"{self.type.__name__} in [{low}, {high}]"
+        return self.type.__name__
+
+    def coerce(self, value: Any) -> Any:
+        """Convert (strings from a recipe included) and validate, or raise ValueError with the range."""
+        if self.type is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(f"expected {self.describe()}, got {value!r}")
+                value = lowered in ("true", "1", "yes", "on")
+            elif not isinstance(value, (bool, int)) or value not in (0, 1):
+                raise ValueError(f"expected {self.describe()}, got {value!r}")
+            return bool(value)
+        try:
+            if self.type is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if self.type is int and isinstance(value, bool):
+                raise ValueError
+            converted = self.type(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"expected {self.describe()}, got {value!r}") from None
+        if isinstance(converted, float) and converted != converted:  # NaN
+            raise ValueError(f"expected {self.describe()}, got {value!r}")
+        if self.choices is not None and converted not in self.choices:
+            raise ValueError(f"expected {self.describe()}, got {value!r}")
+        if self.low is not None and converted < self.low or self.high is not None and converted > self.high:
+            raise ValueError(f"expected {self.describe()}, got {value!r}")
+        return converted
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+class Method:
+    """Base of every acceleration method.
+
+    Subclasses that set ``name`` register themselves. ``after`` / ``before`` name families or
+    methods this one must follow / precede when both are in a recipe; ``exclusive`` names resources
+    the method owns alone (two methods claiming the same one cannot be stacked).
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    backbones: ClassVar[frozenset[str]] = BACKBONES
+    devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "mps"})
+    params: ClassVar[dict[str, Param]] = {}
+    after: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
+    exclusive: ClassVar[tuple[str, ...]] = ()
+    paper: ClassVar[Paper | None] = None
+    summary: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__ or not cls.name:
+            return  # an intermediate base (e.g. one per family)
+        if cls.family not in FAMILIES:
+            raise TypeError(f"{cls.__name__}.family must be one of {FAMILIES}, got {cls.family!r}")
+        if not cls.backbones <= BACKBONES:
+            raise TypeError(f"{cls.__name__}.backbones must be a subset of {sorted(BACKBONES)}")
+        existing = _REGISTRY.get(cls.name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise TypeError(f"method name {cls.name!r} is taken by {existing.__qualname__}")
+        _REGISTRY[cls.name] = cls
+
+    def __init__(self, **values: Any) -> None:
+        unknown = [k for k in values if k not in self.params]
+        if unknown:
+            raise RecipeError(self._unknown_param_message(unknown[0]))
+        self.values: dict[str, Any] = {}
+        for key, spec in self.params.items():
+            raw = values.get(key, spec.default)
+            try:
+                self.values[key] = spec.coerce(raw) if raw is not None else None
+            except ValueError as exc:
+                raise RecipeError(f"{self.name}: parameter {key!r} {exc}") from None
+        self.applied = False
+
+    def _unknown_param_message(self, key: str) -> str:
+        valid = sorted(self.params)
+        if not valid:
+            return f"{self.name} takes no parameters, got {key!r}"
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        listed = ", ".join(f"{k} ({self.params[k].describe()})" for k in valid)
+        return f"{self.name} has no parameter {key!r}{hint}; valid: {listed}"
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def spec(self) -> str:
+        """The recipe text that rebuilds this method, non-default values only."""
+        changed = [f"{k}={_fmt(v)}" for k, v in self.values.items() if v != self.params[k].default]
+        return self.name + (":" + ",".join(changed) if changed else "")
+
+    def describe(self) -> str:
+        values = ", ".join(f"{k}={_fmt(v)}" for k, v in self.values.items())
+        return f"{self.name} [{self.family}]" + (f" ({values})" if values else "")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec()}>"
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def apply(self, pipe: Any, ctx: StepContext) -> None:
+        """Patch ``pipe`` in place. Must keep what ``remove`` needs to restore it exactly."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Undo ``apply`` exactly."""
+        raise NotImplementedError
+
+    def prepare_call(self, arguments: dict[str, Any], explicit: frozenset[str]) -> None:
+        """Adjust a call's bound arguments before it runs (e.g. default steps).
+
+        ``explicit`` names what the user passed; a method never overrides those.
+        """
+
+
+def _fmt(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _ensure_loaded() -> None:
+    import effdiff.methods  # noqa: F401  (registers the bundled methods)
+
+
+def all_methods() -> dict[str, type[Method]]:
+    """Every registered method class by name, sorted by family order then name."""
+    _ensure_loaded()
+    ordered = sorted(_REGISTRY.values(), key=lambda c: (FAMILIES.index(c.family), c.name))
+    return {c.name: c for c in ordered}
+
+
+def get_method(name: str) -> type[Method]:
+    """The class registered under ``name``, or a RecipeError with the valid names and a did-you-mean."""
+    methods = all_methods()
+    key = name.strip().lower()
+    if key in methods:
+        return methods[key]
+    close = difflib.get_close_matches(key, list(methods), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise RecipeError(f"unknown method {name!r}; {hint}valid methods: {', '.join(methods)}")
+
+
+def implemented_arxiv_ids() -> dict[str, list[str]]:
+    """arXiv id -> names of the registered methods implementing it (feeds the catalogue status)."""
+    out: dict[str, list[str]] = {}
+    for cls in all_methods().values():
+        if cls.paper is not None and cls.paper.arxiv:
+            out.setdefault(cls.paper.arxiv, []).append(cls.name)
+    return out
+
+
+@dataclass
+class MethodRow:
+    """One line of ``effdiff methods``."""
+
+    name: str
+    family: str
+    backbones: str
+    devices: str
+    params: str
+    paper: str
+    arxiv: str
+    venue: str
+    summary: str = field(default="")
+
+
+def methods_rows() -> list[dict[str, str]]:
+    """Rows for the CLI's ``effdiff methods`` table, one per registered method."""
+    rows = []
+    for cls in all_methods().values():
+        params = ", ".join(f"{k}={_fmt(p.default)} ({p.describe()})" for k, p in cls.params.items())
+        paper = cls.paper or Paper("")
+        rows.append(MethodRow(
+            name=cls.name, family=cls.family, backbones=",".join(sorted(cls.backbones)),
+            devices=",".join(sorted(cls.devices)), params=params, paper=paper.title,
+            arxiv=paper.arxiv or "", venue=paper.venue or "", summary=cls.summary,
+        ).__dict__)
+    return rows

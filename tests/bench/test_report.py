@@ -1,0 +1,44 @@
+import pytest
+import torch
+from _fixtures import one_thread, tiny_pipeline
+
+from effdiff.bench.generate import generate, grid_image, save_grid
+from effdiff.bench.report import pareto_png, write_html
+from effdiff.bench.runner import image_dir
+
+
+def _row(recipe, speedup, fid, labels=()):
+    return {"model": "m", "recipe": recipe, "torch_version": "t", "diffusers_version": "d",
+            "effdiff_version": "e", "threads": 2, "dtype": "float32", "device": "cpu", "machine": "x",
+            "metrics": {"speedup": speedup, "fid": fid, "fid_floor": 1.0, "psnr": 30.0, "nfe": 10,
+                        "macs_per_image": 2e9, "labels": list(labels)}}
+
+
+def test_html_has_table_grid_plot_and_labels(tmp_path):
+    rows = [_row("", 1.0, 5.0), _row("deepcache:interval=3", 2.5, 7.0, ["trained"])]
+    for row in rows:
+        slug = "baseline" if not row["recipe"] else "deepcache_interval=3"
+        save_grid(torch.rand(4, 1, 32, 32), image_dir(tmp_path, "run", "m") / f"{slug}.png")
+    html = write_html(rows, "run", tmp_path).read_text()
+    assert "<table>" in html and "deepcache:interval=3" in html and "2.50×" in html
+    assert html.count("alt='grid ") == 2 and "alt='Pareto plot m'" in html
+    assert "trained" in html and "data:image/png;base64," in html
+
+
+def test_pareto_plot_absent_without_quality():
+    row = _row("", 1.0, None)
+    row["metrics"]["psnr"] = None
+    assert pareto_png([row], "m") is None
+    assert pareto_png([_row("", 1.0, 5.0), _row("a", 2.0, 6.0)], "m").startswith(b"\x89PNG")
+
+
+def test_grid_layout():
+    img = grid_image(torch.zeros(10, 1, 8, 8), columns=4, pad=2)
+    assert img.size == (4 * 10 + 2, 3 * 10 + 2)
+
+
+@pytest.mark.usefixtures(one_thread.__name__)
+def test_generate_writes_a_png(tmp_path):
+    out = generate("m", "", "a handwritten one", 3, tmp_path / "g.png", seed=1, steps=2,
+                   loader=tiny_pipeline)
+    assert out.exists() and out.read_bytes().startswith(b"\x89PNG")

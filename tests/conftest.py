@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random pipelines that build in milliseconds, no downloads, no MiniLM."""
+
+from __future__ import annotations
+
+import zlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from torch import nn
+
+from effdiff.zoo.pipelines import TinyDiTPipeline, TinySDPipeline
+
+TEXT_DIM = 16
+TOKENS = 4
+torch.set_num_threads(1)  # tiny models: threads only contend on the shared cores
+
+
+class HashTokenizer:
+    """Word -> id by CRC32; just enough of the tokenizer interface for ``encode_captions``."""
+
+    def __call__(self, captions, padding=None, max_length=TOKENS, truncation=True, return_tensors="pt"):
+        ids = torch.zeros(len(captions), max_length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, caption in enumerate(captions):
+            words = caption.split()[:max_length]
+            for col, word in enumerate(words):
+                ids[row, col] = 1 + zlib.crc32(word.encode()) % 97
+                mask[row, col] = 1
+        return SimpleNamespace(input_ids=ids, attention_mask=mask)
+
+
+class TinyTextEncoder(nn.Module):
+    """Embedding table standing in for MiniLM: returns ``last_hidden_state`` like a BertModel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, TEXT_DIM)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(last_hidden_state=self.embed(input_ids) * attention_mask[..., None])
+
+
+def _seeded(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    _seeded()
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, cross_attention_dim=TEXT_DIM, attention_head_dim=2,
+    ).eval()
+
+
+def tiny_pixart() -> PixArtTransformer2DModel:
+    _seeded()
+    return PixArtTransformer2DModel(
+        sample_size=8, in_channels=1, out_channels=1, patch_size=2, num_layers=2, num_attention_heads=2,
+        attention_head_dim=4, cross_attention_dim=8, caption_channels=TEXT_DIM,
+        norm_type="ada_norm_single", num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6,
+        use_additional_conditions=False,
+    ).eval()
+
+
+def tiny_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True, timestep_spacing="leading")
+
+
+def _finish(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_tiny_sd() -> TinySDPipeline:
+    _seeded(1)
+    return _finish(TinySDPipeline(tiny_unet(), tiny_scheduler(), TinyTextEncoder(), HashTokenizer()))
+
+
+def make_tiny_dit() -> TinyDiTPipeline:
+    _seeded(1)
+    return _finish(TinyDiTPipeline(tiny_pixart(), tiny_scheduler(), TinyTextEncoder(), HashTokenizer()))
+
+
+@pytest.fixture
+def tiny_sd() -> TinySDPipeline:
+    return make_tiny_sd()
+
+
+@pytest.fixture
+def tiny_dit() -> TinyDiTPipeline:
+    return make_tiny_dit()
+
+
+@pytest.fixture(params=["unet", "dit"])
+def tiny_pipe(request):
+    return make_tiny_sd() if request.param == "unet" else make_tiny_dit()
+
+
+def sample(pipe, steps: int = 4, seed: int = 0, **kwargs) -> torch.Tensor:
+    """A deterministic small generation, as a tensor."""
+    kwargs.setdefault("guidance_scale", 3.0)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe("a handwritten seven", num_inference_steps=steps, generator=generator, output_type="pt",
+                **kwargs).images

@@ -1,0 +1,64 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from effdiff.recipe import RecipeError, build, order, parse, to_string
+from effdiff.registry import Method, get_method
+
+
+def test_parse_string_with_params():
+    (m,) = parse("dpmpp2m:steps=12,karras=true")
+    assert m.name == "dpmpp2m" and m["steps"] == 12 and m["karras"] is True
+
+
+def test_parse_list_and_instances_roundtrip():
+    methods = parse([get_method("ddim")(steps=7), "ays:steps=5"])
+    assert [m.name for m in methods] == ["ddim", "ays"]
+    assert to_string(methods) == "ddim:steps=7+ays:steps=5"
+    assert [m.spec() for m in parse(to_string(methods))] == [m.spec() for m in methods]
+
+
+def test_order_follows_declarations_not_writing_order():
+    assert [m.name for m in build("ays+euler")] == ["euler", "ays"]
+
+
+def test_order_detects_contradiction():
+    a = type("OrderA", (Method,), {"family": "cache", "after": ("order-b",)})()
+    b = type("OrderB", (Method,), {"family": "cache", "after": ("order-a",)})()
+    a.name, b.name = "order-a", "order-b"
+    with pytest.raises(RecipeError, match="contradict"):
+        order([a, b])
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("ddim+euler", "cannot be stacked: both take over the scheduler"),
+    ("ddim+ddim", "listed twice"),
+    ("ddim+", "empty method"),
+    ("ddim:steps", "expected key=value"),
+    ("ddim:steps=3,steps=4", "given twice"),
+    ("ddim:", "nothing after"),
+    ("ddim:steps=abc", "expected int"),
+])
+def test_refusals_are_sentences(text, message):
+    with pytest.raises(RecipeError, match=message):
+        build(text)
+
+
+def test_backbone_and_device_refused_before_compute():
+    unet_only = type("UNetOnly", (Method,), {"family": "cache", "backbones": frozenset({"unet"})})()
+    unet_only.name = "unet-only"  # an instance name: not registered globally
+    with pytest.raises(RecipeError, match="supports unet backbones, not PixArt"):
+        build([unet_only], kind="dit", backbone_name="PixArtTransformer2DModel")
+    with pytest.raises(RecipeError, match="runs on"):
+        build("ddim", device="xpu")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("dimpeulr2+:=,.-_ 0123456789aystrkTF")), max_size=40))
+def test_parser_never_crashes(text):
+    try:
+        methods = build(text)
+    except RecipeError as exc:
+        assert str(exc) and "\n" not in str(exc)
+    else:
+        assert all(isinstance(m, Method) for m in methods)
