@@ -23,3 +23,27 @@ def generate_eval_samples(
                    generator=generators, output_type="pt").images
         images.append(out.cpu() * 2 - 1)
     return torch.cat(images), labels
+
+
+def score_samples(images01: torch.Tensor, digits: torch.Tensor) -> dict[str, float]:
+    """The quality bar's numbers: prompt accuracy, FID/KID vs the held-out digits, and the floor.
+
+    The floor is the FID of two disjoint 500-image halves of the held-out set; the bar is
+    accuracy ≥ 95 % and FID ≤ 3 × floor.
+    """
+    from effdiff.eval.accuracy import prompt_accuracy
+    from effdiff.eval.distribution import DistributionJudge
+
+    judge = DistributionJudge.bundled()
+    scores = judge.score(images01)
+    floor = judge.floor(len(images01))
+    return {
+        "prompt_accuracy": prompt_accuracy(images01, digits, judge.features.classifier),
+        "fid": scores["fid"], "kid": scores["kid"],
+        "floor_fid": floor["fid"], "floor_kid": floor["kid"],
+        "n": len(images01),
+    }
+
+
+def meets_bar(scores: dict[str, float]) -> bool:
+    return scores["prompt_accuracy"] >= 0.95 and scores["fid"] <= 3 * scores["floor_fid"]

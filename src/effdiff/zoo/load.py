@@ -105,7 +105,8 @@ def load(name: str, dtype: torch.dtype | None = None) -> DiffusionPipeline:
         if not _hub_reachable():
             raise ModelNotFoundError(
                 f"{name!r} looks like a Hugging Face hub id, but the hub cannot be reached (HF_HUB_OFFLINE is "
-                "set, or there is no network), so nothing can be downloaded. Pass a local folder written by save_pretrained instead, or one of: "
+                "set, or there is no network), so nothing can be downloaded. Pass a local folder written by "
+                "save_pretrained instead, or one of: "
                 + ", ".join((*BUNDLED, *TWINS))
             )
         pipe = DiffusionPipeline.from_pretrained(name)

@@ -9,6 +9,7 @@ with a MiniLM encoder, so they subclass ``DiffusionPipeline`` and keep the signa
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -106,12 +107,16 @@ class _DigitPipeline(DiffusionPipeline):
         elif len(negatives) * num_images_per_prompt == batch:
             negatives = self._as_list(negatives, num_images_per_prompt)
         else:
-            raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch // num_images_per_prompt} prompts")
+            prompt_count = batch // num_images_per_prompt
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {prompt_count} prompts")
         guided = guidance_scale > 1.0
         text = self.encode_prompt(negatives + prompts if guided else prompts)
         sample, timesteps = self._start(batch, generator, latents, image, strength, num_inference_steps)
         self._num_timesteps = len(timesteps)
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        # like diffusers' prepare_extra_step_kwargs: Heun, PNDM, DEIS... take no generator
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if takes_generator else {}
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([sample, sample]) if guided else sample
             model_in = self.scheduler.scale_model_input(model_in, t)
@@ -119,7 +124,7 @@ class _DigitPipeline(DiffusionPipeline):
             if guided:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
-            sample = self.scheduler.step(pred, t, sample, generator=generator).prev_sample
+            sample = self.scheduler.step(pred, t, sample, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
                 local = {"latents": sample}
                 changed = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs if k in local})

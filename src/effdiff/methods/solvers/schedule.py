@@ -172,10 +172,7 @@ class AlignYourSteps(Method):
         if not accepts_timesteps(pipe.scheduler):
             from diffusers import DPMSolverMultistepScheduler
 
-            from effdiff.methods.solvers.schedulers import tolerate_step_kwargs
-
             pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-            tolerate_step_kwargs(pipe.scheduler)
         self._override = _TimestepOverride(pipe.scheduler)
         try:
             self.record = self._schedule(pipe)

@@ -69,26 +69,6 @@ def supports_karras(scheduler: str) -> bool:
     return "use_karras_sigmas" in inspect.signature(scheduler_class(scheduler).__init__).parameters
 
 
-def tolerate_step_kwargs(scheduler: Any) -> None:
-    """Drop ``generator`` / ``eta`` from ``step()`` calls when this scheduler does not take them.
-
-    Stock diffusers pipelines filter these by signature (``prepare_extra_step_kwargs``); pipelines
-    written for one scheduler may not, and Heun/PNDM/DEIS would then fail on ``generator=``.
-    """
-    accepted = inspect.signature(scheduler.step).parameters
-    dropped = [k for k in ("generator", "eta") if k not in accepted]
-    if not dropped:
-        return
-    inner = scheduler.step
-
-    def step(*args: Any, **kwargs: Any) -> Any:
-        for key in dropped:
-            kwargs.pop(key, None)
-        return inner(*args, **kwargs)
-
-    scheduler.step = step
-
-
 class SchedulerMethod(Method):
     """Base of the scheduler-swap methods (one subclass per ``SchedulerSpec``)."""
 
@@ -104,7 +84,6 @@ class SchedulerMethod(Method):
         if self.values.get("karras"):
             overrides["use_karras_sigmas"] = True
         scheduler = scheduler_class(self.spec_.scheduler).from_config(self._original.config, **overrides)
-        tolerate_step_kwargs(scheduler)
         pipe.scheduler = scheduler
 
     def remove(self) -> None:
