@@ -33,6 +33,7 @@ from effdiff.eval.cost import (
     time_alternating,
     time_call,
 )
+from effdiff.recipe import RecipeError
 
 SLOW_APPLY_S = 1.0  # re-applying a recipe slower than this for every repetition is impractical
 STORE_NAME = "results.sqlite"
@@ -331,7 +332,13 @@ def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, ac
         switch = RecipeSwitch(pipe, recipe, accelerate_fn)
         metrics: dict[str, Any] = {"model": model, "recipe": recipe, "speed_only": speed_only,
                                    "steps": config.steps, "guidance": config.guidance}
-        metrics.update(_cost(pipe, caller, switch, config, device))
+        try:
+            metrics.update(_cost(pipe, caller, switch, config, device))
+        except RecipeError as refusal:  # e.g. a U-Net-only method on a DiT: recorded, not fatal
+            metrics.update(labels=["refused"], refused=str(refusal))
+            store.write(run_id, model, recipe, "refused", metrics, env)
+            advance()
+            continue
         if speed_only:
             metrics["labels"] = sorted({*metrics["labels"], "speed-only"})
         else:

@@ -72,6 +72,9 @@ class _DigitPipeline(DiffusionPipeline):
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         order = getattr(self.scheduler, "order", 1)
         keep = min(int(num_inference_steps * strength), num_inference_steps)
+        if keep < 1:
+            raise ValueError(f"strength {strength} × num_inference_steps {num_inference_steps} leaves no denoising "
+                             "step; raise strength or num_inference_steps")
         start = (num_inference_steps - keep) * order
         timesteps = timesteps[start:]
         if hasattr(self.scheduler, "set_begin_index"):

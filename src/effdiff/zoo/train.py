@@ -187,20 +187,29 @@ def train(config: TrainConfig, out: Path, resume: bool = False) -> Path:
     return trainer.out / "export"
 
 
-if __name__ == "__main__":  # used on the GPU machine, where the package is not installed
-    import argparse
-
-    parser = argparse.ArgumentParser()
+def add_train_arguments(parser) -> None:
+    """The training flags, shared by ``effdiff zoo train`` and ``python -m effdiff.zoo.train``."""
     parser.add_argument("model", choices=TRAINABLE)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="run folder (default runs/MODEL)")
     for field in ("seed", "steps", "batch_size", "checkpoint_every"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(TrainConfig, field))
     for field in ("lr", "max_minutes"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(TrainConfig, field))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--resume", action="store_true")
-    args = vars(parser.parse_args())
-    out, resume = args.pop("out"), args.pop("resume")
-    print(json.dumps(asdict(TrainConfig(**args))))
-    train(TrainConfig(**args), out, resume)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+
+
+def train_from_arguments(args) -> Path:
+    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(**fields)
+    print(json.dumps(asdict(config)))
+    return train(config, args.out or Path("runs") / config.model, args.resume)
+
+
+if __name__ == "__main__":  # used on the GPU machine, where the package is not installed
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m effdiff.zoo.train")
+    add_train_arguments(parser)
+    print(train_from_arguments(parser.parse_args()))

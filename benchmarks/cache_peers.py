@@ -1,0 +1,269 @@
+"""Feature caching side by side with the peers: same pipeline, prompts and seeds, one process.
+
+(a) the ``deepcache`` package's ``DeepCacheSDHelper`` vs effdiff ``deepcache`` on tiny-sd (and, with
+    ``--sd15``, on sd15-arch at 256 px / 20 DDIM steps);
+(b) diffusers' built-in cache hooks (FirstBlockCache, TaylorSeer, PyramidAttentionBroadcast) vs effdiff's
+    methods on tiny-dit. PixArt needs hand fixes for the hooks; every one is listed in ``HOOK_FIXES``;
+(c) effdiff's default settings of every cache method on tiny-sd and tiny-dit.
+
+Timing: ``time_alternating`` (baseline and variant alternate, median of ``--reps``). Fidelity: PSNR/SSIM of
+the variant's images vs the baseline's (same noise). ``flop_ratio`` = baseline FLOPs / variant FLOPs of
+one call (``count_flops``); ``efficiency`` = speed-up / flop_ratio (the issue asks for >= 0.85).
+
+    PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/cache_peers.py [--reps 3] [--steps 50] [--sd15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import effdiff
+from effdiff.eval.cost import NFECounter, count_flops, time_alternating
+from effdiff.eval.fidelity import fidelity, psnr
+
+PROMPTS = ["a handwritten seven", "a handwritten three"]
+HOOK_FIXES = [
+    "PixArtTransformer2DModel has no enable_cache (no CacheMixin): hooks applied with diffusers.hooks.apply_* "
+    "directly on pipe.transformer",
+    "the pipeline never opens a cache context: a forward pre-hook on the transformer sets "
+    "CacheContext('batched') before every call (diffusers.hooks.hooks._set_cache_context)",
+    "hook state is not reset between pipeline calls: HookRegistry.reset_stateful_hooks() before every call",
+    "TaylorSeer's default cache_identifiers ('^transformer_blocks.*attn', re.fullmatch) hook nothing on PixArt "
+    "(layers are attn1/attn2): cache_identifiers=[r'transformer_blocks\\.\\d+\\.(attn1|attn2|ff)']",
+    "PyramidAttentionBroadcast needs current_timestep_callback: the same pre-hook records the timestep",
+]
+
+
+def generate(pipe: Any, steps: int, guidance: float = 4.0, **kwargs: Any) -> torch.Tensor:
+    generator = torch.Generator("cpu").manual_seed(0)
+    out = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+               output_type="pt", **kwargs).images
+    return torch.as_tensor(out).float()
+
+
+def measure(name: str, pipe: Any, run: Callable[[], torch.Tensor], enter: Callable[[], Any],
+            leave: Callable[[], Any], reference: torch.Tensor, reps: int, flops: bool = True) -> dict[str, Any]:
+    """Speed-up (alternating medians), FLOP ratio, NFE and fidelity of one variant against the baseline."""
+    base_t, var_t = time_alternating(run, run, reps=reps, warmup=1, enter_variant=enter, exit_variant=leave)
+    row: dict[str, Any] = {"variant": name, "baseline_s": round(base_t.median, 4),
+                           "variant_s": round(var_t.median, 4), "speedup": round(base_t.median / var_t.median, 3),
+                           "spread": round(max(base_t.spread, var_t.spread), 3)}
+    enter()
+    try:
+        denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+        with NFECounter(denoiser) as nfe:
+            images = run()
+        row["nfe"] = nfe.calls
+        handle = pipe.__dict__.get("effdiff")
+        if handle is not None and handle.methods and hasattr(handle.methods[-1], "stats"):
+            stats = handle.methods[-1].stats
+            row["cached_calls"] = stats.cached
+        if flops:
+            with count_flops() as variant_flops:
+                run()
+    finally:
+        leave()
+    if flops:
+        with count_flops() as base_flops:
+            run()
+        row["flop_ratio"] = round(base_flops.flops / max(variant_flops.flops, 1), 3)
+        row["efficiency"] = round(row["speedup"] / row["flop_ratio"], 3)
+    row.update({k: round(v, 3) for k, v in fidelity(images, reference).items()})
+    row["_images"] = images
+    print(f"  {name:44s} {row['speedup']:6.2f}x  psnr {row['psnr']:6.2f}  flop ratio "
+          f"{row.get('flop_ratio', float('nan')):5.2f}  ({row['baseline_s']:.3f}s -> {row['variant_s']:.3f}s)",
+          flush=True)
+    return row
+
+
+def effdiff_variant(pipe: Any, recipe: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    return (lambda: effdiff.accelerate(pipe, recipe)), (lambda: pipe.effdiff.remove())
+
+
+def deepcache_peer(pipe: Any, interval: int = 3, branch: int = 0) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    return helper.enable, helper.disable
+
+
+def diffusers_hook(pipe: Any, kind: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Apply one of diffusers' cache hooks to a PixArt-style transformer, with the hand fixes it needs."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    model = pipe.transformer
+    timestep = {"t": 1000}
+    handles: list[Any] = []
+    names = {"fbcache": ["fbc_leader_block_hook", "fbc_block_hook"], "taylorseer": ["taylorseer_cache"],
+             "pab": ["pyramid_attention_broadcast"]}[kind]
+    calls = {"n": 0}
+
+    def pre(module: Any, args: tuple, kwargs: dict) -> None:
+        t = kwargs.get("timestep")
+        timestep["t"] = int(t.flatten()[0]) if isinstance(t, torch.Tensor) else int(t or 0)
+        _set_cache_context(model, CacheContext("batched"))
+
+    def enter() -> None:
+        from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+        from diffusers.hooks import (
+            apply_first_block_cache,
+            apply_pyramid_attention_broadcast,
+            apply_taylorseer_cache,
+        )
+
+        if kind == "fbcache":
+            apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.1))
+        elif kind == "taylorseer":
+            apply_taylorseer_cache(model, TaylorSeerCacheConfig(
+                cache_interval=5, max_order=1, disable_cache_before_step=3, taylor_factors_dtype=torch.float32,
+                cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|attn2|ff)"]))
+        else:
+            apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=2, cross_attention_block_skip_range=4,
+                current_timestep_callback=lambda: timestep["t"]))
+        handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+        original_call = type(pipe).__call__
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
+            calls["n"] += 1
+            return original_call(pipe, *args, **kwargs)
+
+        pipe.__dict__["_peer_call"] = call
+
+    def leave() -> None:
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        for name in names:
+            registry.remove_hook(name, recurse=True)
+        while handles:
+            handles.pop().remove()
+        pipe.__dict__.pop("_peer_call", None)
+
+    return enter, leave
+
+
+def runner(pipe: Any, steps: int, **kwargs: Any) -> Callable[[], torch.Tensor]:
+    """A generation that goes through the diffusers-hook call wrapper when one is installed."""
+    def run() -> torch.Tensor:
+        call = pipe.__dict__.get("_peer_call")
+        generator = torch.Generator("cpu").manual_seed(0)
+        fn = call if call is not None else pipe
+        out = fn(PROMPTS, num_inference_steps=steps, guidance_scale=4.0, generator=generator, output_type="pt",
+                 **kwargs).images
+        return torch.as_tensor(out).float()
+
+    return run
+
+
+def section(title: str, model: str, steps: int, variants: list[tuple[str, str]], reps: int,
+            call_kwargs: dict[str, Any] | None = None, flops: bool = True) -> list[dict[str, Any]]:
+    """variants: (label, spec) where spec is 'effdiff:<recipe>', 'deepcache-pkg' or 'diffusers:<kind>'."""
+    print(f"\n== {title}: {model}, {steps} DDIM steps, guidance 4, {len(PROMPTS)} prompts, reps {reps}", flush=True)
+    pipe = effdiff.load(model)
+    pipe.set_progress_bar_config(disable=True)
+    run = runner(pipe, steps, **(call_kwargs or {}))
+    reference = run()
+    rows = []
+    for label, spec in variants:
+        source, _, arg = spec.partition(":")
+        if source == "effdiff":
+            enter, leave = effdiff_variant(pipe, arg)
+        elif source == "deepcache-pkg":
+            enter, leave = deepcache_peer(pipe)
+        else:
+            enter, leave = diffusers_hook(pipe, arg)
+        try:
+            row = measure(label, pipe, run, enter, leave, reference, reps, flops)
+        except Exception as exc:  # a peer that cannot drive this pipeline is a result, not a crash
+            print(f"  {label:44s} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            row = {"variant": label, "error": f"{type(exc).__name__}: {exc}"}
+        row.update({"model": model, "steps": steps, "spec": spec})
+        rows.append(row)
+    after = run()
+    if not torch.equal(after, reference):
+        print("  WARNING: the baseline changed after the variants were removed", flush=True)
+    by_label = {r["variant"]: r for r in rows}
+    pairs = [("deepcache package", "effdiff deepcache"), ("diffusers FirstBlockCache", "effdiff fbcache"),
+             ("diffusers TaylorSeer", "effdiff taylorseer")]
+    for a, b in pairs:
+        if a in by_label and b in by_label and "_images" in by_label[a] and "_images" in by_label[b]:
+            value = psnr(by_label[b]["_images"], by_label[a]["_images"])
+            by_label[b][f"psnr_vs_{a.replace(' ', '_')}"] = round(value, 2)
+            print(f"  PSNR({b} vs {a}) = {value:.2f} dB", flush=True)
+    for row in rows:
+        row.pop("_images", None)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--sd15", action="store_true", help="also run sd15-arch (slow: minutes per variant)")
+    parser.add_argument("--sd15-steps", type=int, default=20)
+    parser.add_argument("--only", choices=("sd", "dit", "sd15"), default=None)
+    parser.add_argument("--out", default="benchmarks/results/cache_peers.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started = time.time()
+    rows: list[dict[str, Any]] = []
+    if args.only in (None, "sd"):
+        rows += section("(a) DeepCache vs the deepcache package; effdiff defaults", "tiny-sd", args.steps, [
+            ("deepcache package", "deepcache-pkg"),
+            ("effdiff deepcache", "effdiff:deepcache:interval=3,branch=0"),
+            ("effdiff deepcache quadratic", "effdiff:deepcache:schedule=quadratic"),
+            ("effdiff fbcache (default)", "effdiff:fbcache"),
+            ("effdiff taylorseer (default)", "effdiff:taylorseer"),
+            ("effdiff fora (default)", "effdiff:fora"),
+            ("effdiff dpmpp2m:steps=20+deepcache:interval=2", "effdiff:dpmpp2m:steps=20+deepcache:interval=2"),
+        ], args.reps)
+    if args.only in (None, "dit"):
+        rows += section("(b) diffusers hooks vs effdiff; effdiff defaults", "tiny-dit", args.steps, [
+            ("diffusers FirstBlockCache", "diffusers:fbcache"),
+            ("effdiff fbcache", "effdiff:fbcache:threshold=0.1,warmup=0"),
+            ("diffusers TaylorSeer", "diffusers:taylorseer"),
+            ("effdiff taylorseer", "effdiff:taylorseer:interval=5,order=1,warmup=3"),
+            ("diffusers PyramidAttentionBroadcast", "diffusers:pab"),
+            ("effdiff fbcache (default)", "effdiff:fbcache"),
+            ("effdiff taylorseer (default)", "effdiff:taylorseer"),
+            ("effdiff fora (default)", "effdiff:fora"),
+            ("effdiff deltadit (default)", "effdiff:deltadit"),
+        ], args.reps)
+    if args.sd15 or args.only == "sd15":
+        rows += section("(a') DeepCache vs the deepcache package at SD 1.5 scale", "sd15-arch", args.sd15_steps, [
+            ("deepcache package", "deepcache-pkg"),
+            ("effdiff deepcache", "effdiff:deepcache:interval=3,branch=0"),
+        ], args.reps, {"height": 256, "width": 256}, flops=False)
+    result = {"benchmark": "cache_peers", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+              "torch": torch.__version__, "prompts": PROMPTS, "guidance": 4.0, "reps": args.reps,
+              "hook_fixes": HOOK_FIXES, "seconds": round(time.time() - started, 1), "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(out.read_text()) if out.exists() and args.only else {}
+    if args.only and existing.get("rows"):
+        keep = [r for r in existing["rows"] if r.get("model") not in {r2["model"] for r2 in rows}]
+        result["rows"] = keep + rows
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\n{'model':10s} {'variant':46s} {'speedup':>8s} {'psnr':>7s} {'ssim':>6s} {'flops÷':>7s} {'eff':>5s}")
+    for r in result["rows"]:
+        if "error" in r:
+            print(f"{r['model']:10s} {r['variant']:46s} ERROR {r['error'][:60]}")
+            continue
+        print(f"{r['model']:10s} {r['variant']:46s} {r['speedup']:8.2f} {r['psnr']:7.2f} {r['ssim']:6.3f} "
+              f"{r.get('flop_ratio', float('nan')):7.2f} {r.get('efficiency', float('nan')):5.2f}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""What ``effdiff bench`` runs when not told: the bundled models and one recipe per method family.
+
+The curated list names each family's representative setting and a few stacks; any registered family
+the list does not cover yet gets its first method with default parameters, so a new family is
+benchmarked as soon as it is registered.
+"""
+
+from __future__ import annotations
+
+from effdiff.registry import all_methods
+
+DEFAULT_MODELS = ("tiny-sd", "tiny-dit")
+
+CURATED = (
+    "ddim:steps=20",
+    "dpmpp2m:steps=20",
+    "unipc:steps=10",
+    "ays:steps=10",
+    "deepcache:interval=3",
+    "fbcache",
+    "taylorseer",
+    "fora",
+    "dpmpp2m:steps=20+deepcache:interval=3",
+    "dpmpp2m:steps=20+fbcache",
+)
+
+
+def default_models() -> list[str]:
+    return list(DEFAULT_MODELS)
+
+
+def _method_names(recipe: str) -> list[str]:
+    return [part.split(":", 1)[0].strip() for part in recipe.split("+")]
+
+
+def default_recipes() -> list[str]:
+    """Curated recipes whose methods are all registered, plus one per otherwise uncovered family."""
+    methods = all_methods()
+    recipes = [r for r in CURATED if all(name in methods for name in _method_names(r))]
+    covered = {methods[name].family for r in recipes for name in _method_names(r)}
+    for name, cls in sorted(methods.items()):
+        if cls.family not in covered:
+            recipes.append(name)
+            covered.add(cls.family)
+    return recipes

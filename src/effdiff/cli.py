@@ -1,0 +1,214 @@
+"""``effdiff`` command line: bench, report, generate, methods, zoo prepare/train/eval.
+
+User errors (bad recipe, unknown model, unreadable path, out-of-range value) print one clear line
+and exit with status 2, never a traceback; argparse's own usage errors also exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+USAGE_ERROR = 2
+DEFAULT_OUT = "effdiff-bench"
+
+
+def _quiet_environment() -> None:
+    """No hub access, and none of transformers' optional-backend chatter in a terminal tool."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from effdiff.recipe import RecipeError
+    from effdiff.zoo.checkpoints import CheckpointError
+    from effdiff.zoo.load import ModelNotFoundError
+
+    return RecipeError, ModelNotFoundError, CheckpointError, ValueError, FileNotFoundError
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from effdiff.bench.defaults import default_models, default_recipes
+    from effdiff.bench.report import report
+    from effdiff.bench.runner import run_bench
+
+    from effdiff.recipe import parse
+
+    models = args.model or default_models()
+    recipes = args.recipes if args.recipes is not None else default_recipes()
+    for recipe in recipes:
+        parse(recipe)  # unknown names and bad values fail here, before any model loads
+    run_id = run_bench(models, recipes, samples=args.samples, steps=args.steps, guidance=args.guidance,
+                       out_dir=args.out, quick=args.quick, resume_run_id=args.resume)
+    html = report(args.out, run_id)
+    print(f"run {run_id}: results in {Path(args.out) / 'results.sqlite'}, report {html}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from effdiff.bench.report import report
+
+    print(f"report {report(args.out, args.run, args.html)}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from effdiff.bench.generate import generate
+
+    path = generate(args.model, args.recipe, args.prompt, args.n, args.out, seed=args.seed, steps=args.steps,
+                    guidance=args.guidance)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from effdiff.catalogue import catalogue_rows
+    from effdiff.registry import methods_rows
+
+    console = Console()
+    table = Table(title="Registered methods", show_lines=False)
+    for column in ("name", "family", "backbones", "params", "paper", "arxiv"):
+        table.add_column(column, overflow="fold")
+    for row in methods_rows():
+        if args.family and row["family"] != args.family:
+            continue
+        table.add_row(*(row[c] for c in ("name", "family", "backbones", "params", "paper", "arxiv")))
+    console.print(table)
+    if args.no_catalogue:
+        return 0
+    rows = catalogue_rows(status=args.status, family=args.family)
+    catalogue = Table(title=f"Catalogue of the seed papers ({len(rows)} entries)")
+    for column in ("title", "arxiv", "family", "backbone", "status", "methods / reason"):
+        catalogue.add_column(column, overflow="fold")
+    for row in rows:
+        catalogue.add_row(row["title"], row["arxiv"], row["family"], row["backbone"], row["status"],
+                          row["methods"] or row["reason"])
+    console.print(catalogue)
+    return 0
+
+
+def _cmd_zoo_prepare(args: argparse.Namespace) -> int:
+    from effdiff.zoo.captions import caption_states
+    from effdiff.zoo.data import cache_dir, load_digits
+
+    split = load_digits()
+    states = caption_states()
+    print(f"{len(split.train_images)} train / {len(split.heldout_images)} held-out digits and "
+          f"{len(states)} caption encodings cached in {cache_dir()}")
+    return 0
+
+
+def _cmd_zoo_train(args: argparse.Namespace) -> int:
+    from effdiff.zoo.train import train_from_arguments
+
+    print(f"exported {train_from_arguments(args)}")
+    return 0
+
+
+def _cmd_zoo_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from effdiff.zoo.evaluate import generate_eval_samples, meets_bar, score_samples
+    from effdiff.zoo.load import load
+
+    if args.samples_file:
+        saved = torch.load(args.samples_file)
+        images01, digits = saved["images"].float() / 255, saved["labels"]
+    else:
+        pipe = load(args.model).to(args.device)
+        images, digits = generate_eval_samples(pipe, per_digit=args.per_digit, steps=args.steps,
+                                               guidance=args.guidance, seed=args.seed, batch=args.batch)
+        images01 = (images + 1) / 2
+    scores = score_samples(images01, digits)
+    print(f"{args.model}: {scores['n']} samples  prompt accuracy {scores['prompt_accuracy']:.1%}  "
+          f"FID {scores['fid']:.3f} (real-vs-real floor {scores['floor_fid']:.3f}, bar ≤ {3 * scores['floor_fid']:.3f})"
+          f"  KID {scores['kid']:.4f} (floor {scores['floor_kid']:.4f})  "
+          f"{'meets' if meets_bar(scores) else 'MISSES'} the bar")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from effdiff.registry import FAMILIES
+    from effdiff.zoo.train import add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="effdiff", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="benchmark recipes on models (default: bundled tiny-sd, tiny-dit)")
+    bench.add_argument("--model", action="append", help="model name or path (repeatable)")
+    bench.add_argument("--recipes", nargs="+", help="recipes to run (default: one per method family + stacks)")
+    bench.add_argument("--samples", type=int, default=100, help="images per recipe for quality metrics")
+    bench.add_argument("--steps", type=int, default=50, help="baseline DDIM steps")
+    bench.add_argument("--guidance", type=float, default=4.0)
+    bench.add_argument("--quick", action="store_true", help="few steps and samples: a smoke run")
+    bench.add_argument("--out", default=DEFAULT_OUT, help="results folder (SQLite store, images, report)")
+    bench.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")
+    bench.set_defaults(func=_cmd_bench)
+
+    rep = sub.add_parser("report", help="print a stored run and write its HTML report")
+    rep.add_argument("--out", default=DEFAULT_OUT)
+    rep.add_argument("--run", help="run id (default: the latest)")
+    rep.add_argument("--html", help="HTML path (default: OUT/report-RUN.html)")
+    rep.set_defaults(func=_cmd_report)
+
+    gen = sub.add_parser("generate", help="generate an image grid with a recipe")
+    gen.add_argument("--model", default="tiny-sd")
+    gen.add_argument("--recipe", default="")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("-n", type=int, default=16)
+    gen.add_argument("--out", default="grid.png")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance", type=float, default=4.0)
+    gen.set_defaults(func=_cmd_generate)
+
+    methods = sub.add_parser("methods", help="the registry and the catalogue of seed papers")
+    methods.add_argument("--family", choices=FAMILIES)
+    methods.add_argument("--status", choices=("implemented", "planned", "out of scope"))
+    methods.add_argument("--no-catalogue", action="store_true")
+    methods.set_defaults(func=_cmd_methods)
+
+    zoo = sub.add_parser("zoo", help="the bundled models: prepare data, train, evaluate")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    zoo_sub.add_parser("prepare", help="cache the MNIST split and caption encodings").set_defaults(
+        func=_cmd_zoo_prepare)
+    train = zoo_sub.add_parser("train", help="train a bundled model (checkpoints, --resume, EMA)")
+    add_train_arguments(train)
+    train.set_defaults(func=_cmd_zoo_train)
+    evaluate = zoo_sub.add_parser("eval", help="the quality bar: accuracy, FID/KID vs held-out digits")
+    evaluate.add_argument("model", help="tiny-sd, tiny-dit or a trained export folder")
+    evaluate.add_argument("--per-digit", type=int, default=100)
+    evaluate.add_argument("--steps", type=int, default=50)
+    evaluate.add_argument("--guidance", type=float, default=4.0)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch", type=int, default=200)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--samples-file", type=Path, help="score samples saved by tools/gpu_sample.py")
+    evaluate.set_defaults(func=_cmd_zoo_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_environment()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"effdiff {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; finished results are kept (resume with --resume RUN_ID)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Feature caching: reuse (or forecast) denoiser features across steps, on U-Nets and DiTs alike."""
+
+from effdiff.methods.cache.base import CacheMethod, CacheStats
+from effdiff.methods.cache.deepcache import DeepCache
+from effdiff.methods.cache.dynamic import DeltaDiT, FirstBlockCache, TaylorSeer
+from effdiff.methods.cache.fora import Fora
+
+__all__ = ["CacheMethod", "CacheStats", "DeepCache", "DeltaDiT", "FirstBlockCache", "Fora", "TaylorSeer"]

@@ -1,0 +1,151 @@
+"""Shared machinery of the feature-caching family: forward patches, per-call state, statistics.
+
+Every cache method patches ``forward`` on *instances* of the denoiser's blocks (or their layers),
+never the classes and never the module tree: the state dict, ``named_modules`` and any hooks other
+code registered stay exactly as they were, and ``remove`` puts back whatever ``forward`` attribute
+was there before (usually none), so the pipeline is restored bit for bit.
+
+State lives in ``ctx.state(self)`` (one dict per CFG branch, emptied at every pipeline call). Within
+a branch it is further split into *slots*: the n-th denoiser call of the same solver step gets slot
+n, so a pipeline that runs CFG as two separate calls per step keeps one cache per branch instead of
+mixing the unconditional features into the conditional ones. Batched CFG (one call carrying both
+halves) is one slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from effdiff.adapters import Adapter, adapter_for
+from effdiff.context import StepContext
+from effdiff.registry import Method, Paper, RecipeError
+
+DEEPCACHE = Paper("DeepCache: Accelerating Diffusion Models for Free", "2312.00858", "CVPR 2024")
+# FBCache has no paper of its own: it is TeaCache's idea (arXiv 2411.19108) with the first block's residual as the
+# change indicator. arxiv stays None so the catalogue does not mark TeaCache itself as implemented.
+FBCACHE = Paper("First-Block Cache (ParaAttention FBCache, cache-dit DBCache), after TeaCache: Timestep Embedding "
+                "Tells: It's Time to Cache for Video Diffusion Model (arXiv 2411.19108)", None, "software (2025)")
+TAYLORSEER = Paper("From Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers", "2503.06923",
+                   "ICCV 2025")
+FORA = Paper("FORA: Fast-Forward Caching in Diffusion Transformer Acceleration", "2407.01425", "arXiv 2024")
+DELTADIT = Paper("Δ-DiT: A Training-Free Acceleration Method Tailored for Diffusion Transformers", "2406.01125",
+                 "arXiv 2024")
+
+Forward = Callable[..., Any]
+
+
+@dataclass
+class CacheStats:
+    """What the last pipeline call computed: denoiser calls run in full vs served (partly) from cache."""
+
+    full: int = 0
+    cached: int = 0
+
+    @property
+    def calls(self) -> int:
+        return self.full + self.cached
+
+    @property
+    def cached_fraction(self) -> float:
+        return self.cached / self.calls if self.calls else 0.0
+
+
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The ``hidden_states`` a block was called with (positional or keyword)."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The hidden output of a block: U-Net down blocks return ``(hidden, skips)``, others a tensor."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def relative_l1(new: torch.Tensor, old: torch.Tensor) -> float:
+    """mean|new - old| / mean|old|: the change measure of FBCache and TeaCache."""
+    scale = old.abs().mean()
+    return float((new - old).abs().mean() / scale) if float(scale) > 0 else float("inf")
+
+
+class CacheMethod(Method):
+    """Base of the cache methods: patch bookkeeping and the per-denoiser-call state switch.
+
+    Subclasses implement ``setup`` (install patches with ``patch``) and ``begin`` (called before every
+    denoiser forward with that call's slot state); ``self.current`` is the slot state during a forward.
+    """
+
+    family = "cache"
+    after = ("solver",)
+    exclusive = ("feature cache",)
+
+    def apply(self, pipe: Any, ctx: StepContext) -> None:
+        self._ctx = ctx
+        self._patches: list[tuple[nn.Module, bool, Any]] = []
+        self._hook: Any = None
+        self._unreset: Callable[[], None] | None = None
+        self.adapter: Adapter = adapter_for(pipe)
+        self.stats = CacheStats()
+        self.current: dict[str, Any] = {}
+        try:
+            self.setup(pipe)
+        except BaseException:
+            self.remove()
+            raise
+        self._hook = self.adapter.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._unreset = ctx.on_reset(self._reset)
+
+    def setup(self, pipe: Any) -> None:
+        raise NotImplementedError
+
+    def begin(self, state: dict[str, Any], ctx: StepContext) -> None:
+        """Prepare one denoiser call (e.g. decide a static schedule's refresh)."""
+
+    def _reset(self) -> None:
+        self.stats = CacheStats()
+
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ctx = self._ctx
+        branch = ctx.state(self)
+        key = (ctx.step_index, ctx.first_order)
+        if branch.get("key") == key:
+            branch["slot"] += 1
+        else:
+            branch["key"], branch["slot"] = key, 0
+        self.current = branch.setdefault(("slot", branch["slot"]), {})
+        self.begin(self.current, ctx)
+
+    def patch(self, module: nn.Module, make: Callable[[Forward], Forward]) -> None:
+        """Replace ``module.forward`` on the instance by ``make(current forward)``; undone by ``remove``."""
+        had = "forward" in vars(module)
+        previous = vars(module).get("forward")
+        module.forward = make(module.forward)
+        self._patches.append((module, had, previous))
+
+    def count(self, cached: bool) -> None:
+        if cached:
+            self.stats.cached += 1
+        else:
+            self.stats.full += 1
+
+    def remove(self) -> None:
+        for module, had, previous in reversed(getattr(self, "_patches", [])):
+            if had:
+                module.forward = previous
+            else:
+                vars(module).pop("forward", None)
+        self._patches = []
+        if getattr(self, "_hook", None) is not None:
+            self._hook.remove()
+            self._hook = None
+        if getattr(self, "_unreset", None) is not None:
+            self._unreset()
+            self._unreset = None
+        self.current = {}
+
+
+def refuse(method: str, why: str) -> RecipeError:
+    return RecipeError(f"{method}: {why}")

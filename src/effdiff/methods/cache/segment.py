@@ -1,0 +1,123 @@
+"""Block-segment caching for U-Nets and DiTs alike: skip a span of blocks, estimate what it would add.
+
+The adapter gives every denoiser as an ordered list of blocks (U-Net: down..., mid, up...; DiT: the
+transformer blocks). A method picks a *segment* ``[lo, hi)`` of that list; the blocks before it (the
+"front") and after it (the "back") always run. On a step the method decides to skip, the segment's
+blocks are not run and its exit is replaced by an estimate:
+
+- *residual form* (the segment's output has its input's shape: any DiT segment, the whole U-Net from
+  ``conv_in`` to the last up block, or the mid block alone): ``exit = entry + R`` where ``R`` is the
+  segment's residual ``exit - entry`` cached (FBCache, Δ-DiT) or forecast (TaylorSeer);
+- *feature form* (a U-Net segment cut at the skip branch ``front``: the deep feature entering the
+  first back up block has another shape): the feature itself is cached or forecast, as in DeepCache.
+
+On the U-Net the segment must be closed under the long skips (``front`` down blocks and their mirror
+up blocks run), so a skipped down block's skip features are only ever consumed by skipped up blocks;
+skipped U-Net blocks return their last computed output so the skip tuples keep their lengths. DiT
+blocks inside the segment return their input unchanged (free) and the exit block adds the estimate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from effdiff.context import StepContext
+from effdiff.methods.cache.base import CacheMethod, Forward, first_tensor, hidden_of, refuse
+
+
+class SegmentCache(CacheMethod):
+    """Base of FBCache, TaylorSeer and Δ-DiT: subclasses choose the segment and when/what to estimate."""
+
+    def setup(self, pipe: Any) -> None:
+        self.refs = self.adapter.blocks()
+        if not self.refs:
+            raise refuse(self.name, f"{type(self.adapter.model).__name__} has no blocks to cache")
+        patterns = {ref.pattern for ref in self.refs}
+        if "joint" in patterns:
+            raise refuse(self.name, f"two-stream (joint) blocks of {type(self.adapter.model).__name__} are not "
+                                    "supported yet; supported: U-Nets and single-stream DiTs (PixArt, DiT)")
+        self.unet = self.adapter.kind == "unet"
+        if self.unet:
+            roles = [ref.role for ref in self.refs]
+            downs, ups = roles.count("down"), roles.count("up")
+            if "mid" not in roles or downs != ups:
+                raise refuse(self.name, f"U-Net {type(self.adapter.model).__name__} needs a mid block and as many "
+                                        "up as down blocks")
+            self.depth = downs
+        self.check_params()
+        for i, ref in enumerate(self.refs):
+            self.patch(ref.module, lambda inner, i=i: self._block(i, inner))
+
+    # --- what subclasses define -----------------------------------------------------------------
+    def check_params(self) -> None:
+        """Refuse parameters the backbone cannot honour (called once, with ``self.refs`` known)."""
+
+    def segment(self, state: dict[str, Any], ctx: StepContext) -> tuple[int, int]:
+        """The ``[lo, hi)`` block span for this denoiser call."""
+        raise NotImplementedError
+
+    def skip(self, state: dict[str, Any], ctx: StepContext, forward: dict[str, Any]) -> bool:
+        """Decide, at the segment's entry, whether to skip it this call (only honoured once a feature is kept)."""
+        raise NotImplementedError
+
+    def store(self, state: dict[str, Any], ctx: StepContext, feature: torch.Tensor) -> None:
+        """Keep the segment's residual (or deep feature) after a full computation."""
+        state["feature"] = feature
+
+    def estimate(self, state: dict[str, Any], ctx: StepContext) -> torch.Tensor:
+        """The residual (or feature) to use on a skipped call."""
+        return state["feature"]
+
+    # --- helpers --------------------------------------------------------------------------------
+    def unet_segment(self, front: int) -> tuple[int, int]:
+        """U-Net segment leaving ``front`` down blocks and their mirror up blocks live."""
+        return front, len(self.refs) - front
+
+    def begin(self, state: dict[str, Any], ctx: StepContext) -> None:
+        lo, hi = self.segment(state, ctx)
+        if state.get("span") != (lo, hi):  # a cached residual belongs to one span
+            state.pop("feature", None)
+            state["span"] = (lo, hi)
+            self.on_new_span(state)
+        state["fwd"] = {"lo": lo, "hi": hi, "skip": False}
+        state.setdefault("outputs", {})
+
+    def on_new_span(self, state: dict[str, Any]) -> None:
+        """The segment moved (Δ-DiT's stages): forget what belonged to the old one."""
+
+    def _block(self, i: int, inner: Forward) -> Forward:
+        unet_pattern = self.refs[i].pattern.startswith("unet")
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            state = self.current
+            fwd = state["fwd"]
+            lo, hi = fwd["lo"], fwd["hi"]
+            if i == 0:
+                fwd["first_in"] = hidden_of(args, kwargs)
+            if i < lo or i >= hi:
+                out = inner(*args, **kwargs)
+                if i == lo - 1:
+                    fwd["front_out"] = first_tensor(out)
+                return out
+            if i == lo:
+                fwd["entry"] = hidden_of(args, kwargs)
+                fwd["skip"] = self.skip(state, self._ctx, fwd) and "feature" in state
+                self.count(fwd["skip"])
+            if not fwd["skip"]:
+                out = inner(*args, **kwargs)
+                if i == hi - 1:
+                    entry = fwd["entry"]
+                    residual = isinstance(out, torch.Tensor) and out.shape == entry.shape
+                    state["residual"] = residual
+                    self.store(state, self._ctx, out - entry if residual else out)
+                elif unet_pattern:
+                    state["outputs"][i] = out
+                return out
+            if i < hi - 1:
+                return state["outputs"][i] if unet_pattern else hidden_of(args, kwargs)
+            estimate = self.estimate(state, self._ctx)
+            return fwd["entry"] + estimate if state["residual"] else estimate
+
+        return forward
