@@ -37,7 +37,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from effdiff.bench.defaults import default_models, default_recipes
     from effdiff.bench.report import report
     from effdiff.bench.runner import run_bench
-
     from effdiff.recipe import parse
 
     models = args.model or default_models()

@@ -45,7 +45,24 @@ def _fmt(value: Any, fmt: str) -> str:
 
 
 def _labels(metrics: dict[str, Any]) -> str:
-    return ", ".join(metrics.get("labels") or [])
+    text = ", ".join(metrics.get("labels") or [])
+    return f"{text}: {metrics['refused']}" if metrics.get("refused") else text
+
+
+HEADERS = ("model", "recipe", *[c[0] for c in COLUMNS], "labels")
+
+
+def row_cells(row: dict[str, Any]) -> list[str]:
+    """One result row as display strings, in ``HEADERS`` order (terminal, HTML and Markdown agree)."""
+    m = row["metrics"]
+    return [row["model"], row["recipe"] or "baseline", *[_fmt(m.get(k), f) for _, k, f in COLUMNS], _labels(m)]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The results as a Markdown table (the README's bench section is generated from it)."""
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def load_rows(out_dir: str | Path, run_id: str | None = None) -> tuple[str, list[dict[str, Any]]]:
@@ -63,12 +80,10 @@ def print_table(rows: list[dict[str, Any]], console=None) -> None:
     from rich.table import Table
 
     table = Table(title="effdiff bench (speed-ups: same run, same prompts and seeds)")
-    for header in ("model", "recipe", *[c[0] for c in COLUMNS], "labels"):
+    for header in HEADERS:
         table.add_column(header, justify="left" if header in ("model", "recipe", "labels") else "right")
     for row in rows:
-        m = row["metrics"]
-        table.add_row(row["model"], row["recipe"] or "baseline", *[_fmt(m.get(k), f) for _, k, f in COLUMNS],
-                      _labels(m))
+        table.add_row(*row_cells(row))
     (console or Console(width=None if sys.stdout.isatty() else 200)).print(table)
 
 
@@ -114,15 +129,43 @@ def pareto_png(rows: list[dict[str, Any]], model: str) -> bytes | None:
 
 
 def _table_html(rows: list[dict[str, Any]]) -> str:
-    headers = ("model", "recipe", *[c[0] for c in COLUMNS], "labels")
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = []
-    for row in rows:
-        m = row["metrics"]
-        values = [_fmt(m.get(k), f) for _, k, f in COLUMNS]
-        cells = [row["model"], row["recipe"] or "baseline", *values, _labels(m)]
-        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
+    body = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row_cells(row)) + "</tr>" for row in rows]
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _best_speedups(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """{method name: best measured speed-up per model in this run} over the recipes that use it."""
+    best: dict[tuple[str, str], float] = {}
+    for row in rows:
+        speedup = row["metrics"].get("speedup")
+        if speedup is None or not row["recipe"]:
+            continue
+        for part in row["recipe"].split("+"):
+            key = (part.split(":", 1)[0].strip(), row["model"])
+            best[key] = max(best.get(key, 0.0), speedup)
+    out: dict[str, list[str]] = {}
+    for (name, model), value in sorted(best.items()):
+        out.setdefault(name, []).append(f"{model} {value:.2f}×")
+    return {name: ", ".join(values) for name, values in out.items()}
+
+
+def _catalogue_html(rows: list[dict[str, Any]]) -> str:
+    """Every method named in the seed papers with its status here and, when run, its measured speed-up."""
+    from effdiff.catalogue import catalogue_rows
+
+    measured = _best_speedups(rows)
+    body = []
+    for entry in catalogue_rows():
+        names = [n for n in entry["methods"].split(",") if n]
+        numbers = "; ".join(f"{n}: {measured[n]}" for n in names if n in measured)
+        cells = (entry["title"], entry["arxiv"], entry["family"], entry["backbone"], entry["status"],
+                 entry["methods"] or entry["reason"], numbers)
+        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("paper", "arXiv", "family", "backbone", "status",
+                                              "methods / reason", "best speed-up in this run"))
+    return (f"<h2>Catalogue of the seed papers</h2><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
 
 
 def _env_html(rows: list[dict[str, Any]]) -> str:
@@ -160,6 +203,7 @@ def write_html(
                 src = _png_b64(grid.read_bytes())
                 parts.append(f"<figure class='grid'><img alt='grid {label}' src='{src}'>"
                              f"<figcaption>{label}</figcaption></figure>")
+    parts.append(_catalogue_html(rows))
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}.env{color:#555;font-size:12px}"
              "figure.grid{display:inline-block;margin:6px}img{image-rendering:pixelated}")

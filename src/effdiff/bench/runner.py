@@ -95,10 +95,16 @@ class Caller:
         self.prompts = [eval_prompt(d) for d in self.digits]
         self.class_conditional = "class_labels" in call_parameters(pipe)
 
+    def _recipe_sets_steps(self) -> bool:
+        handle = self.pipe.__dict__.get("effdiff")
+        methods = getattr(handle, "methods", ())
+        return any("steps" in getattr(m, "values", {}) for m in methods)
+
     def __call__(self, indices: Sequence[int]) -> torch.Tensor:
         gens = [torch.Generator().manual_seed(self.seeds[i]) for i in indices]
-        kwargs: dict[str, Any] = {"num_inference_steps": self.config.steps,
-                                  "guidance_scale": self.config.guidance, "generator": gens}
+        kwargs: dict[str, Any] = {"guidance_scale": self.config.guidance, "generator": gens}
+        if not self._recipe_sets_steps():  # an explicit argument would override a solver's steps
+            kwargs["num_inference_steps"] = self.config.steps
         if self.class_conditional:
             out = self.pipe(class_labels=[self.digits[i] for i in indices], output_type="np", **kwargs)
         else:

@@ -201,7 +201,8 @@ def add_train_arguments(parser) -> None:
 
 
 def train_from_arguments(args) -> Path:
-    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__}
+    # only the fields that have a flag; the rest (warmup, ema_decay, caption_dropout) keep their defaults
+    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     config = TrainConfig(**fields)
     print(json.dumps(asdict(config)))
     return train(config, args.out or Path("runs") / config.model, args.resume)
