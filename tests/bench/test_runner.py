@@ -58,3 +58,15 @@ def test_config_normalisation():
     assert config.recipes == ("", "a") and config.steps == 10 and config.samples == 20 and config.reps == 3
     with pytest.raises(ValueError, match="one seed per sample"):
         make_config(["m"], [], samples=4, steps=2, guidance=4.0, seeds=[1, 2], quick=False)
+
+
+def test_refused_recipe_is_recorded_and_the_run_goes_on(tmp_path):
+    from effdiff.api import accelerate
+
+    run_id = run_bench(["m"], ["deltadit", "ddim:steps=3"], samples=2, steps=2, out_dir=tmp_path,
+                       loader=tiny_pipeline, accelerate_fn=accelerate, timing_batch=2, progress=False)
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        rows = {r["recipe"]: r for r in store.rows(run_id)}
+    refused = rows["deltadit"]
+    assert refused["metric_set"] == "refused" and "unet" in refused["metrics"]["refused"]
+    assert rows["ddim:steps=3"]["metrics"]["nfe"] == 3  # the recipe's steps, not the baseline's 2
