@@ -16,6 +16,7 @@ one call (``count_flops``); ``efficiency`` = speed-up / flop_ratio (the issue as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -35,6 +36,8 @@ HOOK_FIXES = [
     "directly on pipe.transformer",
     "the pipeline never opens a cache context: a forward pre-hook on the transformer sets "
     "CacheContext('batched') before every call (diffusers.hooks.hooks._set_cache_context)",
+    "HookRegistry caches its child-registry list: invalidate_child_registries_cache() after applying/removing, "
+    "or the context never reaches hooks applied after the first",
     "hook state is not reset between pipeline calls: HookRegistry.reset_stateful_hooks() before every call",
     "TaylorSeer's default cache_identifiers ('^transformer_blocks.*attn', re.fullmatch) hook nothing on PixArt "
     "(layers are attn1/attn2): cache_identifiers=[r'transformer_blocks\\.\\d+\\.(attn1|attn2|ff)']",
@@ -50,7 +53,7 @@ def generate(pipe: Any, steps: int, guidance: float = 4.0, **kwargs: Any) -> tor
 
 
 def measure(name: str, pipe: Any, run: Callable[[], torch.Tensor], enter: Callable[[], Any],
-            leave: Callable[[], Any], reference: torch.Tensor, reps: int, flops: bool = True) -> dict[str, Any]:
+            leave: Callable[[], Any], reference: torch.Tensor, reps: int, base_flops: int | None) -> dict[str, Any]:
     """Speed-up (alternating medians), FLOP ratio, NFE and fidelity of one variant against the baseline."""
     base_t, var_t = time_alternating(run, run, reps=reps, warmup=1, enter_variant=enter, exit_variant=leave)
     row: dict[str, Any] = {"variant": name, "baseline_s": round(base_t.median, 4),
@@ -66,15 +69,13 @@ def measure(name: str, pipe: Any, run: Callable[[], torch.Tensor], enter: Callab
         if handle is not None and handle.methods and hasattr(handle.methods[-1], "stats"):
             stats = handle.methods[-1].stats
             row["cached_calls"] = stats.cached
-        if flops:
+        if base_flops:
             with count_flops() as variant_flops:
                 run()
     finally:
         leave()
-    if flops:
-        with count_flops() as base_flops:
-            run()
-        row["flop_ratio"] = round(base_flops.flops / max(variant_flops.flops, 1), 3)
+    if base_flops:
+        row["flop_ratio"] = round(base_flops / max(variant_flops.flops, 1), 3)
         row["efficiency"] = round(row["speedup"] / row["flop_ratio"], 3)
     row.update({k: round(v, 3) for k, v in fidelity(images, reference).items()})
     row["_images"] = images
@@ -131,6 +132,7 @@ def diffusers_hook(pipe: Any, kind: str) -> tuple[Callable[[], Any], Callable[[]
             apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
                 spatial_attention_block_skip_range=2, cross_attention_block_skip_range=4,
                 current_timestep_callback=lambda: timestep["t"]))
+        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
         handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
         original_call = type(pipe).__call__
 
@@ -145,6 +147,7 @@ def diffusers_hook(pipe: Any, kind: str) -> tuple[Callable[[], Any], Callable[[]
         registry = HookRegistry.check_if_exists_or_initialize(model)
         for name in names:
             registry.remove_hook(name, recurse=True)
+        registry.invalidate_child_registries_cache()
         while handles:
             handles.pop().remove()
         pipe.__dict__.pop("_peer_call", None)
@@ -166,15 +169,23 @@ def runner(pipe: Any, steps: int, **kwargs: Any) -> Callable[[], torch.Tensor]:
 
 
 def section(title: str, model: str, steps: int, variants: list[tuple[str, str]], reps: int,
-            call_kwargs: dict[str, Any] | None = None, flops: bool = True) -> list[dict[str, Any]]:
+            call_kwargs: dict[str, Any] | None = None, flops: bool = True,
+            only: list[str] | None = None) -> list[dict[str, Any]]:
     """variants: (label, spec) where spec is 'effdiff:<recipe>', 'deepcache-pkg' or 'diffusers:<kind>'."""
     print(f"\n== {title}: {model}, {steps} DDIM steps, guidance 4, {len(PROMPTS)} prompts, reps {reps}", flush=True)
     pipe = effdiff.load(model)
     pipe.set_progress_bar_config(disable=True)
     run = runner(pipe, steps, **(call_kwargs or {}))
     reference = run()
+    base_flops = None
+    if flops:
+        with count_flops() as counted:
+            run()
+        base_flops = counted.flops
     rows = []
     for label, spec in variants:
+        if only and not any(word in label for word in only):
+            continue
         source, _, arg = spec.partition(":")
         if source == "effdiff":
             enter, leave = effdiff_variant(pipe, arg)
@@ -183,8 +194,10 @@ def section(title: str, model: str, steps: int, variants: list[tuple[str, str]],
         else:
             enter, leave = diffusers_hook(pipe, arg)
         try:
-            row = measure(label, pipe, run, enter, leave, reference, reps, flops)
+            row = measure(label, pipe, run, enter, leave, reference, reps, base_flops)
         except Exception as exc:  # a peer that cannot drive this pipeline is a result, not a crash
+            with contextlib.suppress(Exception):  # already failed; leave what can be left
+                leave()
             print(f"  {label:44s} FAILED: {type(exc).__name__}: {exc}", flush=True)
             row = {"variant": label, "error": f"{type(exc).__name__}: {exc}"}
         row.update({"model": model, "steps": steps, "spec": spec})
@@ -212,11 +225,13 @@ def main() -> None:
     parser.add_argument("--sd15", action="store_true", help="also run sd15-arch (slow: minutes per variant)")
     parser.add_argument("--sd15-steps", type=int, default=20)
     parser.add_argument("--only", choices=("sd", "dit", "sd15"), default=None)
+    parser.add_argument("--variants", default="", help="comma-separated substrings: run only matching variants")
     parser.add_argument("--out", default="benchmarks/results/cache_peers.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.time()
     rows: list[dict[str, Any]] = []
+    only = [w for w in args.variants.split(",") if w] or None
     if args.only in (None, "sd"):
         rows += section("(a) DeepCache vs the deepcache package; effdiff defaults", "tiny-sd", args.steps, [
             ("deepcache package", "deepcache-pkg"),
@@ -226,7 +241,7 @@ def main() -> None:
             ("effdiff taylorseer (default)", "effdiff:taylorseer"),
             ("effdiff fora (default)", "effdiff:fora"),
             ("effdiff dpmpp2m:steps=20+deepcache:interval=2", "effdiff:dpmpp2m:steps=20+deepcache:interval=2"),
-        ], args.reps)
+        ], args.reps, only=only)
     if args.only in (None, "dit"):
         rows += section("(b) diffusers hooks vs effdiff; effdiff defaults", "tiny-dit", args.steps, [
             ("diffusers FirstBlockCache", "diffusers:fbcache"),
@@ -238,22 +253,21 @@ def main() -> None:
             ("effdiff taylorseer (default)", "effdiff:taylorseer"),
             ("effdiff fora (default)", "effdiff:fora"),
             ("effdiff deltadit (default)", "effdiff:deltadit"),
-        ], args.reps)
+        ], args.reps, only=only)
     if args.sd15 or args.only == "sd15":
         rows += section("(a') DeepCache vs the deepcache package at SD 1.5 scale", "sd15-arch", args.sd15_steps, [
             ("deepcache package", "deepcache-pkg"),
             ("effdiff deepcache", "effdiff:deepcache:interval=3,branch=0"),
-        ], args.reps, {"height": 256, "width": 256}, flops=False)
+        ], args.reps, {"height": 256, "width": 256}, flops=False, only=only)
     result = {"benchmark": "cache_peers", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
               "torch": torch.__version__, "prompts": PROMPTS, "guidance": 4.0, "reps": args.reps,
               "hook_fixes": HOOK_FIXES, "seconds": round(time.time() - started, 1), "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(out.read_text()) if out.exists() and args.only else {}
-    if args.only and existing.get("rows"):
-        keep = [r for r in existing["rows"] if r.get("model") not in {r2["model"] for r2 in rows}]
-        result["rows"] = keep + rows
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    fresh = {(r["model"], r["variant"]) for r in rows}
+    result["rows"] = [r for r in existing.get("rows", []) if (r.get("model"), r["variant"]) not in fresh] + rows
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{'model':10s} {'variant':46s} {'speedup':>8s} {'psnr':>7s} {'ssim':>6s} {'flops÷':>7s} {'eff':>5s}")
     for r in result["rows"]:

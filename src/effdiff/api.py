@@ -110,6 +110,11 @@ def accelerate(pipe: Any, recipe: RecipeLike) -> Any:
     combined = handle.methods + new
     check(combined, adapter.kind, device, type(adapter.model).__name__)
     combined = order(combined)
+    previous = list(handle.methods)
     handle.remove()
-    EffdiffHandle(pipe, combined)
+    try:
+        EffdiffHandle(pipe, combined)
+    except BaseException:
+        EffdiffHandle(pipe, previous)  # a refusal while applying keeps what was active, as a check refusal does
+        raise
     return pipe

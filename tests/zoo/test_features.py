@@ -35,12 +35,12 @@ def test_classifier_accuracy_on_heldout_digits(judge, split):
 
 
 def test_real_vs_real_far_below_real_vs_noise(judge, split):
-    floor = judge.floor(500)  # two disjoint held-out halves
-    noise = judge.score(torch.rand(500, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
-    assert floor["n_generated"] == floor["n_reference"] == 500
+    floor = judge.floor(300)  # two disjoint 300-digit parts of the held-out set
+    noise = judge.score(torch.rand(300, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert floor["n_generated"] == floor["n_reference"] == 300
     assert floor["fid"] * 20 < noise["fid"]
     # unseen real digits from the training split score near the floor too
-    order = torch.randperm(len(split.train_images), generator=torch.Generator().manual_seed(0))[:500]
+    order = torch.randperm(len(split.train_images), generator=torch.Generator().manual_seed(0))[:300]
     train = judge.score((split.train_images[order] + 1) / 2)
     assert train["fid"] < 3 * floor["fid"] and train["fid"] * 20 < noise["fid"]
     assert train["kid"] * 20 < noise["kid"]

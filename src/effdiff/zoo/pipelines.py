@@ -67,6 +67,10 @@ class _DigitPipeline(DiffusionPipeline):
             shape, generator=generator, device=self.device, dtype=dtype
         )
         if image is None:
+            # Karras sigmas on the cosine schedule repeat a timestep (998, 998, ...); without an explicit
+            # begin index the scheduler starts at the repeat's second entry and runs off its sigma table
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(0)
             return noise.to(self.device, dtype) * self.scheduler.init_noise_sigma, timesteps
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")

@@ -101,8 +101,9 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.elapsed, self.losses = state["step"], state["elapsed"], state["losses"]
-        self.gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
+        # map_location moved the RNG states to the device too; generators only take CPU ByteTensors
+        self.gen.set_state(state["gen"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
 
     def save_checkpoint(self) -> None:
         tmp = self.checkpoint_path.with_suffix(".tmp")

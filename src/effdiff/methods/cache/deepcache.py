@@ -20,7 +20,7 @@ def refresh_steps(total: int, interval: int, schedule: str, center: float = 0.3,
     [-1, 1], so they crowd around step ``c = center * (total - 1)`` where the features change fastest and
     thin out towards both ends (the paper's non-uniform 1:N strategy). Step 0 always refreshes.
     """
-    if schedule == "uniform" or total <= 1:
+    if schedule == "uniform" or total <= 1 or interval == 1:
         return {s for s in range(max(total, 1)) if s % interval == 0}
     count = max(1, math.ceil(total / interval))
     c = center * (total - 1)
@@ -95,8 +95,8 @@ class DeepCache(CacheMethod):
         for module, index in down_units + up_units:
             if index > branch and id(owners[id(module)]) not in ids:
                 skipped.append(module)
-        for module in skipped:
-            self.patch(module, lambda inner, key=id(module): self._cached(key, inner))
+        for key, module in enumerate(skipped):
+            self.patch(module, lambda inner, key=key: self._cached(key, inner))
         self.layers_skipped = len(skipped)
 
     def begin(self, state: dict[str, Any], ctx: StepContext) -> None:

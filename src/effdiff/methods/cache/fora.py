@@ -35,8 +35,8 @@ class Fora(CacheMethod):
         layers += [m for m in model.modules() if isinstance(m, FeedForward)]
         if not layers:
             raise refuse(self.name, f"{type(model).__name__} has no attention or feed-forward layers to cache")
-        for layer in layers:
-            self.patch(layer, lambda inner, key=id(layer): self._layer(key, inner))
+        for key, layer in enumerate(layers):
+            self.patch(layer, lambda inner, key=key: self._layer(key, inner))
         self.layers = len(layers)
 
     def begin(self, state: dict[str, Any], ctx: StepContext) -> None:

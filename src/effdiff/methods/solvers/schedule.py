@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from effdiff.adapters import find_denoiser
+from effdiff.methods.solvers.schedulers import refuse_flow_matching
 from effdiff.registry import FAMILIES, Method, Paper, Param, RecipeError
 
 AYS = Paper("Align Your Steps: Optimizing Sampling Schedules in Diffusion Models", "2404.14507", "ICML 2024")
@@ -82,7 +83,10 @@ class _TimestepOverride:
 
 def _run(pipe: Any, prompts: list[str], steps: int, guidance: float, seed: int) -> torch.Tensor:
     generator = torch.Generator("cpu").manual_seed(seed)
-    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+    params = inspect.signature(pipe.__call__).parameters
+    # class-conditional pipelines (DiTPipeline) take labels, not prompts: one fixed class per calibration sample
+    condition = list(range(len(prompts))) if "class_labels" in params and "prompt" not in params else prompts
+    out = pipe(condition, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                output_type="pt", return_dict=False)[0]
     return torch.as_tensor(out).float()
 
@@ -169,6 +173,7 @@ class AlignYourSteps(Method):
     def apply(self, pipe: Any, ctx: Any) -> None:
         self._pipe = pipe
         self._original_scheduler = pipe.scheduler
+        refuse_flow_matching(self.name, pipe)
         if not accepts_timesteps(pipe.scheduler):
             from diffusers import DPMSolverMultistepScheduler
 
@@ -181,6 +186,9 @@ class AlignYourSteps(Method):
             self.remove()
             name = type(pipe.scheduler).__name__
             raise RecipeError(f"ays cannot set custom timesteps on {name}: {exc}") from None
+        except BaseException:
+            self.remove()  # the handle only undoes methods that finished applying
+            raise
         self._override.schedule = list(self.record["timesteps"])
 
     def _prompts(self, pipe: Any) -> list[str]:

