@@ -26,10 +26,10 @@ from effdiff.context import StepContext
 from effdiff.registry import Method, Paper, RecipeError
 
 DEEPCACHE = Paper("DeepCache: Accelerating Diffusion Models for Free", "2312.00858", "CVPR 2024")
-# FBCache has no paper of its own: it is TeaCache's idea (arXiv 2411.19108) with the first block's residual as the
-# change indicator. arxiv stays None so the catalogue does not mark TeaCache itself as implemented.
-FBCACHE = Paper("First-Block Cache (ParaAttention FBCache, cache-dit DBCache), after TeaCache: Timestep Embedding "
-                "Tells: It's Time to Cache for Video Diffusion Model (arXiv 2411.19108)", None, "software (2025)")
+# FBCache has no paper of its own: it is TeaCache's idea with the first block's residual as the change indicator,
+# so it cites TeaCache (the registry requires an arXiv id; the catalogue will list 2411.19108 -> fbcache).
+FBCACHE = Paper("Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model (TeaCache), as simplified "
+                "by ParaAttention's First Block Cache and cache-dit's DBCache", "2411.19108", "CVPR 2025")
 TAYLORSEER = Paper("From Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers", "2503.06923",
                    "ICCV 2025")
 FORA = Paper("FORA: Fast-Forward Caching in Diffusion Transformer Acceleration", "2407.01425", "arXiv 2024")
