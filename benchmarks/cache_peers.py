@@ -218,6 +218,21 @@ def section(title: str, model: str, steps: int, variants: list[tuple[str, str]],
     return rows
 
 
+def save(args: argparse.Namespace, rows: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """Merge ``rows`` into the JSON file (rows of the same model and variant are replaced)."""
+    result = {"benchmark": "cache_peers", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+              "torch": torch.__version__, "prompts": PROMPTS, "guidance": 4.0, "reps": args.reps,
+              "hook_fixes": HOOK_FIXES, "seconds": round(time.time() - started, 1), "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    fresh = {(r["model"], r["variant"]) for r in rows}
+    result["rows"] = [r for r in existing.get("rows", []) if (r.get("model"), r["variant"]) not in fresh] + rows
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -259,16 +274,7 @@ def main() -> None:
             ("deepcache package", "deepcache-pkg"),
             ("effdiff deepcache", "effdiff:deepcache:interval=3,branch=0"),
         ], args.reps, {"height": 256, "width": 256}, flops=False, only=only)
-    result = {"benchmark": "cache_peers", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
-              "torch": torch.__version__, "prompts": PROMPTS, "guidance": 4.0, "reps": args.reps,
-              "hook_fixes": HOOK_FIXES, "seconds": round(time.time() - started, 1), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(out.read_text()) if out.exists() else {}
-    fresh = {(r["model"], r["variant"]) for r in rows}
-    result["rows"] = [r for r in existing.get("rows", []) if (r.get("model"), r["variant"]) not in fresh] + rows
-    out.write_text(json.dumps(result, indent=1))
+    result = save(args, rows, started)
     print(f"\n{'model':10s} {'variant':46s} {'speedup':>8s} {'psnr':>7s} {'ssim':>6s} {'flops÷':>7s} {'eff':>5s}")
     for r in result["rows"]:
         if "error" in r:
@@ -276,7 +282,7 @@ def main() -> None:
             continue
         print(f"{r['model']:10s} {r['variant']:46s} {r['speedup']:8.2f} {r['psnr']:7.2f} {r['ssim']:6.3f} "
               f"{r.get('flop_ratio', float('nan')):7.2f} {r.get('efficiency', float('nan')):5.2f}")
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -165,6 +165,17 @@ def test_scheduler_swap(scheduler_cls, classifier):
         assert not torch.equal(images, generate(pipe, prompts, steps=4, seed=1))
 
 
+def test_karras_sigmas_with_a_repeated_timestep_run_every_step():
+    """Karras spacing on the cosine schedule repeats timestep 998; the scheduler must start at entry 0."""
+    pipe = fresh()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    with count_denoiser_calls(pipe) as calls:
+        images = generate(pipe, steps=5)
+    timesteps = pipe.scheduler.timesteps.tolist()
+    assert len(set(timesteps)) < len(timesteps) == len(calls) == 5
+    assert torch.isfinite(images).all() and images.shape == (1, 1, 32, 32)
+
+
 # --- caption cache -------------------------------------------------------------------------------------------------
 
 

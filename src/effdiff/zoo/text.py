@@ -32,7 +32,7 @@ def load_text_encoder() -> tuple[torch.nn.Module, object]:
 
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=MAX_TOKENS)
-    encoder = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    encoder = BertModel.from_pretrained(path).eval()  # pooler unused; loading it keeps the log clean
     encoder.requires_grad_(False)
     return encoder, tokenizer
 
