@@ -245,20 +245,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.time()
-    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"rows": []}
     only = [w for w in args.variants.split(",") if w] or None
     if args.only in (None, "sd"):
-        rows += section("(a) DeepCache vs the deepcache package; effdiff defaults", "tiny-sd", args.steps, [
+        result = save(args, section("(a) DeepCache vs the deepcache package; effdiff defaults", "tiny-sd", args.steps, [
             ("deepcache package", "deepcache-pkg"),
             ("effdiff deepcache", "effdiff:deepcache:interval=3,branch=0"),
             ("effdiff deepcache quadratic", "effdiff:deepcache:schedule=quadratic"),
             ("effdiff fbcache (default)", "effdiff:fbcache"),
             ("effdiff taylorseer (default)", "effdiff:taylorseer"),
             ("effdiff fora (default)", "effdiff:fora"),
-            ("effdiff dpmpp2m:steps=20+deepcache:interval=2", "effdiff:dpmpp2m:steps=20+deepcache:interval=2"),
-        ], args.reps, only=only)
+            ("effdiff dpmpp2m (50 steps) + deepcache:interval=2", "effdiff:dpmpp2m+deepcache:interval=2"),
+        ], args.reps, only=only), started)  # saved per section: a timed-out run keeps what finished
     if args.only in (None, "dit"):
-        rows += section("(b) diffusers hooks vs effdiff; effdiff defaults", "tiny-dit", args.steps, [
+        result = save(args, section("(b) diffusers hooks vs effdiff; effdiff defaults", "tiny-dit", args.steps, [
             ("diffusers FirstBlockCache", "diffusers:fbcache"),
             ("effdiff fbcache", "effdiff:fbcache:threshold=0.1,warmup=0"),
             ("diffusers TaylorSeer", "diffusers:taylorseer"),
@@ -268,13 +268,12 @@ def main() -> None:
             ("effdiff taylorseer (default)", "effdiff:taylorseer"),
             ("effdiff fora (default)", "effdiff:fora"),
             ("effdiff deltadit (default)", "effdiff:deltadit"),
-        ], args.reps, only=only)
+        ], args.reps, only=only), started)  # saved per section: a timed-out run keeps what finished
     if args.sd15 or args.only == "sd15":
-        rows += section("(a') DeepCache vs the deepcache package at SD 1.5 scale", "sd15-arch", args.sd15_steps, [
+        result = save(args, section("(a') DeepCache vs the package at SD 1.5 scale", "sd15-arch", args.sd15_steps, [
             ("deepcache package", "deepcache-pkg"),
             ("effdiff deepcache", "effdiff:deepcache:interval=3,branch=0"),
-        ], args.reps, {"height": 256, "width": 256}, flops=False, only=only)
-    result = save(args, rows, started)
+        ], args.reps, {"height": 256, "width": 256}, flops=False, only=only), started)
     print(f"\n{'model':10s} {'variant':46s} {'speedup':>8s} {'psnr':>7s} {'ssim':>6s} {'flops÷':>7s} {'eff':>5s}")
     for r in result["rows"]:
         if "error" in r:

@@ -41,7 +41,7 @@ def bench_section(out: str, run: str | None, command: str) -> str:
         f"`{command}` (run `{run_id}`; torch {env['torch_version']}, diffusers {env['diffusers_version']}, "
         f"{env['threads']} threads, {env['dtype']}, {env['device']}, {env['machine']}). Speed-ups are ratios to "
         "the baseline (DDIM 50 steps, guidance 4) timed in the same process; PSNR/SSIM vs the baseline's images; "
-        "FID/KID vs the held-out digits beside the real-vs-real floor of the same size.", "",
+        "FID/KID vs the held-out digits beside the floor: as many real training digits, scored the same way.", "",
         markdown_table(rows),
     ])
 

@@ -45,7 +45,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for recipe in recipes:
         parse(recipe)  # unknown names and bad values fail here, before any model loads
     run_id = run_bench(models, recipes, samples=args.samples, steps=args.steps, guidance=args.guidance,
-                       out_dir=args.out, quick=args.quick, resume_run_id=args.resume)
+                       out_dir=args.out, quick=args.quick, resume_run_id=args.resume, timing_batch=args.timing_batch)
     html = report(args.out, run_id)
     print(f"run {run_id}: results in {Path(args.out) / 'results.sqlite'}, report {html}")
     return 0
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", type=int, default=100, help="images per recipe for quality metrics")
     bench.add_argument("--steps", type=int, default=50, help="baseline DDIM steps")
     bench.add_argument("--guidance", type=float, default=4.0)
+    bench.add_argument("--timing-batch", type=int, default=1, help="images per timed call (latency of one image)")
     bench.add_argument("--quick", action="store_true", help="few steps and samples: a smoke run")
     bench.add_argument("--out", default=DEFAULT_OUT, help="results folder (SQLite store, images, report)")
     bench.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")

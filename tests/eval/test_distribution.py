@@ -51,3 +51,11 @@ def test_prompt_accuracy_on_real_digits(judge):
     assert prompt_accuracy(images01, (labels + 1) % 10, classifier) < 0.2
     with pytest.raises(ValueError, match="requested digits"):
         prompt_accuracy(images01, labels[:3], classifier)
+
+
+def test_matched_floor_has_the_generated_set_sizes(judge):
+    real = judge.reference01 * 2 - 1  # stand-in pool; the bench draws from the training split
+    floor = judge.matched_floor(real, 50)
+    assert floor["n_generated"] == 50 and floor["n_reference"] == len(judge.reference01)
+    with pytest.raises(ValueError, match="needs that many real images"):
+        judge.matched_floor(real[:10], 50)

@@ -185,7 +185,8 @@ def write_html(
     parts = [f"<h1>effdiff bench — run {html.escape(run_id)}</h1>", _env_html(rows),
              "<p>Speed-ups are ratios against the baseline (DDIM, CFG, same steps) timed in the same process "
              "(warm, median of ≥ 3, alternating). PSNR/SSIM are measured against the baseline's own images; "
-             "FID/KID against the 1,000 held-out digits, beside the real-vs-real floor of the same size. "
+             "FID/KID against the 1,000 held-out digits, beside the real-vs-real floor: as many real training "
+             "digits as samples, scored against the same reference. "
              "<b>speed-only</b>: random-weight twin, no quality; <b>simulated</b>: fake-quant without a "
              "low-bit kernel; <b>trained</b>: the recipe trains or calibrates.</p>",
              "<h2>Results</h2>", _table_html(rows)]

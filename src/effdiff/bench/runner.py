@@ -255,7 +255,7 @@ def _quality(images: torch.Tensor, baseline: torch.Tensor, caller: Caller, judge
     return {
         **fidelity(images, baseline), "fid": dist["fid"], "kid": dist["kid"], "kid_std": dist["kid_std"],
         "fid_floor": floor["fid"], "kid_floor": floor["kid"], "n_samples": len(images),
-        "n_reference": dist["n_reference"], "floor_half_size": floor["n_generated"],
+        "n_reference": dist["n_reference"], "floor_size": floor["n_generated"],
         "prompt_accuracy": prompt_accuracy(images, caller.digits, judges.judge.features.classifier),
     }
 
@@ -331,7 +331,9 @@ def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, ac
     folder.mkdir(parents=True, exist_ok=True)
     baseline_images = floor = None
     if not speed_only:
-        floor = judges.judge.floor(config.samples)
+        from effdiff.zoo.data import load_digits
+
+        floor = judges.judge.matched_floor(load_digits().train_images, config.samples)
         baseline_images = _baseline_images(folder, caller, pipe, accelerate_fn, config)
     for recipe in recipes:
         describe(f"{model} · {recipe or 'baseline'}: timing")

@@ -118,3 +118,14 @@ class DistributionJudge:
         feats = self.reference_features
         first, second = feats[order[:half]], feats[order[half : 2 * half]]
         return _score(*_with_reference(first, self.subsets), second, half)
+
+    def matched_floor(self, real_m11: torch.Tensor, n: int, seed: int = 0) -> dict[str, float]:
+        """FID/KID of ``n`` real images from outside the reference against the whole reference.
+
+        Exactly the sizes a score of ``n`` generated images has, so the two are comparable (FID's bias
+        depends on both set sizes; the halves of ``floor`` are not comparable to n-vs-1,000).
+        """
+        if n > len(real_m11):
+            raise ValueError(f"a matched floor of {n} images needs that many real images; have {len(real_m11)}")
+        pick = torch.randperm(len(real_m11), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.score((real_m11[pick].float() + 1) / 2)
