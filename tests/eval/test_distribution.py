@@ -53,9 +53,10 @@ def test_prompt_accuracy_on_real_digits(judge):
         prompt_accuracy(images01, labels[:3], classifier)
 
 
-def test_matched_floor_has_the_generated_set_sizes(judge):
+def test_matched_floor_has_the_generated_set_sizes_and_class_mix(judge):
     real = judge.reference01 * 2 - 1  # stand-in pool; the bench draws from the training split
-    floor = judge.matched_floor(real, 50)
+    labels = torch.arange(len(real)) % 10
+    floor = judge.matched_floor(real, labels, [d % 10 for d in range(50)])
     assert floor["n_generated"] == 50 and floor["n_reference"] == len(judge.reference01)
-    with pytest.raises(ValueError, match="needs that many real images"):
-        judge.matched_floor(real[:10], 50)
+    with pytest.raises(ValueError, match="needs 6 real images of digit 3"):
+        judge.matched_floor(real[:50], labels[:50], [3] * 6)

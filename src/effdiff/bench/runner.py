@@ -333,7 +333,8 @@ def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, ac
     if not speed_only:
         from effdiff.zoo.data import load_digits
 
-        floor = judges.judge.matched_floor(load_digits().train_images, config.samples)
+        split = load_digits()
+        floor = judges.judge.matched_floor(split.train_images, split.train_labels, caller.digits)
         baseline_images = _baseline_images(folder, caller, pipe, accelerate_fn, config)
     for recipe in recipes:
         describe(f"{model} · {recipe or 'baseline'}: timing")

@@ -9,6 +9,7 @@ so no torch-fidelity is needed. FID is biased by the sample count, so every scor
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -119,13 +120,19 @@ class DistributionJudge:
         first, second = feats[order[:half]], feats[order[half : 2 * half]]
         return _score(*_with_reference(first, self.subsets), second, half)
 
-    def matched_floor(self, real_m11: torch.Tensor, n: int, seed: int = 0) -> dict[str, float]:
-        """FID/KID of ``n`` real images from outside the reference against the whole reference.
+    def matched_floor(self, real_m11: torch.Tensor, real_labels: torch.Tensor, digits: list[int],
+                      seed: int = 0) -> dict[str, float]:
+        """FID/KID of real images from outside the reference, one of each digit in ``digits``, against it.
 
-        Exactly the sizes a score of ``n`` generated images has, so the two are comparable (FID's bias
-        depends on both set sizes; the halves of ``floor`` are not comparable to n-vs-1,000).
+        The same set sizes and the same class mix as a score of generated images for those prompts, so
+        the two are comparable (FID's bias depends on both sizes, and a random draw's class imbalance
+        alone raises FID).
         """
-        if n > len(real_m11):
-            raise ValueError(f"a matched floor of {n} images needs that many real images; have {len(real_m11)}")
-        pick = torch.randperm(len(real_m11), generator=torch.Generator().manual_seed(seed))[:n]
-        return self.score((real_m11[pick].float() + 1) / 2)
+        gen = torch.Generator().manual_seed(seed)
+        picks = []
+        for digit, count in sorted(Counter(digits).items()):
+            pool = torch.nonzero(real_labels == digit).flatten()
+            if count > len(pool):
+                raise ValueError(f"a matched floor needs {count} real images of digit {digit}; have {len(pool)}")
+            picks.append(pool[torch.randperm(len(pool), generator=gen)[:count]])
+        return self.score((real_m11[torch.cat(picks)].float() + 1) / 2)
