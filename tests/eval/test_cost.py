@@ -103,3 +103,13 @@ def test_peak_memory_sees_a_large_allocation():
 
 def test_achieved_gflops():
     assert achieved_gflops(int(2e9), 2.0) == pytest.approx(1.0)
+
+
+def test_peak_memory_is_absolute_and_seen_again_when_warm():
+    """A warm allocator adds no RSS on a repeat, yet the peak must still be reported (not 0)."""
+    x = torch.ones(16 * 2**20 // 4)
+    del x
+    with PeakMemory("cpu") as mem:
+        y = torch.ones(16 * 2**20 // 4)
+        del y
+    assert mem.peak_bytes >= 16 * 2**20

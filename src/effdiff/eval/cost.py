@@ -299,7 +299,12 @@ def _ru_maxrss_bytes() -> int:
 
 @dataclass
 class PeakMemory:
-    """Peak memory added by a block, in bytes, and how it was measured."""
+    """Peak memory of the process (CPU: RSS high-water mark) or device during a block, in bytes.
+
+    Absolute, not the growth: the allocator keeps freed pages, so a warm call's growth is ~0 and says
+    nothing; the absolute peak shows what a method adds (cached features, quantized copies) when
+    baseline and variant run in the same process.
+    """
 
     device: str = "cpu"
     peak_bytes: int = 0
@@ -311,13 +316,11 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated()
             self.method = "cuda max_memory_allocated"
             return self
         self._resettable = _reset_peak_rss() and _status_kib("VmHWM") is not None
         if self._resettable:
-            self._start = (_status_kib("VmRSS") or 0) * 1024
-            self.method = "rss high-water mark (reset)"
+            self.method = "process RSS high-water mark (reset before the call)"
         else:  # ru_maxrss never decreases: only growth beyond the process's old peak is seen
             self._start = _ru_maxrss_bytes()
             self.method = "ru_maxrss delta (lower bound)"
@@ -326,8 +329,8 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-            self.peak_bytes = max(0, torch.cuda.max_memory_allocated() - self._start)
+            self.peak_bytes = torch.cuda.max_memory_allocated()
         elif self._resettable:
-            self.peak_bytes = max(0, (_status_kib("VmHWM") or 0) * 1024 - self._start)
+            self.peak_bytes = (_status_kib("VmHWM") or 0) * 1024
         else:
             self.peak_bytes = max(0, _ru_maxrss_bytes() - self._start)
