@@ -11,13 +11,12 @@ from effdiff.registry import all_methods
 
 DEFAULT_MODELS = ("tiny-sd", "tiny-dit")
 
-CURATED = (  # chosen to fit the 15-minute budget on 2 cores; `ays` (up to 110 s of search) has its own script
+CURATED = (  # fits the 15-minute budget on 2 cores; `ays` (up to 110 s of search) and `fora` are in benchmarks/
     "dpmpp2m:steps=20",
     "unipc:steps=10",
     "deepcache:interval=3",
     "fbcache",
     "taylorseer",
-    "fora",
     "dpmpp2m:steps=20+deepcache:interval=3",
     "dpmpp2m:steps=20+fbcache",
 )
