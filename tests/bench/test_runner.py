@@ -55,7 +55,7 @@ def test_speed_only_models_get_cost_only(tmp_path):
 
 def test_config_normalisation():
     config = make_config(["m"], ["a", "", "a"], samples=100, steps=50, guidance=4.0, seeds=None, quick=True)
-    assert config.recipes == ("", "a") and config.steps == 10 and config.samples == 20 and config.reps == 3
+    assert config.recipes == ("", "a") and config.steps == 10 and config.samples == 10 and config.reps == 3
     with pytest.raises(ValueError, match="one seed per sample"):
         make_config(["m"], [], samples=4, steps=2, guidance=4.0, seeds=[1, 2], quick=False)
 

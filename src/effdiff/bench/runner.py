@@ -65,7 +65,7 @@ def make_config(models: Sequence[str], recipes: Sequence[str], samples: int, ste
     ordered = ["", *[r.strip() for r in recipes if r.strip()]]
     ordered = list(dict.fromkeys(ordered))
     if quick:
-        steps, samples, timing_batch = min(steps, 10), min(samples, 20), min(timing_batch, 2)
+        steps, samples, timing_batch = min(steps, 10), min(samples, 10), min(timing_batch, 2)
     if samples < 2:
         raise ValueError(f"samples must be >= 2 (FID/KID need two images), got {samples}")
     if seeds is not None and len(seeds) != samples:
