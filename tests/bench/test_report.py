@@ -42,3 +42,14 @@ def test_generate_writes_a_png(tmp_path):
     out = generate("m", "", "a handwritten one", 3, tmp_path / "g.png", seed=1, steps=2,
                    loader=tiny_pipeline)
     assert out.exists() and out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_catalogue_credits_a_method_with_its_own_speedup_not_a_stack(tmp_path):
+    from effdiff.bench.report import markdown_table
+
+    rows = [_row("", 1.0, 5.0), _row("deepcache:interval=3", 2.5, 7.0), _row("dpmpp2m:steps=20+deepcache", 6.0, 7.0),
+            {**_row("deltadit", None, None), "metrics": {"labels": ["refused"], "refused": "unet only"}}]
+    html = write_html(rows, "run", tmp_path).read_text()
+    assert "Catalogue of the seed papers" in html and "deepcache: m 2.50×" in html and "deepcache: m 6.00×" not in html
+    table = markdown_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "refused: unet only" in table

@@ -135,15 +135,17 @@ def _table_html(rows: list[dict[str, Any]]) -> str:
 
 
 def _best_speedups(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """{method name: best measured speed-up per model in this run} over the recipes that use it."""
+    """{method name: best measured speed-up per model in this run} over recipes of that method alone.
+
+    Stacks are left out so a method is not credited with a solver's share of a combined speed-up.
+    """
     best: dict[tuple[str, str], float] = {}
     for row in rows:
         speedup = row["metrics"].get("speedup")
-        if speedup is None or not row["recipe"]:
+        if speedup is None or not row["recipe"] or "+" in row["recipe"]:
             continue
-        for part in row["recipe"].split("+"):
-            key = (part.split(":", 1)[0].strip(), row["model"])
-            best[key] = max(best.get(key, 0.0), speedup)
+        key = (row["recipe"].split(":", 1)[0].strip(), row["model"])
+        best[key] = max(best.get(key, 0.0), speedup)
     out: dict[str, list[str]] = {}
     for (name, model), value in sorted(best.items()):
         out.setdefault(name, []).append(f"{model} {value:.2f}×")
