@@ -114,9 +114,11 @@ def test_output_types_agree():
 
 
 @pytest.mark.parametrize("output_type", ["latent", "PIL", "tensor", None])
-def test_bad_output_type_raises(output_type):
-    with pytest.raises(ValueError, match="output_type"):
-        fresh()("a handwritten one", num_inference_steps=1, output_type=output_type)
+def test_bad_output_type_raises_before_denoising(output_type):
+    pipe = fresh()
+    with count_denoiser_calls(pipe) as calls, pytest.raises(ValueError, match="output_type"):
+        pipe("a handwritten one", num_inference_steps=1, output_type=output_type)
+    assert calls == []
 
 
 def test_prompts_are_followed(pipe, classifier):

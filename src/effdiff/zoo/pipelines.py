@@ -106,6 +106,8 @@ class _DigitPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
+        if output_type not in ("pil", "np", "pt"):  # refuse before the denoising loop, not after it
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         prompts = self._as_list(prompt, num_images_per_prompt)
         batch = len(prompts)
         negatives = self._as_list(negative_prompt if negative_prompt is not None else "", 1)
@@ -139,12 +141,10 @@ class _DigitPipeline(DiffusionPipeline):
         images = (sample.float().clamp(-1, 1) + 1) / 2
         if output_type == "pt":
             out: Any = images
-        elif output_type in ("np", "pil"):
+        else:
             out = images.permute(0, 2, 3, 1).cpu().numpy()
             if output_type == "pil":
                 out = [Image.fromarray((im[..., 0] * 255).round().astype(np.uint8), mode="L") for im in out]
-        else:
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=out) if return_dict else (out,)
 
