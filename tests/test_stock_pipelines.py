@@ -40,10 +40,12 @@ CACHES = {
     "fora": ("fora:interval=2", "fora:interval=1"),
     "deepcache": ("deepcache:interval=2", "deepcache:interval=1"),
     "deltadit": ("deltadit:interval=2", "deltadit:interval=1"),
+    "teacache": ("teacache:threshold=10,calibration=none", "teacache:threshold=0"),
 }
 # Flux's two-stream (joint) blocks are not supported by the block-segment caches yet: refused in apply.
-RUNS = {"sd": ("fbcache", "taylorseer", "fora", "deepcache"), "pixart": ("fbcache", "taylorseer", "fora", "deltadit"),
-        "dit": ("fbcache", "taylorseer", "fora", "deltadit"), "flux": ("fora",)}
+RUNS = {"sd": ("fbcache", "taylorseer", "fora", "deepcache", "teacache"),
+        "pixart": ("fbcache", "taylorseer", "fora", "deltadit", "teacache"),
+        "dit": ("fbcache", "taylorseer", "fora", "deltadit", "teacache"), "flux": ("fora",)}
 CACHE_CASES = [(n, m) for n in NAMES for m in RUNS[n]]
 
 REFUSALS = [
@@ -54,6 +56,7 @@ REFUSALS = [
     ("flux", "fbcache", "two-stream \\(joint\\) blocks"),
     ("flux", "taylorseer:interval=2", "two-stream \\(joint\\) blocks"),
     ("flux", "deltadit", "two-stream \\(joint\\) blocks"),
+    ("flux", "teacache", "two-stream \\(joint\\) blocks"),
     ("flux", "fora+deltadit", "cannot be stacked"),
     ("flux", "euler:steps=3", "rectified flow"),
     ("flux", "dpmpp2m:steps=3", "rectified flow"),

@@ -1,4 +1,4 @@
-"""``effdiff`` command line: bench, report, generate, methods, zoo prepare/train/eval.
+"""``effdiff`` command line: bench, report, generate, calibrate, methods, zoo prepare/train/eval.
 
 User errors (bad recipe, unknown model, unreadable path, out-of-range value) print one clear line
 and exit with status 2, never a traceback; argparse's own usage errors also exit 2.
@@ -64,6 +64,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     path = generate(args.model, args.recipe, args.prompt, args.n, args.out, seed=args.seed, steps=args.steps,
                     guidance=args.guidance)
     print(f"wrote {path}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from effdiff.methods.cache.teacache import calibrate, calibration_file, parse_target
+
+    _, target = parse_target(args.target)  # a malformed target fails before any model loads
+    if args.steps < 3 or args.prompts < 1:
+        raise ValueError(f"--steps must be >= 3 and --prompts >= 1, got {args.steps} and {args.prompts}")
+    from effdiff.zoo.data import DIGIT_WORDS, eval_prompt
+    from effdiff.zoo.load import load
+
+    pipe = load(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [eval_prompt((3 + 4 * i) % len(DIGIT_WORDS)) for i in range(args.prompts)]
+    record = calibrate(pipe, prompts, steps=args.steps, guidance=args.guidance, target_psnr=target, seed=args.seed)
+    record["model"] = args.model
+    path = Path(args.out) if args.out else calibration_file(getattr(pipe, "effdiff_model_name", None) or args.model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    print(f"{args.model}: teacache threshold {record['threshold']:g} (PSNR {record['psnr']:.2f} dB, "
+          f"{record['cached_fraction']:.0%} of denoiser calls cached at {args.steps} steps); wrote {path}")
     return 0
 
 
@@ -171,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--guidance", type=float, default=4.0)
     gen.set_defaults(func=_cmd_generate)
+
+    cal = sub.add_parser("calibrate", help="fit a caching method's change model and threshold for a quality target")
+    cal.add_argument("--model", required=True, help="model name or path")
+    cal.add_argument("--method", required=True, choices=("teacache",))
+    cal.add_argument("--target", default="psnr>=30", help="quality target vs the baseline images (psnr>=X dB)")
+    cal.add_argument("--steps", type=int, default=50)
+    cal.add_argument("--prompts", type=int, default=2, help="calibration prompts (one image each)")
+    cal.add_argument("--guidance", type=float, default=4.0)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--out", help="JSON path (default: teacache-MODEL.json in $EFFDIFF_CACHE_DIR or ~/.cache/effdiff)")
+    cal.set_defaults(func=_cmd_calibrate)
 
     methods = sub.add_parser("methods", help="the registry and the catalogue of seed papers")
     methods.add_argument("--family", choices=FAMILIES)

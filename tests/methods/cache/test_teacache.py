@@ -1,0 +1,211 @@
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_dit, make_tiny_sd, sample
+
+import effdiff
+from effdiff import RecipeError
+from effdiff.methods.cache.teacache import TeaCache, calibration_file, rescale
+from effdiff.methods.solvers.schedule import model_fingerprint
+
+STEPS = 6
+KINDS = ("unet", "dit")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Never read (or write) a calibration from the user's cache."""
+    monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _pipe(kind):
+    return make_tiny_sd() if kind == "unet" else make_tiny_dit()
+
+
+def _denoiser(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def _leaf_calls(pipe):
+    calls = {"n": 0}
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    for name, m in _denoiser(pipe).named_modules():
+        if isinstance(m, kinds) and "blocks" in name:
+            m.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    return calls
+
+
+def _no_patches(pipe):
+    denoiser = _denoiser(pipe)
+    return not any("forward" in vars(m) for m in denoiser.modules()) and not denoiser._forward_pre_hooks
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_threshold_zero_is_bit_identical(kind):
+    pipe = _pipe(kind)
+    baseline = sample(pipe, steps=STEPS)
+    effdiff.accelerate(pipe, "teacache:threshold=0")
+    assert torch.equal(sample(pipe, steps=STEPS), baseline)
+    method = pipe.effdiff.methods[0]
+    assert method.stats.cached == 0 and method.stats.full == STEPS
+    assert len(method.changes) == STEPS and all(c > 0 for c in method.changes[1:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_positive_threshold_skips_repeats_and_restores(kind):
+    pipe = _pipe(kind)
+    calls = _leaf_calls(pipe)
+    baseline = sample(pipe, steps=STEPS)
+    full = calls["n"]
+    effdiff.accelerate(pipe, "teacache:threshold=1")
+    calls["n"] = 0
+    first = sample(pipe, steps=STEPS)
+    method = pipe.effdiff.methods[0]
+    assert calls["n"] < full, "no block compute was skipped"
+    assert method.stats.cached > 0 and method.stats.calls == STEPS
+    assert first.shape == baseline.shape and torch.isfinite(first).all() and not torch.equal(first, baseline)
+    assert torch.equal(sample(pipe, steps=STEPS), first)  # state is reset per call
+    assert method.stats.calls == STEPS
+    pipe.effdiff.remove()
+    assert _no_patches(pipe)
+    assert torch.equal(sample(pipe, steps=STEPS), baseline)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_accumulator_first_warmup_and_last_steps_always_run(kind):
+    pipe = _pipe(kind)
+    effdiff.accelerate(pipe, "teacache:threshold=100,warmup=2")
+    sample(pipe, steps=STEPS)
+    # steps 0, 1 (warmup) and 5 (last) run; the huge threshold lets 2, 3, 4 be served from cache
+    assert (pipe.effdiff.methods[0].stats.full, pipe.effdiff.methods[0].stats.cached) == (3, 3)
+
+
+def test_rescaling_polynomial_steers_skipping(tiny_dit):
+    effdiff.accelerate(tiny_dit, "teacache:threshold=1,coefficients=2")  # constant 2 >= 1: never skip
+    baseline_like = tiny_dit.effdiff.methods[0]
+    sample(tiny_dit, steps=STEPS)
+    assert baseline_like.stats.cached == 0
+    tiny_dit.effdiff.remove()
+    effdiff.accelerate(tiny_dit, "teacache:threshold=1,coefficients=0.1")  # 0.1 a step: skip all but 1st, last
+    sample(tiny_dit, steps=STEPS)
+    assert tiny_dit.effdiff.methods[0].stats.cached == STEPS - 2
+    assert rescale([1.0, 2.0, 3.0], 2.0) == 1 + 4 + 12
+    assert TeaCache(coefficients="1, 2;3|4").coefficients == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_separate_cfg_calls_keep_separate_accumulators():
+    pipe = make_tiny_sd()
+    inner = type(pipe)._call_denoiser
+
+    def two_calls(x, t, text):
+        halves = [inner(pipe, xi, t, ti) for xi, ti in zip(x.chunk(2), text.chunk(2), strict=True)]
+        return torch.cat(halves)
+
+    pipe._call_denoiser = two_calls
+    effdiff.accelerate(pipe, "teacache:threshold=1")
+    out = sample(pipe, steps=STEPS)
+    branch = pipe.effdiff.context.state(pipe.effdiff.methods[0])
+    assert ("slot", 1) in branch and "modulated" in branch[("slot", 1)]
+    assert torch.isfinite(out).all() and pipe.effdiff.methods[0].stats.calls == 2 * STEPS
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_calibration_is_picked_up(kind, tmp_path):
+    pipe = _pipe(kind)
+    pipe.effdiff_model_name = f"tiny-{kind}"
+    record = {"coefficients": [0.0, 0.5], "threshold": 2.0, "target": "psnr>=30",
+              "fingerprint": model_fingerprint(_denoiser(pipe))}
+    path = calibration_file(pipe.effdiff_model_name)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(record))
+    effdiff.accelerate(pipe, "teacache")
+    method = pipe.effdiff.methods[0]
+    assert (method.coefficients, method.threshold, method.source) == ([0.0, 0.5], 2.0, str(path))
+    pipe.effdiff.remove()
+    effdiff.accelerate(pipe, "teacache:threshold=0.3")  # explicit values win over the file
+    assert pipe.effdiff.methods[0].threshold == 0.3 and pipe.effdiff.methods[0].coefficients == [0.0, 0.5]
+    pipe.effdiff.remove()
+    effdiff.accelerate(pipe, "teacache:calibration=none")
+    assert pipe.effdiff.methods[0].coefficients == [0.0, 1.0] and pipe.effdiff.methods[0].threshold == 0.1
+    pipe.effdiff.remove()
+    record["fingerprint"] = "someone-else"
+    path.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="other weights"):
+        effdiff.accelerate(pipe, "teacache")
+    assert pipe.effdiff.methods[0].source == "parameters"
+    pipe.effdiff.remove()
+    explicit = tmp_path / "mine.json"
+    explicit.write_text(json.dumps({**record, "fingerprint": model_fingerprint(_denoiser(pipe))}))
+    effdiff.accelerate(pipe, f"teacache:calibration={explicit}")
+    assert pipe.effdiff.methods[0].threshold == 2.0
+
+
+@pytest.mark.parametrize(("recipe", "message"), [
+    ("teacache:threshold=-1", "threshold"),
+    ("teacache:warmup=-1", "warmup"),
+    ("teacache:coefficients=a|b", "comma-separated numbers"),
+    ("teacache:coefficients=0,1", "expected key=value"),
+    ("teacache:coefficients=1|nan", "finite"),
+    ("teacache:calibration=/nonexistent/teacache.json", "not found"),
+    ("teacache:treshold=0.1", "did you mean 'threshold'"),
+    ("teacache+fbcache", "cannot be stacked"),
+])
+def test_bad_settings_are_refused(recipe, message, tmp_path):
+    pipe = make_tiny_dit()
+    baseline = sample(pipe, steps=2)
+    with pytest.raises(RecipeError, match=message):
+        effdiff.accelerate(pipe, recipe)
+    assert not hasattr(pipe, "effdiff") and _no_patches(pipe)
+    assert torch.equal(sample(pipe, steps=2), baseline)
+
+
+def test_malformed_calibration_file_is_refused(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(RecipeError, match="not a TeaCache calibration"):
+        effdiff.accelerate(make_tiny_dit(), f"teacache:calibration={bad}")
+
+
+def test_registry_declaration():
+    cls = effdiff.get_method("teacache")
+    assert cls is TeaCache and cls.family == "cache" and cls.paper.arxiv == "2411.19108"
+    assert "arXiv 2411.19108" in cls.__doc__
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_calibrate_fits_picks_and_is_reused(kind):
+    from effdiff.methods.cache.teacache import calibrate
+
+    pipe = _pipe(kind)
+    lines = []
+    record = calibrate(pipe, ["a handwritten seven", "a handwritten two"], steps=STEPS, guidance=3.0,
+                       target_psnr=20.0, thresholds=[0.05, 0.5, 5.0], log=lines.append)
+    assert not hasattr(pipe, "effdiff") or not pipe.effdiff.methods  # the pipeline is left as it was
+    assert len(record["coefficients"]) == record["degree"] + 1 and record["target"] == "psnr>=20"
+    assert record["fingerprint"] == model_fingerprint(_denoiser(pipe)) and record["threshold"] in (0.0, 0.05, 0.5, 5.0)
+    assert lines[0].split() == ["step", "rel.", "input", "change", "rel.", "output", "change"]
+    assert len([line for line in lines if line.split()[0].isdigit()]) == STEPS - 1  # steps 1..5 have a change
+    assert record["threshold"] == 0.0 or record["psnr"] >= 20.0
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("psnr=>30", "must look like psnr>=30"),
+    ("psnr<=30", "must be psnr>=X"),
+    ("fid<=5", "not supported yet"),
+    ("ssim>=0.9", "must be psnr>=X"),
+])
+def test_calibrate_cli_refuses_bad_targets(target, message, capsys):
+    from effdiff.cli import main
+
+    assert main(["calibrate", "--model", "tiny-dit", "--method", "teacache", "--target", target]) == 2
+    err = capsys.readouterr().err
+    assert "effdiff calibrate: error:" in err and message in err
+
+
+def test_calibrate_cli_refuses_unknown_method():
+    from effdiff.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--model", "tiny-dit", "--method", "deepcache"])
+    assert exc.value.code == 2
