@@ -25,7 +25,7 @@ def run(pipe, prompts):
     return torch.cat(out)
 
 
-for model in sys.argv[1:]:
+def measure(model: str) -> None:
     pipe = effdiff.load(model)
     pipe.set_progress_bar_config(disable=True)
     for name, prompts in (("calib prompts", PROMPTS), ("held-out prompts", TEST)):
@@ -41,3 +41,7 @@ for model in sys.argv[1:]:
                               exit_variant=lambda: pipe.effdiff.remove())
     print(f"{model}: baseline {tb.median:.3f}s (times {[round(t, 3) for t in tb.times]}), teacache {tv.median:.3f}s "
           f"(times {[round(t, 3) for t in tv.times]}), speed-up {tb.median / tv.median:.2f}x")
+
+
+for name in sys.argv[1:]:
+    measure(name)
