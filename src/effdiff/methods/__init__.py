@@ -1,3 +1,3 @@
 """Bundled methods; importing a subpackage registers its methods."""
 
-from effdiff.methods import cache, solvers  # noqa: F401
+from effdiff.methods import cache, quant, solvers, tokens  # noqa: F401
