@@ -45,13 +45,6 @@ HOOK_FIXES = [
 ]
 
 
-def generate(pipe: Any, steps: int, guidance: float = 4.0, **kwargs: Any) -> torch.Tensor:
-    generator = torch.Generator("cpu").manual_seed(0)
-    out = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-               output_type="pt", **kwargs).images
-    return torch.as_tensor(out).float()
-
-
 def measure(name: str, pipe: Any, run: Callable[[], torch.Tensor], enter: Callable[[], Any],
             leave: Callable[[], Any], reference: torch.Tensor, reps: int, base_flops: int | None) -> dict[str, Any]:
     """Speed-up (alternating medians), FLOP ratio, NFE and fidelity of one variant against the baseline."""
@@ -155,13 +148,13 @@ def diffusers_hook(pipe: Any, kind: str) -> tuple[Callable[[], Any], Callable[[]
     return enter, leave
 
 
-def runner(pipe: Any, steps: int, **kwargs: Any) -> Callable[[], torch.Tensor]:
+def runner(pipe: Any, steps: int, prompts: list[str], **kwargs: Any) -> Callable[[], torch.Tensor]:
     """A generation that goes through the diffusers-hook call wrapper when one is installed."""
     def run() -> torch.Tensor:
         call = pipe.__dict__.get("_peer_call")
         generator = torch.Generator("cpu").manual_seed(0)
         fn = call if call is not None else pipe
-        out = fn(PROMPTS, num_inference_steps=steps, guidance_scale=4.0, generator=generator, output_type="pt",
+        out = fn(prompts, num_inference_steps=steps, guidance_scale=4.0, generator=generator, output_type="pt",
                  **kwargs).images
         return torch.as_tensor(out).float()
 
@@ -170,12 +163,12 @@ def runner(pipe: Any, steps: int, **kwargs: Any) -> Callable[[], torch.Tensor]:
 
 def section(title: str, model: str, steps: int, variants: list[tuple[str, str]], reps: int,
             call_kwargs: dict[str, Any] | None = None, flops: bool = True,
-            only: list[str] | None = None) -> list[dict[str, Any]]:
+            only: list[str] | None = None, prompts: list[str] = PROMPTS) -> list[dict[str, Any]]:
     """variants: (label, spec) where spec is 'effdiff:<recipe>', 'deepcache-pkg' or 'diffusers:<kind>'."""
-    print(f"\n== {title}: {model}, {steps} DDIM steps, guidance 4, {len(PROMPTS)} prompts, reps {reps}", flush=True)
+    print(f"\n== {title}: {model}, {steps} DDIM steps, guidance 4, {len(prompts)} prompts, reps {reps}", flush=True)
     pipe = effdiff.load(model)
     pipe.set_progress_bar_config(disable=True)
-    run = runner(pipe, steps, **(call_kwargs or {}))
+    run = runner(pipe, steps, prompts, **(call_kwargs or {}))
     reference = run()
     base_flops = None
     if flops:
@@ -200,7 +193,7 @@ def section(title: str, model: str, steps: int, variants: list[tuple[str, str]],
                 leave()
             print(f"  {label:44s} FAILED: {type(exc).__name__}: {exc}", flush=True)
             row = {"variant": label, "error": f"{type(exc).__name__}: {exc}"}
-        row.update({"model": model, "steps": steps, "spec": spec})
+        row.update({"model": model, "steps": steps, "spec": spec, "prompts": len(prompts)})
         rows.append(row)
     after = run()
     if not torch.equal(after, reference):
@@ -239,6 +232,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sd15", action="store_true", help="also run sd15-arch (slow: minutes per variant)")
     parser.add_argument("--sd15-steps", type=int, default=20)
+    parser.add_argument("--sd15-prompts", type=int, default=len(PROMPTS), choices=range(1, len(PROMPTS) + 1),
+                        help="prompts per sd15-arch call (1 halves the minutes per variant)")
     parser.add_argument("--only", choices=("sd", "dit", "sd15"), default=None)
     parser.add_argument("--variants", default="", help="comma-separated substrings: run only matching variants")
     parser.add_argument("--out", default="benchmarks/results/cache_peers.json")
@@ -273,7 +268,8 @@ def main() -> None:
         result = save(args, section("(a') DeepCache vs the package at SD 1.5 scale", "sd15-arch", args.sd15_steps, [
             ("deepcache package", "deepcache-pkg"),
             ("effdiff deepcache", "effdiff:deepcache:interval=3,branch=0"),
-        ], args.reps, {"height": 256, "width": 256}, flops=False, only=only), started)
+        ], args.reps, {"height": 256, "width": 256}, flops=False, only=only,
+            prompts=PROMPTS[:args.sd15_prompts]), started)
     print(f"\n{'model':10s} {'variant':46s} {'speedup':>8s} {'psnr':>7s} {'ssim':>6s} {'flops÷':>7s} {'eff':>5s}")
     for r in result["rows"]:
         if "error" in r:
