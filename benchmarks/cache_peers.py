@@ -1,7 +1,7 @@
 """Feature caching side by side with the peers: same pipeline, prompts and seeds, one process.
 
 (a) the ``deepcache`` package's ``DeepCacheSDHelper`` vs effdiff ``deepcache`` on tiny-sd (and, with
-    ``--sd15``, on sd15-arch at 256 px / 20 DDIM steps);
+    ``--sd15``, on sd15-arch at 256 px / 20 DDIM steps; ``--only pixart``: (b) on pixart-alpha-arch);
 (b) diffusers' built-in cache hooks (FirstBlockCache, TaylorSeer, PyramidAttentionBroadcast) vs effdiff's
     methods on tiny-dit. PixArt needs hand fixes for the hooks; every one is listed in ``HOOK_FIXES``;
 (c) effdiff's default settings of every cache method on tiny-sd and tiny-dit.
@@ -10,7 +10,7 @@ Timing: ``time_alternating`` (baseline and variant alternate, median of ``--reps
 the variant's images vs the baseline's (same noise). ``flop_ratio`` = baseline FLOPs / variant FLOPs of
 one call (``count_flops``); ``efficiency`` = speed-up / flop_ratio (the issue asks for >= 0.85).
 
-    PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/cache_peers.py [--reps 3] [--steps 50] [--sd15]
+    HF_HUB_OFFLINE=1 python benchmarks/cache_peers.py [--reps 3] [--steps 50] [--sd15] [--only pixart --twin-prompts 1]
 """
 
 from __future__ import annotations
@@ -231,10 +231,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sd15", action="store_true", help="also run sd15-arch (slow: minutes per variant)")
-    parser.add_argument("--sd15-steps", type=int, default=20)
-    parser.add_argument("--sd15-prompts", type=int, default=len(PROMPTS), choices=range(1, len(PROMPTS) + 1),
-                        help="prompts per sd15-arch call (1 halves the minutes per variant)")
-    parser.add_argument("--only", choices=("sd", "dit", "sd15"), default=None)
+    parser.add_argument("--twin-steps", type=int, default=20)
+    parser.add_argument("--twin-prompts", type=int, default=len(PROMPTS), choices=range(1, len(PROMPTS) + 1),
+                        help="prompts per call on the twins (1 halves the minutes per variant)")
+    parser.add_argument("--only", choices=("sd", "dit", "sd15", "pixart"), default=None)
     parser.add_argument("--variants", default="", help="comma-separated substrings: run only matching variants")
     parser.add_argument("--out", default="benchmarks/results/cache_peers.json")
     args = parser.parse_args()
@@ -265,11 +265,20 @@ def main() -> None:
             ("effdiff deltadit (default)", "effdiff:deltadit"),
         ], args.reps, only=only), started)  # saved per section: a timed-out run keeps what finished
     if args.sd15 or args.only == "sd15":
-        result = save(args, section("(a') DeepCache vs the package at SD 1.5 scale", "sd15-arch", args.sd15_steps, [
+        result = save(args, section("(a') DeepCache vs the package at SD 1.5 scale", "sd15-arch", args.twin_steps, [
             ("deepcache package", "deepcache-pkg"),
             ("effdiff deepcache", "effdiff:deepcache:interval=3,branch=0"),
         ], args.reps, {"height": 256, "width": 256}, flops=False, only=only,
-            prompts=PROMPTS[:args.sd15_prompts]), started)
+            prompts=PROMPTS[:args.twin_prompts]), started)
+    if args.only == "pixart":
+        result = save(args, section("(b') diffusers hooks vs effdiff at PixArt-XL-2 scale", "pixart-alpha-arch",
+                                    args.twin_steps, [
+            ("diffusers TaylorSeer", "diffusers:taylorseer"),
+            ("effdiff taylorseer", "effdiff:taylorseer:interval=5,order=1,warmup=3"),
+            ("diffusers FirstBlockCache", "diffusers:fbcache"),
+            ("effdiff fbcache", "effdiff:fbcache:threshold=0.1,warmup=0"),
+        ], args.reps, {"height": 256, "width": 256}, flops=False, only=only,
+            prompts=PROMPTS[:args.twin_prompts]), started)
     print(f"\n{'model':10s} {'variant':46s} {'speedup':>8s} {'psnr':>7s} {'ssim':>6s} {'flops÷':>7s} {'eff':>5s}")
     for r in result["rows"]:
         if "error" in r:
