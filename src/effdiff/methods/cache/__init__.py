@@ -3,7 +3,9 @@
 from effdiff.methods.cache.base import CacheMethod, CacheStats
 from effdiff.methods.cache.deepcache import DeepCache
 from effdiff.methods.cache.dynamic import DeltaDiT, FirstBlockCache, TaylorSeer
+from effdiff.methods.cache.faster import FasterDiffusion
 from effdiff.methods.cache.fora import Fora
 from effdiff.methods.cache.teacache import TeaCache
 
-__all__ = ["CacheMethod", "CacheStats", "DeepCache", "DeltaDiT", "FirstBlockCache", "Fora", "TaylorSeer", "TeaCache"]
+__all__ = ["CacheMethod", "CacheStats", "DeepCache", "DeltaDiT", "FasterDiffusion", "FirstBlockCache", "Fora",
+           "TaylorSeer", "TeaCache"]
