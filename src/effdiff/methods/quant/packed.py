@@ -1,0 +1,155 @@
+"""What a calibrated low-bit model *is*: packed integer codes and their grids, saved and counted in bytes.
+
+One ``LayerQuant`` per quantized layer holds exactly what a deployment would ship (codes packed two per
+byte at 4 bits, per-channel scales and zero points, the activation grid, SVDQuant's smoothing factors and
+bf16 low-rank branch). The live fake-quant layers are built *from* these records, so a saved and reloaded
+calibration gives bit-identical outputs, and the model size is the byte count of the records plus the
+float32 parameters left unquantized.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effdiff.methods.quant.fake import (
+    DynamicActivation,
+    FakeQuantLayer,
+    Grid,
+    StaticActivation,
+    expand_segments,
+    is_quantized,
+    levels,
+)
+
+FORMAT = "effdiff-lowbit-1"
+
+
+def pack(codes: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
+    """Integer codes -> uint8: ``8 // bits`` codes per byte where ``bits`` divides 8, else one per byte."""
+    unsigned = (codes.detach().flatten() - qmin).to(torch.int64)
+    per_byte = 8 // bits if 8 % bits == 0 else 1
+    unsigned = F.pad(unsigned, (0, (-unsigned.numel()) % per_byte)).reshape(-1, per_byte)
+    return (unsigned << (torch.arange(per_byte) * bits)).sum(1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, qmin: int, numel: int) -> torch.Tensor:
+    """Inverse of ``pack``, as float codes (the dtype the grids compute in)."""
+    per_byte = 8 // bits if 8 % bits == 0 else 1
+    data = (packed.to(torch.int64)[:, None] >> (torch.arange(per_byte) * bits)) & (2**bits - 1)
+    return data.flatten()[:numel].float() + qmin
+
+
+@dataclass
+class LayerQuant:
+    """The stored form of one quantized Linear / Conv2d."""
+
+    shape: list[int]
+    wbits: int
+    symmetric: bool = False
+    codes: torch.Tensor | None = None  # packed uint8 (None: weight kept in float)
+    scale: torch.Tensor | None = None  # (out, n_segments)
+    zero: torch.Tensor | None = None  # (out, n_segments), integer values
+    segments: list[int] = field(default_factory=list)
+    abits: int = 32
+    act_scale: torch.Tensor | None = None  # (n_act_segments,)
+    act_zero: torch.Tensor | None = None
+    act_segments: list[int] = field(default_factory=list)
+    act_group: int = 0  # > 0: dynamic per-token groups of this many channels, symmetric
+    smooth: torch.Tensor | None = None  # (in,) divides the input, multiplied into the weight
+    down: torch.Tensor | None = None  # bf16 low-rank branch: x -> down -> up
+    up: torch.Tensor | None = None
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, segments: list[int],
+                   bits: int, symmetric: bool, **extra: Any) -> LayerQuant:
+        qmin, _ = levels(bits, symmetric)
+        return cls(list(codes.shape), bits, symmetric, pack(codes, bits, qmin), scale.float(),
+                   zero.to(torch.int16), list(segments), **extra)
+
+    def weight(self, original: torch.Tensor) -> torch.Tensor:
+        """The dequantized weight the fake-quant layer multiplies with (``original`` when not quantized)."""
+        if self.codes is None or self.scale is None or self.zero is None:
+            return original.detach()
+        qmin, qmax = levels(self.wbits, self.symmetric)
+        numel = 1
+        for n in self.shape:
+            numel *= n
+        codes = unpack(self.codes, self.wbits, qmin, numel).reshape(self.shape)
+        ndim = len(self.shape)
+        grid = Grid(expand_segments(self.scale, self.segments, ndim),
+                    expand_segments(self.zero.float(), self.segments, ndim), qmin, qmax)
+        return grid.dequantize(codes)
+
+    def activation(self, conv: bool) -> StaticActivation | DynamicActivation | None:
+        if not is_quantized(self.abits):
+            return None
+        if self.act_group:
+            return DynamicActivation(self.abits, self.act_group, conv)
+        if self.act_scale is None or self.act_zero is None:
+            raise ValueError("a static activation grid needs its scale and zero point")
+        qmin, qmax = levels(self.abits, False)
+        return StaticActivation(Grid(self.act_scale, self.act_zero.float(), qmin, qmax), self.act_segments, conv)
+
+    def layer(self, module: nn.Module) -> FakeQuantLayer:
+        low_rank = (self.down.float(), self.up.float()) if self.down is not None and self.up is not None else None
+        return FakeQuantLayer(module, self.weight(module.weight), self.activation(isinstance(module, nn.Conv2d)),
+                              self.smooth, low_rank)
+
+    # --- storage -------------------------------------------------------------------------------------
+    _TENSORS = ("codes", "scale", "zero", "act_scale", "act_zero", "smooth", "down", "up")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k).contiguous() for k in self._TENSORS if getattr(self, k) is not None}
+
+    def meta(self) -> dict[str, Any]:
+        return {"shape": self.shape, "wbits": self.wbits, "symmetric": self.symmetric, "segments": self.segments,
+                "abits": self.abits, "act_segments": self.act_segments, "act_group": self.act_group}
+
+    def nbytes(self) -> int:
+        """Bytes of everything stored for this layer (its bias stays a float32 model parameter)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def save(path: str | Path, layers: dict[str, LayerQuant], info: dict[str, Any]) -> Path:
+    """Write a calibration as safetensors (no pickle); ``info`` (method, settings, fingerprint) as metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{name}/{key}": t for name, lq in layers.items() for key, t in lq.tensors().items()}
+    meta = {"format": FORMAT, "info": info, "layers": {name: lq.meta() for name, lq in layers.items()}}
+    save_file(tensors, str(path), metadata={"effdiff": json.dumps(meta)})
+    return path
+
+
+def load(path: str | Path) -> tuple[dict[str, LayerQuant], dict[str, Any]]:
+    """Read what ``save`` wrote; a file of another kind is a ValueError naming it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get("effdiff")
+        meta = json.loads(raw) if raw else {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an effdiff low-bit calibration (format {meta.get('format')!r})")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iter)
+    layers = {}
+    for name, fields in meta["layers"].items():
+        stored = {key: tensors[f"{name}/{key}"] for key in LayerQuant._TENSORS if f"{name}/{key}" in tensors}
+        layers[name] = LayerQuant(**fields, **stored)
+    return layers, meta["info"]
+
+
+def model_bytes(model: nn.Module, layers: dict[str, LayerQuant]) -> dict[str, int]:
+    """Bytes of the quantized model as stored: records + float32 params not replaced by a record."""
+    modules = dict(model.named_modules())
+    replaced = sum(modules[name].weight.numel() for name, lq in layers.items() if lq.codes is not None)
+    params = sum(p.numel() for p in model.parameters())
+    stored = sum(lq.nbytes() for lq in layers.values())
+    return {"fp32_bytes": 4 * params, "bytes": stored + 4 * (params - replaced), "records_bytes": stored}
