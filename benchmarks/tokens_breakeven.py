@@ -1,0 +1,173 @@
+"""Where token reduction pays: speed-up vs token count for a U-Net (sd15-arch) and a DiT (pixart-alpha-arch).
+
+One denoiser forward with a CFG batch of 2 (a full pipeline at 512 px takes minutes per call on 2 cores),
+at 256 / 384 / 512 px (latent 32 / 48 / 64), on the **speed-only** random-weight twins. Variants: effdiff
+``tome`` and ``atedm`` (``early=0`` so every forward prunes) and, on the U-Net, ``tomesd.apply_patch`` at
+the same settings. Timing: all variants warmed once, then ``--reps`` rounds of baseline and every variant
+in turn (round robin, so drifting load hits all alike); speed-up = baseline median / variant median.
+Peak memory: process RSS high-water mark, reset before one call of each variant.
+
+    PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/tokens_breakeven.py --model sd15-arch [--reps 3]
+    PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/tokens_breakeven.py --model pixart-alpha-arch
+    PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/tokens_breakeven.py --plot-only
+
+Results merge into ``benchmarks/results/tokens/breakeven.json`` (rows of the same model, size and variant
+are replaced); the plot ``breakeven.png`` is redrawn from every row in that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import effdiff
+from effdiff.eval.cost import PeakMemory, _timed
+
+OUT = Path("benchmarks/results/tokens")
+PATCH = {"sd15-arch": 1, "pixart-alpha-arch": 2}  # latent pixels per token at the finest level
+
+
+def denoiser_call(pipe: Any, model: str, latent: int) -> Callable[[], torch.Tensor]:
+    """One guided (batch 2) forward of the denoiser with fixed random inputs."""
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, latent, latent, generator=gen)
+    t = torch.tensor([500, 500])
+    if model == "sd15-arch":
+        text = torch.randn(2, 77, 768, generator=gen)
+        return lambda: pipe.unet(sample, t, encoder_hidden_states=text).sample
+    text = torch.randn(2, 120, 4096, generator=gen)
+    cond = {"resolution": None, "aspect_ratio": None}
+    return lambda: pipe.transformer(sample, encoder_hidden_states=text, timestep=t, added_cond_kwargs=cond).sample
+
+
+def variants(pipe: Any, model: str, ratio: float) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """name -> (enter, leave); the baseline is the unpatched pipeline."""
+    out: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
+    for recipe in (f"tome:ratio={ratio}", f"atedm:ratio={ratio},early=0"):
+        out[f"effdiff {recipe}"] = ((lambda r=recipe: effdiff.accelerate(pipe, r)), (lambda: pipe.effdiff.remove()))
+    if model == "sd15-arch":
+        import tomesd
+
+        out[f"tomesd ratio={ratio}"] = ((lambda: tomesd.apply_patch(pipe, ratio=ratio)),
+                                        (lambda: tomesd.remove_patch(pipe)))
+    return out
+
+
+def measure(model: str, pipe: Any, px: int, ratio: float, reps: int) -> list[dict[str, Any]]:
+    latent = px // 8
+    run = denoiser_call(pipe, model, latent)
+    table = variants(pipe, model, ratio)
+    names = ["baseline", *table]
+    switch = {"baseline": (lambda: None, lambda: None), **table}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    outputs: dict[str, torch.Tensor] = {}
+    peaks: dict[str, int] = {}
+    for name in names:  # warm-up, outputs and peak memory
+        enter, leave = switch[name]
+        enter()
+        try:
+            with torch.no_grad():
+                run()
+                with PeakMemory() as mem:
+                    outputs[name] = run()
+            peaks[name] = mem.peak_bytes
+        finally:
+            leave()
+    for rep in range(reps):
+        for name in names:
+            enter, leave = switch[name]
+            enter()
+            try:
+                with torch.no_grad():
+                    times[name].append(_timed(run))
+            finally:
+                leave()
+        print(f"  {model} {px}px round {rep + 1}/{reps}: "
+              + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+    base = statistics.median(times["baseline"])
+    tokens = (latent // PATCH[model]) ** 2
+    rows = []
+    for name in names:
+        med = statistics.median(times[name])
+        diff = (outputs[name] - outputs["baseline"]).abs().max().item()
+        rows.append({"model": model, "px": px, "tokens": tokens, "variant": name, "median_s": round(med, 4),
+                     "times_s": [round(t, 4) for t in times[name]], "speedup": round(base / med, 3),
+                     "peak_mb": round(peaks[name] / 2**20), "max_abs_diff_vs_baseline": round(diff, 5)})
+        print(f"  {model:18s} {px}px {tokens:5d} tokens  {name:36s} {base / med:5.2f}x  "
+              f"{med:7.3f}s  peak {peaks[name] / 2**20:6.0f} MB", flush=True)
+    return rows
+
+
+def save(rows: list[dict[str, Any]], args: argparse.Namespace, started: float) -> Path:
+    path = OUT / "breakeven.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    fresh = {(r["model"], r["px"], r["variant"]) for r in rows}
+    kept = [r for r in existing.get("rows", []) if (r["model"], r["px"], r["variant"]) not in fresh]
+    result = {"benchmark": "tokens_breakeven", "label": "speed-only", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "what": "one denoiser forward, CFG batch 2, float32, cpu", "reps": args.reps, "ratio": args.ratio,
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "machine": f"{platform.machine()} {platform.processor()}",
+              "seconds": round(time.time() - started, 1), "rows": kept + rows}
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
+def plot() -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads((OUT / "breakeven.json").read_text())["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, model in zip(axes, PATCH, strict=True):
+        mine = [r for r in rows if r["model"] == model and r["variant"] != "baseline"]
+        for variant in sorted({r["variant"] for r in mine}):
+            points = sorted((r["tokens"], r["speedup"], r["px"]) for r in mine if r["variant"] == variant)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=variant)
+            for tokens, speedup, px in points:
+                ax.annotate(f"{px}px", (tokens, speedup), textcoords="offset points", xytext=(3, 4), fontsize=7)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{model} (speed-only), one CFG forward")
+        ax.set_xlabel("tokens per finest-level transformer block")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("speed-up vs baseline (same process)")
+    fig.tight_layout()
+    path = OUT / "breakeven.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=tuple(PATCH), action="append")
+    parser.add_argument("--px", type=int, action="append", help="image sizes (default 256 384 512)")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args()
+    if not args.plot_only:
+        torch.set_num_threads(2)
+        started = time.time()
+        for model in args.model or list(PATCH):
+            pipe = effdiff.load(model)
+            rows = []
+            for px in args.px or (256, 384, 512):
+                rows += measure(model, pipe, px, args.ratio, args.reps)
+                print(f"saved {save(rows, args, started)}", flush=True)  # per size: a cut-off run keeps rows
+            del pipe
+    print(f"plot {plot()}")
+
+
+if __name__ == "__main__":
+    main()
