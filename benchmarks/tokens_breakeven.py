@@ -33,6 +33,7 @@ from effdiff.eval.cost import PeakMemory, _timed
 
 OUT = Path("benchmarks/results/tokens")
 PATCH = {"sd15-arch": 1, "pixart-alpha-arch": 2}  # latent pixels per token at the finest level
+Switch = dict[str, tuple[Callable[[], Any], Callable[[], Any]]]
 
 
 def denoiser_call(pipe: Any, model: str, latent: int) -> Callable[[], torch.Tensor]:
@@ -48,9 +49,9 @@ def denoiser_call(pipe: Any, model: str, latent: int) -> Callable[[], torch.Tens
     return lambda: pipe.transformer(sample, encoder_hidden_states=text, timestep=t, added_cond_kwargs=cond).sample
 
 
-def variants(pipe: Any, model: str, ratio: float) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+def variants(pipe: Any, model: str, ratio: float) -> Switch:
     """name -> (enter, leave); the baseline is the unpatched pipeline."""
-    out: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
+    out: Switch = {}
     for recipe in (f"tome:ratio={ratio}", f"atedm:ratio={ratio},early=0"):
         out[f"effdiff {recipe}"] = ((lambda r=recipe: effdiff.accelerate(pipe, r)), (lambda: pipe.effdiff.remove()))
     if model == "sd15-arch":
@@ -61,17 +62,17 @@ def variants(pipe: Any, model: str, ratio: float) -> dict[str, tuple[Callable[[]
     return out
 
 
-def measure(model: str, pipe: Any, px: int, ratio: float, reps: int) -> list[dict[str, Any]]:
-    latent = px // 8
-    run = denoiser_call(pipe, model, latent)
-    table = variants(pipe, model, ratio)
-    names = ["baseline", *table]
-    switch = {"baseline": (lambda: None, lambda: None), **table}
-    times: dict[str, list[float]] = {n: [] for n in names}
-    outputs: dict[str, torch.Tensor] = {}
+def round_robin(switch: Switch, run: Callable[[], Any], reps: int, label: str = "") -> tuple[
+        dict[str, list[float]], dict[str, Any], dict[str, int]]:
+    """Warm every variant once (keeping its output and peak memory), then ``reps`` rounds of all in turn.
+
+    ``switch`` maps a name to (enter, leave); the first entry should be the baseline. Returns the seconds
+    of every round, the outputs and the peak bytes (RSS high-water mark reset before the call) per name.
+    """
+    times: dict[str, list[float]] = {n: [] for n in switch}
+    outputs: dict[str, Any] = {}
     peaks: dict[str, int] = {}
-    for name in names:  # warm-up, outputs and peak memory
-        enter, leave = switch[name]
+    for name, (enter, leave) in switch.items():
         enter()
         try:
             with torch.no_grad():
@@ -82,16 +83,23 @@ def measure(model: str, pipe: Any, px: int, ratio: float, reps: int) -> list[dic
         finally:
             leave()
     for rep in range(reps):
-        for name in names:
-            enter, leave = switch[name]
+        for name, (enter, leave) in switch.items():
             enter()
             try:
                 with torch.no_grad():
                     times[name].append(_timed(run))
             finally:
                 leave()
-        print(f"  {model} {px}px round {rep + 1}/{reps}: "
-              + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+        print(f"  {label} round {rep + 1}/{reps}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()),
+              flush=True)
+    return times, outputs, peaks
+
+
+def measure(model: str, pipe: Any, px: int, ratio: float, reps: int) -> list[dict[str, Any]]:
+    latent = px // 8
+    switch: Switch = {"baseline": (lambda: None, lambda: None), **variants(pipe, model, ratio)}
+    names = list(switch)
+    times, outputs, peaks = round_robin(switch, denoiser_call(pipe, model, latent), reps, f"{model} {px}px")
     base = statistics.median(times["baseline"])
     tokens = (latent // PATCH[model]) ** 2
     rows = []

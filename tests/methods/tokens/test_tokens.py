@@ -190,3 +190,12 @@ def test_atedm_attention_matches_the_stock_processor():
         out, probs = attention_with_map(attn, x)
         assert torch.allclose(out, attn(x), atol=1e-5)
     assert probs.shape == (2, 16, 16) and torch.allclose(probs.sum(-1), torch.ones(2, 16))
+
+
+def test_tome_matches_tomesd_without_randomness(tiny_sd):
+    tomesd = pytest.importorskip("tomesd")
+    tomesd.apply_patch(tiny_sd, ratio=0.5, max_downsample=2, use_rand=False, merge_mlp=True)
+    theirs = sample(tiny_sd, steps=STEPS)
+    tomesd.remove_patch(tiny_sd)
+    effdiff.accelerate(tiny_sd, "tome:ratio=0.5,max_downsample=2,use_rand=false,merge_mlp=true")
+    assert torch.allclose(sample(tiny_sd, steps=STEPS), theirs, atol=1e-5)

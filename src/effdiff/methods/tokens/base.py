@@ -122,11 +122,12 @@ class TokenMethod(CacheMethod):
         return h, w
 
     def wrap_block(self, block: TokenBlock, state: dict[str, Any]) -> None:
-        """Clear ``state`` (this block's per-call map) whenever the block runs."""
+        """Reset ``state`` (this block's per-call map) whenever the block runs; keep its input as ``"input"``."""
 
         def make(inner: Any) -> Any:
             def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
                 state.clear()
+                state["input"] = hidden_of(args, kwargs)
                 try:
                     return inner(*args, **kwargs)
                 finally:

@@ -24,14 +24,14 @@ class ToMe(TokenMethod):
     sequence goes through the chosen sub-layers (self-attention by default), and every token reads its
     merged row back ("unmerge") before the block's residual add.
 
-    Where it departs from ``tomesd`` to be faster (same algorithm, same results up to the metric):
-    the similarity is computed once per block call on the *normed* input of the first merged sub-layer
-    (the tokens the layer actually sees; ``tomesd`` uses the block's raw input); merging is one
-    ``index_select`` + one ``index_add_`` and unmerging one ``index_select`` on flattened rows (``tomesd``
-    gathers with expanded indices, sorts all tokens to split them and unmerges with three scatters into a
-    zero buffer); the random partition is seeded by (step, block), so both CFG halves share it whether
-    they run batched or as separate calls, and every call is reproducible. ``ratio`` is never capped:
-    above ``1 - 1/(sx·sy)`` (each cell keeps its dst) it is refused, and a token grid smaller than the
+    Same algorithm and metric as ``tomesd`` (cosine similarity of the block's input tokens, once per
+    block call; with ``use_rand=false`` the merges are exactly ``tomesd``'s), implemented to be faster:
+    merging is one ``index_select`` + one ``index_add_`` and unmerging one ``index_select`` on flattened
+    rows (``tomesd`` gathers with expanded indices, sorts all tokens to split them and unmerges with
+    three scatters into a zero buffer), and the similarity is only computed when something is merged.
+    The random partition is seeded by (step, block), so both CFG halves share it whether they run
+    batched or as separate calls, and every call is reproducible. ``ratio`` is never capped: above
+    ``1 - 1/(sx·sy)`` (each cell keeps its dst) it is refused, and a token grid smaller than the
     stride is an error naming the block. ``ratio=0`` runs the blocks unchanged (bit-identical).
     """
 
@@ -71,13 +71,13 @@ class ToMe(TokenMethod):
             raise refuse(self.name, f"{block.name} runs its feed-forward in chunks; merge_mlp needs it whole")
 
         def build(hidden: torch.Tensor, kwargs: dict) -> TokenMap | bool:
-            return self.match(block, index, hidden, kwargs)
+            return self.match(block, index, state["input"], kwargs)
 
         for name in layers:
             self.patch(getattr(module, name), lambda inner: self.through_map(state, inner, build))
 
     def match(self, block: TokenBlock, index: int, hidden: torch.Tensor, kwargs: dict) -> TokenMap | bool:
-        """This block call's merge map, from the normed tokens; ``False`` when there is nothing to merge."""
+        """This block call's merge map from the block's input tokens; ``False`` when there is nothing to merge."""
         tokens = hidden.shape[1]
         r = int(tokens * self.values["ratio"])
         if r == 0 or kwargs.get("attention_mask") is not None:  # a token mask cannot follow merged keys
