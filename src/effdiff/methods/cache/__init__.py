@@ -5,7 +5,8 @@ from effdiff.methods.cache.deepcache import DeepCache
 from effdiff.methods.cache.dynamic import DeltaDiT, FirstBlockCache, TaylorSeer
 from effdiff.methods.cache.faster import FasterDiffusion
 from effdiff.methods.cache.fora import Fora
+from effdiff.methods.cache.l2c import LearningToCache
 from effdiff.methods.cache.teacache import TeaCache
 
 __all__ = ["CacheMethod", "CacheStats", "DeepCache", "DeltaDiT", "FasterDiffusion", "FirstBlockCache", "Fora",
-           "TaylorSeer", "TeaCache"]
+           "LearningToCache", "TaylorSeer", "TeaCache"]
