@@ -81,6 +81,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     pipe = load(args.model)
     pipe.set_progress_bar_config(disable=True)
     prompts = [eval_prompt((3 + 4 * i) % len(DIGIT_WORDS)) for i in range(args.prompts)]
+    if args.method == "l2c":
+        from effdiff.methods.cache.l2c import calibrate as calibrate_l2c
+
+        record = calibrate_l2c(pipe, prompts, steps=args.steps, guidance=args.guidance, target_psnr=target,
+                               seed=args.seed, path=Path(args.out) if args.out else None)
+        print(f"{args.model}: l2c router trained in {record['train_seconds']:.0f} s; caching {record['fraction']:.0%} "
+              f"of layer-steps (PSNR {record['psnr']:.2f} dB) at {args.steps} steps; wrote {record['path']}")
+        return 0
     record = calibrate(pipe, prompts, steps=args.steps, guidance=args.guidance, target_psnr=target, seed=args.seed)
     record["model"] = args.model
     path = Path(args.out) if args.out else calibration_file(getattr(pipe, "effdiff_model_name", None) or args.model)
@@ -198,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="fit a caching method's change model and threshold for a quality target")
     cal.add_argument("--model", required=True, help="model name or path")
-    cal.add_argument("--method", required=True, choices=("teacache",))
+    cal.add_argument("--method", required=True, choices=("teacache", "l2c"))
     cal.add_argument("--target", default="psnr>=30", help="quality target vs the baseline images (psnr>=X dB)")
     cal.add_argument("--steps", type=int, default=50)
     cal.add_argument("--prompts", type=int, default=2, help="calibration prompts (one image each)")
