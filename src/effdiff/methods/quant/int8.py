@@ -1,0 +1,188 @@
+"""Integer kernels on the denoiser: ``int8`` (W8A8, dynamic activations), ``int8wo`` / ``int4wo`` (weight-only).
+
+The layers chosen by ``select.plan`` are swapped for the integer layers of ``kernels``; the original float
+modules are kept and put back by ``remove``, so removal is bit-exact. ``save`` writes the quantized denoiser
+(int8 / packed int4 codes, scales and the float layers left alone) to one safetensors file, and the same
+method with ``load=<file>`` rebuilds it from that file instead of quantizing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from effdiff.adapters import adapter_for
+from effdiff.context import StepContext
+from effdiff.methods.quant import io, select
+from effdiff.methods.quant.kernels import (
+    Int8DynamicConv2d,
+    Int8DynamicLinear,
+    WeightOnlyConv2d,
+    WeightOnlyLinear,
+    require_int8_engine,
+)
+from effdiff.methods.quant.select import Decision, summarize
+from effdiff.methods.quant.swap import Swaps
+from effdiff.registry import Method, Paper, Param, RecipeError
+
+INTEGER_ARITHMETIC = Paper("Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only "
+                           "Inference", "1712.05877", "CVPR 2018")
+KBIT = Paper("The case for 4-bit precision: k-bit Inference Scaling Laws", "2212.09720", "ICML 2023")
+LOAD = Param(str, "", help="rebuild from a file written by save() instead of quantizing the weights")
+
+
+class KernelQuant(Method):
+    """Base of the integer-kernel methods: plan, swap, save, load, remove."""
+
+    family = "quant"
+    after = ("solver",)
+    before = ("cache", "tokens")
+    exclusive = ("weights",)
+    convs: ClassVar[bool] = True
+
+    def apply(self, pipe: Any, ctx: StepContext) -> None:
+        self.adapter = adapter_for(pipe)
+        self.model: nn.Module = self.adapter.model
+        self.decisions: list[Decision] = []
+        self._swaps = Swaps()
+        self.check_device(self.adapter.device)
+        try:
+            if self.values["load"]:
+                self._load(Path(self.values["load"]).expanduser())
+            else:
+                self._quantize()
+        except BaseException:
+            self.remove()
+            raise
+
+    def check_device(self, device: torch.device) -> None:
+        """Refuse a device the kernels do not run on (before any weight is touched)."""
+
+    def convert(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def plan(self) -> list[Decision]:
+        return select.plan(self.model, self.values["min_features"], self.convs)
+
+    def _quantize(self) -> None:
+        self.decisions = self.plan()
+        for d in self.decisions:
+            if d.quantize:
+                self._swaps.module(self.model, d.name, self.convert(self.model.get_submodule(d.name)))
+
+    def _load(self, path: Path) -> None:
+        tensors, layers = io.read(path, self.name)
+        for name, (cls, init) in layers.items():
+            try:
+                old = self.model.get_submodule(name)
+            except AttributeError:
+                raise RecipeError(f"{self.name}: {path} quantizes layer {name!r}, which this denoiser does not "
+                                  "have (saved from another architecture?)") from None
+            layer = cls(tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors.get(f"{name}.bias"), **init)
+            self._swaps.module(self.model, name, layer)
+            self.decisions.append(Decision(name, type(old).__name__, True, "quantized"))
+        io.load_float_tensors(self.model, tensors, set(layers), self._swaps, path)
+
+    def save(self, path: str | Path) -> int:
+        """Write the quantized denoiser to ``path`` (safetensors); returns the file size in bytes."""
+        if not getattr(self, "applied", False):
+            raise RecipeError(f"{self.name}: save() needs the method applied to a pipeline first")
+        return io.write(Path(path), self.model, self.spec(), self.quantized_layers())
+
+    def quantized_layers(self) -> dict[str, nn.Module]:
+        return {d.name: self.model.get_submodule(d.name) for d in self.decisions if d.quantize}
+
+    def remove(self) -> None:
+        swaps = getattr(self, "_swaps", None)
+        if swaps is not None:
+            swaps.restore()
+
+    def describe(self) -> str:
+        decisions = getattr(self, "decisions", None)
+        return super().describe() + (f": {summarize(decisions)}" if decisions else "")
+
+
+class Int8(KernelQuant):
+    """W8A8: int8 weights (per output channel) x int8 activations quantized per call (per tensor).
+
+    Paper: Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+    Inference" (arXiv 1712.05877, CVPR 2018): affine uint8 activations, symmetric int8 weights, int32
+    accumulation, float rescale. Here the activation range is taken per call (dynamic, no calibration) and
+    the kernels are fbgemm's AVX2/AVX512 ones. Linears and kxk convs chosen by ``select.plan``.
+    """
+
+    name = "int8"
+    devices = frozenset({"cpu"})
+    paper = INTEGER_ARITHMETIC
+    summary = "int8 weights x dynamic int8 activations (fbgemm) on the wide linears and convs"
+    params = {
+        "min_features": Param(int, 64, 1, 65536, help="layers narrower than this (in or out) stay fp32"),
+        "convs": Param(bool, True, help="quantize kxk convs too (the U-Net's resnets); false = linears only"),
+        "load": LOAD,
+    }
+
+    def check_device(self, device: torch.device) -> None:
+        require_int8_engine(self.name, device)
+
+    def plan(self) -> list[Decision]:
+        return select.plan(self.model, self.values["min_features"], self.values["convs"])
+
+    def convert(self, layer: nn.Module) -> nn.Module:
+        if isinstance(layer, nn.Linear):
+            return Int8DynamicLinear.from_float(layer)
+        return Int8DynamicConv2d.from_float(layer)
+
+
+class Int8WeightOnly(KernelQuant):
+    """int8 weights (per output channel, round to nearest), dequantized per call: 4x smaller weights.
+
+    Paper: Dettmers & Zettlemoyer, "The case for 4-bit precision: k-bit Inference Scaling Laws" (arXiv
+    2212.09720, ICML 2023), whose baseline is exactly this round-to-nearest weight-only quantization.
+    Compute stays fp32, so it saves memory and disk, not time (the dequantization costs a little).
+    """
+
+    name = "int8wo"
+    devices = frozenset({"cpu", "cuda"})
+    paper = KBIT
+    summary = "int8 weight-only (memory and size; compute stays float)"
+    params = {
+        "min_features": Param(int, 64, 1, 65536, help="layers narrower than this (in or out) stay float"),
+        "load": LOAD,
+    }
+
+    def convert(self, layer: nn.Module) -> nn.Module:
+        if isinstance(layer, nn.Linear):
+            return WeightOnlyLinear.from_float(layer, 8)
+        return WeightOnlyConv2d.from_float(layer)
+
+
+class Int4WeightOnly(KernelQuant):
+    """int4 weights in groups of ``group`` inputs with one scale each, two codes per byte: 8x smaller linears.
+
+    Paper: Dettmers & Zettlemoyer (arXiv 2212.09720): at 4 bits, small blocks (64-128) with their own scale
+    are what keeps round-to-nearest usable. Linears only (convs stay float): grouped int4 convs would need
+    a kernel; storing them dequantized gains nothing.
+    """
+
+    name = "int4wo"
+    devices = frozenset({"cpu", "cuda"})
+    paper = KBIT
+    convs = False
+    summary = "int4 weight-only in groups (linears; memory and size)"
+    params = {
+        "group": Param(int, 64, choices=(32, 64, 128, 256), help="inputs sharing one scale"),
+        "min_features": Param(int, 64, 1, 65536, help="layers narrower than this (in or out) stay float"),
+        "load": LOAD,
+    }
+
+    def plan(self) -> list[Decision]:
+        group = self.values["group"]
+        return [Decision(d.name, d.layer, False, f"input width not a multiple of group {group}")
+                if d.quantize and self.model.get_submodule(d.name).in_features % group else d
+                for d in super().plan()]
+
+    def convert(self, layer: nn.Module) -> nn.Module:
+        return WeightOnlyLinear.from_float(layer, 4, self.values["group"])

@@ -1,0 +1,292 @@
+"""Real low-precision kernels: what the device runs natively, the weight quantizer, and int8 layers.
+
+Why fbgemm: on an x86 CPU without AVX512-VNNI (this machine: AVX2 only) ``torch._int_mm`` and
+``torch._weight_int8pack_mm`` fall back to reference loops (about 1 GFLOP/s, 50x slower than fp32), and
+that is what torchao's int8 tensors call in eager mode. fbgemm's dynamic-quantized linear and conv
+(``quantized::linear_dynamic`` / ``conv2d_dynamic``) use AVX2 ``vpmaddubsw`` and run about twice the fp32
+rate on wide layers. They quantize activations per tensor, asymmetric, with one bit less (``reduce_range``:
+u8 x s8 pairs summed in 16 bits must not saturate), so weights are int8 per output channel, symmetric.
+
+Weight-only layers keep int8 / packed int4 codes and dequantize per call into a float matmul: the point is
+memory and size on disk, not speed (the dequantization costs time; the compute stays float).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effdiff.registry import RecipeError
+
+ENGINE = "fbgemm"
+
+
+# ---------------------------------------------------------------- what the device runs natively
+
+
+def native_float(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where ``dtype`` matmuls/convs run on hardware support rather than an emulation slower than fp32."""
+    if device.type == "cuda":
+        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    if device.type == "mps":
+        return True
+    if dtype == torch.bfloat16:  # AVX512-BF16 / AMX; AVX2-only CPUs convert element by element (~50x slower)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:  # AVX512-FP16 / AMX-FP16
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return dtype == torch.float32
+
+
+def int8_engine_available() -> bool:
+    return ENGINE in torch.backends.quantized.supported_engines
+
+
+def require_int8_engine(method: str, device: torch.device) -> None:
+    """Refuse int8 dynamic kernels where fbgemm cannot run them (not x86, or not on the CPU)."""
+    if device.type != "cpu":
+        raise RecipeError(f"{method}: the int8 dynamic kernels are fbgemm CPU kernels; the denoiser is on "
+                          f"{device.type} (use bf16 or fp16 there)")
+    if not int8_engine_available():
+        engines = ", ".join(torch.backends.quantized.supported_engines)
+        raise RecipeError(f"{method}: this torch build has no fbgemm int8 engine (x86 only); available: {engines}")
+
+
+@contextmanager
+def _engine(name: str):
+    """Prepacking follows the global engine; set it only while packing (the packed object keeps its kernel)."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        with warnings.catch_warnings():  # quantized tensor creation is deprecated, and the only way to prepack
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+            warnings.filterwarnings("ignore", message=".*torch.quantize_per_tensor.*")
+            yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+# ---------------------------------------------------------------- the weight quantizer
+
+
+@dataclass
+class QuantizedWeight:
+    """Symmetric integer codes and one scale per output channel (or per group of ``group`` inputs)."""
+
+    codes: torch.Tensor  # int8, the weight's shape
+    scale: torch.Tensor  # float32, (out, 1, ...) or (out, in // group) for groups
+    bits: int
+    group: int | None = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.group).to(dtype)
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_weight(weight: torch.Tensor, bits: int = 8, group: int | None = None) -> QuantizedWeight:
+    """Round-to-nearest symmetric quantization, scale = absmax / qmax per output channel (or group).
+
+    Error bound: each element's |w - dequantize(codes)| <= scale / 2 of its channel/group.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    w = weight.detach().float()
+    if group is None:
+        absmax = w.abs().amax(dim=tuple(range(1, w.ndim)), keepdim=True)
+    else:
+        if w.ndim != 2 or w.shape[1] % group:
+            raise ValueError(f"group {group} needs a 2-D weight whose input width divides by it, got {tuple(w.shape)}")
+        absmax = w.reshape(w.shape[0], -1, group).abs().amax(dim=2)
+    scale = (absmax / qmax(bits)).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = (w / _expand(scale, w, group)).round().clamp(-qmax(bits), qmax(bits)).to(torch.int8)
+    return QuantizedWeight(codes, scale, bits, group)
+
+
+def _expand(scale: torch.Tensor, like: torch.Tensor, group: int | None) -> torch.Tensor:
+    return scale if group is None else scale.repeat_interleave(group, dim=1).reshape(like.shape)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    return codes.float() * _expand(scale, codes, group)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit codes per byte (low nibble first) along the last dim, which must be even."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dimension, got {tuple(codes.shape)}")
+    u = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    low = (packed & 0xF).to(torch.int8)
+    high = (packed >> 4).to(torch.int8)
+    both = torch.stack([low, high], dim=-1).flatten(-2)
+    return torch.where(both > 7, both - 16, both)
+
+
+# ---------------------------------------------------------------- int8 dynamic-activation layers (W8A8)
+
+
+def _qint8(q: QuantizedWeight) -> torch.Tensor:
+    scales = q.scale.flatten().double()
+    zeros = torch.zeros_like(scales, dtype=torch.long)
+    return torch._make_per_channel_quantized_tensor(q.codes, scales, zeros, 0)
+
+
+class Int8DynamicLinear(nn.Module):
+    """``nn.Linear`` as int8 weights x per-call int8 activations (fbgemm). State: codes, scale, bias."""
+
+    kind = "w8a8"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.reshape(-1, 1))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        with _engine(ENGINE):
+            self._packed = torch.ops.quantized.linear_prepack(_qint8(QuantizedWeight(codes, self.scale, 8)), self.bias)
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear) -> Int8DynamicLinear:
+        q = quantize_weight(layer.weight, 8)
+        return cls(q.codes, q.scale, layer.bias)
+
+    def init_args(self) -> dict[str, Any]:
+        return {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        out = torch.ops.quantized.linear_dynamic(flat, self._packed, True)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 x int8 (fbgemm dynamic)"
+
+
+class Int8DynamicConv2d(nn.Module):
+    """``nn.Conv2d`` (groups 1, zero padding) as int8 weights x per-call int8 activations (fbgemm)."""
+
+    kind = "w8a8"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]) -> None:
+        super().__init__()
+        self.out_channels, self.in_channels = codes.shape[:2]
+        self.kernel_size = tuple(codes.shape[2:])
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.reshape(-1, 1, 1, 1))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        with _engine(ENGINE):
+            self._packed = torch.ops.quantized.conv2d_prepack(
+                _qint8(QuantizedWeight(codes, self.scale, 8)), self.bias, list(self.stride), list(self.padding),
+                list(self.dilation), 1)
+
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d) -> Int8DynamicConv2d:
+        q = quantize_weight(layer.weight, 8)
+        return cls(q.codes, q.scale, layer.bias, layer.stride, layer.padding, layer.dilation)
+
+    def init_args(self) -> dict[str, Any]:
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.conv2d_dynamic(x.float().contiguous(), self._packed, True).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, int8 x int8 (fbgemm dynamic)")
+
+
+# ---------------------------------------------------------------- weight-only layers (memory, not speed)
+
+
+class WeightOnlyLinear(nn.Module):
+    """``nn.Linear`` holding int8 codes (``bits=8``, per channel) or packed int4 (``bits=4``, per group)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int,
+                 group: int | None, in_features: int) -> None:
+        super().__init__()
+        self.bits, self.group, self.in_features = bits, group, in_features
+        self.out_features = codes.shape[0]
+        self.kind = f"w{bits}a32"
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, bits: int, group: int | None = None) -> WeightOnlyLinear:
+        q = quantize_weight(layer.weight, bits, group)
+        codes = pack_int4(q.codes) if bits == 4 else q.codes
+        return cls(codes, q.scale, layer.bias, bits, group, layer.in_features)
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        codes = unpack_int4(self.codes) if self.bits == 4 else self.codes
+        return dequantize(codes, self.scale, self.group).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight(x.dtype), bias)
+
+    def init_args(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group": self.group, "in_features": self.in_features}
+
+    def extra_repr(self) -> str:
+        grouping = f", group={self.group}" if self.group else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} weights{grouping}"
+
+
+class WeightOnlyConv2d(nn.Module):
+    """``nn.Conv2d`` holding int8 codes per output channel, dequantized per call."""
+
+    kind = "w8a32"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]) -> None:
+        super().__init__()
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.reshape(-1, 1, 1, 1))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d) -> WeightOnlyConv2d:
+        q = quantize_weight(layer.weight, 8)
+        return cls(q.codes, q.scale, layer.bias, layer.stride, layer.padding, layer.dilation)
+
+    def init_args(self) -> dict[str, Any]:
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        weight = dequantize(self.codes, self.scale).to(x.dtype)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+
+LAYER_CLASSES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (Int8DynamicLinear, Int8DynamicConv2d, WeightOnlyLinear, WeightOnlyConv2d)
+}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux), for the report: which SIMD int8/bf16 instructions exist."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()

@@ -1,0 +1,96 @@
+"""Which layers get a low-precision kernel, and why the others do not — one explicit, tested rule.
+
+A layer is quantized only if all of these hold, checked in this order (the first that fails is the reason):
+
+1. it is an ``nn.Linear``, or an ``nn.Conv2d`` with groups 1 and zero padding (what the kernels implement);
+2. it is not inside a timestep / conditioning embedding (``embedding_modules``): those run on a handful of
+   rows per call, so quantizing them saves nothing, and the whole network is conditioned on their output;
+3. it is not the first or last layer (``conv_in``, ``conv_out``, the patch embedding, the final ``proj_out``):
+   few channels, so little time, and the layers where quantization error is least averaged out;
+4. a conv has a kernel larger than 1x1 (fbgemm's dynamic conv quantizes, re-lays-out and dequantizes the
+   whole activation; on a 1x1 conv that costs as much as the matmul it speeds up);
+5. both widths (in and out features / channels) are at least ``min_features``: narrow layers are bound by
+   the per-call activation quantization, not by the matmul, and run slower in int8 than in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+FIRST_LAST = ("conv_in", "conv_out", "pos_embed.proj", "proj_out", "proj_out_2")
+EMBEDDING_CLASSES = ("AdaLayerNormSingle",)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One layer's fate: quantize or keep, and the rule that decided."""
+
+    name: str
+    layer: str
+    quantize: bool
+    reason: str
+
+
+def embedding_modules(model: nn.Module) -> list[str]:
+    """Outermost timestep / conditioning embeddings (``TimestepEmbedding``, ``AdaLayerNormSingle``, ...)."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if not name or any(name.startswith(f + ".") for f in found):
+            continue
+        if "Timestep" in cls or cls in EMBEDDING_CLASSES:
+            found.append(name)
+    return found
+
+
+def _inside(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def decide(name: str, module: nn.Module, embeddings: list[str], min_features: int) -> Decision | None:
+    """The rule for one module; ``None`` for modules that are not linear/conv layers at all."""
+    if isinstance(module, nn.Linear):
+        layer, widths = "linear", (module.in_features, module.out_features)
+    elif isinstance(module, nn.Conv2d):
+        layer, widths = f"conv{module.kernel_size[0]}x{module.kernel_size[1]}", (module.in_channels,
+                                                                                 module.out_channels)
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return Decision(name, layer, False, "grouped / non-zero-padded conv: no int8 kernel")
+    else:
+        return None
+    if _inside(name, embeddings):
+        return Decision(name, layer, False, "timestep/condition embedding: a few rows per call")
+    if name in FIRST_LAST:
+        return Decision(name, layer, False, "first/last layer: quality-sensitive, little time")
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+        return Decision(name, layer, False, "1x1 conv: activation quantization costs as much as it saves")
+    if min(widths) < min_features:
+        return Decision(name, layer, False, f"narrower than {min_features}: int8 slower than fp32")
+    return Decision(name, layer, True, "quantized")
+
+
+def plan(model: nn.Module, min_features: int, convs: bool = True) -> list[Decision]:
+    """Decisions for every linear and conv layer of ``model``, in module order."""
+    embeddings = embedding_modules(model)
+    out = []
+    for name, module in model.named_modules():
+        decision = decide(name, module, embeddings, min_features)
+        if decision is None:
+            continue
+        if decision.quantize and not convs and decision.layer.startswith("conv"):
+            decision = Decision(name, decision.layer, False, "convs=false")
+        out.append(decision)
+    return out
+
+
+def summarize(decisions: list[Decision]) -> str:
+    """'12 of 30 layers quantized; kept: 10 narrower than 64, ...' for describe()."""
+    done = sum(d.quantize for d in decisions)
+    kept: dict[str, int] = {}
+    for d in decisions:
+        if not d.quantize:
+            kept[d.reason] = kept.get(d.reason, 0) + 1
+    reasons = "; ".join(f"{n} {r}" for r, n in kept.items())
+    return f"{done} of {len(decisions)} layers quantized" + (f" (kept: {reasons})" if reasons else "")
