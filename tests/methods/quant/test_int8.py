@@ -1,0 +1,224 @@
+import pytest
+import torch
+from conftest import make_tiny_sd, sample
+from torch import nn
+
+import effdiff
+from effdiff import RecipeError
+from effdiff.methods.quant import kernels, select
+from effdiff.methods.quant.kernels import (
+    Int8DynamicConv2d,
+    Int8DynamicLinear,
+    WeightOnlyLinear,
+    pack_int4,
+    quantize_weight,
+    unpack_int4,
+)
+
+STEPS = 3
+needs_fbgemm = pytest.mark.skipif(not kernels.int8_engine_available(), reason="no fbgemm engine in this torch")
+
+
+def _denoiser(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+# ---------------------------------------------------------------- the weight quantizer
+
+
+@pytest.mark.parametrize(("bits", "group"), [(8, None), (4, None), (4, 16), (8, 32)])
+def test_round_trip_error_is_at_most_half_a_step(bits, group):
+    torch.manual_seed(0)
+    w = torch.randn(24, 64) * torch.logspace(-3, 1, 24)[:, None]  # channels of very different ranges
+    w[3] = 0.0
+    q = quantize_weight(w, bits, group)
+    assert q.codes.dtype == torch.int8 and q.codes.abs().max() <= kernels.qmax(bits)
+    step = q.scale if group is None else q.scale.repeat_interleave(group, dim=1)
+    error = (q.dequantize() - w).abs()
+    assert (error <= step / 2 + 1e-7 * w.abs()).all()
+    assert torch.equal(q.dequantize()[3], torch.zeros(64))
+    assert (error.amax(1) > 0).sum() > 12  # it really rounds
+
+
+def test_conv_weights_scale_per_output_channel():
+    w = torch.randn(8, 4, 3, 3)
+    q = quantize_weight(w, 8)
+    assert q.scale.shape == (8, 1, 1, 1)
+    assert torch.allclose(q.scale.flatten(), w.abs().amax((1, 2, 3)) / 127)
+
+
+def test_int4_packing_round_trips_every_code():
+    codes = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 16)
+    assert torch.equal(unpack_int4(packed), codes)
+    with pytest.raises(ValueError, match="even"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.int8))
+
+
+def test_bad_quantizer_arguments_refused():
+    with pytest.raises(ValueError, match="bits"):
+        quantize_weight(torch.randn(4, 4), 3)
+    with pytest.raises(ValueError, match="group"):
+        quantize_weight(torch.randn(4, 10), 4, 4)
+
+
+# ---------------------------------------------------------------- the int8 layers
+
+
+@needs_fbgemm
+def test_dynamic_int8_layers_match_float_within_quantization_error():
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(64, 48), nn.Conv2d(16, 24, 3, padding=1, stride=2)
+    x, image = torch.randn(2, 7, 64), torch.randn(2, 16, 9, 9)
+    q_linear, q_conv = Int8DynamicLinear.from_float(linear), Int8DynamicConv2d.from_float(conv)
+    with torch.no_grad():
+        for q, f, inp in ((q_linear, linear, x), (q_conv, conv, image)):
+            out, ref = q(inp), f(inp)
+            assert out.shape == ref.shape and out.dtype == torch.float32
+            assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    weight_only = WeightOnlyLinear.from_float(linear, 4, 16)
+    assert weight_only.codes.dtype == torch.uint8 and weight_only.codes.numel() == linear.weight.numel() // 2
+
+
+def test_engine_refused_off_the_cpu():
+    with pytest.raises(RecipeError, match="fbgemm CPU kernels"):
+        kernels.require_int8_engine("int8", torch.device("cuda"))
+
+
+# ---------------------------------------------------------------- the per-layer rule
+
+
+def test_rule_names_a_reason_for_every_kept_layer(tiny_sd):
+    decisions = {d.name: d for d in select.plan(tiny_sd.unet, min_features=16)}
+    assert not decisions["conv_in"].quantize and "first/last" in decisions["conv_in"].reason
+    assert not decisions["conv_out"].quantize
+    embedding = decisions["time_embedding.linear_1"]
+    assert not embedding.quantize and "embedding" in embedding.reason
+    one_by_one = [d for d in decisions.values() if d.layer == "conv1x1"]
+    assert one_by_one and not any(d.quantize for d in one_by_one)
+    narrow = decisions["down_blocks.0.resnets.0.conv1"]  # 8 channels
+    assert not narrow.quantize and "narrower than 16" in narrow.reason
+    wide = decisions["down_blocks.1.resnets.0.conv2"]  # 16 channels
+    assert wide.quantize
+    assert all(d.quantize for d in select.plan(tiny_sd.unet, min_features=1) if d.reason == "quantized")
+    assert not any(d.layer.startswith("conv") and d.quantize for d in select.plan(tiny_sd.unet, 1, convs=False))
+    assert "layers quantized" in select.summarize(list(decisions.values()))
+
+
+def test_rule_on_a_dit_keeps_embeddings_and_the_ends(tiny_dit):
+    decisions = select.plan(tiny_dit.transformer, min_features=1)
+    kept = {d.name for d in decisions if not d.quantize}
+    assert "pos_embed.proj" in kept and "proj_out" in kept
+    assert any(name.startswith("adaln_single.") for name in kept)
+    assert any(d.quantize and ".attn1.to_q" in d.name for d in decisions)
+
+
+# ---------------------------------------------------------------- the methods
+
+
+@needs_fbgemm
+def test_nothing_selected_is_bit_identical(tiny_pipe):
+    baseline = sample(tiny_pipe, steps=STEPS)
+    effdiff.accelerate(tiny_pipe, "int8:min_features=65536")
+    assert not any(d.quantize for d in tiny_pipe.effdiff.methods[0].decisions)
+    assert torch.equal(sample(tiny_pipe, steps=STEPS), baseline)
+
+
+@pytest.mark.parametrize("recipe", ["int8:min_features=1", "int8:min_features=1,convs=false",
+                                    "int8wo:min_features=1", "int4wo:min_features=1,group=32"])
+def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
+    if recipe.startswith("int8:") and not kernels.int8_engine_available():
+        pytest.skip("no fbgemm engine")
+    denoiser = _denoiser(tiny_pipe)
+    modules = dict(denoiser.named_modules())
+    baseline = sample(tiny_pipe, steps=STEPS)
+    effdiff.accelerate(tiny_pipe, recipe)
+    method = tiny_pipe.effdiff.methods[0]
+    swapped = method.quantized_layers()
+    assert swapped and all(not isinstance(m, (nn.Linear, nn.Conv2d)) for m in swapped.values())
+    images = sample(tiny_pipe, steps=STEPS)
+    assert torch.isfinite(images).all() and not torch.equal(images, baseline)
+    tiny_pipe.effdiff.remove()
+    assert all(m is modules[n] for n, m in denoiser.named_modules())
+    assert torch.equal(sample(tiny_pipe, steps=STEPS), baseline)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("recipe", ["int8:min_features=1", "int4wo:min_features=1,group=32"])
+def test_save_and_reload_gives_identical_outputs(tiny_pipe, tmp_path, recipe):
+    name = recipe.partition(":")[0]
+    path = tmp_path / "quantized.safetensors"
+    effdiff.accelerate(tiny_pipe, recipe)
+    quantized = sample(tiny_pipe, steps=STEPS)
+    size = tiny_pipe.effdiff.methods[0].save(path)
+    assert size == path.stat().st_size
+    tiny_pipe.effdiff.remove()
+    baseline = sample(tiny_pipe, steps=STEPS)
+    denoiser = _denoiser(tiny_pipe)
+    with torch.no_grad():  # another model of the same architecture: every tensor must come from the file
+        for p in denoiser.parameters():
+            p.add_(0.5)
+    effdiff.accelerate(tiny_pipe, f"{name}:load={path}")
+    assert torch.equal(sample(tiny_pipe, steps=STEPS), quantized)
+    tiny_pipe.effdiff.remove()
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            p.sub_(0.5)
+    assert (sample(tiny_pipe, steps=STEPS) - baseline).abs().max() < 1e-4
+
+
+@needs_fbgemm
+def test_saved_file_is_smaller_with_integer_codes(tmp_path):
+    pipe = make_tiny_sd()
+    fp32 = sum(t.numel() * t.element_size() for t in pipe.unet.state_dict().values())
+    effdiff.accelerate(pipe, "int8:min_features=1")
+    size = pipe.effdiff.methods[0].save(tmp_path / "q.safetensors")
+    assert size < 0.6 * fp32
+
+
+@needs_fbgemm
+def test_load_refuses_foreign_files(tiny_sd, tiny_dit, tmp_path):
+    path = tmp_path / "q.safetensors"
+    effdiff.accelerate(tiny_sd, "int8:min_features=1")
+    tiny_sd.effdiff.methods[0].save(path)
+    tiny_sd.effdiff.remove()
+    with pytest.raises(RecipeError, match="holds a int8 model"):
+        effdiff.accelerate(tiny_sd, f"int8wo:load={path}")
+    with pytest.raises(RecipeError, match="does not have|does not match"):
+        effdiff.accelerate(tiny_dit, f"int8:load={path}")
+    assert all(not isinstance(m, Int8DynamicConv2d) for m in tiny_dit.transformer.modules())
+    with pytest.raises(RecipeError, match="no quantized model"):
+        effdiff.accelerate(tiny_sd, f"int8:load={tmp_path / 'missing.safetensors'}")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(RecipeError, match="not a readable"):
+        effdiff.accelerate(tiny_sd, f"int8:load={tmp_path / 'junk.safetensors'}")
+
+
+@needs_fbgemm
+def test_composes_with_deepcache_and_a_solver(tiny_sd):
+    baseline = sample(tiny_sd, steps=6)
+    effdiff.accelerate(tiny_sd, "deepcache:interval=2+int8:min_features=1+dpmpp2m:steps=6")
+    assert [m.name for m in tiny_sd.effdiff.methods] == ["dpmpp2m", "int8", "deepcache"]
+    images = sample(tiny_sd, steps=6)
+    assert torch.isfinite(images).all() and tiny_sd.effdiff.methods[-1].stats.cached > 0
+    tiny_sd.effdiff.remove()
+    assert torch.equal(sample(tiny_sd, steps=6), baseline)
+
+
+@pytest.mark.parametrize(("recipe", "match"), [
+    ("int8:min_features=0", "min_features"),
+    ("int4wo:group=48", "group"),
+    ("int8:convs=sometimes", "convs"),
+    ("int8+int8wo", "weights"),
+])
+def test_bad_recipes_refused(tiny_sd, recipe, match):
+    with pytest.raises(RecipeError, match=match):
+        effdiff.accelerate(tiny_sd, recipe)
+
+
+def test_int8_refused_on_a_device_it_does_not_run_on(tiny_sd):
+    from effdiff.recipe import build
+
+    with pytest.raises(RecipeError, match="runs on cpu, not on cuda"):
+        build("int8", "unet", "cuda")
