@@ -73,8 +73,9 @@ def block_seed(step: int, index: int) -> int:
 class TokenMethod(CacheMethod):
     """Base of the token methods: block selection by level, grids, per-block-call state.
 
-    Subclasses set ``self.blocks`` in ``select`` (via ``token_blocks``) and install their patches in
-    ``install``. ``ratio`` validation that depends on other parameters happens in ``__init__``.
+    ``setup`` picks the blocks at level <= ``max_downsample`` (refusing when there are none) into
+    ``self.blocks`` and calls ``install`` for each; subclasses patch there with ``wrap_block`` and
+    ``through_map``. ``reduced_calls`` counts block calls that really reduced tokens in the last call.
     """
 
     family = "tokens"
