@@ -27,7 +27,7 @@ FLOAT_BITS = (16, 32)  # "not quantized": the layer keeps its floating-point wei
 BITS = (2, 3, 4, 5, 6, 7, 8, *FLOAT_BITS)
 RANGES = ("minmax", "percentile", "mse")
 VALUES_PER_CALL = 4096  # activation values an observer keeps per call for percentile / MSE ranges
-MSE_GRID = 64  # shrink factors tried by the MSE range search
+MSE_GRID = 40  # shrink factors tried by the MSE range search
 
 
 def check_bits(method: str, wbits: int, abits: int) -> None:

@@ -37,15 +37,18 @@ def calibration_prompts(pipe: Any, n: int) -> list[Any]:
     return [GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)] for i in range(n)]
 
 
-def run_pipeline(pipe: Any, conditions: list[Any], seed: int) -> None:
-    """One pipeline call over the calibration conditions; steps and guidance are the pipeline's (or solver's)."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    output_type = "latent" if getattr(pipe, "vae", None) is not None else "pt"
+def run_pipeline(pipe: Any, conditions: list[Any], seed: int, steps: int = 0) -> None:
+    """One pipeline call over the calibration conditions at the pipeline's guidance; ``steps`` 0 leaves the
+    step count to the pipeline (or to the recipe's solver)."""
+    kwargs: dict[str, Any] = {"generator": torch.Generator("cpu").manual_seed(seed),
+                              "output_type": "latent" if getattr(pipe, "vae", None) is not None else "pt"}
+    if steps:
+        kwargs["num_inference_steps"] = steps
     with torch.no_grad():
         if conditions and isinstance(conditions[0], int):
-            pipe(class_labels=conditions, generator=generator, output_type=output_type)
+            pipe(class_labels=conditions, **kwargs)
         else:
-            pipe(conditions, generator=generator, output_type=output_type)
+            pipe(conditions, **kwargs)
 
 
 def target_layers(adapter: Adapter) -> dict[str, nn.Module]:
@@ -107,8 +110,8 @@ class LayerInputs:
 
 
 def io_layers(adapter: Adapter, order: list[str], layers: dict[str, nn.Module]) -> set[str]:
-    """The input and output layers (kept in float, as PTQ4DM and Q-Diffusion keep them): the layer fed the
-    raw sample (``conv_in`` / the patch embedding) and the last layer run (``conv_out`` / ``proj_out``)."""
+    """The input and output layers (kept in float, as PTQ4DM and Q-Diffusion keep them): ``conv_in`` / the
+    patch embedding (else the first layer run) and the last layer run (``conv_out`` / ``proj_out``)."""
     keep = {order[-1]} if order else set()
     for name in ("conv_in", "pos_embed.proj", "x_embedder.proj"):
         if name in layers:

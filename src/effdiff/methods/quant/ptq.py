@@ -64,6 +64,7 @@ class QuantMethod(Method):
         "abits": Param(int, 8, choices=BITS, help="activation bits; 16 or 32 keep activations in float"),
         "prompts": Param(int, 4, 1, 256, help="calibration prompts (sampled in one pipeline call)"),
         "seed": Param(int, 0, 0, 2**31 - 1, help="seed of the calibration samples"),
+        "steps": Param(int, 0, 0, 1000, help="calibration sampling steps (0: the pipeline's or the solver's)"),
         "calibration": Param(str, "", help="load this saved calibration (.safetensors) instead of calibrating"),
     }
 
@@ -170,7 +171,8 @@ class QuantMethod(Method):
 
         try:
             with LayerInputs(layers, visit) as seen:
-                run_pipeline(pipe, calibration_prompts(pipe, self.values["prompts"]), self.values["seed"])
+                conditions = calibration_prompts(pipe, self.values["prompts"])
+                run_pipeline(pipe, conditions, self.values["seed"], self.values["steps"])
         finally:
             unhook()
         keep = io_layers(self.adapter, seen.order, layers)
@@ -201,6 +203,17 @@ def static_activation(observer: Observer, abits: int, method: str, percentile: f
     return {"abits": abits, "act_scale": grid.scale, "act_zero": grid.zero, "act_segments": segments}
 
 
+def naive_layer(module: nn.Module, observer: Observer, wbits: int, abits: int, method: str,
+                percentile: float) -> LayerQuant:
+    """Per-output-channel weight grid and per-tensor activation grid, both from ranges (min-max or percentile)."""
+    act = static_activation(observer, abits, method, percentile)
+    if not is_quantized(wbits):
+        return LayerQuant(list(module.weight.shape), wbits, **act)
+    grid, scale, zero = weight_grid(module.weight, wbits, method, percentile=percentile)
+    return LayerQuant.from_codes(grid.codes(module.weight.float()), scale, zero, [0, module.weight.shape[1]], wbits,
+                                 False, **act)
+
+
 class PTQ(QuantMethod):
     """Naive post-training quantization: min-max (or percentile) grids, nothing diffusion-specific.
 
@@ -225,17 +238,7 @@ class PTQ(QuantMethod):
         method, pct = self.values["range"], self.values["percentile"]
         wbits, abits = self.values["wbits"], self.values["abits"]
         layers, observers, order, _ = self.observe(pipe, keep_values=method != "minmax")
-        out = {}
-        for name in order:
-            module = layers[name]
-            act = static_activation(observers[name], abits, method, pct)
-            if is_quantized(wbits):
-                grid, scale, zero = weight_grid(module.weight, wbits, method, percentile=pct)
-                out[name] = LayerQuant.from_codes(grid.codes(module.weight.float()), scale, zero,
-                                                  [0, module.weight.shape[1]], wbits, False, **act)
-            else:
-                out[name] = LayerQuant(list(module.weight.shape), wbits, **act)
-        return out
+        return {name: naive_layer(layers[name], observers[name], wbits, abits, method, pct) for name in order}
 
     def calibration_notes(self) -> dict[str, Any]:
         return {"kept_float": self._kept_float}
@@ -396,7 +399,7 @@ class QDiffusion(QuantMethod):
             per_call = math.ceil(self.values["rows"] / max(observers[name].calls, 1))
             moments[name] = Moments(module, static, per_call, seed * 100_003 + i)
         with LayerInputs({n: layers[n] for n in order}, lambda n, m, x: moments[n].update(x)):
-            run_pipeline(pipe, calibration_prompts(pipe, self.values["prompts"]), seed)
+            run_pipeline(pipe, calibration_prompts(pipe, self.values["prompts"]), seed, self.values["steps"])
         out, errors = {}, []
         for name in order:
             module, act = layers[name], acts[name]

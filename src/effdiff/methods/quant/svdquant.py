@@ -32,9 +32,32 @@ def low_rank_split(weight2d: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     The residual is taken against the bf16-rounded factors, so it also absorbs their rounding.
     """
     u, s, vh = torch.linalg.svd(weight2d.double(), full_matrices=False)
-    up = (u[:, :rank] * s[:rank]).float().bfloat16()
-    down = vh[:rank].float().bfloat16()
+    # contiguous: LAPACK returns column-major factors, and a matmul's summation order follows the layout,
+    # so a reloaded (contiguous) copy would differ in the last bit
+    up = (u[:, :rank] * s[:rank]).float().bfloat16().contiguous()
+    down = vh[:rank].float().bfloat16().contiguous()
     return up, down, weight2d - up.float() @ down.float()
+
+
+def svd_layer(module: nn.Module, x_absmax: torch.Tensor, wbits: int, abits: int, rank: int, alpha: float,
+              group: int) -> LayerQuant:
+    """The SVDQuant record of one Linear / Conv2d given its inputs' per-channel maxima."""
+    weight = module.weight.detach().float()
+    shape = weight.shape
+    inp = shape[1]
+    w_absmax = weight.abs().transpose(0, 1).reshape(inp, -1).amax(1)
+    lam = smoothing(x_absmax, w_absmax, alpha)
+    smoothed = weight * lam.reshape(1, inp, *([1] * (weight.ndim - 2)))
+    r = min(rank, shape[0], smoothed[0].numel())
+    up, down, residual = low_rank_split(smoothed.reshape(shape[0], -1), r)
+    residual = residual.reshape(shape)
+    segments = list(range(0, inp, group)) + [inp]
+    grid, scale, zero = weight_grid(residual, wbits, "minmax", symmetric=True, segments=segments)
+    conv = isinstance(module, nn.Conv2d)
+    return LayerQuant.from_codes(
+        grid.codes(residual), scale, zero, segments, wbits, True, abits=abits,
+        act_group=group if is_quantized(abits) else 0, smooth=lam,
+        down=down.reshape(r, *shape[1:]) if conv else down, up=up.reshape(shape[0], r, 1, 1) if conv else up)
 
 
 class SVDQuant(QuantMethod):
@@ -70,28 +93,10 @@ class SVDQuant(QuantMethod):
         layers, observers, order, _ = self.observe(pipe, keep_values=False, per_channel=True)
         out = {}
         for name in order:
-            module = layers[name]
-            weight = module.weight.detach().float()
-            shape = weight.shape
-            inp = shape[1]
-            w_absmax = weight.abs().transpose(0, 1).reshape(inp, -1).amax(1)
-            x_absmax = observers[name].absmax
-            if x_absmax is None or x_absmax.numel() != inp:
-                raise RecipeError(f"svdquant: {name} saw inputs with {x_absmax and x_absmax.numel()} channels, "
-                                  f"its weight has {inp}")
-            lam = smoothing(x_absmax, w_absmax, alpha)
-            smoothed = weight * lam.reshape(1, inp, *([1] * (weight.ndim - 2)))
-            r = min(rank, shape[0], smoothed[0].numel())
-            up, down, residual = low_rank_split(smoothed.reshape(shape[0], -1), r)
-            residual = residual.reshape(shape)
-            segments = list(range(0, inp, group)) + [inp]
-            grid, scale, zero = weight_grid(residual, wbits, "minmax", symmetric=True, segments=segments)
-            conv = isinstance(module, nn.Conv2d)
-            out[name] = LayerQuant.from_codes(
-                grid.codes(residual), scale, zero, segments, wbits, True, abits=abits,
-                act_group=group if is_quantized(abits) else 0, smooth=lam,
-                down=down.reshape(r, *shape[1:]) if conv else down,
-                up=up.reshape(shape[0], r, 1, 1) if conv else up)
+            absmax = observers[name].absmax
+            if absmax is None or absmax.numel() != layers[name].weight.shape[1]:
+                raise RecipeError(f"svdquant: the inputs {name} saw do not match its weight's input channels")
+            out[name] = svd_layer(layers[name], absmax, wbits, abits, rank, alpha, group)
         return out
 
     def calibration_notes(self) -> dict[str, Any]:
