@@ -92,8 +92,8 @@ class LearningToCache(CacheMethod):
     paper = L2C
     summary = "learned per-step, per-layer router: which attention/MLP outputs to reuse (trained, saved, reused)"
     params = {
-        "fraction": Param(float, 0.3, 0.0, 1.0, help="share of all (step, layer) slots served from cache "
-                                                     "(default: the router file's calibrated value, else 0.3)"),
+        "fraction": Param(float, 0.4, 0.0, 1.0, help="share of all (step, layer) slots served from cache "
+                                                     "(default: the router file's calibrated value, else 0.4)"),
         "steps": Param(int, 50, 2, 1000, help="step count the router is trained for (and the calls run)"),
         "period": Param(int, 2, 2, 100, help="a full step every `period` steps (paper: 2)"),
         "router": Param(str, "", help="router JSON to load, or to write after training (default: per model/steps)"),
