@@ -49,12 +49,12 @@ def denoiser_call(pipe: Any, model: str, latent: int) -> Callable[[], torch.Tens
     return lambda: pipe.transformer(sample, encoder_hidden_states=text, timestep=t, added_cond_kwargs=cond).sample
 
 
-def variants(pipe: Any, model: str, ratio: float) -> Switch:
+def variants(pipe: Any, model: str, ratio: float, recipes: list[str] | None, peer: bool) -> Switch:
     """name -> (enter, leave); the baseline is the unpatched pipeline."""
     out: Switch = {}
-    for recipe in (f"tome:ratio={ratio}", f"atedm:ratio={ratio},early=0"):
+    for recipe in recipes or (f"tome:ratio={ratio}", f"atedm:ratio={ratio},early=0"):
         out[f"effdiff {recipe}"] = ((lambda r=recipe: effdiff.accelerate(pipe, r)), (lambda: pipe.effdiff.remove()))
-    if model == "sd15-arch":
+    if model == "sd15-arch" and peer:
         import tomesd
 
         out[f"tomesd ratio={ratio}"] = ((lambda: tomesd.apply_patch(pipe, ratio=ratio)),
@@ -95,11 +95,12 @@ def round_robin(switch: Switch, run: Callable[[], Any], reps: int, label: str = 
     return times, outputs, peaks
 
 
-def measure(model: str, pipe: Any, px: int, ratio: float, reps: int) -> list[dict[str, Any]]:
+def measure(model: str, pipe: Any, px: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     latent = px // 8
-    switch: Switch = {"baseline": (lambda: None, lambda: None), **variants(pipe, model, ratio)}
+    switch: Switch = {"baseline": (lambda: None, lambda: None),
+                      **variants(pipe, model, args.ratio, args.recipe, not args.no_peer)}
     names = list(switch)
-    times, outputs, peaks = round_robin(switch, denoiser_call(pipe, model, latent), reps, f"{model} {px}px")
+    times, outputs, peaks = round_robin(switch, denoiser_call(pipe, model, latent), args.reps, f"{model} {px}px")
     base = statistics.median(times["baseline"])
     tokens = (latent // PATCH[model]) ** 2
     rows = []
@@ -107,6 +108,7 @@ def measure(model: str, pipe: Any, px: int, ratio: float, reps: int) -> list[dic
         med = statistics.median(times[name])
         diff = (outputs[name] - outputs["baseline"]).abs().max().item()
         rows.append({"model": model, "px": px, "tokens": tokens, "variant": name, "median_s": round(med, 4),
+                     "baseline_s": round(base, 4), "run": time.strftime("%H:%M:%S"),
                      "times_s": [round(t, 4) for t in times[name]], "speedup": round(base / med, 3),
                      "peak_mb": round(peaks[name] / 2**20), "max_abs_diff_vs_baseline": round(diff, 5)})
         print(f"  {model:18s} {px}px {tokens:5d} tokens  {name:36s} {base / med:5.2f}x  "
@@ -139,6 +141,9 @@ def plot() -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, model in zip(axes, PATCH, strict=True):
         mine = [r for r in rows if r["model"] == model and r["variant"] != "baseline"]
+        if not mine:
+            ax.set_visible(False)
+            continue
         for variant in sorted({r["variant"] for r in mine}):
             points = sorted((r["tokens"], r["speedup"], r["px"]) for r in mine if r["variant"] == variant)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=variant)
@@ -162,6 +167,8 @@ def main() -> None:
     parser.add_argument("--px", type=int, action="append", help="image sizes (default 256 384 512)")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--recipe", action="append", help="effdiff recipes instead of tome / atedm at --ratio")
+    parser.add_argument("--no-peer", action="store_true", help="leave tomesd out")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     if not args.plot_only:
@@ -171,7 +178,7 @@ def main() -> None:
             pipe = effdiff.load(model)
             rows = []
             for px in args.px or (256, 384, 512):
-                rows += measure(model, pipe, px, args.ratio, args.reps)
+                rows += measure(model, pipe, px, args)
                 print(f"saved {save(rows, args, started)}", flush=True)  # per size: a cut-off run keeps rows
             del pipe
     print(f"plot {plot()}")
