@@ -7,6 +7,7 @@ and exit with status 2, never a traceback; argparse's own usage errors also exit
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -24,6 +25,9 @@ def _quiet_environment() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+    # diffusers imports torchao when it is installed; its CUDA-only extensions and enum registrations log on CPU
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
