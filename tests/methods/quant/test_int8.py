@@ -90,24 +90,24 @@ def test_engine_refused_off_the_cpu():
 
 
 def test_rule_names_a_reason_for_every_kept_layer(tiny_sd):
-    decisions = {d.name: d for d in select.plan(tiny_sd.unet, min_features=16)}
+    decisions = {d.name: d for d in select.plan(tiny_sd.unet, min_features=32, min_channels=16)}
     assert not decisions["conv_in"].quantize and "first/last" in decisions["conv_in"].reason
     assert not decisions["conv_out"].quantize
     embedding = decisions["time_embedding.linear_1"]
     assert not embedding.quantize and "embedding" in embedding.reason
-    one_by_one = [d for d in decisions.values() if d.layer == "conv1x1"]
-    assert one_by_one and not any(d.quantize for d in one_by_one)
     narrow = decisions["down_blocks.0.resnets.0.conv1"]  # 8 channels
     assert not narrow.quantize and "narrower than 16" in narrow.reason
-    wide = decisions["down_blocks.1.resnets.0.conv2"]  # 16 channels
-    assert wide.quantize
-    assert all(d.quantize for d in select.plan(tiny_sd.unet, min_features=1) if d.reason == "quantized")
-    assert not any(d.layer.startswith("conv") and d.quantize for d in select.plan(tiny_sd.unet, 1, convs=False))
+    assert decisions["down_blocks.1.resnets.0.conv2"].quantize  # 16 channels
+    assert decisions["down_blocks.1.attentions.0.proj_in"].quantize  # a 16-channel 1x1 conv
+    linear = decisions["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]  # 16 features
+    assert not linear.quantize and "narrower than 32" in linear.reason
+    assert all(d.quantize for d in select.plan(tiny_sd.unet, 1, 1) if d.reason == "quantized")
+    assert not any(d.layer.startswith("conv") and d.quantize for d in select.plan(tiny_sd.unet, 1, 1, convs=False))
     assert "layers quantized" in select.summarize(list(decisions.values()))
 
 
 def test_rule_on_a_dit_keeps_embeddings_and_the_ends(tiny_dit):
-    decisions = select.plan(tiny_dit.transformer, min_features=1)
+    decisions = select.plan(tiny_dit.transformer, min_features=1, min_channels=1)
     kept = {d.name for d in decisions if not d.quantize}
     assert "pos_embed.proj" in kept and "proj_out" in kept
     assert any(name.startswith("adaln_single.") for name in kept)
@@ -120,13 +120,14 @@ def test_rule_on_a_dit_keeps_embeddings_and_the_ends(tiny_dit):
 @needs_fbgemm
 def test_nothing_selected_is_bit_identical(tiny_pipe):
     baseline = sample(tiny_pipe, steps=STEPS)
-    effdiff.accelerate(tiny_pipe, "int8:min_features=65536")
+    effdiff.accelerate(tiny_pipe, "int8:min_features=65536,min_channels=65536")
     assert not any(d.quantize for d in tiny_pipe.effdiff.methods[0].decisions)
     assert torch.equal(sample(tiny_pipe, steps=STEPS), baseline)
 
 
-@pytest.mark.parametrize("recipe", ["int8:min_features=1", "int8:min_features=1,convs=false",
-                                    "int8wo:min_features=1", "int4wo:min_features=1,group=32"])
+@pytest.mark.parametrize("recipe", ["int8:min_features=1,min_channels=1",
+                                    "int8:min_features=1,min_channels=1,convs=false",
+                                    "int8wo", "int4wo:group=32"])
 def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
     if recipe.startswith("int8:") and not kernels.int8_engine_available():
         pytest.skip("no fbgemm engine")
@@ -145,7 +146,7 @@ def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
 
 
 @needs_fbgemm
-@pytest.mark.parametrize("recipe", ["int8:min_features=1", "int4wo:min_features=1,group=32"])
+@pytest.mark.parametrize("recipe", ["int8:min_features=1,min_channels=1", "int4wo:group=32"])
 def test_save_and_reload_gives_identical_outputs(tiny_pipe, tmp_path, recipe):
     name = recipe.partition(":")[0]
     path = tmp_path / "quantized.safetensors"
@@ -172,7 +173,7 @@ def test_save_and_reload_gives_identical_outputs(tiny_pipe, tmp_path, recipe):
 def test_saved_file_is_smaller_with_integer_codes(tmp_path):
     pipe = make_tiny_sd()
     fp32 = sum(t.numel() * t.element_size() for t in pipe.unet.state_dict().values())
-    effdiff.accelerate(pipe, "int8:min_features=1")
+    effdiff.accelerate(pipe, "int8:min_features=1,min_channels=1")
     size = pipe.effdiff.methods[0].save(tmp_path / "q.safetensors")
     assert size < 0.6 * fp32
 
@@ -180,7 +181,7 @@ def test_saved_file_is_smaller_with_integer_codes(tmp_path):
 @needs_fbgemm
 def test_load_refuses_foreign_files(tiny_sd, tiny_dit, tmp_path):
     path = tmp_path / "q.safetensors"
-    effdiff.accelerate(tiny_sd, "int8:min_features=1")
+    effdiff.accelerate(tiny_sd, "int8:min_features=1,min_channels=1")
     tiny_sd.effdiff.methods[0].save(path)
     tiny_sd.effdiff.remove()
     with pytest.raises(RecipeError, match="holds a int8 model"):
@@ -198,7 +199,7 @@ def test_load_refuses_foreign_files(tiny_sd, tiny_dit, tmp_path):
 @needs_fbgemm
 def test_composes_with_deepcache_and_a_solver(tiny_sd):
     baseline = sample(tiny_sd, steps=6)
-    effdiff.accelerate(tiny_sd, "deepcache:interval=2+int8:min_features=1+dpmpp2m:steps=6")
+    effdiff.accelerate(tiny_sd, "deepcache:interval=2+int8:min_features=1,min_channels=1+dpmpp2m:steps=6")
     assert [m.name for m in tiny_sd.effdiff.methods] == ["dpmpp2m", "int8", "deepcache"]
     images = sample(tiny_sd, steps=6)
     assert torch.isfinite(images).all() and tiny_sd.effdiff.methods[-1].stats.cached > 0

@@ -65,7 +65,8 @@ class KernelQuant(Method):
         raise NotImplementedError
 
     def plan(self) -> list[Decision]:
-        return select.plan(self.model, self.values["min_features"], self.convs)
+        least = self.values["min_features"]
+        return select.plan(self.model, least, least, self.convs)
 
     def _quantize(self) -> None:
         self.decisions = self.plan()
@@ -119,7 +120,8 @@ class Int8(KernelQuant):
     paper = INTEGER_ARITHMETIC
     summary = "int8 weights x dynamic int8 activations (fbgemm) on the wide linears and convs"
     params = {
-        "min_features": Param(int, 64, 1, 65536, help="layers narrower than this (in or out) stay fp32"),
+        "min_features": Param(int, 128, 1, 65536, help="linears narrower than this (in or out) stay fp32"),
+        "min_channels": Param(int, 32, 1, 65536, help="convs narrower than this (in or out) stay fp32"),
         "convs": Param(bool, True, help="quantize kxk convs too (the U-Net's resnets); false = linears only"),
         "load": LOAD,
     }
@@ -128,7 +130,7 @@ class Int8(KernelQuant):
         require_int8_engine(self.name, device)
 
     def plan(self) -> list[Decision]:
-        return select.plan(self.model, self.values["min_features"], self.values["convs"])
+        return select.plan(self.model, self.values["min_features"], self.values["min_channels"], self.values["convs"])
 
     def convert(self, layer: nn.Module) -> nn.Module:
         if isinstance(layer, nn.Linear):
@@ -149,7 +151,7 @@ class Int8WeightOnly(KernelQuant):
     paper = KBIT
     summary = "int8 weight-only (memory and size; compute stays float)"
     params = {
-        "min_features": Param(int, 64, 1, 65536, help="layers narrower than this (in or out) stay float"),
+        "min_features": Param(int, 1, 1, 65536, help="layers narrower than this (in or out) stay float"),
         "load": LOAD,
     }
 
@@ -174,7 +176,7 @@ class Int4WeightOnly(KernelQuant):
     summary = "int4 weight-only in groups (linears; memory and size)"
     params = {
         "group": Param(int, 64, choices=(32, 64, 128, 256), help="inputs sharing one scale"),
-        "min_features": Param(int, 64, 1, 65536, help="layers narrower than this (in or out) stay float"),
+        "min_features": Param(int, 1, 1, 65536, help="layers narrower than this (in or out) stay float"),
         "load": LOAD,
     }
 

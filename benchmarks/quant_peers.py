@@ -1,0 +1,423 @@
+"""Real low-precision kernels side by side with the peers (torchao, optimum-quanto): one process per model.
+
+Sections (``--sections``):
+  kernels  raw kernel rates on this CPU (GFLOP/s): fp32 / bf16 matmul and conv, ``torch._int_mm`` (what
+           torchao's int8 calls in eager), ``torch._weight_int8pack_mm``, fbgemm's dynamic int8 linear and conv
+           (what effdiff ``int8`` calls) across layer widths — the evidence behind ``select``'s rule;
+  profile  torch.profiler on one SD 1.5 down block (2 resnets, 2 transformers, 320 ch, 32x32, batch 2) for
+           fp32 and every int8 variant: where the time goes (top ops by self CPU time);
+  models   each ``--models`` pipeline: fp32 baseline, plain bf16 cast (peer-style ``pipe.to``), effdiff bf16,
+           torchao int8 dynamic / weight-only, optimum-quanto qint8 weights, effdiff int8 / int8wo / int4wo.
+           Every variant first times one denoiser forward on the pipeline's own inputs; a variant slower than
+           ``--max-slowdown`` x fp32 there is reported from that forward alone (a full call would take
+           minutes). The others run full calls in a round robin (all variants, then again; warm-up call first,
+           median of ``--reps``). PSNR vs the fp32 images for the bundled models (twins are speed-only).
+           Size on disk: the denoiser's serialized state dict (effdiff: ``save()``; peers: ``torch.save``).
+
+    PYTHONPATH=src HF_HUB_OFFLINE=1 flock /tmp/effdiff-heavy.lock python benchmarks/quant_peers.py \
+        --models tiny-sd,tiny-dit [--steps 20] [--reps 3] [--sections kernels,profile,models]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import effdiff
+from effdiff.adapters import denoiser_attr
+from effdiff.eval.cost import PeakMemory
+from effdiff.eval.fidelity import fidelity
+from effdiff.methods.quant.kernels import Int8DynamicConv2d, Int8DynamicLinear, cpu_flags, native_float
+from effdiff.registry import RecipeError
+
+warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+PROMPTS = {"tiny-sd": ["a handwritten seven", "a handwritten three"], "tiny-dit": ["a handwritten seven",
+                                                                                   "a handwritten three"]}
+TWIN_PROMPT = ["a photo of a cat"]
+GUIDANCE = 4.0
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def rate(fn: Callable[[], Any], flops: float, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return flops / statistics.median(times) / 1e9
+
+
+def linear_row(m: int, k: int, n: int) -> dict[str, Any]:
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    flops = 2 * m * k * n
+    q = Int8DynamicLinear.from_float(torch.nn.Linear(k, n))
+    row: dict[str, Any] = {"op": "linear", "shape": f"{m}x{k}x{n}", "fp32": rate(lambda: F.linear(x, w), flops),
+                           "fbgemm_int8_dynamic": rate(lambda: q(x), flops)}
+    if m * k * n <= 2048 * 320 * 320:  # the reference loops take seconds on the big shapes
+        xi, wi = torch.randint(-127, 127, (m, k), dtype=torch.int8), torch.randint(-127, 127, (k, n), dtype=torch.int8)
+        wt, ones = wi.t().contiguous(), torch.ones(n)
+        row["torch._int_mm"] = rate(lambda: torch._int_mm(xi, wi), flops, reps=3)
+        row["torch._weight_int8pack_mm"] = rate(lambda: torch._weight_int8pack_mm(x, wt, ones), flops, reps=3)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        row["bf16"] = rate(lambda: F.linear(xb, wb), flops, reps=3)
+    return row
+
+
+@torch.no_grad()
+def conv_row(c: int, hw: int, kernel: int) -> dict[str, Any]:
+    conv = torch.nn.Conv2d(c, c, kernel, padding=kernel // 2)
+    image = torch.randn(2, c, hw, hw)
+    flops = 2 * 2 * c * c * hw * hw * kernel * kernel
+    q = Int8DynamicConv2d.from_float(conv)
+    row: dict[str, Any] = {"op": f"conv{kernel}x{kernel}", "shape": f"2x{c}x{hw}x{hw}",
+                           "fp32": rate(lambda: conv(image), flops),
+                           "fbgemm_int8_dynamic": rate(lambda: q(image), flops)}
+    if c <= 128:
+        cb, ib = copy.deepcopy(conv).bfloat16(), image.bfloat16()
+        row["bf16"] = rate(lambda: cb(ib), flops, reps=2)
+    return row
+
+
+def kernels_section() -> list[dict[str, Any]]:
+    print("\n== kernels (GFLOP/s, median of 5; linear shape = rows x in x out)", flush=True)
+    rows = [linear_row(*shape) for shape in [(2048, 32, 32), (2048, 64, 64), (2048, 128, 128), (2048, 320, 320),
+                                             (2048, 320, 1280), (512, 640, 640), (128, 1280, 1280), (154, 768, 320)]]
+    rows += [conv_row(*shape) for shape in [(32, 32, 3), (64, 32, 3), (128, 16, 3), (320, 32, 3), (640, 16, 3),
+                                            (1280, 8, 3), (320, 32, 1)]]
+    for row in rows:
+        print("  " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- peers
+
+
+def torchao_quantize(kind: str) -> Callable[[torch.nn.Module], None]:
+    def run(model: torch.nn.Module) -> None:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8DynamicActivationInt8WeightConfig() if kind == "dynamic" else Int8WeightOnlyConfig())
+
+    return run
+
+
+def quanto_quantize(model: torch.nn.Module) -> None:
+    from optimum.quanto import freeze, qint8, quantize
+
+    quantize(model, weights=qint8)
+    freeze(model)
+
+
+def serialized_bytes(state: dict[str, Any]) -> int:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.tell()
+
+
+# ---------------------------------------------------------------- profile
+
+
+def profile_section(top: int = 6) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    print("\n== profile: SD 1.5 down_blocks[0] (2 resnets + 2 transformers, 320 ch, 32x32, batch 2)", flush=True)
+    pipe = effdiff.load("sd15-arch")
+    block = pipe.unet.down_blocks[0]
+    temb, text = torch.randn(2, 1280), torch.randn(2, 77, 768)
+    x = torch.randn(2, 320, 32, 32)
+    del pipe
+    variants: dict[str, Callable[[torch.nn.Module], Any]] = {
+        "fp32": lambda m: None, "effdiff int8": effdiff_int8_module,
+        "torchao int8 dynamic": torchao_quantize("dynamic"), "torchao int8 weight-only": torchao_quantize("weight"),
+        "quanto qint8 weights": quanto_quantize}
+    rows = []
+    for label, prepare in variants.items():
+        model = copy.deepcopy(block)
+        prepare(model)
+        with torch.no_grad():
+            model(x, temb, encoder_hidden_states=text)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                model(x, temb, encoder_hidden_states=text)
+                seconds = time.perf_counter() - start
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        ops = [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in events[:top]]
+        rows.append({"variant": label, "seconds": round(seconds, 3), "top_ops": ops})
+        print(f"  {label:26s} {seconds:7.3f}s  " + ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops[:4]),
+              flush=True)
+        del model
+    return rows
+
+
+def effdiff_int8_module(module: torch.nn.Module) -> None:
+    """effdiff's int8 layers on a bare block (the method itself needs a pipeline): same rule, same kernels."""
+    from effdiff.methods.quant.int8 import Int8
+    from effdiff.methods.quant.select import plan
+    from effdiff.methods.quant.swap import Swaps
+
+    swaps = Swaps()
+    for d in plan(module, Int8.params["min_features"].default, Int8.params["min_channels"].default):
+        if d.quantize:
+            layer = module.get_submodule(d.name)
+            cls = Int8DynamicLinear if isinstance(layer, torch.nn.Linear) else Int8DynamicConv2d
+            swaps.module(module, d.name, cls.from_float(layer))
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass
+class Variant:
+    label: str
+    run: Callable[[], torch.Tensor]
+    enter: Callable[[], Any] = lambda: None
+    leave: Callable[[], Any] = lambda: None
+    disk_bytes: int | None = None
+    note: str = ""
+    times: list[float] = field(default_factory=list)
+    images: torch.Tensor | None = None
+    forward_s: float | None = None
+    peak_bytes: int | None = None
+    rotate: bool = True
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def build_variants(pipe: Any, model: str, call: Callable[[Any], torch.Tensor], emulated: bool,
+                   tmp: Path) -> tuple[list[Variant], list[dict[str, Any]]]:
+    attr = denoiser_attr(pipe)
+    denoiser = getattr(pipe, attr)
+    variants = [Variant("fp32", lambda: call(pipe), disk_bytes=state_bytes(denoiser))]
+    refused: list[dict[str, Any]] = []
+    bf16_native = native_float(torch.device("cpu"), torch.bfloat16)
+
+    def swapped(label: str, quantize: Callable[[torch.nn.Module], None]) -> None:
+        copy_ = copy.deepcopy(denoiser)
+        quantize(copy_)
+
+        def enter() -> None:
+            setattr(pipe, attr, copy_)
+
+        def leave() -> None:
+            setattr(pipe, attr, denoiser)
+
+        variants.append(Variant(label, lambda: call(pipe), enter, leave, serialized_bytes(copy_.state_dict())))
+
+    if bf16_native or (emulated and model.startswith("tiny")):
+        peer = copy.deepcopy(pipe).to(torch.bfloat16)
+        note = "" if bf16_native else "emulated bf16 (no native kernels here): quality only, time is not a speed"
+        variants.append(Variant("bf16 plain cast (pipe.to)", lambda: call(peer).float(),
+                                disk_bytes=state_bytes(getattr(peer, attr)), note=note))
+    else:
+        refused.append({"variant": "bf16 plain cast (pipe.to)", "refused": "no native bf16 on this CPU (emulated "
+                        "bf16 runs ~50x below fp32, see the kernels section): not timed"})
+    recipes = ["bf16" + (":emulated=true" if emulated and not bf16_native and model.startswith("tiny") else ""),
+               "int8", "int8wo", "int4wo"]
+    if emulated and not bf16_native and model.startswith("tiny"):
+        recipes += ["bf16:emulated=true,keep=none", "bf16:emulated=true,keep=all", "fp16:emulated=true"]
+    for label, quantize in [("torchao int8 dynamic", torchao_quantize("dynamic")),
+                            ("torchao int8 weight-only", torchao_quantize("weight")),
+                            ("quanto qint8 weights", quanto_quantize)]:
+        swapped(label, quantize)
+    for recipe in recipes:
+        label = f"effdiff {recipe}"
+        try:
+            effdiff.accelerate(pipe, recipe)
+        except RecipeError as exc:
+            refused.append({"variant": label, "refused": str(exc)})
+            print(f"  {label:44s} refused: {exc}", flush=True)
+            continue
+        method = pipe.effdiff.methods[0]
+        size = method.save(tmp / f"{model}-{recipe}.safetensors") if hasattr(method, "save") else (
+            state_bytes(getattr(pipe, attr)))
+        note = method.describe().split(": ", 1)[-1]
+        if "emulated=true" in recipe:
+            note = "emulated (quality only, time is not a speed); " + note
+        pipe.effdiff.remove()
+        variants.append(Variant(label, lambda: call(pipe), lambda r=recipe: effdiff.accelerate(pipe, r),
+                                lambda: pipe.effdiff.remove(), size, note))
+    return variants, refused
+
+
+def forward_probe(pipe: Any, variants: list[Variant], max_slowdown: float) -> None:
+    """Time one denoiser forward per variant on the pipeline's real inputs; drop far-too-slow ones."""
+    attr = denoiser_attr(pipe)
+    captured: dict[str, Any] = {}
+
+    def grab(module: Any, args: tuple, kwargs: dict) -> None:
+        captured.setdefault("call", (args, kwargs))
+
+    handle = getattr(pipe, attr).register_forward_pre_hook(grab, with_kwargs=True)
+    variants[0].run()
+    handle.remove()
+    args, kwargs = captured["call"]
+    for v in variants:
+        if v.note.startswith("emulated"):
+            continue  # emulated precisions are measured for quality only
+        v.enter()
+        try:
+            with torch.no_grad():
+                getattr(pipe, attr)(*args, **kwargs)  # first call: lazy packing, allocator warm-up
+                start = time.perf_counter()
+                getattr(pipe, attr)(*args, **kwargs)
+                v.forward_s = time.perf_counter() - start
+        finally:
+            v.leave()
+        slow = v.forward_s / variants[0].forward_s if variants[0].forward_s else 1.0
+        print(f"  forward {v.label:42s} {v.forward_s:7.3f}s  ({1 / slow:.2f}x)", flush=True)
+        if slow > max_slowdown:
+            v.rotate = False
+            v.note = (v.note + "; " if v.note else "") + f"{slow:.1f}x slower per forward: full calls not run"
+
+
+def measure(variants: list[Variant], reps: int) -> None:
+    """Warm-up call per variant (its images), then ``reps`` round robins over all rotating variants."""
+    for v in variants:
+        if not v.rotate:
+            continue
+        v.enter()
+        try:
+            with PeakMemory() as peak:
+                v.images = v.run()
+            v.peak_bytes = peak.peak_bytes
+        finally:
+            v.leave()
+        print(f"  warm {v.label:45s} done", flush=True)
+    for r in range(reps):
+        for v in variants:
+            if not v.rotate or v.note.startswith("emulated"):
+                continue
+            v.enter()
+            try:
+                start = time.perf_counter()
+                v.run()
+                v.times.append(time.perf_counter() - start)
+            finally:
+                v.leave()
+        print(f"  round {r + 1}/{reps} done", flush=True)
+
+
+def model_section(model: str, steps: int, reps: int, max_slowdown: float, emulated: bool) -> list[dict[str, Any]]:
+    twin = not model.startswith("tiny")
+    print(f"\n== {model}: {steps} DDIM steps, guidance {GUIDANCE}, reps {reps}"
+          + (" (speed-only twin, 256 px, latents out: the VAE is not timed)" if twin else ""), flush=True)
+    pipe = effdiff.load(model)
+    prompts = TWIN_PROMPT if twin else PROMPTS[model]
+    extra = {"height": 256, "width": 256, "output_type": "latent"} if twin else {"output_type": "pt"}
+
+    def call(p: Any) -> torch.Tensor:
+        out = p(prompts, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                generator=torch.Generator().manual_seed(0), **extra).images
+        return torch.as_tensor(out).float()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        variants, refused = build_variants(pipe, model, call, emulated, Path(tmp))
+        forward_probe(pipe, variants, max_slowdown)
+        measure(variants, reps)
+    base = variants[0]
+    rows = []
+    for v in variants:
+        row: dict[str, Any] = {"model": model, "variant": v.label, "steps": steps, "nfe": steps,
+                               "label": "speed-only" if twin else ""}
+        if v.forward_s is not None and base.forward_s:
+            row["forward_s"] = round(v.forward_s, 4)
+            row["forward_speedup"] = round(base.forward_s / v.forward_s, 3)
+        if v.times:
+            row["times_s"] = [round(t, 4) for t in v.times]
+            row["median_s"] = round(statistics.median(v.times), 4)
+            row["speedup"] = round(statistics.median(base.times) / row["median_s"], 3)
+        if v.disk_bytes is not None:
+            row["disk_mb"] = round(v.disk_bytes / 2**20, 2)
+            row["disk_ratio"] = round(v.disk_bytes / base.disk_bytes, 3)
+        if v.peak_bytes:
+            row["peak_rss_mb"] = round(v.peak_bytes / 2**20)
+        if not twin and v.images is not None and base.images is not None:
+            row.update({k: round(val, 2 if k == "psnr" else 4) for k, val in fidelity(
+                v.images.clamp(0, 1), base.images.clamp(0, 1)).items()})
+        if v.note:
+            row["note"] = v.note
+        rows.append(row)
+    for r in refused:
+        rows.append({"model": model, **r})
+    print_rows(rows)
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    print(f"  {'variant':44s} {'speedup':>8s} {'fwd x':>6s} {'s/call':>8s} {'psnr':>6s} {'disk MB':>8s} "
+          f"{'disk x':>6s} {'peak MB':>8s}  note")
+    for r in rows:
+        if "refused" in r:
+            print(f"  {r['variant']:44s} refused: {r['refused'][:110]}")
+            continue
+
+        print(f"  {r['variant']:44s} {cell(r, 'speedup', '8.2f'):>8s} {cell(r, 'forward_speedup', '6.2f'):>6s} "
+              f"{cell(r, 'median_s', '8.3f'):>8s} {cell(r, 'psnr', '6.2f'):>6s} {cell(r, 'disk_mb', '8.1f'):>8s} "
+              f"{cell(r, 'disk_ratio', '6.3f'):>6s} {cell(r, 'peak_rss_mb', '8d'):>8s}  {r.get('note', '')[:90]}",
+              flush=True)
+
+
+def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    return format(row[key], fmt) if key in row else "-"
+
+
+def save(path: Path, key: str, rows: Any, args: argparse.Namespace) -> None:
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    existing.update({
+        "benchmark": "quant_peers", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+        "cpu_simd": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or "vnni" in f),
+        "torch": torch.__version__, "guidance": GUIDANCE,
+    })
+    existing.setdefault("runs", {})[key] = {"args": vars(args), "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(existing, indent=1))
+    print(f"wrote {path} [{key}]", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="kernels,profile,models")
+    parser.add_argument("--models", default="tiny-sd,tiny-dit")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--max-slowdown", type=float, default=3.0)
+    parser.add_argument("--emulated", action="store_true", help="tiny models: also run emulated bf16/fp16 (quality)")
+    parser.add_argument("--out", default="benchmarks/results/quant/quant_peers.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    sections = args.sections.split(",")
+    if "kernels" in sections:
+        save(out, "kernels", kernels_section(), args)
+    if "profile" in sections:
+        save(out, "profile", profile_section(), args)
+    if "models" in sections:
+        for model in args.models.split(","):
+            save(out, f"{model}-{args.steps}steps", model_section(model, args.steps, args.reps, args.max_slowdown,
+                                                                 args.emulated), args)
+
+
+if __name__ == "__main__":
+    main()
