@@ -56,6 +56,7 @@ class QuantMethod(Method):
     """
 
     family = "quant"
+    devices = frozenset({"cpu"})  # grids and calibration statistics are built on CPU tensors; untested elsewhere
     after = ("solver",)
     before = ("cache", "tokens")
     exclusive = ("weights",)
