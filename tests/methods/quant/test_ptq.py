@@ -155,3 +155,18 @@ def test_bad_settings_refused(tiny_sd, recipe, message):
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(tiny_sd, recipe)
     assert "effdiff" not in tiny_sd.__dict__
+
+
+@pytest.mark.parametrize("name", ["sd", "dit", "flux"])  # stock PixArt at 16 px fails its own resolution binning
+def test_stock_pipelines_calibrate_quantize_and_restore(name):
+    import _stock
+
+    pipe = _stock.build(name)
+    baseline = _stock.generate(name, pipe, 2)
+    effdiff.accelerate(pipe, "ptq:wbits=4,abits=8,prompts=2,steps=2")
+    method = pipe.effdiff.methods[0]
+    assert len(method.layers) > 4
+    out = _stock.generate(name, pipe, 2)
+    assert torch.isfinite(out).all() and not torch.equal(out, baseline)
+    pipe.effdiff.remove()
+    assert torch.equal(_stock.generate(name, pipe, 2), baseline)
