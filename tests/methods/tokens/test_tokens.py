@@ -183,11 +183,12 @@ def test_atedm_dsap_prunes_only_after_the_early_steps():
     assert method.reduced_calls == (STEPS // 2) * len(method.blocks)
 
 
-def test_atedm_attention_matches_the_stock_processor():
+@pytest.mark.parametrize("rows", [256, 5])
+def test_atedm_attention_matches_the_stock_processor(rows):
     attn = make_tiny_dit().transformer.transformer_blocks[0].attn1
     x = torch.randn(2, 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out, probs = attention_with_map(attn, x)
+        out, probs = attention_with_map(attn, x, rows=rows)
         assert torch.allclose(out, attn(x), atol=1e-5)
     assert probs.shape == (2, 16, 16) and torch.allclose(probs.sum(-1), torch.ones(2, 16))
 

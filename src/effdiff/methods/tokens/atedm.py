@@ -16,28 +16,38 @@ ATEDM = Paper("Attention-Driven Training-Free Efficiency Enhancement of Diffusio
 PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
 
 
-def attention_with_map(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_map(attn: nn.Module, x: torch.Tensor, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention of ``attn`` on ``x`` (B, N, C), plus its head-averaged probabilities (B, N, N).
 
-    The same arithmetic as diffusers' plain processors (scale 1/sqrt(head_dim)), but with the softmax
-    written out, one head at a time, so the N×N map can be kept: SDPA never materialises it. The cost
-    over SDPA is the map's memory traffic (B·N² floats per head) and no fused kernel.
+    The same arithmetic as diffusers' plain processors (scale 1/sqrt(head_dim)), with the softmax written
+    out so the N×N map can be kept: SDPA never materialises it. Work goes in blocks of ``rows`` queries,
+    all heads of a block before the next, so each head's scores stay in cache and the map is written
+    once. The cost over SDPA is that map (B·N² floats) and unfused score/softmax passes: about 1.7× the
+    attention time at 2,304 tokens on this CPU (measured in ``benchmarks/tokens_breakeven.py``).
     """
     batch, tokens, _ = x.shape
-    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
     heads = attn.heads
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
     dim = q.shape[-1] // heads
     q, k, v = (t.view(batch, tokens, heads, dim).transpose(1, 2) for t in (q, k, v))
     if attn.norm_q is not None:
         q = attn.norm_q(q)
     if attn.norm_k is not None:
         k = attn.norm_k(k)
+    q, keys, v = q.contiguous(), k.transpose(2, 3).contiguous(), v.contiguous()
     out = torch.empty(batch, tokens, heads, dim, dtype=q.dtype, device=q.device)
-    mean = torch.zeros(batch, tokens, tokens, dtype=q.dtype, device=q.device)
-    for h in range(heads):
-        probs = torch.bmm(q[:, h], k[:, h].transpose(1, 2)).mul_(dim ** -0.5).softmax(-1)
-        out[:, :, h] = torch.bmm(probs, v[:, h])
-        mean.add_(probs, alpha=1.0 / heads)
+    mean = torch.empty(batch, tokens, tokens, dtype=q.dtype, device=q.device)
+    for start in range(0, tokens, rows):
+        stop = min(start + rows, tokens)
+        block = mean[:, start:stop]
+        for h in range(heads):
+            probs = torch.bmm(q[:, h, start:stop], keys[:, h]).mul_(dim ** -0.5).softmax(-1)
+            out[:, start:stop, h] = torch.bmm(probs, v[:, h])
+            if h:
+                block.add_(probs)
+            else:
+                block.copy_(probs)
+        block.mul_(1.0 / heads)
     out = out.view(batch, tokens, heads * dim)
     return attn.to_out[1](attn.to_out[0](out)), mean
 
