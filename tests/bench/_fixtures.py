@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from effdiff.registry import RecipeError
 from effdiff.zoo.architectures import default_scheduler
 from effdiff.zoo.pipelines import TinySDPipeline
 from effdiff.zoo.text import TEXT_DIM, load_text_encoder
@@ -58,11 +59,16 @@ class _Handle:
 
 
 class FakeAccelerate:
-    """``scale:<f>`` multiplies the denoiser output by f; records calls; can fail on chosen recipes."""
+    """``scale:<f>`` multiplies the denoiser output by f; records calls; can fail on chosen recipes.
 
-    def __init__(self, fail_on: set[str] | None = None) -> None:
+    ``fail_on`` interrupts while applying; ``refuse_in_call`` raises a ``RecipeError`` from inside the
+    pipeline call (as a method that checks the call's arguments does).
+    """
+
+    def __init__(self, fail_on: set[str] | None = None, refuse_in_call: set[str] | None = None) -> None:
         self.calls: list[str] = []
         self.fail_on = set(fail_on or ())
+        self.refuse_in_call = set(refuse_in_call or ())
 
     def __call__(self, pipe, recipe: str):
         self.calls.append(recipe)
@@ -72,6 +78,8 @@ class FakeAccelerate:
         denoiser = pipe.unet
 
         def hook(module, args, output):
+            if recipe in self.refuse_in_call:
+                raise RecipeError(f"{recipe}: refused inside the call")
             return (output[0] * factor, *output[1:]) if isinstance(output, tuple) else output * factor
 
         pipe.effdiff = _Handle(pipe, denoiser.register_forward_hook(hook), recipe)

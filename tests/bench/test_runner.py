@@ -70,3 +70,12 @@ def test_refused_recipe_is_recorded_and_the_run_goes_on(tmp_path):
     refused = rows["deltadit"]
     assert refused["metric_set"] == "refused" and "unet" in refused["metrics"]["refused"]
     assert rows["ddim:steps=3"]["metrics"]["nfe"] == 3  # the recipe's steps, not the baseline's 2
+
+
+def test_a_refusal_inside_the_call_leaves_the_pipeline_clean_for_the_next_recipe(tmp_path):
+    run_id = _run(tmp_path, FakeAccelerate(refuse_in_call={"scale:0.5"}))
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        rows = {r["recipe"]: r for r in store.rows(run_id)}
+    assert rows["scale:0.5"]["metric_set"] == "refused"
+    assert "inside the call" in rows["scale:0.5"]["metrics"]["refused"]
+    assert rows["scale:0.9"]["metric_set"] == "full" and rows["scale:0.9"]["metrics"]["psnr"] < 60

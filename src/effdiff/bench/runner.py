@@ -98,7 +98,8 @@ class Caller:
     def _recipe_sets_steps(self) -> bool:
         handle = self.pipe.__dict__.get("effdiff")
         methods = getattr(handle, "methods", ())
-        return any("steps" in getattr(m, "values", {}) for m in methods)
+        # only a solver's steps are its speed-up; another method's `steps` (l2c's router) must match the bench's
+        return any(m.family == "solver" and "steps" in getattr(m, "values", {}) for m in methods)
 
     def __call__(self, indices: Sequence[int]) -> torch.Tensor:
         gens = [torch.Generator().manual_seed(self.seeds[i]) for i in indices]
@@ -178,9 +179,11 @@ def _cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig, devic
     switch.apply()
     apply_seconds = time.perf_counter() - start
     describe, labels = switch.describe_and_labels()
-    with NFECounter(find_denoiser(pipe)) as nfe, count_flops() as flops:
-        caller([0])
-    switch.remove()
+    try:
+        with NFECounter(find_denoiser(pipe)) as nfe, count_flops() as flops:
+            caller([0])
+    finally:  # a refusal raised inside the call must not leave the pipeline accelerated for the next recipe
+        switch.remove()
 
     base = _Instrumented(pipe, lambda: caller(batch), device)
     var = _Instrumented(pipe, lambda: caller(batch), device)
