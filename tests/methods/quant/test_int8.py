@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_tiny_sd, sample
 from torch import nn
 
@@ -70,13 +71,14 @@ def test_bad_quantizer_arguments_refused():
 def test_dynamic_int8_layers_match_float_within_quantization_error():
     torch.manual_seed(0)
     linear, conv = nn.Linear(64, 48), nn.Conv2d(16, 24, 3, padding=1, stride=2)
-    x, image = torch.randn(2, 7, 64), torch.randn(2, 16, 9, 9)
+    # after a SiLU: a zero point far from the middle (fbgemm's own dynamic conv gets these wrong by ~50 %)
+    x, image = F.silu(torch.randn(2, 7, 64) * 2), F.silu(torch.randn(2, 16, 9, 9) * 2)
     q_linear, q_conv = Int8DynamicLinear.from_float(linear), Int8DynamicConv2d.from_float(conv)
     with torch.no_grad():
         for q, f, inp in ((q_linear, linear, x), (q_conv, conv, image)):
             out, ref = q(inp), f(inp)
             assert out.shape == ref.shape and out.dtype == torch.float32
-            assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+            assert (out - ref).norm() < 0.04 * ref.norm()
     weight_only = WeightOnlyLinear.from_float(linear, 4, 16)
     assert weight_only.codes.dtype == torch.uint8 and weight_only.codes.numel() == linear.weight.numel() // 2
 
@@ -125,7 +127,7 @@ def test_nothing_selected_is_bit_identical(tiny_pipe):
     assert torch.equal(sample(tiny_pipe, steps=STEPS), baseline)
 
 
-@pytest.mark.parametrize("recipe", ["int8:min_features=1,min_channels=1",
+@pytest.mark.parametrize("recipe", ["int8:min_features=1,min_channels=1,convs=true",
                                     "int8:min_features=1,min_channels=1,convs=false",
                                     "int8wo", "int4wo:group=32"])
 def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
@@ -146,7 +148,7 @@ def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
 
 
 @needs_fbgemm
-@pytest.mark.parametrize("recipe", ["int8:min_features=1,min_channels=1", "int4wo:group=32"])
+@pytest.mark.parametrize("recipe", ["int8:min_features=1,min_channels=1,convs=true", "int4wo:group=32"])
 def test_save_and_reload_gives_identical_outputs(tiny_pipe, tmp_path, recipe):
     name = recipe.partition(":")[0]
     path = tmp_path / "quantized.safetensors"
@@ -173,7 +175,7 @@ def test_save_and_reload_gives_identical_outputs(tiny_pipe, tmp_path, recipe):
 def test_saved_file_is_smaller_with_integer_codes(tmp_path):
     pipe = make_tiny_sd()
     fp32 = sum(t.numel() * t.element_size() for t in pipe.unet.state_dict().values())
-    effdiff.accelerate(pipe, "int8:min_features=1,min_channels=1")
+    effdiff.accelerate(pipe, "int8:min_features=1,min_channels=1,convs=true")
     size = pipe.effdiff.methods[0].save(tmp_path / "q.safetensors")
     assert size < 0.6 * fp32
 
@@ -181,7 +183,7 @@ def test_saved_file_is_smaller_with_integer_codes(tmp_path):
 @needs_fbgemm
 def test_load_refuses_foreign_files(tiny_sd, tiny_dit, tmp_path):
     path = tmp_path / "q.safetensors"
-    effdiff.accelerate(tiny_sd, "int8:min_features=1,min_channels=1")
+    effdiff.accelerate(tiny_sd, "int8:min_features=1,min_channels=1,convs=true")
     tiny_sd.effdiff.methods[0].save(path)
     tiny_sd.effdiff.remove()
     with pytest.raises(RecipeError, match="holds a int8 model"):
@@ -199,7 +201,7 @@ def test_load_refuses_foreign_files(tiny_sd, tiny_dit, tmp_path):
 @needs_fbgemm
 def test_composes_with_deepcache_and_a_solver(tiny_sd):
     baseline = sample(tiny_sd, steps=6)
-    effdiff.accelerate(tiny_sd, "deepcache:interval=2+int8:min_features=1,min_channels=1+dpmpp2m:steps=6")
+    effdiff.accelerate(tiny_sd, "deepcache:interval=2+int8:min_features=1,min_channels=1,convs=true+dpmpp2m:steps=6")
     assert [m.name for m in tiny_sd.effdiff.methods] == ["dpmpp2m", "int8", "deepcache"]
     images = sample(tiny_sd, steps=6)
     assert torch.isfinite(images).all() and tiny_sd.effdiff.methods[-1].stats.cached > 0

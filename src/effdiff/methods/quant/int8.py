@@ -112,17 +112,17 @@ class Int8(KernelQuant):
     Paper: Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
     Inference" (arXiv 1712.05877, CVPR 2018): affine uint8 activations, symmetric int8 weights, int32
     accumulation, float rescale. Here the activation range is taken per call (dynamic, no calibration) and
-    the kernels are fbgemm's AVX2/AVX512 ones. Linears and kxk convs chosen by ``select.plan``.
+    the kernels are fbgemm's AVX2/AVX512 ones. Linears chosen by ``select.plan``; convs (im2col) on request.
     """
 
     name = "int8"
     devices = frozenset({"cpu"})
     paper = INTEGER_ARITHMETIC
-    summary = "int8 weights x dynamic int8 activations (fbgemm) on the wide linears and convs"
+    summary = "int8 weights x dynamic int8 activations (fbgemm) on the wide linears (convs optional)"
     params = {
         "min_features": Param(int, 128, 1, 65536, help="linears narrower than this (in or out) stay fp32"),
         "min_channels": Param(int, 32, 1, 65536, help="convs narrower than this (in or out) stay fp32"),
-        "convs": Param(bool, True, help="quantize kxk convs too (the U-Net's resnets); false = linears only"),
+        "convs": Param(bool, False, help="quantize convs too, by im2col (wins only on wide, small-spatial convs)"),
         "load": LOAD,
     }
 

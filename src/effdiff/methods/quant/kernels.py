@@ -2,10 +2,10 @@
 
 Why fbgemm: on an x86 CPU without AVX512-VNNI (this machine: AVX2 only) ``torch._int_mm`` and
 ``torch._weight_int8pack_mm`` fall back to reference loops (about 1 GFLOP/s, 50x slower than fp32), and
-that is what torchao's int8 tensors call in eager mode. fbgemm's dynamic-quantized linear and conv
-(``quantized::linear_dynamic`` / ``conv2d_dynamic``) use AVX2 ``vpmaddubsw`` and run about twice the fp32
-rate on wide layers. They quantize activations per tensor, asymmetric, with one bit less (``reduce_range``:
-u8 x s8 pairs summed in 16 bits must not saturate), so weights are int8 per output channel, symmetric.
+that is what torchao's int8 tensors call in eager mode. fbgemm's dynamic-quantized linear
+(``quantized::linear_dynamic``) uses AVX2 ``vpmaddubsw`` and runs up to about twice the fp32 rate on wide
+layers (convs go through it by im2col). It quantizes activations per tensor, asymmetric, with one bit less
+(``reduce_range``: u8 x s8 pairs summed in 16 bits must not saturate); weights are int8 per output channel.
 
 Weight-only layers keep int8 / packed int4 codes and dequantize per call into a float matmul: the point is
 memory and size on disk, not speed (the dequantization costs time; the compute stays float).
@@ -175,7 +175,12 @@ class Int8DynamicLinear(nn.Module):
 
 
 class Int8DynamicConv2d(nn.Module):
-    """``nn.Conv2d`` (groups 1, zero padding) as int8 weights x per-call int8 activations (fbgemm)."""
+    """``nn.Conv2d`` (groups 1, zero padding) as im2col + the int8 dynamic linear (fbgemm).
+
+    Not fbgemm's own ``quantized::conv2d_dynamic``: it is wrong whenever the activation's zero point is not
+    near the middle of the range (40-70 % relative error after a SiLU, measured; symmetric inputs hide it).
+    ``F.unfold`` costs one k*k-times larger copy of the activation, so it pays off on wide, small-spatial convs.
+    """
 
     kind = "w8a8"
 
@@ -188,10 +193,9 @@ class Int8DynamicConv2d(nn.Module):
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale.reshape(-1, 1, 1, 1))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+        flat = QuantizedWeight(codes.reshape(self.out_channels, -1), self.scale.reshape(-1, 1), 8)
         with _engine(ENGINE):
-            self._packed = torch.ops.quantized.conv2d_prepack(
-                _qint8(QuantizedWeight(codes, self.scale, 8)), self.bias, list(self.stride), list(self.padding),
-                list(self.dilation), 1)
+            self._packed = torch.ops.quantized.linear_prepack(_qint8(flat), self.bias)
 
     @classmethod
     def from_float(cls, layer: nn.Conv2d) -> Int8DynamicConv2d:
@@ -202,11 +206,19 @@ class Int8DynamicConv2d(nn.Module):
         return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.conv2d_dynamic(x.float().contiguous(), self._packed, True).to(x.dtype)
+        batch, _, height, width = x.shape
+        out_h, out_w = (
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip((height, width), self.padding, self.dilation, self.kernel_size, self.stride,
+                                        strict=True))
+        cols = F.unfold(x.float(), self.kernel_size, self.dilation, self.padding, self.stride)
+        out = torch.ops.quantized.linear_dynamic(cols.transpose(1, 2).reshape(-1, cols.shape[1]), self._packed, True)
+        return out.reshape(batch, out_h * out_w, self.out_channels).transpose(1, 2).reshape(
+            batch, self.out_channels, out_h, out_w).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, int8 x int8 (fbgemm dynamic)")
+                f"padding={self.padding}, int8 x int8 (im2col + fbgemm dynamic)")
 
 
 # ---------------------------------------------------------------- weight-only layers (memory, not speed)
