@@ -10,6 +10,7 @@ from effdiff.methods.quant import kernels, select
 from effdiff.methods.quant.kernels import (
     Int8DynamicConv2d,
     Int8DynamicLinear,
+    WeightOnlyConv2d,
     WeightOnlyLinear,
     pack_int4,
     quantize_weight,
@@ -81,6 +82,20 @@ def test_dynamic_int8_layers_match_float_within_quantization_error():
             assert (out - ref).norm() < 0.04 * ref.norm()
     weight_only = WeightOnlyLinear.from_float(linear, 4, 16)
     assert weight_only.codes.dtype == torch.uint8 and weight_only.codes.numel() == linear.weight.numel() // 2
+
+
+def test_int4_conv_groups_a_padded_fan_in():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 6, 3, padding=1)  # fan-in 45, padded to 64
+    q = WeightOnlyConv2d.from_float(conv, 4, 32)
+    assert q.codes.shape == (6, 32) and q.scale.shape == (6, 2)
+    weight = q.weight(torch.float32)
+    assert weight.shape == conv.weight.shape
+    step = q.scale.repeat_interleave(32, dim=1)[:, :45].reshape(conv.weight.shape)
+    assert ((weight - conv.weight).abs() <= step / 2 + 1e-7).all()
+    image = torch.randn(1, 5, 7, 7)
+    with torch.no_grad():
+        assert (q(image) - conv(image)).norm() < 0.2 * conv(image).norm()
 
 
 def test_engine_refused_off_the_cpu():

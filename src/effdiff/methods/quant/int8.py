@@ -158,33 +158,27 @@ class Int8WeightOnly(KernelQuant):
     def convert(self, layer: nn.Module) -> nn.Module:
         if isinstance(layer, nn.Linear):
             return WeightOnlyLinear.from_float(layer, 8)
-        return WeightOnlyConv2d.from_float(layer)
+        return WeightOnlyConv2d.from_float(layer, 8)
 
 
 class Int4WeightOnly(KernelQuant):
-    """int4 weights in groups of ``group`` inputs with one scale each, two codes per byte: 8x smaller linears.
+    """int4 weights in groups of ``group`` inputs with one scale each, two codes per byte: ~7x smaller.
 
     Paper: Dettmers & Zettlemoyer (arXiv 2212.09720): at 4 bits, small blocks (64-128) with their own scale
-    are what keeps round-to-nearest usable. Linears only (convs stay float): grouped int4 convs would need
-    a kernel; storing them dequantized gains nothing.
+    are what keeps round-to-nearest usable. A conv's fan-in (in x kh x kw) is grouped like a linear's inputs,
+    zero-padded to a multiple of ``group``.
     """
 
     name = "int4wo"
     devices = frozenset({"cpu", "cuda"})
     paper = KBIT
-    convs = False
-    summary = "int4 weight-only in groups (linears; memory and size)"
+    summary = "int4 weight-only in groups (memory and size; compute stays float)"
     params = {
         "group": Param(int, 64, choices=(32, 64, 128, 256), help="inputs sharing one scale"),
         "min_features": Param(int, 1, 1, 65536, help="layers narrower than this (in or out) stay float"),
         "load": LOAD,
     }
 
-    def plan(self) -> list[Decision]:
-        group = self.values["group"]
-        return [Decision(d.name, d.layer, False, f"input width not a multiple of group {group}")
-                if d.quantize and self.model.get_submodule(d.name).in_features % group else d
-                for d in super().plan()]
-
     def convert(self, layer: nn.Module) -> nn.Module:
-        return WeightOnlyLinear.from_float(layer, 4, self.values["group"])
+        cls = WeightOnlyLinear if isinstance(layer, nn.Linear) else WeightOnlyConv2d
+        return cls.from_float(layer, 4, self.values["group"])

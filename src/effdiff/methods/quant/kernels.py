@@ -224,66 +224,73 @@ class Int8DynamicConv2d(nn.Module):
 # ---------------------------------------------------------------- weight-only layers (memory, not speed)
 
 
-class WeightOnlyLinear(nn.Module):
-    """``nn.Linear`` holding int8 codes (``bits=8``, per channel) or packed int4 (``bits=4``, per group)."""
+class _WeightOnly(nn.Module):
+    """Integer weight codes, dequantized per call. 8 bits: one scale per output channel; 4 bits: one per
+    ``group`` consecutive inputs (the fan-in, zero-padded to a multiple of ``group``), two codes per byte."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int,
-                 group: int | None, in_features: int) -> None:
+                 group: int | None, shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.bits, self.group, self.in_features = bits, group, in_features
-        self.out_features = codes.shape[0]
+        self.bits, self.group, self.shape = bits, group, tuple(shape)
         self.kind = f"w{bits}a32"
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
-    @classmethod
-    def from_float(cls, layer: nn.Linear, bits: int, group: int | None = None) -> WeightOnlyLinear:
-        q = quantize_weight(layer.weight, bits, group)
-        codes = pack_int4(q.codes) if bits == 4 else q.codes
-        return cls(codes, q.scale, layer.bias, bits, group, layer.in_features)
+    @staticmethod
+    def encode(weight: torch.Tensor, bits: int, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = weight.detach().reshape(weight.shape[0], -1)
+        if group is not None:
+            flat = F.pad(flat, (0, -flat.shape[1] % group))
+        q = quantize_weight(flat, bits, group)
+        return (pack_int4(q.codes) if bits == 4 else q.codes), q.scale
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         codes = unpack_int4(self.codes) if self.bits == 4 else self.codes
-        return dequantize(codes, self.scale, self.group).to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight(x.dtype), bias)
+        fan_in = torch.Size(self.shape[1:]).numel()
+        return dequantize(codes, self.scale, self.group)[:, :fan_in].reshape(self.shape).to(dtype)
 
     def init_args(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group": self.group, "in_features": self.in_features}
+        return {"bits": self.bits, "group": self.group, "shape": self.shape}
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
+
+
+class WeightOnlyLinear(_WeightOnly):
+    """``nn.Linear`` with int8 (per channel) or packed int4 (per group) weights."""
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, bits: int, group: int | None = None) -> WeightOnlyLinear:
+        return cls(*cls.encode(layer.weight, bits, group), layer.bias, bits, group, tuple(layer.weight.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(x.dtype), self._bias(x.dtype))
 
     def extra_repr(self) -> str:
         grouping = f", group={self.group}" if self.group else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} weights{grouping}"
+        return f"in_features={self.shape[1]}, out_features={self.shape[0]}, int{self.bits} weights{grouping}"
 
 
-class WeightOnlyConv2d(nn.Module):
-    """``nn.Conv2d`` holding int8 codes per output channel, dequantized per call."""
+class WeightOnlyConv2d(_WeightOnly):
+    """``nn.Conv2d`` with int8 (per channel) or packed int4 (per group of the fan-in) weights."""
 
-    kind = "w8a32"
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]) -> None:
-        super().__init__()
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int,
+                 group: int | None, shape: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+                 dilation: tuple[int, ...]) -> None:
+        super().__init__(codes, scale, bias, bits, group, shape)
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
-        self.register_buffer("codes", codes)
-        self.register_buffer("scale", scale.reshape(-1, 1, 1, 1))
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     @classmethod
-    def from_float(cls, layer: nn.Conv2d) -> WeightOnlyConv2d:
-        q = quantize_weight(layer.weight, 8)
-        return cls(q.codes, q.scale, layer.bias, layer.stride, layer.padding, layer.dilation)
+    def from_float(cls, layer: nn.Conv2d, bits: int = 8, group: int | None = None) -> WeightOnlyConv2d:
+        return cls(*cls.encode(layer.weight, bits, group), layer.bias, bits, group, tuple(layer.weight.shape),
+                   layer.stride, layer.padding, layer.dilation)
 
     def init_args(self) -> dict[str, Any]:
-        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+        return {**super().init_args(), "stride": self.stride, "padding": self.padding, "dilation": self.dilation}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        weight = dequantize(self.codes, self.scale).to(x.dtype)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(x, self.weight(x.dtype), self._bias(x.dtype), self.stride, self.padding, self.dilation)
 
 
 LAYER_CLASSES: dict[str, type[nn.Module]] = {
