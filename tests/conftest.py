@@ -103,9 +103,31 @@ def tiny_dit() -> TinyDiTPipeline:
     return make_tiny_dit()
 
 
+def make_tiny(kind: str) -> TinySDPipeline | TinyDiTPipeline:
+    """The tiny pipeline of one backbone kind ("unet" or "dit")."""
+    return make_tiny_sd() if kind == "unet" else make_tiny_dit()
+
+
 @pytest.fixture(params=["unet", "dit"])
 def tiny_pipe(request):
-    return make_tiny_sd() if request.param == "unet" else make_tiny_dit()
+    return make_tiny(request.param)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """Calibrations and routers are written to (and read from) a per-test cache, never the user's."""
+    monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def split_cfg_calls(pipe: TinySDPipeline) -> None:
+    """Make the pipeline call its denoiser once per CFG half, as pipelines without batched CFG do."""
+    inner = type(pipe)._call_denoiser
+
+    def two_calls(x, t, text):
+        halves = [inner(pipe, xi, t, ti) for xi, ti in zip(x.chunk(2), text.chunk(2), strict=True)]
+        return torch.cat(halves)
+
+    pipe._call_denoiser = two_calls
 
 
 def sample(pipe, steps: int = 4, seed: int = 0, **kwargs) -> torch.Tensor:

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_tiny_dit, make_tiny_sd, sample
+from conftest import make_tiny_dit, make_tiny_sd, sample, split_cfg_calls
 
 import effdiff
 from effdiff import RecipeError
@@ -62,13 +62,7 @@ def test_key_step_schedules():
 
 def test_separate_cfg_calls_keep_separate_features():
     batched, separate = make_tiny_sd(), make_tiny_sd()
-    inner = type(separate)._call_denoiser
-
-    def two_calls(x, t, text):
-        halves = [inner(separate, xi, t, ti) for xi, ti in zip(x.chunk(2), text.chunk(2), strict=True)]
-        return torch.cat(halves)
-
-    separate._call_denoiser = two_calls
+    split_cfg_calls(separate)
     for pipe in (batched, separate):
         effdiff.accelerate(pipe, "faster:schedule=uniform,interval=2")
     a, b = sample(batched, steps=STEPS), sample(separate, steps=STEPS)

@@ -2,10 +2,11 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_dit, make_tiny_sd, sample
+from conftest import make_tiny, make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.eval.cost import find_denoiser
 from effdiff.methods.cache.l2c import LearningToCache, cache_plan, router_file
 
 STEPS = 6
@@ -13,22 +14,11 @@ KINDS = ("unet", "dit")
 QUICK = f"steps={STEPS},samples=1,epochs=2"  # a router trained in well under a second on the tiny models
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Routers are trained into (and read from) a per-test cache, never the user's."""
-    monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def _pipe(kind):
-    return make_tiny_sd() if kind == "unet" else make_tiny_dit()
-
-
-def _denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _no_patches(pipe):
-    denoiser = _denoiser(pipe)
+    denoiser = find_denoiser(pipe)
     return not any("forward" in vars(m) for m in denoiser.modules()) and not denoiser._forward_pre_hooks
 
 
@@ -36,7 +26,7 @@ def _layer_calls(pipe):
     from diffusers.models.attention import FeedForward
 
     calls = {"n": 0}
-    for m in _denoiser(pipe).modules():
+    for m in find_denoiser(pipe).modules():
         if isinstance(m, FeedForward):
             for leaf in m.modules():
                 if isinstance(leaf, torch.nn.Linear):
@@ -46,23 +36,23 @@ def _layer_calls(pipe):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_caching_nothing_is_bit_identical_and_training_leaves_the_model_alone(kind):
-    pipe = _pipe(kind)
-    before = {k: v.clone() for k, v in _denoiser(pipe).state_dict().items()}
+    pipe = make_tiny(kind)
+    before = {k: v.clone() for k, v in find_denoiser(pipe).state_dict().items()}
     baseline = sample(pipe, steps=STEPS)
     effdiff.accelerate(pipe, f"l2c:{QUICK},fraction=0")
     method = pipe.effdiff.methods[0]
     assert torch.equal(sample(pipe, steps=STEPS), baseline)
     assert method.stats.cached == 0 and method.stats.full == STEPS
     assert method.record["iterations"] == 2 * (STEPS // 2) and method.record["train_seconds"] > 0
-    assert all(p.grad is None and p.requires_grad for p in _denoiser(pipe).parameters())
-    assert all(torch.equal(v, before[k]) for k, v in _denoiser(pipe).state_dict().items())
+    assert all(p.grad is None and p.requires_grad for p in find_denoiser(pipe).parameters())
+    assert all(torch.equal(v, before[k]) for k, v in find_denoiser(pipe).state_dict().items())
     assert len(method.record["scores"]) == STEPS and method.record["scores"][0] is None
     assert all(0 < s < 1 for row in method.record["scores"][1::2] for s in row)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_caching_skips_layers_repeats_and_restores(kind):
-    pipe = _pipe(kind)
+    pipe = make_tiny(kind)
     calls = _layer_calls(pipe)
     baseline = sample(pipe, steps=STEPS)
     full = calls["n"]

@@ -2,10 +2,11 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_dit, make_tiny_sd, sample
+from conftest import make_tiny, make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.eval.cost import find_denoiser
 from effdiff.methods.cache.teacache import TeaCache, calibration_file, rescale
 from effdiff.methods.solvers.schedule import model_fingerprint
 
@@ -13,37 +14,26 @@ STEPS = 6
 KINDS = ("unet", "dit")
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Never read (or write) a calibration from the user's cache."""
-    monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def _pipe(kind):
-    return make_tiny_sd() if kind == "unet" else make_tiny_dit()
-
-
-def _denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _leaf_calls(pipe):
     calls = {"n": 0}
     kinds = (torch.nn.Linear, torch.nn.Conv2d)
-    for name, m in _denoiser(pipe).named_modules():
+    for name, m in find_denoiser(pipe).named_modules():
         if isinstance(m, kinds) and "blocks" in name:
             m.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     return calls
 
 
 def _no_patches(pipe):
-    denoiser = _denoiser(pipe)
+    denoiser = find_denoiser(pipe)
     return not any("forward" in vars(m) for m in denoiser.modules()) and not denoiser._forward_pre_hooks
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_threshold_zero_is_bit_identical(kind):
-    pipe = _pipe(kind)
+    pipe = make_tiny(kind)
     baseline = sample(pipe, steps=STEPS)
     effdiff.accelerate(pipe, "teacache:threshold=0")
     assert torch.equal(sample(pipe, steps=STEPS), baseline)
@@ -54,7 +44,7 @@ def test_threshold_zero_is_bit_identical(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_positive_threshold_skips_repeats_and_restores(kind):
-    pipe = _pipe(kind)
+    pipe = make_tiny(kind)
     calls = _leaf_calls(pipe)
     baseline = sample(pipe, steps=STEPS)
     full = calls["n"]
@@ -74,7 +64,7 @@ def test_positive_threshold_skips_repeats_and_restores(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_accumulator_first_warmup_and_last_steps_always_run(kind):
-    pipe = _pipe(kind)
+    pipe = make_tiny(kind)
     effdiff.accelerate(pipe, "teacache:threshold=100,warmup=2")
     sample(pipe, steps=STEPS)
     # steps 0, 1 (warmup) and 5 (last) run; the huge threshold lets 2, 3, 4 be served from cache
@@ -112,10 +102,10 @@ def test_separate_cfg_calls_keep_separate_accumulators():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_saved_calibration_is_picked_up(kind, tmp_path):
-    pipe = _pipe(kind)
+    pipe = make_tiny(kind)
     pipe.effdiff_model_name = f"tiny-{kind}"
     record = {"coefficients": [0.0, 0.5], "threshold": 2.0, "target": "psnr>=30",
-              "fingerprint": model_fingerprint(_denoiser(pipe))}
+              "fingerprint": model_fingerprint(find_denoiser(pipe))}
     path = calibration_file(pipe.effdiff_model_name)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(record))
@@ -136,7 +126,7 @@ def test_saved_calibration_is_picked_up(kind, tmp_path):
     assert pipe.effdiff.methods[0].source == "parameters"
     pipe.effdiff.remove()
     explicit = tmp_path / "mine.json"
-    explicit.write_text(json.dumps({**record, "fingerprint": model_fingerprint(_denoiser(pipe))}))
+    explicit.write_text(json.dumps({**record, "fingerprint": model_fingerprint(find_denoiser(pipe))}))
     effdiff.accelerate(pipe, f"teacache:calibration={explicit}")
     assert pipe.effdiff.methods[0].threshold == 2.0
 
@@ -177,13 +167,14 @@ def test_registry_declaration():
 def test_calibrate_fits_picks_and_is_reused(kind):
     from effdiff.methods.cache.teacache import calibrate
 
-    pipe = _pipe(kind)
+    pipe = make_tiny(kind)
     lines = []
     record = calibrate(pipe, ["a handwritten seven", "a handwritten two"], steps=STEPS, guidance=3.0,
                        target_psnr=20.0, thresholds=[0.05, 0.5, 5.0], log=lines.append)
     assert not hasattr(pipe, "effdiff") or not pipe.effdiff.methods  # the pipeline is left as it was
     assert len(record["coefficients"]) == record["degree"] + 1 and record["target"] == "psnr>=20"
-    assert record["fingerprint"] == model_fingerprint(_denoiser(pipe)) and record["threshold"] in (0.0, 0.05, 0.5, 5.0)
+    assert record["fingerprint"] == model_fingerprint(find_denoiser(pipe))
+    assert record["threshold"] in (0.0, 0.05, 0.5, 5.0)
     assert lines[0].split() == ["step", "rel.", "input", "change", "rel.", "output", "change"]
     assert len([line for line in lines if line.split()[0].isdigit()]) == STEPS - 1  # steps 1..5 have a change
     assert record["threshold"] == 0.0 or record["psnr"] >= 20.0

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from _stock import build, generate
-from conftest import TEXT_DIM, make_tiny_dit, make_tiny_sd, sample
+from conftest import TEXT_DIM, make_tiny_dit, make_tiny_sd, sample, split_cfg_calls
 
 import effdiff
 from effdiff import RecipeError
@@ -94,13 +94,7 @@ def test_odd_grids(kind, size, recipe):
 def test_batched_cfg_matches_separate_calls(recipe):
     """Matching is per batch element and the partition per (step, block): CFG batched or split agree."""
     batched, separate = make_tiny_sd(), make_tiny_sd()
-    inner = type(separate)._call_denoiser
-
-    def two_calls(x, t, text):
-        halves = [inner(separate, xi, t, ti) for xi, ti in zip(x.chunk(2), text.chunk(2), strict=True)]
-        return torch.cat(halves)
-
-    separate._call_denoiser = two_calls
+    split_cfg_calls(separate)
     for pipe in (batched, separate):
         effdiff.accelerate(pipe, recipe)
     assert torch.allclose(sample(batched, steps=STEPS), sample(separate, steps=STEPS), atol=1e-5)
