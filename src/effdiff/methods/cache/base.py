@@ -61,8 +61,9 @@ def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def first_tensor(out: Any) -> torch.Tensor:
-    """The hidden output of a block: U-Net down blocks return ``(hidden, skips)``, others a tensor."""
-    return out[0] if isinstance(out, tuple) else out
+    """The hidden output of a block or model: U-Net down blocks return ``(hidden, skips)``, stock diffusers
+    models a ``ModelOutput`` (indexable like a tuple), others a tensor."""
+    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def relative_l1(new: torch.Tensor, old: torch.Tensor) -> float:
