@@ -116,19 +116,23 @@ def measure(model: str, pipe: Any, px: int, args: argparse.Namespace) -> list[di
     return rows
 
 
-def save(rows: list[dict[str, Any]], args: argparse.Namespace, started: float) -> Path:
-    path = OUT / "breakeven.json"
+def merge_rows(path: Path, header: dict[str, Any], rows: list[dict[str, Any]], started: float) -> Path:
+    """Write ``header`` and ``rows`` to ``path``, keeping earlier rows of other (model, px, variant) keys."""
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.exists() else {}
     fresh = {(r["model"], r["px"], r["variant"]) for r in rows}
     kept = [r for r in existing.get("rows", []) if (r["model"], r["px"], r["variant"]) not in fresh]
-    result = {"benchmark": "tokens_breakeven", "label": "speed-only", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "what": "one denoiser forward, CFG batch 2, float32, cpu", "reps": args.reps, "ratio": args.ratio,
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "machine": f"{platform.machine()} {platform.processor()}",
+    result = {**header, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}",
               "seconds": round(time.time() - started, 1), "rows": kept + rows}
     path.write_text(json.dumps(result, indent=1))
     return path
+
+
+def save(rows: list[dict[str, Any]], args: argparse.Namespace, started: float) -> Path:
+    header = {"benchmark": "tokens_breakeven", "label": "speed-only",
+              "what": "one denoiser forward, CFG batch 2, float32, cpu", "reps": args.reps, "ratio": args.ratio}
+    return merge_rows(OUT / "breakeven.json", header, rows, started)
 
 
 def plot() -> Path:

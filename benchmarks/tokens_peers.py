@@ -17,8 +17,6 @@ implementations, not quality).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokens_breakeven import OUT, Switch, round_robin
+from tokens_breakeven import OUT, Switch, merge_rows, round_robin
 
 import effdiff
 from effdiff.eval.fidelity import psnr
@@ -102,18 +100,9 @@ def sd15(args: argparse.Namespace, px: int) -> list[dict[str, Any]]:
 
 
 def save(rows: list[dict[str, Any]], args: argparse.Namespace, started: float) -> Path:
-    path = OUT / "peers.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(path.read_text()) if path.exists() else {}
-    fresh = {(r["model"], r["px"], r["variant"]) for r in rows}
-    kept = [r for r in existing.get("rows", []) if (r["model"], r["px"], r["variant"]) not in fresh]
-    result = {"benchmark": "tokens_peers", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "labels": {"tiny-sd": "trained", "sd15-arch": "speed-only"}, "guidance": 4.0, "reps": args.reps,
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "machine": f"{platform.machine()} {platform.processor()}",
-              "seconds": round(time.time() - started, 1), "rows": kept + rows}
-    path.write_text(json.dumps(result, indent=1))
-    return path
+    header = {"benchmark": "tokens_peers", "labels": {"tiny-sd": "trained", "sd15-arch": "speed-only"},
+              "guidance": 4.0, "reps": args.reps}
+    return merge_rows(OUT / "peers.json", header, rows, started)
 
 
 def main() -> None:
