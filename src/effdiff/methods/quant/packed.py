@@ -74,9 +74,12 @@ class LayerQuant:
                    zero.to(torch.int16), list(segments), **extra)
 
     def weight(self, original: torch.Tensor) -> torch.Tensor:
-        """The dequantized weight the fake-quant layer multiplies with (``original`` when not quantized)."""
+        """The dequantized weight the fake-quant layer multiplies with (``original``, times ``smooth`` if any,
+        when not quantized)."""
         if self.codes is None or self.scale is None or self.zero is None:
-            return original.detach()
+            if self.smooth is None:
+                return original.detach()
+            return original.detach() * self.smooth.reshape(1, -1, *([1] * (original.ndim - 2)))
         qmin, qmax = levels(self.wbits, self.symmetric)
         numel = 1
         for n in self.shape:
