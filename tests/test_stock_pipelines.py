@@ -47,11 +47,8 @@ CACHES = {
 }
 # Flux's two-stream (joint) blocks are not supported by the block-segment caches yet: refused in apply.
 RUNS = {"sd": ("fbcache", "taylorseer", "fora", "deepcache", "teacache", "faster", "l2c"),
-        "pixart": ("fbcache", "taylorseer", "fora", "deltadit", "teacache"),
+        "pixart": ("fbcache", "taylorseer", "fora", "deltadit", "teacache", "l2c"),
         "dit": ("fbcache", "taylorseer", "fora", "deltadit", "teacache", "l2c"), "flux": ("fora", "l2c")}
-# Known gaps, not refusals: l2c trains its router by calling the pipeline with its default arguments, and stock
-# PixArtAlphaPipeline's default resolution binning rejects the test transformer's sample size.
-GAPS = {"pixart": {"l2c"}}
 CACHE_CASES = [(n, m) for n in NAMES for m in RUNS[n]]
 
 REFUSALS = [
@@ -135,7 +132,7 @@ def test_registry_backbones_match_the_cases():
     for name, kind in kinds.items():
         declared = {n for n in caches if kind in all_methods()[n].backbones}
         refused = {r.split(":")[0] for n, r, _ in REFUSALS if n == name and "+" not in r}
-        assert declared - set(RUNS[name]) <= refused | GAPS.get(name, set()), name
+        assert declared - set(RUNS[name]) <= refused, name
 
 
 @pytest.mark.parametrize("pipeline", NAMES, indirect=True)

@@ -86,8 +86,11 @@ def _run(pipe: Any, prompts: list[str], steps: int, guidance: float, seed: int) 
     params = inspect.signature(pipe.__call__).parameters
     # class-conditional pipelines (DiTPipeline) take labels, not prompts: one fixed class per calibration sample
     condition = list(range(len(prompts))) if "class_labels" in params and "prompt" not in params else prompts
+    # PixArt-style pipelines bin the default size to their aspect-ratio table, which refuses models whose
+    # sample size is not in it; calibration runs at the model's own size, so the binning is turned off
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in params else {}
     out = pipe(condition, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-               output_type="pt", return_dict=False)[0]
+               output_type="pt", return_dict=False, **extra)[0]
     return torch.as_tensor(out).float()
 
 
