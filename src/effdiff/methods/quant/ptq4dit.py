@@ -139,35 +139,44 @@ class PTQ4DiT(QuantMethod):
             steps[key] = amax if key not in steps else torch.maximum(steps[key], amax)
 
         with LayerInputs(target_layers(self.adapter), record):  # beside observe()'s own hooks, same pipeline run
-            layers, observers, order, _ = self.observe(pipe, keep_values=keep)
+            layers, observers, order, _ = self.observe(pipe, keep_values=keep and not self.values["balance"])
         self._rhos: list[float] = []
-        self._steps = 0
+        self._steps = len(per_step[order[0]])
         if not self.values["balance"]:
             return {n: balanced_layer(layers[n], None, observers[n], wbits, abits, method, pct) for n in order}
-        factors, rhos = {}, []
-        for name in order:
-            w_sal = weight_salience(layers[name].weight)
-            steps = torch.stack(list(per_step[name].values()))
-            if steps.shape[1] != w_sal.numel():
-                raise RecipeError(f"ptq4dit: the inputs {name} saw do not match its weight's input channels")
-            if self.values["ssc"]:
-                x_sal, rho = calibrated_salience(steps, w_sal)
-                rhos.extend(rho.tolist())
-            else:
-                x_sal = steps.amax(0)
-            factors[name] = smoothing(x_sal, w_sal, 0.5)
-        self._rhos, self._steps = rhos, steps.shape[0]
-        balanced: dict[str, Observer] = {}
-        if is_quantized(abits):
-            def observe_balanced(name: str, module: nn.Module, x: torch.Tensor) -> None:
-                conv = isinstance(module, nn.Conv2d)
-                balanced.setdefault(name, Observer(conv, keep_values=keep)).update(
-                    x / factors[name].reshape(channel_shape(x, conv)))
-
-            with LayerInputs({n: layers[n] for n in order}, observe_balanced):
-                run_pipeline(pipe, calibration_prompts(pipe, self.values["prompts"]), self.values["seed"],
-                             self.values["steps"])
+        factors = {name: self._factors(name, layers[name], per_step[name]) for name in order}
+        balanced = self._observe_balanced(pipe, {n: layers[n] for n in order}, factors, keep) \
+            if is_quantized(abits) else {}
         return {n: balanced_layer(layers[n], factors[n], balanced.get(n), wbits, abits, method, pct) for n in order}
+
+    def _factors(self, name: str, module: nn.Module, per_step: dict[float, torch.Tensor]) -> torch.Tensor:
+        """CSB factors ``B = sqrt(s(X) / s(W))`` of one layer, ``s(X)`` from SSC (or the maximum over steps)."""
+        w_sal = weight_salience(module.weight)
+        steps = torch.stack(list(per_step.values()))
+        if steps.shape[1] != w_sal.numel():
+            raise RecipeError(f"ptq4dit: the inputs {name} saw do not match its weight's input channels")
+        if self.values["ssc"]:
+            x_sal, rhos = calibrated_salience(steps, w_sal)
+            self._rhos.extend(rhos.tolist())
+        else:
+            x_sal = steps.amax(0)
+        return smoothing(x_sal, w_sal, 0.5)
+
+    def _observe_balanced(self, pipe: Any, layers: dict[str, nn.Module], factors: dict[str, torch.Tensor],
+                          keep: bool) -> dict[str, Observer]:
+        """A second calibration run observing each layer's *balanced* input ``X / B`` for its activation grid."""
+        observers: dict[str, Observer] = {}
+
+        def visit(name: str, module: nn.Module, x: torch.Tensor) -> None:
+            conv = isinstance(module, nn.Conv2d)
+            if name not in observers:
+                observers[name] = Observer(conv, keep_values=keep)
+            observers[name].update(x / factors[name].reshape(channel_shape(x, conv)))
+
+        with LayerInputs(layers, visit):
+            run_pipeline(pipe, calibration_prompts(pipe, self.values["prompts"]), self.values["seed"],
+                         self.values["steps"])
+        return observers
 
     def calibration_notes(self) -> dict[str, Any]:
         notes: dict[str, Any] = {"kept_float": self._kept_float, "timesteps": self._steps}
