@@ -7,6 +7,7 @@ from effdiff.methods.cache.faster import FasterDiffusion
 from effdiff.methods.cache.fora import Fora
 from effdiff.methods.cache.l2c import LearningToCache
 from effdiff.methods.cache.teacache import TeaCache
+from effdiff.methods.cache.toca import ToCa
 
 __all__ = ["CacheMethod", "CacheStats", "DeepCache", "DeltaDiT", "FasterDiffusion", "FirstBlockCache", "Fora",
-           "LearningToCache", "TaylorSeer", "TeaCache"]
+           "LearningToCache", "TaylorSeer", "TeaCache", "ToCa"]
