@@ -14,8 +14,10 @@ their channel axis (1 for conv inputs ``NCHW``, the last for linear inputs) with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +25,15 @@ from torch import nn
 
 from effdiff.registry import RecipeError
 
+if TYPE_CHECKING:
+    from effdiff.context import StepContext
+
 FLOAT_BITS = (16, 32)  # "not quantized": the layer keeps its floating-point weights / inputs
 BITS = (2, 3, 4, 5, 6, 7, 8, *FLOAT_BITS)
 RANGES = ("minmax", "percentile", "mse")
 VALUES_PER_CALL = 4096  # activation values an observer keeps per call for percentile / MSE ranges
 MSE_GRID = 40  # shrink factors tried by the MSE range search
+TIME_GRIDS_KEPT = 1024  # timestep grids a TimestepActivation keeps before starting afresh
 
 
 def check_bits(method: str, wbits: int, abits: int) -> None:
@@ -179,6 +185,7 @@ class Observer:
         self.hi: torch.Tensor | None = None
         self.absmax: torch.Tensor | None = None
         self.values: list[list[torch.Tensor]] = []
+        self.call_extremes: list[tuple[torch.Tensor, torch.Tensor]] = []  # per call: (lo, hi) per segment
         self.calls = 0
         self.channels = 0
 
@@ -189,6 +196,7 @@ class Observer:
         parts = [rows[a:b].reshape(-1) for a, b in zip(segments[:-1], segments[1:], strict=True)]
         lo = torch.stack([p.min() for p in parts])
         hi = torch.stack([p.max() for p in parts])
+        self.call_extremes.append((lo, hi))
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
         if self.per_channel:
@@ -199,22 +207,34 @@ class Observer:
             self.values.append(kept)
         self.calls += 1
 
-    def grid(self, bits: int, method: str, percentile: float = 99.99) -> Grid:
-        """Static per-segment asymmetric grid; scale/zero shaped ``(n_segments,)``."""
+    def range(self, bits: int, method: str, percentile: float = 99.99,
+              calls: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, hi)`` per segment over every call seen, or over the ``calls`` listed (e.g. one timestep's)."""
         if self.lo is None or self.hi is None:
             raise RuntimeError("observer saw no data")
+        if calls is None:
+            lo, hi, kept = self.lo, self.hi, self.values
+        else:
+            lo = torch.stack([self.call_extremes[i][0] for i in calls]).amin(0)
+            hi = torch.stack([self.call_extremes[i][1] for i in calls]).amax(0)
+            kept = [self.values[i] for i in calls] if self.values else []
         if method == "minmax":
-            return grid_from_range(self.lo, self.hi, bits, symmetric=False)
+            return lo, hi
         los, his = [], []
-        for s in range(len(self.lo)):
-            values = torch.cat([call[s] for call in self.values])[None]
+        for s in range(len(lo)):
+            values = torch.cat([call[s] for call in kept])[None]
             if method == "percentile":
-                lo, hi = value_range(values, method, bits, False, percentile)
+                seg_lo, seg_hi = value_range(values, method, bits, False, percentile)
             else:  # MSE over the kept values, starting from the exact extremes
-                lo, hi = _shrunk_mse(values, self.lo[s:s + 1], self.hi[s:s + 1], bits, False)
-            los.append(lo[0])
-            his.append(hi[0])
-        return grid_from_range(torch.stack(los), torch.stack(his), bits, symmetric=False)
+                seg_lo, seg_hi = _shrunk_mse(values, lo[s:s + 1], hi[s:s + 1], bits, False)
+            los.append(seg_lo[0])
+            his.append(seg_hi[0])
+        return torch.stack(los), torch.stack(his)
+
+    def grid(self, bits: int, method: str, percentile: float = 99.99) -> Grid:
+        """Static per-segment asymmetric grid; scale/zero shaped ``(n_segments,)``."""
+        lo, hi = self.range(bits, method, percentile)
+        return grid_from_range(lo, hi, bits, symmetric=False)
 
 
 @dataclass
@@ -256,6 +276,88 @@ class DynamicActivation:
         return out.movedim(-1, axis)
 
 
+@dataclass
+class TimeGridNet:
+    """TDQ's interval generator: one tiny MLP per (layer, input segment) *unit*, batched over units.
+
+    The timestep, normalised as ``u = t / t_scale``, is Fourier-encoded (``sin`` and ``cos`` of
+    ``pi * 2^k * u`` for ``k < bands``), goes through two ReLU layers of ``hidden`` units and comes out as two
+    numbers; softplus keeps them positive, so the range is ``lo = -softplus(o0) * ref``, ``hi = softplus(o1) *
+    ref`` (``ref``: the unit's static range, so the outputs are of order one). Stored flat, one row per unit:
+    ``[bands, hidden, t_scale, ref, W1, b1, W2, b2, W3, b3]``.
+    """
+
+    bands: int
+    hidden: int
+    t_scale: torch.Tensor  # (units,)
+    ref: torch.Tensor  # (units,)
+    params: list[torch.Tensor]  # W1 (units, hidden, 2 bands), b1, W2, b2, W3 (units, 2, hidden), b3
+
+    HEADER = 4
+
+    @staticmethod
+    def shapes(bands: int, hidden: int) -> list[tuple[int, ...]]:
+        return [(hidden, 2 * bands), (hidden,), (hidden, hidden), (hidden,), (2, hidden), (2,)]
+
+    def ranges(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, hi)``, each ``(units, T)``, at timesteps ``t`` of shape ``(units, T)``."""
+        freqs = math.pi * 2.0 ** torch.arange(self.bands, dtype=torch.float32)
+        angles = (t / self.t_scale[:, None])[..., None] * freqs
+        x = torch.cat([angles.sin(), angles.cos()], -1)
+        w1, b1, w2, b2, w3, b3 = self.params
+        h = torch.relu(torch.einsum("uhk,utk->uth", w1, x) + b1[:, None])
+        h = torch.relu(torch.einsum("uij,utj->uti", w2, h) + b2[:, None])
+        out = F.softplus(torch.einsum("uoh,uth->uto", w3, h) + b3[:, None]) * self.ref[:, None, None]
+        return -out[..., 0], out[..., 1]
+
+    def flat(self) -> torch.Tensor:
+        units = len(self.ref)
+        header = torch.stack([torch.full((units,), float(self.bands)), torch.full((units,), float(self.hidden)),
+                              self.t_scale.float(), self.ref.float()], 1)
+        return torch.cat([header, *(p.detach().reshape(units, -1) for p in self.params)], 1).float().contiguous()
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor) -> TimeGridNet:
+        bands, hidden = int(flat[0, 0]), int(flat[0, 1])
+        params, at = [], cls.HEADER
+        for shape in cls.shapes(bands, hidden):
+            size = math.prod(shape)
+            params.append(flat[:, at:at + size].reshape(len(flat), *shape))
+            at += size
+        if at != flat.shape[1]:
+            raise ValueError(f"a timestep grid generator row has {flat.shape[1]} values, expected {at}")
+        return cls(bands, hidden, flat[:, 2], flat[:, 3], params)
+
+
+class TimestepActivation:
+    """Per-tensor (per segment) activation grid that is a function of the current timestep (TDQ).
+
+    The timestep is read at call time from the step context; each distinct timestep's grid is generated once
+    and kept, so sampling pays the generator once per step, not per call (the paper's pre-computed intervals).
+    """
+
+    def __init__(self, net: TimeGridNet, bits: int, segments: list[int], conv: bool, clock: StepContext) -> None:
+        self.net, self.bits, self.segments, self.conv, self.clock = net, bits, segments, conv, clock
+        self._grids: dict[float, StaticActivation] = {}
+
+    def at(self, t: float) -> StaticActivation:
+        """The static grid this layer uses at timestep ``t``."""
+        if t not in self._grids:
+            if len(self._grids) >= TIME_GRIDS_KEPT:
+                self._grids.clear()
+            with torch.no_grad():
+                lo, hi = self.net.ranges(torch.full((len(self.net.ref), 1), float(t)))
+            self._grids[t] = StaticActivation(grid_from_range(lo[:, 0], hi[:, 0], self.bits, symmetric=False),
+                                              self.segments, self.conv)
+        return self._grids[t]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.clock.timestep
+        if t is None:
+            raise RuntimeError("the denoiser ran without a timestep; a timestep-dependent activation grid needs one")
+        return self.at(t)(x)
+
+
 # ---------------------------------------------------------------- the layer that runs in place of a Linear/Conv2d
 
 
@@ -267,7 +369,7 @@ class FakeQuantLayer:
     """
 
     def __init__(self, module: nn.Module, weight: torch.Tensor, activation: StaticActivation |
-                 DynamicActivation | None = None, smooth: torch.Tensor | None = None,
+                 DynamicActivation | TimestepActivation | None = None, smooth: torch.Tensor | None = None,
                  low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.module, self.weight, self.activation = module, weight, activation
         self.conv = isinstance(module, nn.Conv2d)

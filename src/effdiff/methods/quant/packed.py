@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +23,15 @@ from effdiff.methods.quant.fake import (
     FakeQuantLayer,
     Grid,
     StaticActivation,
+    TimeGridNet,
+    TimestepActivation,
     expand_segments,
     is_quantized,
     levels,
 )
+
+if TYPE_CHECKING:
+    from effdiff.context import StepContext
 
 FORMAT = "effdiff-lowbit-1"
 
@@ -62,6 +67,7 @@ class LayerQuant:
     act_zero: torch.Tensor | None = None
     act_segments: list[int] = field(default_factory=list)
     act_group: int = 0  # > 0: dynamic per-token groups of this many channels, symmetric
+    act_gen: torch.Tensor | None = None  # (n_act_segments, P): TDQ's timestep -> grid generator (TimeGridNet rows)
     smooth: torch.Tensor | None = None  # (in,) divides the input, multiplied into the weight
     down: torch.Tensor | None = None  # bf16 low-rank branch: x -> down -> up
     up: torch.Tensor | None = None
@@ -90,23 +96,30 @@ class LayerQuant:
                     expand_segments(self.zero.float(), self.segments, ndim), qmin, qmax)
         return grid.dequantize(codes)
 
-    def activation(self, conv: bool) -> StaticActivation | DynamicActivation | None:
+    def activation(self, conv: bool, clock: StepContext | None = None) -> (StaticActivation | DynamicActivation |
+                                                                            TimestepActivation | None):
+        """The input quantizer; a timestep-dependent one reads the current timestep from ``clock``."""
         if not is_quantized(self.abits):
             return None
         if self.act_group:
             return DynamicActivation(self.abits, self.act_group, conv)
+        if self.act_gen is not None:
+            if clock is None:
+                raise ValueError("a timestep-dependent activation grid needs the step context")
+            return TimestepActivation(TimeGridNet.from_flat(self.act_gen.float()), self.abits, self.act_segments, conv,
+                                      clock)
         if self.act_scale is None or self.act_zero is None:
             raise ValueError("a static activation grid needs its scale and zero point")
         qmin, qmax = levels(self.abits, False)
         return StaticActivation(Grid(self.act_scale, self.act_zero.float(), qmin, qmax), self.act_segments, conv)
 
-    def layer(self, module: nn.Module) -> FakeQuantLayer:
+    def layer(self, module: nn.Module, clock: StepContext | None = None) -> FakeQuantLayer:
         low_rank = (self.down.float(), self.up.float()) if self.down is not None and self.up is not None else None
-        return FakeQuantLayer(module, self.weight(module.weight), self.activation(isinstance(module, nn.Conv2d)),
-                              self.smooth, low_rank)
+        return FakeQuantLayer(module, self.weight(module.weight),
+                              self.activation(isinstance(module, nn.Conv2d), clock), self.smooth, low_rank)
 
     # --- storage -------------------------------------------------------------------------------------
-    _TENSORS = ("codes", "scale", "zero", "act_scale", "act_zero", "smooth", "down", "up")
+    _TENSORS = ("codes", "scale", "zero", "act_scale", "act_zero", "smooth", "down", "up", "act_gen")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k).contiguous() for k in self._TENSORS if getattr(self, k) is not None}

@@ -11,6 +11,7 @@ import json
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -24,7 +25,6 @@ from effdiff.methods.quant.fake import (
     ForwardPatches,
     Grid,
     Observer,
-    StaticActivation,
     check_bits,
     is_quantized,
     weight_grid,
@@ -79,6 +79,7 @@ class QuantMethod(Method):
     # --- lifecycle -----------------------------------------------------------------------------------
     def apply(self, pipe: Any, ctx: StepContext) -> None:
         self.adapter: Adapter = adapter_for(pipe)
+        self.ctx = ctx
         model = self.adapter.model
         fingerprint = model_fingerprint(model)
         if self.values["calibration"]:
@@ -100,7 +101,7 @@ class QuantMethod(Method):
                     _MEMO.popitem(last=False)
         modules = dict(model.named_modules())
         for name, record in self.layers.items():
-            self._patches.install(modules[name], record.layer(modules[name]))
+            self._patches.install(modules[name], record.layer(modules[name], ctx))
 
     def remove(self) -> None:
         self._patches.restore()
@@ -264,8 +265,8 @@ class Moments:
     for convolutions).
     """
 
-    def __init__(self, module: nn.Module, activation: StaticActivation | None, rows_per_call: int,
-                 seed: int) -> None:
+    def __init__(self, module: nn.Module, activation: Callable[[torch.Tensor], torch.Tensor] | None,
+                 rows_per_call: int, seed: int) -> None:
         self.module, self.activation, self.rows_per_call = module, activation, rows_per_call
         self.generator = torch.Generator().manual_seed(seed)
         d = module.weight[0].numel()
@@ -386,19 +387,22 @@ class QDiffusion(QuantMethod):
     }
 
     def calibrate(self, pipe: Any) -> dict[str, LayerQuant]:
-        wbits, abits, seed = self.values["wbits"], self.values["abits"], self.values["seed"]
         layers, observers, order, splits = self.observe(pipe, keep_values=True, split=self.values["split"])
-        acts = {name: static_activation(observers[name], abits, "mse", 100.0) for name in order}
+        acts = {name: static_activation(observers[name], self.values["abits"], "mse", 100.0) for name in order}
+        return self.reconstruct(pipe, layers, observers, order, splits, acts)
+
+    def reconstruct(self, pipe: Any, layers: dict[str, nn.Module], observers: dict[str, Observer], order: list[str],
+                    splits: dict[str, int], acts: dict[str, dict[str, Any]]) -> dict[str, LayerQuant]:
+        """Weights by MSE grids + AdaRound against each layer's *quantized* inputs (``acts``: its LayerQuant
+        activation fields), seen over a second calibration call; returns the layers' records."""
+        wbits, seed = self.values["wbits"], self.values["seed"]
         moments = {}
         for i, name in enumerate(order):
-            module, act = layers[name], acts[name]
-            static = None
-            if is_quantized(abits):
-                qmin, qmax = 0, 2**abits - 1
-                static = StaticActivation(Grid(act["act_scale"], act["act_zero"], qmin, qmax),
-                                          act["act_segments"], isinstance(module, nn.Conv2d))
+            module = layers[name]
+            quantizer = LayerQuant(list(module.weight.shape), wbits, **acts[name]).activation(
+                isinstance(module, nn.Conv2d), self.ctx)
             per_call = math.ceil(self.values["rows"] / max(observers[name].calls, 1))
-            moments[name] = Moments(module, static, per_call, seed * 100_003 + i)
+            moments[name] = Moments(module, quantizer, per_call, seed * 100_003 + i)
         with LayerInputs({n: layers[n] for n in order}, lambda n, m, x: moments[n].update(x)):
             run_pipeline(pipe, calibration_prompts(pipe, self.values["prompts"]), seed, self.values["steps"])
         out, errors = {}, []
