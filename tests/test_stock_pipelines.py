@@ -44,11 +44,12 @@ CACHES = {
     "teacache": ("teacache:threshold=10,calibration=none", "teacache:threshold=0"),
     "faster": ("faster:schedule=uniform,interval=2", "faster:schedule=uniform,interval=1"),
     "l2c": ("l2c:steps=3,samples=1,epochs=2,fraction=0.3", "l2c:steps=3,samples=1,epochs=2,fraction=0"),
+    "toca": ("toca:interval=2,ratio=0.5,attn=1,influence=1", "toca:interval=1"),
 }
 # Flux's two-stream (joint) blocks are not supported by the block-segment caches yet: refused in apply.
-RUNS = {"sd": ("fbcache", "taylorseer", "fora", "deepcache", "teacache", "faster", "l2c"),
-        "pixart": ("fbcache", "taylorseer", "fora", "deltadit", "teacache", "l2c"),
-        "dit": ("fbcache", "taylorseer", "fora", "deltadit", "teacache", "l2c"), "flux": ("fora", "l2c")}
+RUNS = {"sd": ("fbcache", "taylorseer", "fora", "deepcache", "teacache", "faster", "l2c", "toca"),
+        "pixart": ("fbcache", "taylorseer", "fora", "deltadit", "teacache", "l2c", "toca"),
+        "dit": ("fbcache", "taylorseer", "fora", "deltadit", "teacache", "l2c", "toca"), "flux": ("fora", "l2c")}
 CACHE_CASES = [(n, m) for n in NAMES for m in RUNS[n]]
 
 REFUSALS = [
@@ -63,6 +64,7 @@ REFUSALS = [
     ("flux", "taylorseer:interval=2", "two-stream \\(joint\\) blocks"),
     ("flux", "deltadit", "two-stream \\(joint\\) blocks"),
     ("flux", "teacache", "two-stream \\(joint\\) blocks"),
+    ("flux", "toca", "no BasicTransformerBlock"),
     ("flux", "fora+deltadit", "cannot be stacked"),
     ("flux", "euler:steps=3", "rectified flow"),
     ("flux", "dpmpp2m:steps=3", "rectified flow"),
