@@ -58,7 +58,8 @@ def prediction_rows(x: torch.Tensor, channels: int) -> torch.Tensor:
 class Correction:
     """Per calibrated timestep (ascending): ``k`` (per tensor), ``mu`` (per prediction channel) and the second
     moments of the corrected residual ``[E r_u^2, E r_c^2, E r_u r_c]`` of the unconditional and conditional CFG
-    halves (all three equal for unguided calls). Fitted in the model's own output space (``prediction_type``)."""
+    halves (all three equal for unguided calls; a CFG call is taken as one batch, unconditional half first, as
+    diffusers pipelines run it). Fitted in the model's own output space (``prediction_type``)."""
 
     timesteps: list[float]
     k: list[float]
