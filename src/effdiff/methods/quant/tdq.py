@@ -107,7 +107,7 @@ class TDQuant(QDiffusion):
       regression to the per-timestep ranges (``fit`` Adam steps, error in units of each step's span), which
       sees only the tens of calibrated timesteps, so the frequencies stop at a period of ``1 / 2^(bands-1)`` of
       the timestep range: higher ones would wiggle between calibrated steps. The stored form is the MLP
-      weights (about 0.5 KB per layer at the defaults) rather than a per-timestep table, so any timestep has
+      weights (150 float32 values, 0.6 KB, per layer input segment at the defaults) rather than a per-timestep table, so any timestep has
       a grid without choosing an interpolation and the size does not grow with the step count;
     - weights: Q-Diffusion's per-output-channel MSE grids and AdaRound (``iters``; 0 rounds to nearest), with
       the layer inputs quantized by their timestep grids during the reconstruction (``qdiffusion`` reused).
@@ -127,7 +127,7 @@ class TDQuant(QDiffusion):
         "range": Param(str, "mse", choices=("minmax", "mse"),
                        help="per-timestep range: min-max or least squared error"),
         "bands": Param(int, 3, 1, 8, help="sin/cos frequency pairs of the timestep encoding"),
-        "hidden": Param(int, 16, 2, 128, help="units per hidden layer of each generator"),
+        "hidden": Param(int, 8, 2, 128, help="units per hidden layer of each generator"),
         "fit": Param(int, 1000, 0, 20000, help="Adam steps fitting the generators to the per-timestep ranges"),
     }
 
