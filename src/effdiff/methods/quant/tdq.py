@@ -107,8 +107,9 @@ class TDQuant(QDiffusion):
       regression to the per-timestep ranges (``fit`` Adam steps, error in units of each step's span), which
       sees only the tens of calibrated timesteps, so the frequencies stop at a period of ``1 / 2^(bands-1)`` of
       the timestep range: higher ones would wiggle between calibrated steps. The stored form is the MLP
-      weights (150 float32 values, 0.6 KB, per layer input segment at the defaults) rather than a per-timestep table, so any timestep has
-      a grid without choosing an interpolation and the size does not grow with the step count;
+      weights (150 float32 values, 0.6 KB, per layer input segment at the defaults) rather than a per-timestep
+      table, so any timestep has a grid without choosing an interpolation, the fit smooths the noise of
+      per-step ranges measured on a few prompts, and the size does not grow with the step count;
     - weights: Q-Diffusion's per-output-channel MSE grids and AdaRound (``iters``; 0 rounds to nearest), with
       the layer inputs quantized by their timestep grids during the reconstruction (``qdiffusion`` reused).
 
