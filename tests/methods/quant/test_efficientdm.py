@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_tiny_sd, sample
+from conftest import make_tiny_dit, sample
 from torch import nn
 
 import effdiff
@@ -15,7 +15,7 @@ from effdiff.methods.quant.ptq import naive_layer
 from effdiff.methods.quant.qat import QALoRALayer, TemporalActivation
 
 STEPS = 4
-FAST = "prompts=2,steps=4,batch=4"
+FAST = "prompts=2,steps=4,batch=2"
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,7 @@ def test_distillation_lowers_the_loss_deterministically():
     runs = []
     for _ in range(2):
         ptq._MEMO.clear()
-        pipe = make_tiny_sd()
+        pipe = make_tiny_dit()
         effdiff.accelerate(pipe, f"efficientdm:wbits=4,abits=4,iters=30,{FAST}")
         runs.append((pipe.effdiff.methods[0], sample(pipe, steps=STEPS)))
     (first, out1), (second, out2) = runs
@@ -89,7 +89,7 @@ def test_deployed_model_reproduces_the_trained_forward_exactly(tiny_pipe, talsq)
     conditions = calibration_prompts(tiny_pipe, 2)
     with Trajectory(_denoiser(tiny_pipe)) as trajectory:  # the same float run the calibration records
         run_pipeline(tiny_pipe, conditions, 0, STEPS)
-    effdiff.accelerate(tiny_pipe, f"efficientdm:wbits=4,abits=4,iters=20,talsq={str(talsq).lower()},{FAST}")
+    effdiff.accelerate(tiny_pipe, f"efficientdm:wbits=4,abits=4,iters=5,talsq={str(talsq).lower()},{FAST}")
     method = tiny_pipe.effdiff.methods[0]
     with torch.no_grad():
         losses = [float(nn.functional.mse_loss(_denoiser(tiny_pipe)(*c.args, **c.kwargs)[0], c.target))
@@ -111,7 +111,7 @@ def test_nearest_calibration_timestep_picks_the_grid():
 
 def test_save_reload_identical_and_size_counts_the_table(tiny_sd, tmp_path):
     path = tmp_path / "edm.safetensors"
-    recipe = f"efficientdm:wbits=4,abits=4,iters=10,{FAST}"
+    recipe = f"efficientdm:wbits=4,abits=4,iters=5,{FAST}"
     effdiff.accelerate(tiny_sd, recipe)
     method = tiny_sd.effdiff.methods[0]
     quantized = sample(tiny_sd, steps=STEPS)
@@ -126,14 +126,14 @@ def test_save_reload_identical_and_size_counts_the_table(tiny_sd, tmp_path):
     assert torch.equal(sample(tiny_sd, steps=STEPS), quantized)
     tiny_sd.effdiff.remove()
     with pytest.raises(RecipeError, match="calibrated with"):
-        effdiff.accelerate(tiny_sd, f"efficientdm:wbits=4,abits=4,iters=11,{FAST},calibration={path}")
+        effdiff.accelerate(tiny_sd, f"efficientdm:wbits=4,abits=4,iters=6,{FAST},calibration={path}")
 
 
 def test_remove_restores_bit_for_bit(tiny_pipe):
     baseline = sample(tiny_pipe, steps=STEPS)
     model = _denoiser(tiny_pipe)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    effdiff.accelerate(tiny_pipe, f"dpmpp2m:steps=4+efficientdm:wbits=4,abits=8,iters=10,{FAST}")
+    effdiff.accelerate(tiny_pipe, f"dpmpp2m:steps=4+efficientdm:wbits=4,abits=8,iters=5,{FAST}")
     out = sample(tiny_pipe, steps=STEPS)
     assert torch.isfinite(out).all() and not torch.equal(out, baseline)
     assert "simulated" in tiny_pipe.effdiff.describe()
