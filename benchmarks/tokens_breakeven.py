@@ -30,6 +30,7 @@ import torch
 
 import effdiff
 from effdiff.eval.cost import PeakMemory, _timed
+from effdiff.recipe import parse
 
 OUT = Path("benchmarks/results/tokens")
 PATCH = {"sd15-arch": 1, "pixart-alpha-arch": 2}  # latent pixels per token at the finest level
@@ -57,9 +58,18 @@ def variants(pipe: Any, model: str, ratio: float, recipes: list[str] | None, pee
     if model == "sd15-arch" and peer:
         import tomesd
 
-        out[f"tomesd ratio={ratio}"] = ((lambda: tomesd.apply_patch(pipe, ratio=ratio)),
-                                        (lambda: tomesd.remove_patch(pipe)))
+        tome_recipes = [r for r in recipes or () if r.split(":")[0] == "tome"]
+        for settings in [tomesd_settings(r) for r in tome_recipes] or [{"ratio": ratio}]:
+            name = "tomesd " + ",".join(f"{k}={v}" for k, v in settings.items())
+            out[name] = ((lambda s=settings: tomesd.apply_patch(pipe, **s)), (lambda: tomesd.remove_patch(pipe)))
     return out
+
+
+def tomesd_settings(recipe: str) -> dict[str, Any]:
+    """The ``tomesd.apply_patch`` keywords equal to an effdiff ``tome`` recipe (the two share parameter names)."""
+    values = parse(recipe)[0].values
+    return {k: values[k] for k in ("ratio", "max_downsample", "sx", "sy", "use_rand", "merge_attn",
+                                   "merge_crossattn", "merge_mlp")}
 
 
 def round_robin(switch: Switch, run: Callable[[], Any], reps: int, label: str = "") -> tuple[
