@@ -72,6 +72,11 @@ def score(images: torch.Tensor, reference: torch.Tensor, caller: Caller, judge: 
                                                                             judge.features.classifier), 4)}
 
 
+def notes(info: dict[str, Any]) -> dict[str, Any]:
+    """The calibration facts worth a results row: small scalars and name lists, not per-timestep tables."""
+    return {k: v for k, v in info.items() if k not in ("values", "seconds") and len(json.dumps(v, default=str)) < 2000}
+
+
 def merge(path: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     data = json.loads(path.read_text()) if path.exists() else {"rows": []}
     keep = [r for r in data["rows"] if (r["setting"], r["method"]) not in {(n["setting"], n["method"]) for n in rows}]
@@ -126,7 +131,7 @@ def main() -> None:
                        "size_ratio": round(size["bytes"] / size["fp32_bytes"], 4), "bytes": size["bytes"],
                        "fp32_bytes": size["fp32_bytes"], "calibration_s": quant.info["seconds"], "gen_s": seconds,
                        "labels": ["simulated", "trained"], "describe": pipe.effdiff.describe(),
-                       "notes": {k: v for k, v in quant.info.items() if k not in ("values", "seconds")}}
+                       "notes": notes(quant.info)}
             finally:
                 pipe.effdiff.remove()
             merge(out, header, [row])
