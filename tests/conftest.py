@@ -119,6 +119,21 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.fixture
+def fresh_quant_memo():
+    """Each test calibrates for itself: the simulated quant methods' in-process memo starts and ends empty."""
+    from effdiff.methods.quant import ptq
+
+    ptq._MEMO.clear()
+    yield
+    ptq._MEMO.clear()
+
+
+def denoiser(pipe) -> nn.Module:
+    """The pipeline's U-Net or transformer."""
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
 def split_cfg_calls(pipe: TinySDPipeline) -> None:
     """Make the pipeline call its denoiser once per CFG half, as pipelines without batched CFG do."""
     inner = type(pipe)._call_denoiser

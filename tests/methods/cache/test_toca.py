@@ -1,7 +1,7 @@
 import pytest
 import torch
 from _stock import build, generate
-from conftest import make_tiny, sample, split_cfg_calls
+from conftest import denoiser, make_tiny, sample, split_cfg_calls
 
 import effdiff
 from effdiff import RecipeError
@@ -12,14 +12,10 @@ ALL_TOKENS = "ratio=1,depth=0,attn=1,cross=1,mlp=1,influence=1"
 KINDS = ["dit", "unet"]
 
 
-def _denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-
-
 def _step_outputs(pipe, steps=STEPS):
     """The denoiser's output at every step of one sampling call, and the final images."""
     outputs = []
-    handle = _denoiser(pipe).register_forward_hook(lambda m, a, out: outputs.append(out[0].clone()))
+    handle = denoiser(pipe).register_forward_hook(lambda m, a, out: outputs.append(out[0].clone()))
     try:
         images = sample(pipe, steps=steps)
     finally:
@@ -80,8 +76,8 @@ def test_partial_recompute_repeats_and_restores(kind, recipe):
     assert torch.isfinite(first).all() and not torch.equal(first, baseline)
     assert torch.equal(sample(pipe, steps=STEPS), first)  # same choices on every call: state is reset
     pipe.effdiff.remove()
-    assert not any("forward" in vars(m) for m in _denoiser(pipe).modules())
-    assert not _denoiser(pipe)._forward_pre_hooks
+    assert not any("forward" in vars(m) for m in denoiser(pipe).modules())
+    assert not denoiser(pipe)._forward_pre_hooks
     assert torch.equal(sample(pipe, steps=STEPS), baseline)
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from _stock import build_sd
+from conftest import denoiser as model_of
 from conftest import make_tiny_sd, sample
 from diffusers.utils import BaseOutput
 
@@ -9,10 +10,6 @@ from effdiff import RecipeError
 from effdiff.methods.quant import cast
 
 STEPS = 3
-
-
-def _denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 
 def _float_params(module):
@@ -31,7 +28,7 @@ def test_refused_where_the_dtype_is_only_emulated(tiny_sd, monkeypatch, recipe):
 
 @pytest.mark.parametrize("recipe", ["bf16:emulated=true", "fp16:emulated=true", "bf16:emulated=true,keep=all"])
 def test_casts_then_remove_restores_the_original_parameters(tiny_pipe, recipe):
-    denoiser = _denoiser(tiny_pipe)
+    denoiser = model_of(tiny_pipe)
     originals = dict(_float_params(denoiser))
     copies = {n: p.detach().clone() for n, p in originals.items()}
     baseline = sample(tiny_pipe, steps=STEPS)

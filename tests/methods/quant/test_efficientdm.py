@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_tiny_dit, sample
+from conftest import denoiser, make_tiny_dit, sample
 from torch import nn
 
 import effdiff
@@ -18,15 +18,7 @@ STEPS = 4
 FAST = "prompts=2,steps=4,batch=2"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_memo():
-    ptq._MEMO.clear()
-    yield
-    ptq._MEMO.clear()
-
-
-def _denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+pytestmark = pytest.mark.usefixtures("fresh_quant_memo")
 
 
 def test_nothing_quantized_is_bit_identical_and_trains_nothing(tiny_pipe):
@@ -87,12 +79,12 @@ def test_merged_record_reproduces_the_trained_layer_exactly(conv):
 @pytest.mark.parametrize("talsq", [True, False])
 def test_deployed_model_reproduces_the_trained_forward_exactly(tiny_pipe, talsq):
     conditions = calibration_prompts(tiny_pipe, 2)
-    with Trajectory(_denoiser(tiny_pipe)) as trajectory:  # the same float run the calibration records
+    with Trajectory(denoiser(tiny_pipe)) as trajectory:  # the same float run the calibration records
         run_pipeline(tiny_pipe, conditions, 0, STEPS)
     effdiff.accelerate(tiny_pipe, f"efficientdm:wbits=4,abits=4,iters=5,talsq={str(talsq).lower()},{FAST}")
     method = tiny_pipe.effdiff.methods[0]
     with torch.no_grad():
-        losses = [float(nn.functional.mse_loss(_denoiser(tiny_pipe)(*c.args, **c.kwargs)[0], c.target))
+        losses = [float(nn.functional.mse_loss(denoiser(tiny_pipe)(*c.args, **c.kwargs)[0], c.target))
                   for c in trajectory.calls]
     assert sum(losses) / len(losses) == method.info["distill_loss_trained"]
     assert ("talsq" in method.info) == talsq
@@ -131,7 +123,7 @@ def test_save_reload_identical_and_size_counts_the_table(tiny_sd, tmp_path):
 
 def test_remove_restores_bit_for_bit(tiny_pipe):
     baseline = sample(tiny_pipe, steps=STEPS)
-    model = _denoiser(tiny_pipe)
+    model = denoiser(tiny_pipe)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     effdiff.accelerate(tiny_pipe, f"dpmpp2m:steps=4+efficientdm:wbits=4,abits=8,iters=5,{FAST}")
     out = sample(tiny_pipe, steps=STEPS)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import denoiser as model_of
 from conftest import make_tiny_sd, sample
 from torch import nn
 
@@ -19,10 +20,6 @@ from effdiff.methods.quant.kernels import (
 
 STEPS = 3
 needs_fbgemm = pytest.mark.skipif(not kernels.int8_engine_available(), reason="no fbgemm engine in this torch")
-
-
-def _denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 
 # ---------------------------------------------------------------- the weight quantizer
@@ -148,7 +145,7 @@ def test_nothing_selected_is_bit_identical(tiny_pipe):
 def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
     if recipe.startswith("int8:") and not kernels.int8_engine_available():
         pytest.skip("no fbgemm engine")
-    denoiser = _denoiser(tiny_pipe)
+    denoiser = model_of(tiny_pipe)
     modules = dict(denoiser.named_modules())
     baseline = sample(tiny_pipe, steps=STEPS)
     effdiff.accelerate(tiny_pipe, recipe)
@@ -173,7 +170,7 @@ def test_save_and_reload_gives_identical_outputs(tiny_pipe, tmp_path, recipe):
     assert size == path.stat().st_size
     tiny_pipe.effdiff.remove()
     baseline = sample(tiny_pipe, steps=STEPS)
-    denoiser = _denoiser(tiny_pipe)
+    denoiser = model_of(tiny_pipe)
     with torch.no_grad():  # another model of the same architecture: every tensor must come from the file
         for p in denoiser.parameters():
             p.add_(0.5)

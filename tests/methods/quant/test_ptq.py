@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_tiny_dit, make_tiny_sd, sample
+from conftest import denoiser, make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
 from effdiff import RecipeError
@@ -11,19 +11,11 @@ STEPS = 4
 FAST = "prompts=2,steps=4"  # one small calibration call
 
 
-@pytest.fixture(autouse=True)
-def _fresh_memo():
-    ptq._MEMO.clear()
-    yield
-    ptq._MEMO.clear()
-
-
-def _denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+pytestmark = pytest.mark.usefixtures("fresh_quant_memo")
 
 
 def _no_patches(pipe):
-    return not any("forward" in vars(m) for m in _denoiser(pipe).modules())
+    return not any("forward" in vars(m) for m in denoiser(pipe).modules())
 
 
 def test_nothing_quantized_is_bit_identical(tiny_pipe):
@@ -39,7 +31,7 @@ def test_nothing_quantized_is_bit_identical(tiny_pipe):
 ])
 def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
     baseline = sample(tiny_pipe, steps=STEPS)
-    state = {k: v.clone() for k, v in _denoiser(tiny_pipe).state_dict().items()}
+    state = {k: v.clone() for k, v in denoiser(tiny_pipe).state_dict().items()}
     effdiff.accelerate(tiny_pipe, f"{recipe},{FAST}")
     quantized = sample(tiny_pipe, steps=STEPS)
     assert torch.isfinite(quantized).all() and not torch.equal(quantized, baseline)
@@ -48,7 +40,7 @@ def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
     assert "simulated" in described and "trained" in described
     tiny_pipe.effdiff.remove()
     assert _no_patches(tiny_pipe)
-    assert all(torch.equal(v, state[k]) for k, v in _denoiser(tiny_pipe).state_dict().items())
+    assert all(torch.equal(v, state[k]) for k, v in denoiser(tiny_pipe).state_dict().items())
     assert torch.equal(sample(tiny_pipe, steps=STEPS), baseline)
 
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_tiny_dit, make_tiny_sd, sample
+from conftest import denoiser, make_tiny_dit, make_tiny_sd, sample
 from torch import nn
 
 import effdiff
@@ -15,15 +15,7 @@ STEPS = 4
 FAST = "prompts=2,steps=4"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_memo():
-    ptq._MEMO.clear()
-    yield
-    ptq._MEMO.clear()
-
-
-def _denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+pytestmark = pytest.mark.usefixtures("fresh_quant_memo")
 
 
 def test_ranks_average_ties_and_spearman():
@@ -96,7 +88,7 @@ def test_balancing_alone_keeps_outputs(tiny_pipe):
 @pytest.mark.parametrize("recipe", ["ptq4dit:wbits=4,abits=4", "ptq4dit:wbits=4,abits=8,range=minmax,ssc=false"])
 def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
     baseline = sample(tiny_pipe, steps=STEPS)
-    state = {k: v.clone() for k, v in _denoiser(tiny_pipe).state_dict().items()}
+    state = {k: v.clone() for k, v in denoiser(tiny_pipe).state_dict().items()}
     effdiff.accelerate(tiny_pipe, f"{recipe},{FAST}")
     method = tiny_pipe.effdiff.methods[0]
     out = sample(tiny_pipe, steps=STEPS)
@@ -105,8 +97,8 @@ def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
     assert all(r.smooth is not None and r.codes is not None for r in method.layers.values())
     assert "simulated" in tiny_pipe.effdiff.describe()
     tiny_pipe.effdiff.remove()
-    assert not any("forward" in vars(m) for m in _denoiser(tiny_pipe).modules())
-    assert all(torch.equal(v, state[k]) for k, v in _denoiser(tiny_pipe).state_dict().items())
+    assert not any("forward" in vars(m) for m in denoiser(tiny_pipe).modules())
+    assert all(torch.equal(v, state[k]) for k, v in denoiser(tiny_pipe).state_dict().items())
     assert torch.equal(sample(tiny_pipe, steps=STEPS), baseline)
 
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_tiny_dit, make_tiny_sd, sample
+from conftest import denoiser, make_tiny_dit, make_tiny_sd, sample
 from diffusers import DDIMScheduler, DDPMScheduler
 
 import effdiff
@@ -12,19 +12,11 @@ STEPS = 4
 FAST = "prompts=2,steps=4"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_memo():
-    ptq._MEMO.clear()
-    yield
-    ptq._MEMO.clear()
-
-
-def _denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+pytestmark = pytest.mark.usefixtures("fresh_quant_memo")
 
 
 def _untouched(pipe):
-    modules_clean = not any("forward" in vars(m) for m in _denoiser(pipe).modules())
+    modules_clean = not any("forward" in vars(m) for m in denoiser(pipe).modules())
     return modules_clean and not {"step", "_get_variance"} & set(vars(pipe.scheduler))
 
 
@@ -106,7 +98,7 @@ def test_synthetic_affine_error_is_fitted_and_removed(tiny_sd, monkeypatch):
 
 def test_corrects_a_real_quantizer_and_remove_restores_bit_for_bit(tiny_pipe):
     baseline = sample(tiny_pipe, steps=STEPS)
-    state = {k: v.clone() for k, v in _denoiser(tiny_pipe).state_dict().items()}
+    state = {k: v.clone() for k, v in denoiser(tiny_pipe).state_dict().items()}
     effdiff.accelerate(tiny_pipe, f"ptq:wbits=4,abits=4,{FAST}")
     base_only = sample(tiny_pipe, steps=STEPS)
     tiny_pipe.effdiff.remove()
@@ -119,7 +111,7 @@ def test_corrects_a_real_quantizer_and_remove_restores_bit_for_bit(tiny_pipe):
     assert "PTQD on ptq" in described and "simulated" in described and "DDIM with eta=0" in described
     tiny_pipe.effdiff.remove()
     assert _untouched(tiny_pipe)
-    assert all(torch.equal(v, state[k]) for k, v in _denoiser(tiny_pipe).state_dict().items())
+    assert all(torch.equal(v, state[k]) for k, v in denoiser(tiny_pipe).state_dict().items())
     assert torch.equal(sample(tiny_pipe, steps=STEPS), baseline)
 
 

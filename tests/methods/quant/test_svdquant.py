@@ -13,11 +13,7 @@ from effdiff.methods.quant.svdquant import low_rank_split, smoothing, svd_layer
 FAST = "prompts=2,steps=4"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_memo():
-    ptq._MEMO.clear()
-    yield
-    ptq._MEMO.clear()
+pytestmark = pytest.mark.usefixtures("fresh_quant_memo")
 
 
 def test_smoothing_keeps_the_product():

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_tiny_dit, make_tiny_sd, sample
+from conftest import denoiser, make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
 from effdiff import RecipeError
@@ -13,20 +13,12 @@ FAST = "prompts=2,steps=4,iters=0,fit=200"  # one small calibration call, roundi
 W4A4 = f"tdq:wbits=4,abits=4,{FAST}"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_memo():
-    ptq._MEMO.clear()
-    yield
-    ptq._MEMO.clear()
-
-
-def _denoiser(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+pytestmark = pytest.mark.usefixtures("fresh_quant_memo")
 
 
 def _activations(pipe) -> dict[str, TimestepActivation]:
     """The live timestep-dependent quantizer of every patched layer."""
-    return {name: vars(m)["forward"].activation for name, m in _denoiser(pipe).named_modules()
+    return {name: vars(m)["forward"].activation for name, m in denoiser(pipe).named_modules()
             if "forward" in vars(m) and isinstance(vars(m)["forward"].activation, TimestepActivation)}
 
 
@@ -40,15 +32,15 @@ def test_nothing_quantized_is_bit_identical(tiny_pipe):
 
 def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe):
     baseline = sample(tiny_pipe, steps=STEPS)
-    state = {k: v.clone() for k, v in _denoiser(tiny_pipe).state_dict().items()}
+    state = {k: v.clone() for k, v in denoiser(tiny_pipe).state_dict().items()}
     effdiff.accelerate(tiny_pipe, W4A4)
     quantized = sample(tiny_pipe, steps=STEPS)
     assert torch.isfinite(quantized).all() and not torch.equal(quantized, baseline)
     assert (quantized - baseline).abs().mean() < 0.3  # quantized, not broken
     assert "simulated" in tiny_pipe.effdiff.describe()
     tiny_pipe.effdiff.remove()
-    assert not any("forward" in vars(m) for m in _denoiser(tiny_pipe).modules())
-    assert all(torch.equal(v, state[k]) for k, v in _denoiser(tiny_pipe).state_dict().items())
+    assert not any("forward" in vars(m) for m in denoiser(tiny_pipe).modules())
+    assert all(torch.equal(v, state[k]) for k, v in denoiser(tiny_pipe).state_dict().items())
     assert torch.equal(sample(tiny_pipe, steps=STEPS), baseline)
 
 
@@ -68,7 +60,7 @@ def test_grids_follow_the_timestep(tiny_sd):
     assert differ >= len(acts) // 2  # most layers' step sizes move by more than 1 % over the trajectory
     # one layer called at two timesteps quantizes the same input with two grids
     name, act = next(iter(acts.items()))
-    module = dict(_denoiser(tiny_sd).named_modules())[name]
+    module = dict(denoiser(tiny_sd).named_modules())[name]
     channels = module.in_channels if hasattr(module, "in_channels") else module.in_features
     x = torch.randn(2, channels, 4, 4) if act.conv else torch.randn(2, 3, channels)
     outputs = []
