@@ -64,7 +64,7 @@ class StepContext:
             callback()
 
 
-def _timestep_of(args: tuple, kwargs: dict) -> float | None:
+def timestep_of(args: tuple, kwargs: dict) -> float | None:
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     if isinstance(t, torch.Tensor):
         return float(t.flatten()[0]) if t.numel() else None
@@ -124,11 +124,11 @@ class ContextHooks:
         ctx = self.ctx
         if self._new_call:
             self._new_call = False
-            self._read_schedule(_timestep_of(args, kwargs))
+            self._read_schedule(timestep_of(args, kwargs))
         elif ctx.call_index >= 0 and self._scheduler is None:
             ctx.step_index += 1  # called outside a hooked pipeline: one call per step
         ctx.call_index += 1
-        ctx.timestep = _timestep_of(args, kwargs)
+        ctx.timestep = timestep_of(args, kwargs)
         if self._scheduler is not None:
             ctx.first_order = bool(getattr(self._scheduler, "state_in_first_order", True))
 

@@ -11,8 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effdiff.context import StepContext, _timestep_of
-from effdiff.methods.quant.fake import BITS, ForwardPatches, Grid, StaticActivation, is_quantized, levels
+from effdiff.context import StepContext, timestep_of
+from effdiff.methods.quant.fake import (
+    BITS,
+    FakeQuantLayer,
+    ForwardPatches,
+    Grid,
+    StaticActivation,
+    is_quantized,
+    levels,
+)
 from effdiff.methods.quant.packed import LayerQuant
 from effdiff.methods.quant.ptq import QuantMethod, naive_layer
 from effdiff.methods.quant.qat import QALoRALayer, TemporalActivation
@@ -64,7 +72,7 @@ class Trajectory:
         def after(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             assert self._pending is not None
             saved_args, saved_kwargs = self._pending
-            t = _timestep_of(saved_args, saved_kwargs)
+            t = timestep_of(saved_args, saved_kwargs)
             self.calls.append(Call(saved_args, saved_kwargs, _first_tensor(out).detach().clone(),
                                    0.0 if t is None else t))
 
@@ -220,16 +228,14 @@ class EfficientDM(QuantMethod):
     def calibration_notes(self) -> dict[str, Any]:
         return self._notes
 
-    def apply(self, pipe: Any, ctx: StepContext) -> None:
-        super().apply(pipe, ctx)
+    def make_layer(self, name: str, record: LayerQuant, module: nn.Module, ctx: StepContext) -> FakeQuantLayer:
+        """With TALSQ, the layer's activation grid follows the nearest calibrated timestep's learned steps."""
+        layer = super().make_layer(name, record, module, ctx)
         table = self.info.get("talsq")
-        if not table:
-            return
-        modules = dict(self.adapter.model.named_modules())
-        for name, record in self.layers.items():
-            layer = vars(modules[name])["forward"]  # the FakeQuantLayer QuantMethod.apply just installed
+        if table:
             grids = [_static(record, steps, layer.conv) for steps in table["steps"][name]]
             layer.activation = TemporalActivation(ctx, table["timesteps"], grids, layer.activation)
+        return layer
 
     def size(self) -> dict[str, int]:
         """Stored bytes, the per-timestep activation table (float32) included."""

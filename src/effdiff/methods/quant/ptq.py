@@ -22,6 +22,7 @@ from effdiff.adapters import Adapter, adapter_for
 from effdiff.context import StepContext
 from effdiff.methods.quant.fake import (
     BITS,
+    FakeQuantLayer,
     ForwardPatches,
     Grid,
     Observer,
@@ -101,10 +102,14 @@ class QuantMethod(Method):
                     _MEMO.popitem(last=False)
         modules = dict(model.named_modules())
         for name, record in self.layers.items():
-            self._patches.install(modules[name], record.layer(modules[name], ctx))
+            self._patches.install(modules[name], self.make_layer(name, record, modules[name], ctx))
 
     def remove(self) -> None:
         self._patches.restore()
+
+    def make_layer(self, name: str, record: LayerQuant, module: nn.Module, ctx: StepContext) -> FakeQuantLayer:
+        """The fake-quant forward installed on ``module``; subclasses with extra stored state extend it."""
+        return record.layer(module, ctx)
 
     def calibrate(self, pipe: Any) -> dict[str, LayerQuant]:
         raise NotImplementedError
