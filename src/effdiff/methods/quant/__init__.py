@@ -3,3 +3,4 @@
 # importing registers the methods
 import effdiff.methods.quant.viditq  # noqa: F401
 from effdiff.methods.quant import cast, efficientdm, int8, ptq, ptq4dit, ptqd, svdquant, tdq  # noqa: F401
+from effdiff.methods.quant import tfmq  # noqa: F401

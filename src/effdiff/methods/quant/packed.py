@@ -26,12 +26,14 @@ from effdiff.methods.quant.fake import (
     TimeGridNet,
     TimestepActivation,
     expand_segments,
+    grid_from_range,
     is_quantized,
     levels,
 )
 
 if TYPE_CHECKING:
     from effdiff.context import StepContext
+    from effdiff.methods.quant.qat import TemporalActivation
 
 FORMAT = "effdiff-lowbit-1"
 
@@ -68,6 +70,7 @@ class LayerQuant:
     act_segments: list[int] = field(default_factory=list)
     act_group: int = 0  # > 0: dynamic per-token groups of this many channels, symmetric
     act_gen: torch.Tensor | None = None  # (n_act_segments, P): TDQ's timestep -> grid generator (TimeGridNet rows)
+    act_times: torch.Tensor | None = None  # (T,) float64: TFMQ's calibrated timesteps; act_scale / act_zero: (T, n_seg)
     smooth: torch.Tensor | None = None  # (in,) divides the input, multiplied into the weight
     down: torch.Tensor | None = None  # bf16 low-rank branch: x -> down -> up
     up: torch.Tensor | None = None
@@ -97,7 +100,8 @@ class LayerQuant:
         return grid.dequantize(codes)
 
     def activation(self, conv: bool, clock: StepContext | None = None) -> (StaticActivation | DynamicActivation |
-                                                                            TimestepActivation | None):
+                                                                            TimestepActivation | TemporalActivation |
+                                                                            None):
         """The input quantizer; a timestep-dependent one reads the current timestep from ``clock``."""
         if not is_quantized(self.abits):
             return None
@@ -111,7 +115,24 @@ class LayerQuant:
         if self.act_scale is None or self.act_zero is None:
             raise ValueError("a static activation grid needs its scale and zero point")
         qmin, qmax = levels(self.abits, False)
+        if self.act_times is not None:
+            return self._timestep_table(conv, clock, qmin, qmax)
         return StaticActivation(Grid(self.act_scale, self.act_zero.float(), qmin, qmax), self.act_segments, conv)
+
+    def _timestep_table(self, conv: bool, clock: StepContext | None, qmin: int, qmax: int) -> TemporalActivation:
+        """One static grid per calibrated timestep, looked up by the nearest one; without a timestep (outside a
+        pipeline call) the grid covering every row's range."""
+        from effdiff.methods.quant.qat import TemporalActivation  # qat builds on this module
+
+        if clock is None:
+            raise ValueError("a per-timestep activation grid needs the step context")
+        assert self.act_scale is not None and self.act_zero is not None and self.act_times is not None
+        zero = self.act_zero.float()
+        grids = [StaticActivation(Grid(s, z, qmin, qmax), self.act_segments, conv)
+                 for s, z in zip(self.act_scale, zero, strict=True)]
+        lo, hi = ((qmin - zero) * self.act_scale).amin(0), ((qmax - zero) * self.act_scale).amax(0)
+        cover = StaticActivation(grid_from_range(lo, hi, self.abits, symmetric=False), self.act_segments, conv)
+        return TemporalActivation(clock, self.act_times.tolist(), grids, cover)
 
     def layer(self, module: nn.Module, clock: StepContext | None = None) -> FakeQuantLayer:
         low_rank = (self.down.float(), self.up.float()) if self.down is not None and self.up is not None else None
@@ -119,7 +140,7 @@ class LayerQuant:
                               self.activation(isinstance(module, nn.Conv2d), clock), self.smooth, low_rank)
 
     # --- storage -------------------------------------------------------------------------------------
-    _TENSORS = ("codes", "scale", "zero", "act_scale", "act_zero", "smooth", "down", "up", "act_gen")
+    _TENSORS = ("codes", "scale", "zero", "act_scale", "act_zero", "smooth", "down", "up", "act_gen", "act_times")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k).contiguous() for k in self._TENSORS if getattr(self, k) is not None}
