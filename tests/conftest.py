@@ -129,6 +129,31 @@ def fresh_quant_memo():
     ptq._MEMO.clear()
 
 
+def assert_deterministic_calibration(make_pipe, recipe: str, steps: int | None = None) -> None:
+    """Two calibrations from scratch (empty memo, fresh pipeline) store identical tensors in every layer record,
+    and, with ``steps``, sample identical images."""
+    import effdiff
+    from effdiff.methods.quant import ptq
+
+    records, outputs = [], []
+    for _ in range(2):
+        ptq._MEMO.clear()
+        pipe = make_pipe()
+        effdiff.accelerate(pipe, recipe)
+        records.append(pipe.effdiff.methods[0].layers)
+        if steps is not None:
+            outputs.append(sample(pipe, steps=steps))
+    first, second = records
+    assert first.keys() == second.keys()
+    for name, record in first.items():
+        theirs = second[name].tensors()
+        assert record.tensors().keys() == theirs.keys(), name
+        for key, tensor in record.tensors().items():
+            assert torch.equal(tensor, theirs[key]), (name, key)
+    if outputs:
+        assert torch.equal(outputs[0], outputs[1])
+
+
 def denoiser(pipe) -> nn.Module:
     """The pipeline's U-Net or transformer."""
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer

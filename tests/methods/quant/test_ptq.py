@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import denoiser, make_tiny_dit, make_tiny_sd, sample
+from conftest import assert_deterministic_calibration, denoiser, make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
 from effdiff import RecipeError
@@ -56,19 +56,7 @@ def test_lower_bits_mean_larger_error(tiny_sd):
 
 @pytest.mark.parametrize("recipe", ["ptq:wbits=4,abits=8,range=percentile", "qdiffusion:wbits=4,abits=8,iters=20"])
 def test_calibration_is_deterministic(recipe):
-    outputs, records = [], []
-    for _ in range(2):
-        ptq._MEMO.clear()
-        pipe = make_tiny_sd()
-        effdiff.accelerate(pipe, f"{recipe},{FAST}")
-        records.append(pipe.effdiff.methods[0].layers)
-        outputs.append(sample(pipe, steps=STEPS))
-    assert torch.equal(outputs[0], outputs[1])
-    first, second = records
-    assert first.keys() == second.keys()
-    for name in first:
-        for key, tensor in first[name].tensors().items():
-            assert torch.equal(tensor, second[name].tensors()[key]), (name, key)
+    assert_deterministic_calibration(make_tiny_sd, f"{recipe},{FAST}", steps=STEPS)
 
 
 @pytest.mark.parametrize("recipe", ["ptq:wbits=4,abits=8", "qdiffusion:wbits=4,abits=8,iters=20"])

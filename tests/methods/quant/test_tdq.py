@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import denoiser, make_tiny_dit, make_tiny_sd, sample
+from conftest import assert_deterministic_calibration, denoiser, make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
 from effdiff import RecipeError
@@ -100,14 +100,7 @@ def test_save_and_reload_give_identical_outputs(tiny_pipe, tmp_path):
 
 
 def test_calibration_is_deterministic():
-    records = []
-    for _ in range(2):
-        ptq._MEMO.clear()
-        pipe = make_tiny_dit()
-        effdiff.accelerate(pipe, W4A4)
-        records.append(pipe.effdiff.methods[0].layers)
-    for name, record in records[0].items():
-        assert torch.equal(record.act_gen, records[1][name].act_gen)
+    assert_deterministic_calibration(make_tiny_dit, W4A4)
 
 
 def test_generator_fits_drifting_ranges():

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import denoiser, make_tiny_dit, make_tiny_sd, sample
+from conftest import assert_deterministic_calibration, denoiser, make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
 from effdiff import RecipeError
@@ -191,15 +191,7 @@ def test_save_and_reload_give_identical_outputs(tiny_pipe, tmp_path):
 
 
 def test_calibration_is_deterministic():
-    records = []
-    for _ in range(2):
-        ptq._MEMO.clear()
-        pipe = make_tiny_dit()
-        effdiff.accelerate(pipe, "tfmq:wbits=4,abits=4,prompts=2,steps=4,iters=10")
-        records.append(pipe.effdiff.methods[0].layers)
-    for name, record in records[0].items():
-        for key, tensor in record.tensors().items():
-            assert torch.equal(tensor, records[1][name].tensors()[key])
+    assert_deterministic_calibration(make_tiny_dit, "tfmq:wbits=4,abits=4,prompts=2,steps=4,iters=10")
 
 
 @pytest.mark.parametrize(("recipe", "message"), [

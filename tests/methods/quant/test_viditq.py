@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import denoiser, make_tiny_dit, make_tiny_sd, sample
+from conftest import assert_deterministic_calibration, denoiser, make_tiny_dit, make_tiny_sd, sample
 from torch import nn
 
 import effdiff
@@ -134,15 +134,7 @@ def test_save_reload_identical(tiny_pipe, tmp_path):
 
 
 def test_calibration_is_deterministic():
-    records = []
-    for _ in range(2):
-        ptq._MEMO.clear()
-        pipe = make_tiny_sd()
-        effdiff.accelerate(pipe, f"viditq:wbits=4,abits=4,{FAST}")
-        records.append(pipe.effdiff.methods[0].layers)
-    for name, record in records[0].items():
-        for key, tensor in record.tensors().items():
-            assert torch.equal(tensor, records[1][name].tensors()[key]), (name, key)
+    assert_deterministic_calibration(make_tiny_sd, f"viditq:wbits=4,abits=4,{FAST}")
 
 
 @pytest.mark.parametrize(("recipe", "message"), [
