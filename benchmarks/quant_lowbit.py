@@ -13,7 +13,8 @@ guidance 4, against the same solver in full precision:
   is slower than the baseline; no speed-up is claimed.
 
 The full-precision images are cached (``$EFFDIFF_CACHE_DIR`` or ``~/.cache/effdiff``) so a grid split into
-several runs scores every setting against the same baseline. Rows are merged into
+several runs scores every setting against the same baseline. ``--methods`` takes method names, each
+optionally with one parameter (``--methods qdiffusion,tfmq:fsc=mse``). Rows are merged into
 ``benchmarks/results/quant-lowbit/<model>.json`` as they finish.
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 flock /tmp/effdiff-heavy.lock \\
@@ -120,7 +121,8 @@ def main() -> None:
     for setting in args.settings.split(","):
         wbits, abits = SETTINGS[setting]
         for method in args.methods.split(","):
-            recipe = f"{solver}+{method}:wbits={wbits},abits={abits}"
+            name, _, extra = method.partition(":")  # "tfmq:fsc=mse": one method parameter rides along
+            recipe = f"{solver}+{name}:{extra + ',' if extra else ''}wbits={wbits},abits={abits}"
             effdiff.accelerate(pipe, recipe)
             try:
                 quant = pipe.effdiff.methods[1]
