@@ -12,11 +12,9 @@ import sys
 import time
 
 import torch
+from cache_peers import deepcache_peer, effdiff_variant, runner
 
-sys.path.insert(0, "benchmarks")
-from cache_peers import deepcache_peer, effdiff_variant, runner  # noqa: E402
-
-import effdiff  # noqa: E402
+import effdiff
 
 torch.set_num_threads(2)
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 6

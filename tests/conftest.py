@@ -154,6 +154,28 @@ def assert_deterministic_calibration(make_pipe, recipe: str, steps: int | None =
         assert torch.equal(outputs[0], outputs[1])
 
 
+def assert_reload_identical(pipe, recipe: str, path, steps: int, before_reload=None) -> tuple:
+    """Apply ``recipe``, save its calibration to ``path`` and apply it again from the file (empty memo; after
+    ``before_reload()`` if given): the reloaded pipeline samples identical images. Returns the saved and the
+    reloaded method, with the pipeline left unpatched."""
+    import effdiff
+    from effdiff.methods.quant import ptq
+
+    effdiff.accelerate(pipe, recipe)
+    method = pipe.effdiff.methods[0]
+    quantized = sample(pipe, steps=steps)
+    method.save(str(path))
+    pipe.effdiff.remove()
+    ptq._MEMO.clear()
+    if before_reload is not None:
+        before_reload()
+    effdiff.accelerate(pipe, f"{recipe},calibration={path}")
+    reloaded = pipe.effdiff.methods[0]
+    assert torch.equal(sample(pipe, steps=steps), quantized)
+    pipe.effdiff.remove()
+    return method, reloaded
+
+
 def denoiser(pipe) -> nn.Module:
     """The pipeline's U-Net or transformer."""
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer

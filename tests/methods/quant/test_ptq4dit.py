@@ -1,11 +1,17 @@
 import pytest
 import torch
-from conftest import assert_deterministic_calibration, denoiser, make_tiny_dit, make_tiny_sd, sample
+from conftest import (
+    assert_deterministic_calibration,
+    assert_reload_identical,
+    denoiser,
+    make_tiny_dit,
+    make_tiny_sd,
+    sample,
+)
 from torch import nn
 
 import effdiff
 from effdiff import RecipeError
-from effdiff.methods.quant import ptq
 from effdiff.methods.quant.fake import Observer
 from effdiff.methods.quant.ptq import naive_layer
 from effdiff.methods.quant.ptq4dit import balanced_layer, calibrated_salience, ranks, spearman, weight_salience
@@ -116,14 +122,7 @@ def test_ssc_changes_the_factors(tiny_dit):
 
 def test_save_reload_identical(tiny_pipe, tmp_path):
     path = tmp_path / "ptq4dit.safetensors"
-    effdiff.accelerate(tiny_pipe, f"ptq4dit:wbits=4,abits=8,{FAST}")
-    out = sample(tiny_pipe, steps=STEPS)
-    tiny_pipe.effdiff.methods[0].save(str(path))
-    tiny_pipe.effdiff.remove()
-    ptq._MEMO.clear()
-    effdiff.accelerate(tiny_pipe, f"ptq4dit:wbits=4,abits=8,{FAST},calibration={path}")
-    assert torch.equal(sample(tiny_pipe, steps=STEPS), out)
-    tiny_pipe.effdiff.remove()
+    assert_reload_identical(tiny_pipe, f"ptq4dit:wbits=4,abits=8,{FAST}", path, STEPS)
     with pytest.raises(RecipeError, match="calibrated with"):
         effdiff.accelerate(tiny_pipe, f"ptq4dit:wbits=4,abits=8,ssc=false,{FAST},calibration={path}")
     with pytest.raises(RecipeError, match="holds a ptq4dit calibration"):

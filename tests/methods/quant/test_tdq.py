@@ -1,10 +1,16 @@
 import pytest
 import torch
-from conftest import assert_deterministic_calibration, denoiser, make_tiny_dit, make_tiny_sd, sample
+from conftest import (
+    assert_deterministic_calibration,
+    assert_reload_identical,
+    denoiser,
+    make_tiny_dit,
+    make_tiny_sd,
+    sample,
+)
 
 import effdiff
 from effdiff import RecipeError
-from effdiff.methods.quant import ptq
 from effdiff.methods.quant.fake import TimestepActivation
 from effdiff.methods.quant.tdq import fit_generators
 
@@ -81,18 +87,9 @@ def test_unseen_timesteps_run_and_are_deterministic(tiny_pipe):
 
 def test_save_and_reload_give_identical_outputs(tiny_pipe, tmp_path):
     path = tmp_path / "tdq.safetensors"
-    effdiff.accelerate(tiny_pipe, W4A4)
-    quantized = sample(tiny_pipe, steps=STEPS)
-    method = tiny_pipe.effdiff.methods[0]
-    method.save(str(path))
-    tiny_pipe.effdiff.remove()
-    ptq._MEMO.clear()
-    effdiff.accelerate(tiny_pipe, f"{W4A4},calibration={path}")
-    reloaded = tiny_pipe.effdiff.methods[0]
+    method, reloaded = assert_reload_identical(tiny_pipe, W4A4, path, STEPS)
     for name, record in method.layers.items():
         assert torch.equal(record.act_gen, reloaded.layers[name].act_gen)
-    assert torch.equal(sample(tiny_pipe, steps=STEPS), quantized)
-    tiny_pipe.effdiff.remove()
     with pytest.raises(RecipeError, match="calibrated with"):
         effdiff.accelerate(tiny_pipe, f"{W4A4},bands=2,calibration={path}")
     with pytest.raises(RecipeError, match="holds a tdq calibration"):

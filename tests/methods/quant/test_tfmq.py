@@ -1,14 +1,19 @@
 import pytest
 import torch
-from conftest import assert_deterministic_calibration, denoiser, make_tiny_dit, make_tiny_sd, sample
+from conftest import (
+    assert_deterministic_calibration,
+    assert_reload_identical,
+    denoiser,
+    make_tiny_dit,
+    make_tiny_sd,
+    sample,
+)
 
 import effdiff
 from effdiff import RecipeError
 from effdiff.adapters import adapter_for
-from effdiff.methods.quant import ptq
-from effdiff.methods.quant.fake import grid_from_range
+from effdiff.methods.quant.fake import TemporalActivation, grid_from_range
 from effdiff.methods.quant.observe import calibration_prompts, run_pipeline, target_layers
-from effdiff.methods.quant.qat import TemporalActivation
 from effdiff.methods.quant.tfmq import temporal_features, temporal_layers
 
 STEPS = 4
@@ -171,19 +176,10 @@ def test_unseen_timesteps_use_the_nearest_grid(tiny_pipe):
 
 def test_save_and_reload_give_identical_outputs(tiny_pipe, tmp_path):
     path = tmp_path / "tfmq.safetensors"
-    effdiff.accelerate(tiny_pipe, W4A4)
-    quantized = sample(tiny_pipe, steps=STEPS)
-    method = tiny_pipe.effdiff.methods[0]
-    method.save(str(path))
-    tiny_pipe.effdiff.remove()
-    ptq._MEMO.clear()
-    effdiff.accelerate(tiny_pipe, f"{W4A4},calibration={path}")
-    reloaded = tiny_pipe.effdiff.methods[0]
+    method, reloaded = assert_reload_identical(tiny_pipe, W4A4, path, STEPS)
     for name in method.info["temporal_layers"]:
         for key in ("act_times", "act_scale", "act_zero", "codes"):
             assert torch.equal(getattr(method.layers[name], key), getattr(reloaded.layers[name], key))
-    assert torch.equal(sample(tiny_pipe, steps=STEPS), quantized)
-    tiny_pipe.effdiff.remove()
     with pytest.raises(RecipeError, match="calibrated with"):
         effdiff.accelerate(tiny_pipe, f"{W4A4},fsc=mse,calibration={path}")
     with pytest.raises(RecipeError, match="holds a tfmq calibration"):

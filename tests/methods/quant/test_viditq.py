@@ -1,11 +1,17 @@
 import pytest
 import torch
-from conftest import assert_deterministic_calibration, denoiser, make_tiny_dit, make_tiny_sd, sample
+from conftest import (
+    assert_deterministic_calibration,
+    assert_reload_identical,
+    denoiser,
+    make_tiny_dit,
+    make_tiny_sd,
+    sample,
+)
 from torch import nn
 
 import effdiff
 from effdiff import RecipeError
-from effdiff.methods.quant import ptq
 from effdiff.methods.quant.fake import DynamicActivation, Observer
 from effdiff.methods.quant.ptq import naive_layer
 from effdiff.methods.quant.viditq import hadamard, rotate_input, rotated_layer, rotation, viditq_layer
@@ -119,16 +125,8 @@ def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
 
 def test_save_reload_identical(tiny_pipe, tmp_path):
     path = tmp_path / "viditq.safetensors"
-    recipe = f"viditq:wbits=4,abits=4,{FAST}"
-    effdiff.accelerate(tiny_pipe, recipe)
-    out = sample(tiny_pipe, steps=STEPS)
-    tiny_pipe.effdiff.methods[0].save(str(path))
-    tiny_pipe.effdiff.remove()
-    ptq._MEMO.clear()
-    rotation.cache_clear()  # the reloaded layers regenerate their rotations
-    effdiff.accelerate(tiny_pipe, f"{recipe},calibration={path}")
-    assert torch.equal(sample(tiny_pipe, steps=STEPS), out)
-    tiny_pipe.effdiff.remove()
+    # the reloaded layers regenerate their rotations
+    assert_reload_identical(tiny_pipe, f"viditq:wbits=4,abits=4,{FAST}", path, STEPS, rotation.cache_clear)
     with pytest.raises(RecipeError, match="calibrated with"):
         effdiff.accelerate(tiny_pipe, f"viditq:wbits=4,abits=4,rotate=false,{FAST},calibration={path}")
 

@@ -18,12 +18,13 @@ from effdiff.methods.quant.fake import (
     ForwardPatches,
     Grid,
     StaticActivation,
+    TemporalActivation,
     is_quantized,
     levels,
 )
 from effdiff.methods.quant.packed import LayerQuant
 from effdiff.methods.quant.ptq import QuantMethod, naive_layer
-from effdiff.methods.quant.qat import QALoRALayer, TemporalActivation
+from effdiff.methods.quant.qat import QALoRALayer
 from effdiff.registry import Paper, Param
 
 EFFICIENTDM = Paper("EfficientDM: Efficient Quantization-Aware Fine-Tuning of Low-Bit Diffusion Models", "2310.03270",

@@ -14,10 +14,11 @@ their channel axis (1 for conv inputs ``NCHW``, the last for linear inputs) with
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -356,6 +357,37 @@ class TimestepActivation:
         if t is None:
             raise RuntimeError("the denoiser ran without a timestep; a timestep-dependent activation grid needs one")
         return self.at(t)(x)
+
+
+class TemporalActivation:
+    """A per-timestep grid table (EfficientDM's TALSQ steps, TFMQ's finite-set grids): the static activation
+    grid of the calibration timestep nearest the current one.
+
+    ``ctx.timestep`` is set by the core's hook on the denoiser before every call; outside a pipeline call
+    (no timestep) the layer's stored grid is used.
+    """
+
+    def __init__(self, ctx: StepContext, timesteps: Sequence[float], grids: Sequence[StaticActivation],
+                 fallback: Any) -> None:
+        order = sorted(range(len(timesteps)), key=lambda i: timesteps[i])
+        self.ctx = ctx
+        self.timesteps = [float(timesteps[i]) for i in order]
+        self.grids = [grids[i] for i in order]
+        self.fallback = fallback
+
+    def nearest(self, t: float) -> int:
+        i = bisect.bisect_left(self.timesteps, t)
+        if i == 0:
+            return 0
+        if i == len(self.timesteps):
+            return i - 1
+        return i if self.timesteps[i] - t < t - self.timesteps[i - 1] else i - 1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.ctx.timestep
+        if t is None:
+            return self.fallback(x)
+        return self.grids[self.nearest(t)](x)
 
 
 # ---------------------------------------------------------------- the layer that runs in place of a Linear/Conv2d

@@ -23,6 +23,7 @@ from effdiff.methods.quant.fake import (
     FakeQuantLayer,
     Grid,
     StaticActivation,
+    TemporalActivation,
     TimeGridNet,
     TimestepActivation,
     expand_segments,
@@ -33,7 +34,6 @@ from effdiff.methods.quant.fake import (
 
 if TYPE_CHECKING:
     from effdiff.context import StepContext
-    from effdiff.methods.quant.qat import TemporalActivation
 
 FORMAT = "effdiff-lowbit-1"
 
@@ -122,8 +122,6 @@ class LayerQuant:
     def _timestep_table(self, conv: bool, clock: StepContext | None, qmin: int, qmax: int) -> TemporalActivation:
         """One static grid per calibrated timestep, looked up by the nearest one; without a timestep (outside a
         pipeline call) the grid covering every row's range."""
-        from effdiff.methods.quant.qat import TemporalActivation  # qat builds on this module
-
         if clock is None:
             raise ValueError("a per-timestep activation grid needs the step context")
         assert self.act_scale is not None and self.act_zero is not None and self.act_times is not None

@@ -1,4 +1,4 @@
-"""Trainable fake-quant pieces of EfficientDM: a quantization-aware LoRA layer and temporal activation grids.
+"""Trainable fake-quant pieces of EfficientDM: a quantization-aware LoRA layer with straight-through rounding.
 
 The training forward computes *exactly* what the stored integer model computes (same ops in the same order as
 ``Grid.codes`` / ``Grid.dequantize`` and ``FakeQuantLayer``); only the gradient differs (straight-through
@@ -7,19 +7,15 @@ rounding). So the records written after training reproduce the trained forward b
 
 from __future__ import annotations
 
-import bisect
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effdiff.context import StepContext
 from effdiff.methods.quant.fake import (
     Grid,
-    StaticActivation,
     channel_axis,
     expand_segments,
     is_quantized,
@@ -154,33 +150,3 @@ class QALoRALayer:
         if not self.act_quantized:
             return []
         return self.act_scales().tolist()
-
-
-class TemporalActivation:
-    """TALSQ at inference: the static activation grid of the calibration timestep nearest the current one.
-
-    ``ctx.timestep`` is set by the core's hook on the denoiser before every call; outside a pipeline call
-    (no timestep) the layer's stored grid is used.
-    """
-
-    def __init__(self, ctx: StepContext, timesteps: Sequence[float], grids: Sequence[StaticActivation],
-                 fallback: Any) -> None:
-        order = sorted(range(len(timesteps)), key=lambda i: timesteps[i])
-        self.ctx = ctx
-        self.timesteps = [float(timesteps[i]) for i in order]
-        self.grids = [grids[i] for i in order]
-        self.fallback = fallback
-
-    def nearest(self, t: float) -> int:
-        i = bisect.bisect_left(self.timesteps, t)
-        if i == 0:
-            return 0
-        if i == len(self.timesteps):
-            return i - 1
-        return i if self.timesteps[i] - t < t - self.timesteps[i - 1] else i - 1
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.ctx.timestep
-        if t is None:
-            return self.fallback(x)
-        return self.grids[self.nearest(t)](x)
