@@ -1,3 +1,6 @@
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,6 +82,55 @@ def test_dynamic_int8_layers_match_float_within_quantization_error():
             assert (out - ref).norm() < 0.04 * ref.norm()
     weight_only = WeightOnlyLinear.from_float(linear, 4, 16)
     assert weight_only.codes.dtype == torch.uint8 and weight_only.codes.numel() == linear.weight.numel() // 2
+
+
+def test_uint8_activation_codes_hold_zero_and_the_range():
+    x = torch.tensor([[-0.5, 0.0, 1.0, 3.0]])
+    codes, scale, zero = kernels.quantize_uint8(x)
+    assert codes.dtype == torch.uint8 and codes.min() == 0 and codes.max() == 255
+    assert torch.allclose((codes.float() - zero) * scale, x, atol=float(scale) / 2 + 1e-7)
+    assert ((codes.float() - zero) * scale)[0, 1] == 0  # zero is exact: zero padding stays zero
+    codes, scale, zero = kernels.quantize_uint8(torch.zeros(3))  # an all-zero input has a usable scale
+    assert torch.isfinite(scale) and scale > 0 and (codes == zero).all()
+
+
+@needs_fbgemm
+def test_int8_conv_survives_copy_and_batch_changes():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    q = Int8DynamicConv2d.from_float(conv)
+    image = F.silu(torch.randn(3, 8, 6, 5) * 2)
+    with torch.no_grad():
+        out = q(image)
+        assert out.shape == (3, 12, 6, 5) and q(image[:1]).shape == (1, 12, 6, 5)
+        clone = copy.deepcopy(q)  # oneDNN's packed weight is opaque: the copy repacks from the codes
+        assert torch.equal(clone(image), out)
+        assert torch.equal(pickle.loads(pickle.dumps(q))(image), out)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("vnni", [True, False])
+def test_linear_is_accurate_with_and_without_reduce_range(monkeypatch, vnni):
+    monkeypatch.setattr(kernels, "has_vnni", lambda: vnni)
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 32)
+    q = Int8DynamicLinear.from_float(linear)
+    x = F.gelu(torch.randn(16, 128) * 3)
+    with torch.no_grad():
+        assert (q(x) - linear(x)).norm() < (0.04 if vnni else 0.06) * linear(x).norm()
+
+
+@needs_fbgemm
+@pytest.mark.parametrize(("vnni", "convs"), [(True, "auto"), (False, "auto"), (False, "true"), (True, "false")])
+def test_convs_auto_follows_the_cpu(tiny_sd, monkeypatch, vnni, convs):
+    from effdiff.methods.quant import int8
+
+    monkeypatch.setattr(int8, "has_vnni", lambda: vnni)
+    effdiff.accelerate(tiny_sd, f"int8:min_features=1,min_channels=1,convs={convs}")
+    decisions = tiny_sd.effdiff.methods[0].decisions
+    quantized_convs = any(d.quantize and d.layer.startswith("conv") for d in decisions)
+    assert quantized_convs == (convs == "true" or (convs == "auto" and vnni))
+    assert any(d.quantize and d.layer == "linear" for d in decisions)
 
 
 def test_int4_conv_groups_a_padded_fan_in():

@@ -1,11 +1,12 @@
 """Real low-precision kernels: what the device runs natively, the weight quantizer, and int8 layers.
 
-Why fbgemm: on an x86 CPU without AVX512-VNNI (this machine: AVX2 only) ``torch._int_mm`` and
-``torch._weight_int8pack_mm`` fall back to reference loops (about 1 GFLOP/s, 50x slower than fp32), and
-that is what torchao's int8 tensors call in eager mode. fbgemm's dynamic-quantized linear
-(``quantized::linear_dynamic``) uses AVX2 ``vpmaddubsw`` and runs up to about twice the fp32 rate on wide
-layers (convs go through it by im2col). It quantizes activations per tensor, asymmetric, with one bit less
-(``reduce_range``: u8 x s8 pairs summed in 16 bits must not saturate); weights are int8 per output channel.
+Linears: fbgemm's dynamic-quantized linear (``quantized::linear_dynamic``). On an AVX2-only x86 CPU
+``torch._int_mm`` and ``torch._weight_int8pack_mm`` (what torchao's int8 tensors call in eager mode) fall back
+to reference loops (3-6 GFLOP/s, far below fp32), while fbgemm uses ``vpmaddubsw`` and reaches 1.5-2x fp32 on
+wide layers; on an AVX512-VNNI CPU fbgemm reaches 2-4x fp32 (and ``_int_mm`` is fast too). It quantizes
+activations per tensor, asymmetric; without VNNI with one bit less (``reduce_range``: u8 x s8 pairs summed in
+16 bits must not saturate). Convs: oneDNN's direct int8 conv with float output (``Int8DynamicConv2d``).
+Weights are int8 per output channel.
 
 Weight-only layers keep int8 / packed int4 codes and dequantize per call into a float matmul: the point is
 memory and size on disk, not speed (the dequantization costs time; the compute stays float).
@@ -167,19 +168,37 @@ class Int8DynamicLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
-        out = torch.ops.quantized.linear_dynamic(flat, self._packed, True)
+        out = torch.ops.quantized.linear_dynamic(flat, self._packed, not has_vnni())
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 x int8 (fbgemm dynamic)"
 
 
-class Int8DynamicConv2d(nn.Module):
-    """``nn.Conv2d`` (groups 1, zero padding) as im2col + the int8 dynamic linear (fbgemm).
+def quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tensor asymmetric uint8 codes of ``x``, its scale and zero point (0-d tensors; the range holds 0).
 
-    Not fbgemm's own ``quantized::conv2d_dynamic``: it is wrong whenever the activation's zero point is not
-    near the middle of the range (40-70 % relative error after a SiLU, measured; symmetric inputs hide it).
-    ``F.unfold`` costs one k*k-times larger copy of the activation, so it pays off on wide, small-spatial convs.
+    Plain tensor ops rather than ``quantize_per_tensor_dynamic`` (deprecated quantized tensors), and no
+    ``.item()``: the scale stays a tensor, so nothing synchronises. As fast: one pass for the range, one fused-ish
+    pass for the codes (about 6 % of a 320-channel 32x32 int8 conv).
+    """
+    low, high = torch.aminmax(x)
+    low, high = low.clamp(max=0), high.clamp(min=0)
+    scale = ((high - low) / 255).clamp_min(torch.finfo(torch.float32).tiny)
+    zero = (-low / scale).round()
+    codes = torch.div(x, scale).add_(zero).round_().clamp_(0, 255).to(torch.uint8)
+    return codes, scale, zero.long()
+
+
+class Int8DynamicConv2d(nn.Module):
+    """``nn.Conv2d`` (groups 1, zero padding) as uint8 activations x int8 weights in oneDNN's direct int8 conv.
+
+    The activation is quantized per call, per tensor and asymmetric (``quantize_per_tensor_dynamic``); the
+    kernel accumulates in int32 and writes float32 directly, so there is no output requantization and no
+    calibration. Not fbgemm's ``quantized::conv2d_dynamic``: on every engine here (fbgemm, x86, onednn) it is
+    wrong whenever the zero point is far from the middle of the range (65-72 % relative error after a SiLU,
+    measured), which the regression test guards. On a CPU with VNNI this runs 1.7-3.5x the fp32 conv rate
+    (``benchmarks/quant_peers.py --sections kernels``); without VNNI ``int8`` leaves convs in float by default.
     """
 
     kind = "w8a8"
@@ -193,9 +212,8 @@ class Int8DynamicConv2d(nn.Module):
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale.reshape(-1, 1, 1, 1))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
-        flat = QuantizedWeight(codes.reshape(self.out_channels, -1), self.scale.reshape(-1, 1), 8)
-        with _engine(ENGINE):
-            self._packed = torch.ops.quantized.linear_prepack(_qint8(flat), self.bias)
+        self._zeros = torch.zeros(self.out_channels, dtype=torch.long)
+        self._packed: torch.Tensor | None = None
 
     @classmethod
     def from_float(cls, layer: nn.Conv2d) -> Int8DynamicConv2d:
@@ -205,20 +223,27 @@ class Int8DynamicConv2d(nn.Module):
     def init_args(self) -> dict[str, Any]:
         return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
 
+    def packed(self) -> torch.Tensor:
+        """oneDNN's blocked weight, made on first use: an opaque tensor that cannot be copied or pickled."""
+        if self._packed is None:
+            self._packed = torch.ops.onednn.qconv_prepack(self.codes, self.scale.flatten().float(), 1.0, 0,
+                                                          list(self.stride), list(self.padding),
+                                                          list(self.dilation), 1, None)
+        return self._packed
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_packed": None}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x.shape
-        out_h, out_w = (
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, d, k, s in zip((height, width), self.padding, self.dilation, self.kernel_size, self.stride,
-                                        strict=True))
-        cols = F.unfold(x.float(), self.kernel_size, self.dilation, self.padding, self.stride)
-        out = torch.ops.quantized.linear_dynamic(cols.transpose(1, 2).reshape(-1, cols.shape[1]), self._packed, True)
-        return out.reshape(batch, out_h * out_w, self.out_channels).transpose(1, 2).reshape(
-            batch, self.out_channels, out_h, out_w).to(x.dtype)
+        codes, scale, zero = quantize_uint8(x.float())
+        out = torch.ops.onednn.qconv2d_pointwise.tensor(
+            codes, scale, zero, self.packed(), self.scale.flatten().float(), self._zeros, self.bias,
+            list(self.stride), list(self.padding), list(self.dilation), 1, 1.0, 0, torch.float32, "none", [], "")
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, int8 x int8 (im2col + fbgemm dynamic)")
+                f"padding={self.padding}, int8 x int8 (oneDNN, dynamic activations)")
 
 
 # ---------------------------------------------------------------- weight-only layers (memory, not speed)
@@ -296,6 +321,16 @@ class WeightOnlyConv2d(_WeightOnly):
 LAYER_CLASSES: dict[str, type[nn.Module]] = {
     cls.__name__: cls for cls in (Int8DynamicLinear, Int8DynamicConv2d, WeightOnlyLinear, WeightOnlyConv2d)
 }
+
+
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def has_vnni() -> bool:
+    """True where the CPU multiplies u8 x s8 into 32-bit sums (VNNI / AMX): int8 needs no ``reduce_range``
+    (AVX2's ``vpmaddubsw`` sums pairs in 16 bits and saturates unless activations lose a bit), and the direct
+    int8 conv outruns fp32 (1.7-3.5x measured), so ``int8`` quantizes convs by default."""
+    return bool(cpu_flags() & VNNI_FLAGS)
 
 
 @functools.cache

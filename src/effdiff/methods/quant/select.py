@@ -9,11 +9,12 @@ A layer is quantized only if all of these hold, checked in this order (the first
    few channels, so little time, and the layers where quantization error is least averaged out;
 4. both widths (in and out features / channels) are at least ``min_features`` for a linear, ``min_channels``
    for a conv: narrow layers are bound by the per-call activation quantization, not by the matmul.
-   Measured here (AVX2, 2 threads, ``benchmarks/quant_peers.py --sections kernels``): a 2048-row linear runs
-   0.45x fp32 at width 32, 0.98x at 64, 1.5x at 128, 1.7x at 320x1280: hence 128 for linears. Convs go
-   through im2col (``kernels.Int8DynamicConv2d``), 0.7x at 320 channels / 32x32 up to 2.4x at 1280 / 8x8
-   (a quick unlocked measurement), which is why ``int8`` quantizes convs only on request; ``min_channels``
-   (32) only keeps the narrowest ones out.
+   Measured (2 threads, ``benchmarks/quant_peers.py --sections kernels``): on an AVX2-only CPU a 2048-row
+   linear runs 0.45x fp32 at width 32, 0.98x at 64, 1.5x at 128, 1.7x at 320x1280; on an AVX512-VNNI CPU
+   0.7x at 96 (256 rows), 1.3x at 64, 1.4x at 128, 3-4x from 320 up: hence 128 for linears on both. Convs
+   run oneDNN's direct int8 conv: on the VNNI CPU 1.0x fp32 at 32 channels, 1.7x at 64, 3.5x at 320-1280,
+   so ``int8`` quantizes convs by default only where the CPU has VNNI; ``min_channels`` (32) keeps the
+   narrowest ones out.
 """
 
 from __future__ import annotations
