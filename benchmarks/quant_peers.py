@@ -41,7 +41,7 @@ import effdiff
 from effdiff.adapters import denoiser_attr
 from effdiff.eval.cost import PeakMemory
 from effdiff.eval.fidelity import fidelity
-from effdiff.methods.quant.kernels import Int8DynamicConv2d, Int8DynamicLinear, cpu_flags, native_float
+from effdiff.methods.quant.kernels import Int8DynamicConv2d, Int8DynamicLinear, cpu_flags, has_vnni, native_float
 from effdiff.registry import RecipeError
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
@@ -70,7 +70,7 @@ def linear_row(m: int, k: int, n: int) -> dict[str, Any]:
     q = Int8DynamicLinear.from_float(torch.nn.Linear(k, n))
     row: dict[str, Any] = {"op": "linear", "shape": f"{m}x{k}x{n}", "fp32": rate(lambda: F.linear(x, w), flops),
                            "fbgemm_int8_dynamic": rate(lambda: q(x), flops)}
-    if m * k * n <= 2048 * 320 * 320:  # the reference loops take seconds on the big shapes
+    if has_vnni() or m * k * n <= 2048 * 320 * 320:  # without VNNI, reference loops: seconds on the big shapes
         xi, wi = torch.randint(-127, 127, (m, k), dtype=torch.int8), torch.randint(-127, 127, (k, n), dtype=torch.int8)
         wt, ones = wi.t().contiguous(), torch.ones(n)
         row["torch._int_mm"] = rate(lambda: torch._int_mm(xi, wi), flops, reps=3)
@@ -88,8 +88,8 @@ def conv_row(c: int, hw: int, kernel: int) -> dict[str, Any]:
     q = Int8DynamicConv2d.from_float(conv)
     row: dict[str, Any] = {"op": f"conv{kernel}x{kernel}", "shape": f"2x{c}x{hw}x{hw}",
                            "fp32": rate(lambda: conv(image), flops),
-                           "fbgemm_int8_dynamic": rate(lambda: q(image), flops)}
-    if c <= 128:
+                           "onednn_int8_dynamic": rate(lambda: q(image), flops)}
+    if c <= 128 or native_float(torch.device("cpu"), torch.bfloat16):  # emulated bf16 takes seconds on wide convs
         cb, ib = copy.deepcopy(conv).bfloat16(), image.bfloat16()
         row["bf16"] = rate(lambda: cb(ib), flops, reps=2)
     return row
@@ -237,8 +237,7 @@ def build_variants(pipe: Any, model: str, call: Callable[[Any], torch.Tensor], e
                "int8", "int8wo"] + (["int4wo"] if model.startswith("tiny") else [])  # twins: minutes per variant
     if model.startswith("tiny"):  # every eligible layer in W8A8, for its quality (the default rule skips narrow ones)
         recipes.append("int8:min_features=1,min_channels=1,convs=true")
-    else:
-        recipes.append("int8:convs=true")
+    recipes.append("int8:convs=false" if has_vnni() else "int8:convs=true")  # the other side of convs=auto
     if emulated and not bf16_native and model.startswith("tiny"):
         recipes += ["bf16:emulated=true,keep=none", "bf16:emulated=true,keep=all", "fp16:emulated=true"]
     for label, quantize in [("torchao int8 dynamic", torchao_quantize("dynamic")),
@@ -394,13 +393,12 @@ def cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 def save(path: Path, key: str, rows: Any, args: argparse.Namespace) -> None:
     existing = json.loads(path.read_text()) if path.exists() else {}
-    existing.update({
-        "benchmark": "quant_peers", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
-        "cpu_simd": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or "vnni" in f),
-        "torch": torch.__version__, "guidance": GUIDANCE,
-    })
-    existing.setdefault("runs", {})[key] = {"args": vars(args), "rows": rows}
+    host = {"when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+            "cpu_simd": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or "vnni" in f),
+            "torch": torch.__version__}
+    existing.update({"benchmark": "quant_peers", "guidance": GUIDANCE, **host})
+    existing.setdefault("runs", {})[key] = {"args": vars(args), **host, "rows": rows}  # hosts differ between runs
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(existing, indent=1))
     print(f"wrote {path} [{key}]", flush=True)
