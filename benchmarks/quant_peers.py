@@ -6,6 +6,7 @@ Sections (``--sections``):
            (what effdiff ``int8`` calls) across layer widths — the evidence behind ``select``'s rule;
   profile  torch.profiler on one SD 1.5 down block (2 resnets, 2 transformers, 320 ch, 32x32, batch 2) for
            fp32 and every int8 variant: where the time goes (top ops by self CPU time);
+  compile  the same block eager and under ``torch.compile`` for fp32, bf16 and every int8 variant;
   models   each ``--models`` pipeline: fp32 baseline, plain bf16 cast (peer-style ``pipe.to``), effdiff bf16,
            torchao int8 dynamic / weight-only, optimum-quanto qint8 weights, effdiff int8 / int8wo / int4wo.
            Every variant first times one denoiser forward on the pipeline's own inputs; a variant slower than
@@ -135,29 +136,36 @@ def serialized_bytes(state: dict[str, Any]) -> int:
 # ---------------------------------------------------------------- profile
 
 
+def sd15_block() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """SD 1.5's first down block (2 resnets + 2 transformers, 320 ch) and batch-2 inputs at 256 px."""
+    pipe = effdiff.load("sd15-arch")
+    block = pipe.unet.down_blocks[0]
+    torch.manual_seed(0)
+    text = torch.randn(2, 77, 768)
+    return block, (torch.randn(2, 320, 32, 32), torch.randn(2, 1280)), {"encoder_hidden_states": text}
+
+
+BLOCK_VARIANTS: dict[str, Callable[[torch.nn.Module], Any]] = {
+    "fp32": lambda m: None, "effdiff int8 (linears)": lambda m: effdiff_int8_module(m, False),
+    "effdiff int8 (linears + convs)": lambda m: effdiff_int8_module(m, True),
+    "torchao int8 dynamic": torchao_quantize("dynamic"), "torchao int8 weight-only": torchao_quantize("weight"),
+    "quanto qint8 weights": quanto_quantize}
+
+
 def profile_section(top: int = 6) -> list[dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile
 
     print("\n== profile: SD 1.5 down_blocks[0] (2 resnets + 2 transformers, 320 ch, 32x32, batch 2)", flush=True)
-    pipe = effdiff.load("sd15-arch")
-    block = pipe.unet.down_blocks[0]
-    temb, text = torch.randn(2, 1280), torch.randn(2, 77, 768)
-    x = torch.randn(2, 320, 32, 32)
-    del pipe
-    variants: dict[str, Callable[[torch.nn.Module], Any]] = {
-        "fp32": lambda m: None, "effdiff int8 (linears)": lambda m: effdiff_int8_module(m, False),
-        "effdiff int8 (linears + convs)": lambda m: effdiff_int8_module(m, True),
-        "torchao int8 dynamic": torchao_quantize("dynamic"), "torchao int8 weight-only": torchao_quantize("weight"),
-        "quanto qint8 weights": quanto_quantize}
+    block, args, kwargs = sd15_block()
     rows = []
-    for label, prepare in variants.items():
+    for label, prepare in BLOCK_VARIANTS.items():
         model = copy.deepcopy(block)
         prepare(model)
         with torch.no_grad():
-            model(x, temb, encoder_hidden_states=text)
+            model(*args, **kwargs)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 start = time.perf_counter()
-                model(x, temb, encoder_hidden_states=text)
+                model(*args, **kwargs)
                 seconds = time.perf_counter() - start
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         total = sum(e.self_cpu_time_total for e in events) or 1
@@ -166,6 +174,44 @@ def profile_section(top: int = 6) -> list[dict[str, Any]]:
         print(f"  {label:26s} {seconds:7.3f}s  " + ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops[:4]),
               flush=True)
         del model
+    return rows
+
+
+def compile_section(reps: int = 5) -> list[dict[str, Any]]:
+    """The same block eager and under ``torch.compile`` (inductor, CPU), for fp32, bf16 and the int8 variants:
+    whether compilation changes the peers' picture (torchao's int8 is designed around it)."""
+    print("\n== compile: SD 1.5 down_blocks[0], eager vs torch.compile (median of 5 after warm-up)", flush=True)
+    block, args, kwargs = sd15_block()
+    variants = {**BLOCK_VARIANTS, "bf16 (block cast)": lambda m: m.bfloat16()}
+    rows, fp32_eager = [], None
+    for label, prepare in variants.items():
+        for compiled in (False, True):
+            model = copy.deepcopy(block)
+            prepare(model)
+            inputs = tuple(a.bfloat16() for a in args) if label.startswith("bf16") else args
+            extra = {k: v.bfloat16() for k, v in kwargs.items()} if label.startswith("bf16") else kwargs
+            torch._dynamo.reset()
+            runner = torch.compile(model) if compiled else model
+            row: dict[str, Any] = {"variant": label, "compiled": compiled}
+            try:
+                with torch.no_grad():
+                    start = time.perf_counter()
+                    runner(*inputs, **extra)
+                    row["first_call_s"] = round(time.perf_counter() - start, 2)
+                    times = []
+                    for _ in range(reps):
+                        start = time.perf_counter()
+                        runner(*inputs, **extra)
+                        times.append(time.perf_counter() - start)
+                row["seconds"] = round(statistics.median(times), 4)
+                fp32_eager = fp32_eager or row["seconds"]
+                row["speedup_vs_fp32_eager"] = round(fp32_eager / row["seconds"], 3)
+            except Exception as exc:  # a peer's compile path failing is a result, not a crash
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+            print(f"  {label:32s} {'compiled' if compiled else 'eager':8s} " + (
+                f"{row['seconds']:7.3f}s  {row['speedup_vs_fp32_eager']:.2f}x  (first call {row['first_call_s']}s)"
+                if "seconds" in row else row["error"]), flush=True)
     return rows
 
 
@@ -421,6 +467,8 @@ def main() -> None:
         save(out, "kernels", kernels_section(), args)
     if "profile" in sections:
         save(out, "profile", profile_section(), args)
+    if "compile" in sections:
+        save(out, "compile", compile_section(), args)
     if "models" in sections:
         for model in args.models.split(","):
             save(out, f"{model}-{args.steps}steps", model_section(model, args.steps, args.reps, args.max_slowdown,

@@ -11,9 +11,9 @@ from effdiff.registry import all_methods
 
 DEFAULT_MODELS = ("tiny-sd", "tiny-dit")
 
-# About 20 minutes on 2 cores. Slow to set up or to run, so measured by the scripts in benchmarks/ instead:
-# `ays` (up to 110 s of search), `l2c` (trains a router), `qdiffusion`/`svdquant`/`ptq` (simulated, slower than fp32),
-# `int8` (its measured per-layer rule leaves the bundled models' narrow layers in fp32: see benchmarks/quant_peers.py).
+# About 25 minutes on 2 cores. Slow to set up or to run, so measured by the scripts in benchmarks/ instead:
+# `ays` (up to 110 s of search), `l2c` (trains a router), `qdiffusion`/`svdquant`/`ptq` (simulated, slower than fp32).
+# `bf16` and `int8` are refused with the reason where the CPU lacks the kernels (no AVX512-BF16; no fbgemm).
 CURATED = (
     "dpmpp2m:steps=20",
     "unipc:steps=10",
@@ -22,7 +22,9 @@ CURATED = (
     "fbcache",
     "taylorseer",
     "tome:ratio=0.5,max_downsample=2",  # tiny-sd's attention starts at downsample 2
-    "bf16",  # refused, with the reason, on a CPU without native bf16 kernels
+    "bf16",
+    "int8",  # convs too where the CPU has VNNI; the rule keeps layers narrower than 128 features in fp32
+    "bf16+int8",
     "dpmpp2m:steps=20+deepcache:interval=3",
     "dpmpp2m:steps=20+fbcache",
     "dpmpp2m:steps=20+deepcache:interval=3+tome:ratio=0.5,max_downsample=2",

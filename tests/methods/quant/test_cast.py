@@ -7,7 +7,7 @@ from diffusers.utils import BaseOutput
 
 import effdiff
 from effdiff import RecipeError
-from effdiff.methods.quant import cast
+from effdiff.methods.quant import cast, kernels
 
 STEPS = 3
 
@@ -118,9 +118,44 @@ def test_convert_reaches_into_outputs_and_dtype_arguments():
 @pytest.mark.parametrize(("recipe", "match"), [
     ("bf16:keep=everything", "keep"),
     ("bf16:emulated=maybe", "emulated"),
-    ("bf16:emulated=true+int8", "weights"),
-    ("bf16:emulated=true+fp16:emulated=true", "weights"),
+    ("bf16:emulated=true+ptq", "float dtype"),
+    ("bf16:emulated=true+fp16:emulated=true", "float dtype"),
 ])
 def test_bad_recipes_refused(tiny_sd, recipe, match):
     with pytest.raises(RecipeError, match=match):
         effdiff.accelerate(tiny_sd, recipe)
+
+
+@pytest.mark.skipif(not kernels.int8_engine_available(), reason="no fbgemm engine in this torch")
+@pytest.mark.parametrize("written", ["int8:min_features=1,min_channels=1,convs=true+bf16:emulated=true",
+                                     "bf16:emulated=true+int8:min_features=1,min_channels=1,convs=true"])
+def test_int8_stacks_on_bf16_and_removal_restores(tiny_pipe, written):
+    """The cast goes first whatever the written order; the int8 layers run inside the bf16 model."""
+    denoiser = model_of(tiny_pipe)
+    originals = dict(_float_params(denoiser))
+    baseline = sample(tiny_pipe, steps=STEPS)
+    effdiff.accelerate(tiny_pipe, written)
+    assert [m.name for m in tiny_pipe.effdiff.methods] == ["bf16", "int8"]
+    int8 = tiny_pipe.effdiff.methods[1]
+    layers = int8.quantized_layers().values()
+    assert any(isinstance(m, kernels.Int8DynamicConv2d) for m in layers)
+    assert all(m.scale.dtype == torch.float32 for m in layers)  # quantized after the cast: scales not rounded
+    images = sample(tiny_pipe, steps=STEPS)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert (images - baseline).abs().max() < 0.5
+    tiny_pipe.effdiff.remove()
+    assert all(p is originals[n] for n, p in _float_params(denoiser).items())
+    assert torch.equal(sample(tiny_pipe, steps=STEPS), baseline)
+
+
+@pytest.mark.skipif(not kernels.int8_engine_available(), reason="no fbgemm engine in this torch")
+def test_a_bf16_int8_file_reloads_only_under_the_same_cast(tiny_sd, tmp_path):
+    path = tmp_path / "q.safetensors"
+    effdiff.accelerate(tiny_sd, "bf16:emulated=true+int8:min_features=1,min_channels=1,convs=true")
+    quantized = sample(tiny_sd, steps=STEPS)
+    tiny_sd.effdiff.methods[1].save(path)
+    tiny_sd.effdiff.remove()
+    with pytest.raises(RecipeError, match="same cast"):
+        effdiff.accelerate(tiny_sd, f"int8:load={path}")
+    effdiff.accelerate(tiny_sd, f"bf16:emulated=true+int8:load={path}")
+    assert torch.equal(sample(tiny_sd, steps=STEPS), quantized)

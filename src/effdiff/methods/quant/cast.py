@@ -113,7 +113,7 @@ class CastMethod(Method):
     family = "quant"
     after = ("solver",)
     before = ("cache", "tokens")
-    exclusive = ("weights",)
+    exclusive = ("float dtype",)  # not "weights": the integer kernels stack on a cast model (bf16+int8)
     dtype: ClassVar[torch.dtype] = torch.float32
     params = {
         "keep": Param(str, "embed", choices=KEEP, help="modules kept in float32"),

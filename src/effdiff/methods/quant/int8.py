@@ -36,10 +36,14 @@ LOAD = Param(str, "", help="rebuild from a file written by save() instead of qua
 
 
 class KernelQuant(Method):
-    """Base of the integer-kernel methods: plan, swap, save, load, remove."""
+    """Base of the integer-kernel methods: plan, swap, save, load, remove.
+
+    They stack on ``bf16`` / ``fp16`` (applied first): the integer layers take the cast model's activations and
+    return its dtype, so attention, norms and the layers the rule keeps run in the 16-bit float.
+    """
 
     family = "quant"
-    after = ("solver",)
+    after = ("solver", "bf16", "fp16")
     before = ("cache", "tokens")
     exclusive = ("weights",)
     convs: ClassVar[bool] = True

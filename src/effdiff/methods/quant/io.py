@@ -71,4 +71,7 @@ def load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quant
         if new.shape != old.shape:
             raise RecipeError(f"{path} does not match this denoiser: {key} is {tuple(new.shape)} in the file, "
                               f"{tuple(old.shape)} here")
+        if new.dtype != old.dtype:
+            raise RecipeError(f"{path} was saved from a {new.dtype} model and this denoiser is {old.dtype}: stack "
+                              f"the same cast as when it was saved (e.g. bf16+...:load=...)")
         swaps.tensor(owner, attr, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)

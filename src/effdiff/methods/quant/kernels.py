@@ -236,9 +236,10 @@ class Int8DynamicConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero = quantize_uint8(x.float())
+        dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32  # bf16 written directly
         out = torch.ops.onednn.qconv2d_pointwise.tensor(
             codes, scale, zero, self.packed(), self.scale.flatten().float(), self._zeros, self.bias,
-            list(self.stride), list(self.padding), list(self.dilation), 1, 1.0, 0, torch.float32, "none", [], "")
+            list(self.stride), list(self.padding), list(self.dilation), 1, 1.0, 0, dtype, "none", [], "")
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:

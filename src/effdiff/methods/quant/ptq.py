@@ -60,7 +60,7 @@ class QuantMethod(Method):
     devices = frozenset({"cpu"})  # grids and calibration statistics are built on CPU tensors; untested elsewhere
     after = ("solver",)
     before = ("cache", "tokens")
-    exclusive = ("weights",)
+    exclusive = ("weights", "float dtype")  # grids and reconstruction are float32 maths: no bf16 underneath
     common: ClassVar[dict[str, Param]] = {
         "wbits": Param(int, 8, choices=BITS, help="weight bits; 16 or 32 keep weights in float"),
         "abits": Param(int, 8, choices=BITS, help="activation bits; 16 or 32 keep activations in float"),
