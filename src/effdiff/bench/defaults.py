@@ -24,7 +24,6 @@ CURATED = (
     "tome:ratio=0.5,max_downsample=2",  # tiny-sd's attention starts at downsample 2
     "bf16",
     "int8",  # convs too where the CPU has VNNI; the rule keeps layers narrower than 128 features in fp32
-    "bf16+int8",
     "dpmpp2m:steps=20+deepcache:interval=3",
     "dpmpp2m:steps=20+fbcache",
     "dpmpp2m:steps=20+deepcache:interval=3+tome:ratio=0.5,max_downsample=2",

@@ -138,7 +138,7 @@ def test_int8_stacks_on_bf16_and_removal_restores(tiny_pipe, written):
     assert [m.name for m in tiny_pipe.effdiff.methods] == ["bf16", "int8"]
     int8 = tiny_pipe.effdiff.methods[1]
     layers = int8.quantized_layers().values()
-    assert any(isinstance(m, kernels.Int8DynamicConv2d) for m in layers)
+    assert layers and all(isinstance(m, (kernels.Int8DynamicConv2d, kernels.Int8DynamicLinear)) for m in layers)
     assert all(m.scale.dtype == torch.float32 for m in layers)  # quantized after the cast: scales not rounded
     images = sample(tiny_pipe, steps=STEPS)
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
