@@ -127,7 +127,7 @@ class Int8(KernelQuant):
     summary = "int8 weights x dynamic int8 activations on the wide linears (fbgemm) and convs (oneDNN, VNNI CPUs)"
     params = {
         "min_features": Param(int, 128, 1, 65536, help="linears narrower than this (in or out) stay fp32"),
-        "min_channels": Param(int, 32, 1, 65536, help="convs narrower than this (in or out) stay fp32"),
+        "min_channels": Param(int, 64, 1, 65536, help="convs narrower than this (in or out) stay fp32"),
         "convs": Param(str, "auto", choices=("auto", "true", "false"),
                        help="quantize convs too (oneDNN int8 conv); auto: where the CPU has VNNI, on which it wins"),
         "load": LOAD,
