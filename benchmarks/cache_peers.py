@@ -96,6 +96,7 @@ def diffusers_hook(pipe: Any, kind: str) -> tuple[Callable[[], Any], Callable[[]
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
     model = pipe.transformer
+    kind, _, threshold = kind.partition("=")  # "fbcache=0.2": FirstBlockCache's threshold (default 0.1)
     timestep = {"t": 1000}
     handles: list[Any] = []
     names = {"fbcache": ["fbc_leader_block_hook", "fbc_block_hook"], "taylorseer": ["taylorseer_cache"],
@@ -116,7 +117,7 @@ def diffusers_hook(pipe: Any, kind: str) -> tuple[Callable[[], Any], Callable[[]
         )
 
         if kind == "fbcache":
-            apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.1))
+            apply_first_block_cache(model, FirstBlockCacheConfig(threshold=float(threshold or 0.1)))
         elif kind == "taylorseer":
             apply_taylorseer_cache(model, TaylorSeerCacheConfig(
                 cache_interval=5, max_order=1, disable_cache_before_step=3, taylor_factors_dtype=torch.float32,
@@ -200,7 +201,7 @@ def section(title: str, model: str, steps: int, variants: list[tuple[str, str]],
         print("  WARNING: the baseline changed after the variants were removed", flush=True)
     by_label = {r["variant"]: r for r in rows}
     pairs = [("deepcache package", "effdiff deepcache"), ("diffusers FirstBlockCache", "effdiff fbcache"),
-             ("diffusers TaylorSeer", "effdiff taylorseer")]
+             ("diffusers TaylorSeer", "effdiff taylorseer"), ("diffusers FirstBlockCache 0.2", "effdiff fbcache 0.2")]
     for a, b in pairs:
         if a in by_label and b in by_label and "_images" in by_label[a] and "_images" in by_label[b]:
             value = psnr(by_label[b]["_images"], by_label[a]["_images"])
@@ -277,6 +278,8 @@ def main() -> None:
             ("effdiff taylorseer", "effdiff:taylorseer:interval=5,order=1,warmup=3"),
             ("diffusers FirstBlockCache", "diffusers:fbcache"),
             ("effdiff fbcache", "effdiff:fbcache:threshold=0.1,warmup=0"),
+            ("diffusers FirstBlockCache 0.2", "diffusers:fbcache=0.2"),
+            ("effdiff fbcache 0.2", "effdiff:fbcache:threshold=0.2,warmup=0"),
         ], args.reps, {"height": 256, "width": 256}, flops=False, only=only,
             prompts=PROMPTS[:args.twin_prompts]), started)
     print(f"\n{'model':10s} {'variant':46s} {'speedup':>8s} {'psnr':>7s} {'ssim':>6s} {'flops÷':>7s} {'eff':>5s}")
