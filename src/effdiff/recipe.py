@@ -93,7 +93,7 @@ def check(methods: Sequence[Method], kind: str | None = None, device: str | None
         seen[m.name] = m
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
-            shared = sorted(set(a.exclusive) & set(b.exclusive))
+            shared = [r for r in a.exclusive if r in b.exclusive]  # in declared order: the main resource first
             if shared:
                 raise RecipeError(f"{a.name} and {b.name} cannot be stacked: both take over the {shared[0]}")
     for m in methods:
