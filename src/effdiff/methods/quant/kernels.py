@@ -3,7 +3,7 @@
 Linears: fbgemm's dynamic-quantized linear (``quantized::linear_dynamic``). On an AVX2-only x86 CPU
 ``torch._int_mm`` and ``torch._weight_int8pack_mm`` (what torchao's int8 tensors call in eager mode) fall back
 to reference loops (3-6 GFLOP/s, far below fp32), while fbgemm uses ``vpmaddubsw`` and reaches 1.5-2x fp32 on
-wide layers; on an AVX512-VNNI CPU fbgemm reaches 2-4x fp32 (and ``_int_mm`` is fast too). It quantizes
+wide layers; on an AVX512-VNNI CPU fbgemm reaches 1.2-3.8x fp32 (and ``_int_mm`` is fast too). It quantizes
 activations per tensor, asymmetric; without VNNI with one bit less (``reduce_range``: u8 x s8 pairs summed in
 16 bits must not saturate). Convs: oneDNN's direct int8 conv with float output (``Int8DynamicConv2d``).
 Weights are int8 per output channel.
@@ -197,7 +197,7 @@ class Int8DynamicConv2d(nn.Module):
     kernel accumulates in int32 and writes float32 directly, so there is no output requantization and no
     calibration. Not fbgemm's ``quantized::conv2d_dynamic``: on every engine here (fbgemm, x86, onednn) it is
     wrong whenever the zero point is far from the middle of the range (65-72 % relative error after a SiLU,
-    measured), which the regression test guards. On a CPU with VNNI this runs 1.7-3.5x the fp32 conv rate
+    measured), which the regression test guards. On a CPU with VNNI this runs 1.6-3.9x the fp32 conv rate
     (``benchmarks/quant_peers.py --sections kernels``); without VNNI ``int8`` leaves convs in float by default.
     """
 
@@ -330,7 +330,7 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 def has_vnni() -> bool:
     """True where the CPU multiplies u8 x s8 into 32-bit sums (VNNI / AMX): int8 needs no ``reduce_range``
     (AVX2's ``vpmaddubsw`` sums pairs in 16 bits and saturates unless activations lose a bit), and the direct
-    int8 conv outruns fp32 (1.7-3.5x measured), so ``int8`` quantizes convs by default."""
+    int8 conv outruns fp32 (1.6-3.9x measured from 64 channels), so ``int8`` quantizes convs by default."""
     return bool(cpu_flags() & VNNI_FLAGS)
 
 

@@ -11,8 +11,8 @@ A layer is quantized only if all of these hold, checked in this order (the first
    for a conv: narrow layers are bound by the per-call activation quantization, not by the matmul.
    Measured (2 threads, ``benchmarks/quant_peers.py --sections kernels``): on an AVX2-only CPU a 2048-row
    linear runs 0.45x fp32 at width 32, 0.98x at 64, 1.5x at 128, 1.7x at 320x1280; on an AVX512-VNNI CPU
-   0.7x at 96 (256 rows), 1.3x at 64, 1.4x at 128, 3-4x from 320 up: hence 128 for linears on both. Convs
-   run oneDNN's direct int8 conv: on the VNNI CPU 1.0x fp32 at 32 channels, 1.7x at 64, 3.5x at 320-1280,
+   1.0x at 64, 1.5x at 128, 1.2-3.8x from 320 up (0.7x at 96 wide with 256 rows): hence 128 on both. Convs
+   run oneDNN's direct int8 conv: on the VNNI CPU 1.0x fp32 at 32 channels, 1.6x at 64, 2.7-3.9x at 320-1280,
    so ``int8`` quantizes convs by default only where the CPU has VNNI; ``min_channels`` (64) keeps the
    32-channel ones out: no faster at kernel level, and on tiny-sd (32/64/64 channels) quantizing them made the
    whole model 0.92x at batch 2, against 1.06x without them (1.04x vs 1.18x at batch 64).
