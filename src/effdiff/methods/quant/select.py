@@ -14,8 +14,8 @@ A layer is quantized only if all of these hold, checked in this order (the first
    1.0x at 64, 1.5x at 128, 1.2-3.8x from 320 up (0.7x at 96 wide with 256 rows): hence 128 on both. Convs
    run oneDNN's direct int8 conv: on the VNNI CPU 1.0x fp32 at 32 channels, 1.6x at 64, 2.7-3.9x at 320-1280,
    so ``int8`` quantizes convs by default only where the CPU has VNNI; ``min_channels`` (64) keeps the
-   32-channel ones out: no faster at kernel level, and on tiny-sd (32/64/64 channels) quantizing them made the
-   whole model 0.92x at batch 2, against 1.06x without them (1.04x vs 1.18x at batch 64).
+   32-channel ones out, where the kernel is no faster. Even 64 channels do not pay on a whole small model:
+   tiny-sd (32/64/64 channels) runs 0.94-1.04x with its 64-channel convs in int8 (``quant_batch.py``).
 """
 
 from __future__ import annotations
