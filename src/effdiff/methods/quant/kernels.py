@@ -193,7 +193,7 @@ def quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 class Int8DynamicConv2d(nn.Module):
     """``nn.Conv2d`` (groups 1, zero padding) as uint8 activations x int8 weights in oneDNN's direct int8 conv.
 
-    The activation is quantized per call, per tensor and asymmetric (``quantize_per_tensor_dynamic``); the
+    The activation is quantized per call, per tensor and asymmetric (``quantize_uint8``); the
     kernel accumulates in int32 and writes float32 directly, so there is no output requantization and no
     calibration. Not fbgemm's ``quantized::conv2d_dynamic``: on every engine here (fbgemm, x86, onednn) it is
     wrong whenever the zero point is far from the middle of the range (65-72 % relative error after a SiLU,
