@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from quant_peers import first_denoiser_call
 
 import effdiff
 from effdiff.adapters import denoiser_attr
@@ -29,17 +30,13 @@ from effdiff.methods.quant.kernels import cpu_flags
 
 
 def captured_inputs(pipe: Any, prompts: int) -> tuple[tuple, dict]:
-    """The denoiser's positional and keyword inputs of the first step of a guided call with ``prompts`` prompts."""
-    denoiser = getattr(pipe, denoiser_attr(pipe))
-    seen: dict[str, Any] = {}
-    handle = denoiser.register_forward_pre_hook(lambda m, a, k: seen.setdefault("call", (a, k)), with_kwargs=True)
-    try:
+    """The denoiser's inputs at the first step of a guided call with ``prompts`` prompts."""
+    def run() -> None:
         with torch.no_grad():
             pipe(["a handwritten seven"] * prompts, num_inference_steps=1, guidance_scale=4.0, output_type="pt",
                  generator=torch.Generator().manual_seed(0))
-    finally:
-        handle.remove()
-    return seen["call"]
+
+    return first_denoiser_call(pipe, run)
 
 
 def forward(pipe: Any, args: tuple, kwargs: dict) -> Any:

@@ -316,18 +316,22 @@ def build_variants(pipe: Any, model: str, call: Callable[[Any], torch.Tensor], e
     return variants, refused
 
 
+def first_denoiser_call(pipe: Any, run: Callable[[], Any]) -> tuple[tuple, dict]:
+    """The positional and keyword inputs of the denoiser's first call during ``run()``."""
+    captured: dict[str, Any] = {}
+    handle = getattr(pipe, denoiser_attr(pipe)).register_forward_pre_hook(
+        lambda module, args, kwargs: captured.setdefault("call", (args, kwargs)), with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return captured["call"]
+
+
 def forward_probe(pipe: Any, variants: list[Variant], max_slowdown: float) -> None:
     """Time one denoiser forward per variant on the pipeline's real inputs; drop far-too-slow ones."""
     attr = denoiser_attr(pipe)
-    captured: dict[str, Any] = {}
-
-    def grab(module: Any, args: tuple, kwargs: dict) -> None:
-        captured.setdefault("call", (args, kwargs))
-
-    handle = getattr(pipe, attr).register_forward_pre_hook(grab, with_kwargs=True)
-    variants[0].run()
-    handle.remove()
-    args, kwargs = captured["call"]
+    args, kwargs = first_denoiser_call(pipe, variants[0].run)
     for v in variants:
         if v.note.startswith("emulated"):
             continue  # emulated precisions are measured for quality only

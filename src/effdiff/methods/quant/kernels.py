@@ -155,6 +155,7 @@ class Int8DynamicLinear(nn.Module):
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale.reshape(-1, 1))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self._reduce_range = not has_vnni()  # a CPU fact, read once rather than on every call
         with _engine(ENGINE):
             self._packed = torch.ops.quantized.linear_prepack(_qint8(QuantizedWeight(codes, self.scale, 8)), self.bias)
 
@@ -168,7 +169,7 @@ class Int8DynamicLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
-        out = torch.ops.quantized.linear_dynamic(flat, self._packed, not has_vnni())
+        out = torch.ops.quantized.linear_dynamic(flat, self._packed, self._reduce_range)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
