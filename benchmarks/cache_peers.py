@@ -38,7 +38,8 @@ HOOK_FIXES = [
     "CacheContext('batched') before every call (diffusers.hooks.hooks._set_cache_context)",
     "HookRegistry caches its child-registry list: invalidate_child_registries_cache() after applying/removing, "
     "or the context never reaches hooks applied after the first",
-    "hook state is not reset between pipeline calls: HookRegistry.reset_stateful_hooks() before every call",
+    "hook state is not reset between pipeline calls: the same pre-hook calls HookRegistry.reset_stateful_hooks() "
+    "when the timestep rises (a new generation)",
     "TaylorSeer's default cache_identifiers ('^transformer_blocks.*attn', re.fullmatch) hook nothing on PixArt "
     "(layers are attn1/attn2): cache_identifiers=[r'transformer_blocks\\.\\d+\\.(attn1|attn2|ff)']",
     "PyramidAttentionBroadcast needs current_timestep_callback: the same pre-hook records the timestep",
@@ -97,15 +98,17 @@ def diffusers_hook(pipe: Any, kind: str) -> tuple[Callable[[], Any], Callable[[]
 
     model = pipe.transformer
     kind, _, threshold = kind.partition("=")  # "fbcache=0.2": FirstBlockCache's threshold (default 0.1)
-    timestep = {"t": 1000}
+    timestep: dict[str, int | None] = {"t": None}
     handles: list[Any] = []
     names = {"fbcache": ["fbc_leader_block_hook", "fbc_block_hook"], "taylorseer": ["taylorseer_cache"],
              "pab": ["pyramid_attention_broadcast"]}[kind]
-    calls = {"n": 0}
 
     def pre(module: Any, args: tuple, kwargs: dict) -> None:
         t = kwargs.get("timestep")
-        timestep["t"] = int(t.flatten()[0]) if isinstance(t, torch.Tensor) else int(t or 0)
+        now = int(t.flatten()[0]) if isinstance(t, torch.Tensor) else int(t or 0)
+        if timestep["t"] is None or now > timestep["t"]:  # timesteps only fall within a generation: a new one
+            HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
+        timestep["t"] = now
         _set_cache_context(model, CacheContext("batched"))
 
     def enter() -> None:
@@ -127,15 +130,8 @@ def diffusers_hook(pipe: Any, kind: str) -> tuple[Callable[[], Any], Callable[[]
                 spatial_attention_block_skip_range=2, cross_attention_block_skip_range=4,
                 current_timestep_callback=lambda: timestep["t"]))
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+        timestep["t"] = None
         handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
-        original_call = type(pipe).__call__
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
-            calls["n"] += 1
-            return original_call(pipe, *args, **kwargs)
-
-        pipe.__dict__["_peer_call"] = call
 
     def leave() -> None:
         registry = HookRegistry.check_if_exists_or_initialize(model)
@@ -144,19 +140,16 @@ def diffusers_hook(pipe: Any, kind: str) -> tuple[Callable[[], Any], Callable[[]
         registry.invalidate_child_registries_cache()
         while handles:
             handles.pop().remove()
-        pipe.__dict__.pop("_peer_call", None)
 
     return enter, leave
 
 
 def runner(pipe: Any, steps: int, prompts: list[str], **kwargs: Any) -> Callable[[], torch.Tensor]:
-    """A generation that goes through the diffusers-hook call wrapper when one is installed."""
+    """One seeded generation of ``prompts`` (a peer's hooks, if installed, reset themselves per generation)."""
     def run() -> torch.Tensor:
-        call = pipe.__dict__.get("_peer_call")
         generator = torch.Generator("cpu").manual_seed(0)
-        fn = call if call is not None else pipe
-        out = fn(prompts, num_inference_steps=steps, guidance_scale=4.0, generator=generator, output_type="pt",
-                 **kwargs).images
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=4.0, generator=generator, output_type="pt",
+                   **kwargs).images
         return torch.as_tensor(out).float()
 
     return run

@@ -72,14 +72,50 @@ def tomesd_settings(recipe: str) -> dict[str, Any]:
                                    "merge_crossattn", "merge_mlp")}
 
 
-def round_robin(switch: Switch, run: Callable[[], Any], reps: int, label: str = "") -> tuple[
-        dict[str, list[float]], dict[str, Any], dict[str, int]]:
+class ModuleClock:
+    """Wall seconds spent inside some modules during one call (forward hooks, so any patch inside counts)."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.seconds = 0.0
+        self._start: dict[int, float] = {}
+        self.handles = []
+        for module in modules:
+            self.handles.append(module.register_forward_pre_hook(self._enter))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, module: torch.nn.Module, args: tuple) -> None:
+        self._start[id(module)] = time.perf_counter()
+
+    def _leave(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self.seconds += time.perf_counter() - self._start.pop(id(module))
+
+    def read(self) -> float:
+        """Seconds since the last read."""
+        value, self.seconds = self.seconds, 0.0
+        return value
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def full_resolution_attention(pipe: Any) -> list[torch.nn.Module]:
+    """The U-Net's transformer modules at downsample 1, where tomesd's default setting merges."""
+    unet = pipe.unet
+    return [*getattr(unet.down_blocks[0], "attentions", []), *getattr(unet.up_blocks[-1], "attentions", [])]
+
+
+def round_robin(switch: Switch, run: Callable[[], Any], reps: int, label: str = "",
+                clock: ModuleClock | None = None) -> tuple[
+        dict[str, list[float]], dict[str, Any], dict[str, int], dict[str, list[float]]]:
     """Warm every variant once (keeping its output and peak memory), then ``reps`` rounds of all in turn.
 
     ``switch`` maps a name to (enter, leave); the first entry should be the baseline. Returns the seconds
-    of every round, the outputs and the peak bytes (RSS high-water mark reset before the call) per name.
+    of every round, the outputs and the peak bytes (RSS high-water mark reset before the call) per name,
+    and, with a ``clock``, the seconds of each timed round spent inside the clocked modules.
     """
     times: dict[str, list[float]] = {n: [] for n in switch}
+    inside: dict[str, list[float]] = {n: [] for n in switch}
     outputs: dict[str, Any] = {}
     peaks: dict[str, int] = {}
     for name, (enter, leave) in switch.items():
@@ -97,12 +133,16 @@ def round_robin(switch: Switch, run: Callable[[], Any], reps: int, label: str = 
             enter()
             try:
                 with torch.no_grad():
+                    if clock is not None:
+                        clock.read()
                     times[name].append(_timed(run))
+                    if clock is not None:
+                        inside[name].append(clock.read())
             finally:
                 leave()
         print(f"  {label} round {rep + 1}/{reps}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()),
               flush=True)
-    return times, outputs, peaks
+    return times, outputs, peaks, inside
 
 
 def measure(model: str, pipe: Any, px: int, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -110,7 +150,13 @@ def measure(model: str, pipe: Any, px: int, args: argparse.Namespace) -> list[di
     switch: Switch = {"baseline": (lambda: None, lambda: None),
                       **variants(pipe, model, args.ratio, args.recipe, not args.no_peer)}
     names = list(switch)
-    times, outputs, peaks = round_robin(switch, denoiser_call(pipe, model, latent), args.reps, f"{model} {px}px")
+    clock = ModuleClock(full_resolution_attention(pipe)) if args.clock and model == "sd15-arch" else None
+    try:
+        times, outputs, peaks, inside = round_robin(switch, denoiser_call(pipe, model, latent), args.reps,
+                                                    f"{model} {px}px", clock)
+    finally:
+        if clock is not None:
+            clock.close()
     base = statistics.median(times["baseline"])
     tokens = (latent // PATCH[model]) ** 2
     rows = []
@@ -121,8 +167,13 @@ def measure(model: str, pipe: Any, px: int, args: argparse.Namespace) -> list[di
                      "baseline_s": round(base, 4), "run": time.strftime("%H:%M:%S"),
                      "times_s": [round(t, 4) for t in times[name]], "speedup": round(base / med, 3),
                      "peak_mb": round(peaks[name] / 2**20), "max_abs_diff_vs_baseline": round(diff, 5)})
+        clocked = ""
+        if inside[name]:
+            rows[-1]["full_res_attention_s"] = [round(t, 4) for t in inside[name]]
+            rows[-1]["full_res_attention_median_s"] = round(statistics.median(inside[name]), 4)
+            clocked = f"  full-res attention {statistics.median(inside[name]):6.3f}s"
         print(f"  {model:18s} {px}px {tokens:5d} tokens  {name:36s} {base / med:5.2f}x  "
-              f"{med:7.3f}s  peak {peaks[name] / 2**20:6.0f} MB", flush=True)
+              f"{med:7.3f}s  peak {peaks[name] / 2**20:6.0f} MB{clocked}", flush=True)
     return rows
 
 
@@ -183,6 +234,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--recipe", action="append", help="effdiff recipes instead of tome / atedm at --ratio")
     parser.add_argument("--no-peer", action="store_true", help="leave tomesd out")
+    parser.add_argument("--clock", action="store_true",
+                        help="sd15-arch: also time the downsample-1 transformer modules, where the variants differ")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     if not args.plot_only:

@@ -87,7 +87,7 @@ def tiny_sd(args: argparse.Namespace) -> list[dict[str, Any]]:
     switch[f"effdiff {stack}"] = (lambda: effdiff.accelerate(pipe, stack), lambda: pipe.effdiff.remove())
     switch["effdiff dpmpp2m:steps=20+deepcache:interval=3"] = (
         lambda: effdiff.accelerate(pipe, "dpmpp2m:steps=20+deepcache:interval=3"), lambda: pipe.effdiff.remove())
-    times, outputs, peaks = round_robin(switch, generate(pipe, PROMPTS, 50), args.reps, "tiny-sd")
+    times, outputs, peaks, _ = round_robin(switch, generate(pipe, PROMPTS, 50), args.reps, "tiny-sd")
     return rows_of("tiny-sd", 32, 50, times, outputs, peaks)
 
 
@@ -95,7 +95,7 @@ def sd15(args: argparse.Namespace, px: int) -> list[dict[str, Any]]:
     pipe = effdiff.load("sd15-arch")
     switch: Switch = {"baseline": (lambda: None, lambda: None), **pair(pipe, args.ratio, 1, True)}
     run = generate(pipe, PROMPTS[:1], args.twin_steps, height=px, width=px)
-    times, outputs, peaks = round_robin(switch, run, args.reps, f"sd15-arch {px}px")
+    times, outputs, peaks, _ = round_robin(switch, run, args.reps, f"sd15-arch {px}px")
     return rows_of("sd15-arch", px, args.twin_steps, times, outputs, peaks)
 
 

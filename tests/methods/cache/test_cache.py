@@ -227,3 +227,47 @@ def test_registry_declarations():
         assert cls.family == "cache" and cls.paper is not None and cls.paper.title
         assert cls.__doc__ and "arXiv" in cls.__doc__
     assert effdiff.get_method("deepcache").paper.arxiv == "2312.00858"
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+@pytest.mark.parametrize("recipe", ["fora:interval=3", f"l2c:steps={STEPS},samples=1,epochs=2,fraction=0.5"])
+def test_norms_feeding_only_reused_layers_are_skipped_without_changing_the_output(recipe, kind, monkeypatch,
+                                                                                 tmp_path):
+    from effdiff.methods.cache import base
+
+    if recipe.startswith("l2c"):  # trained once, by the first apply, and reloaded by the second
+        recipe += f",router={tmp_path / 'router.json'}"
+    pipe = _pipe(kind)
+    denoiser = pipe.unet if kind == "unet" else pipe.transformer
+    pairs = base.feeding_norms(denoiser)
+    assert pairs, "the tiny backbone's transformer blocks have LayerNorms feeding attention / feed-forward"
+    calls = {"n": 0}
+    layer_norm = torch.nn.functional.layer_norm
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return layer_norm(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", counted)
+    with monkeypatch.context() as every_norm_computed:
+        every_norm_computed.setattr(base, "feeding_norms", lambda model: [])
+        effdiff.accelerate(pipe, recipe)
+        every_norm = sample(pipe, steps=STEPS)
+        computed = calls["n"]
+        pipe.effdiff.remove()
+    effdiff.accelerate(pipe, recipe)
+    calls["n"] = 0
+    assert torch.equal(sample(pipe, steps=STEPS), every_norm)
+    cached_steps = pipe.effdiff.methods[0].stats.cached
+    assert cached_steps > 0 and calls["n"] < computed
+    if recipe.startswith("fora"):  # every layer is reused on a cached step, so every feeding norm is skipped
+        assert calls["n"] == computed - len(pairs) * cached_steps
+
+
+def test_adaptive_and_chunked_norms_are_not_skipped(tiny_dit):
+    from effdiff.methods.cache.base import feeding_norms
+
+    block = tiny_dit.transformer.transformer_blocks[0]
+    assert {id(n) for n, _ in feeding_norms(block)} == {id(block.norm1), id(block.norm2)}
+    block.set_chunk_feed_forward(2, 1)  # ff then reads norm2's output in slices: its norm is left alone
+    assert [layer for _, layer in feeding_norms(block)] == [block.attn1]

@@ -66,6 +66,35 @@ def first_tensor(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
+def feeding_norms(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(norm, layer) pairs of diffusers' ``BasicTransformerBlock``s where the plain LayerNorm's output is read
+    by that one attention or feed-forward layer only (through the block's modulation and ``pos_embed``).
+
+    While the layer's output comes from cache the norm's work is thrown away, so a cache method may skip
+    it (``CacheMethod.skip_norms``). Adaptive norms (``AdaLayerNormZero`` also yields the gates) and chunked
+    feed-forwards (the norm output is split before ``ff``) are left alone.
+    """
+    from diffusers.models.attention import BasicTransformerBlock
+
+    pairs = []
+    for block in model.modules():
+        if not isinstance(block, BasicTransformerBlock):
+            continue
+        if block.norm_type == "ada_norm_single":  # PixArt: norm1 -> attn1, norm2 -> ff; attn2 reads the residual
+            wiring = [("norm1", "attn1"), ("norm2", "ff")]
+        elif block.norm_type in ("layer_norm", "ada_norm_zero"):
+            wiring = [("norm1", "attn1"), ("norm2", "attn2"), ("norm3", "ff")]
+        else:
+            continue
+        for norm_name, layer_name in wiring:
+            norm, layer = getattr(block, norm_name, None), getattr(block, layer_name, None)
+            if layer_name == "ff" and block._chunk_size is not None:
+                continue
+            if type(norm) is nn.LayerNorm and layer is not None:
+                pairs.append((norm, layer))
+    return pairs
+
+
 def relative_l1(new: torch.Tensor, old: torch.Tensor) -> float:
     """mean|new - old| / mean|old|: the change measure of FBCache and TeaCache."""
     scale = old.abs().mean()
@@ -125,6 +154,21 @@ class CacheMethod(Method):
         previous = vars(module).get("forward")
         module.forward = make(module.forward)
         self._patches.append((module, had, previous))
+
+    def skip_norms(self, keys: dict[int, int], served: Callable[[int], bool]) -> None:
+        """Skip each norm of ``feeding_norms`` whose layer (``id`` -> key in ``keys``) is ``served`` from cache
+        this call: the norm then returns its input, which only the skipped layer would have read."""
+        for norm, layer in feeding_norms(self.adapter.model):
+            key = keys.get(id(layer))
+            if key is not None:
+                self.patch(norm, lambda inner, key=key: self._norm(key, inner, served))
+
+    @staticmethod
+    def _norm(key: int, inner: Forward, served: Callable[[int], bool]) -> Forward:
+        def forward(hidden: torch.Tensor) -> torch.Tensor:
+            return hidden if served(key) else inner(hidden)
+
+        return forward
 
     def count(self, cached: bool) -> None:
         if cached:

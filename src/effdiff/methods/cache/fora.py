@@ -15,8 +15,9 @@ class Fora(CacheMethod):
     Paper: Selvaraju et al., "FORA: Fast-Forward Caching in Diffusion Transformer Acceleration"
     (arXiv 2407.01425, 2024). Every ``interval``-th step runs fully and keeps the output of each
     attention (self and cross) and feed-forward layer; the steps in between reuse them, so a block only
-    runs its norms, modulation and residual additions. It needs no residual structure of the backbone,
-    so it runs on a U-Net's transformer blocks as well as on a DiT's. ``interval=1``: bit-identical.
+    runs its modulation and residual additions (the LayerNorms that feed only a reused layer are skipped
+    too). It needs no residual structure of the backbone, so it runs on a U-Net's transformer blocks as
+    well as on a DiT's. ``interval=1``: bit-identical.
     """
 
     name = "fora"
@@ -37,7 +38,12 @@ class Fora(CacheMethod):
             raise refuse(self.name, f"{type(model).__name__} has no attention or feed-forward layers to cache")
         for key, layer in enumerate(layers):
             self.patch(layer, lambda inner, key=key: self._layer(key, inner))
+        self.skip_norms({id(layer): key for key, layer in enumerate(layers)}, self._served)
         self.layers = len(layers)
+
+    def _served(self, key: int) -> bool:
+        state = self.current
+        return not state.get("refresh", True) and key in state.get("outputs", {})
 
     def begin(self, state: dict[str, Any], ctx: StepContext) -> None:
         step = ctx.step_index

@@ -123,6 +123,7 @@ class LearningToCache(CacheMethod):
                                     "to route")
         for key, (_, layer) in enumerate(self.layers):
             self.patch(layer, lambda inner, key=key: self._layer(key, inner))
+        self.skip_norms({id(layer): key for key, (_, layer) in enumerate(self.layers)}, self._served)
         self.record, self.source = self._router(pipe)
         if "fraction" not in self.explicit and "fraction" in self.record:  # calibrated by `effdiff calibrate`
             self.fraction = float(self.record["fraction"])
@@ -190,6 +191,9 @@ class LearningToCache(CacheMethod):
         if full:
             state["outputs"] = {}
         self.count(bool(state["reuse"]))
+
+    def _served(self, key: int) -> bool:
+        return self._mode is None and key in self.current.get("reuse", ())
 
     def _layer(self, key: int, inner: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
