@@ -8,7 +8,7 @@ the same compute; ``cached_calls`` = denoiser calls that reused something. ``--o
 random-weight PixArt-XL-2 twin at 256 px, 20 steps (label ``speed-only``: its PSNR means nothing).
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 flock /tmp/effdiff-heavy.lock python benchmarks/cache_toca.py [--reps 3]
-    ... python benchmarks/cache_toca.py --only pixart --twin-prompts 1
+    ... python benchmarks/cache_toca.py --only pixart --twin-prompts 1 [--flops]
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--twin-steps", type=int, default=20)
     parser.add_argument("--twin-prompts", type=int, default=len(PROMPTS), choices=range(1, len(PROMPTS) + 1))
     parser.add_argument("--variants", default="", help="comma-separated substrings: run only matching variants")
+    parser.add_argument("--flops", action="store_true", help="--only pixart: also count FLOPs (one more call each)")
     parser.add_argument("--out", default="benchmarks/results/cache-toca/cache_toca.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -62,7 +63,7 @@ def main() -> None:
         label = "trained"
     else:
         rows = section("ToCa vs FORA at PixArt-XL-2 scale", "pixart-alpha-arch", args.twin_steps, TWIN, args.reps,
-                       {"height": 256, "width": 256}, flops=False, only=only, prompts=PROMPTS[:args.twin_prompts])
+                       {"height": 256, "width": 256}, flops=args.flops, only=only, prompts=PROMPTS[:args.twin_prompts])
         label = "speed-only"
     for row in rows:
         row["labels"] = [label]

@@ -58,7 +58,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from effdiff.bench.report import report
 
-    print(f"report {report(args.out, args.run, args.html)}")
+    print(f"report {report(args.out, args.run, args.html, figures=args.figure)}")
     return 0
 
 
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=DEFAULT_OUT)
     rep.add_argument("--run", help="run id (default: the latest)")
     rep.add_argument("--html", help="HTML path (default: OUT/report-RUN.html)")
+    rep.add_argument("--figure", action="append", default=[], metavar="PNG",
+                     help="also embed this plot (e.g. a benchmark script's); repeatable")
     rep.set_defaults(func=_cmd_report)
 
     gen = sub.add_parser("generate", help="generate an image grid with a recipe")

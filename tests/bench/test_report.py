@@ -25,6 +25,22 @@ def test_html_has_table_grid_plot_and_labels(tmp_path):
     assert "trained" in html and "data:image/png;base64," in html
 
 
+def test_benchmark_figures_are_embedded_and_bad_ones_refused(tmp_path):
+    import base64
+
+    rows = [_row("", 1.0, 5.0)]
+    figure = save_grid(torch.rand(2, 1, 8, 8), tmp_path / "breakeven.png")
+    html = write_html(rows, "run", tmp_path, figures=[figure]).read_text()
+    assert "Benchmark figures" in html and base64.b64encode(figure.read_bytes()).decode() in html
+    assert "Benchmark figures" not in write_html(rows, "run", tmp_path).read_text()
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        write_html(rows, "run", tmp_path, tmp_path / "other.html", figures=[tmp_path / "missing.png"])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a PNG"):
+        write_html(rows, "run", tmp_path, tmp_path / "other.html", figures=[tmp_path / "notes.txt"])
+    assert not (tmp_path / "other.html").exists()  # refused before anything is written
+
+
 def test_pareto_plot_absent_without_quality():
     row = _row("", 1.0, None)
     row["metrics"]["psnr"] = None

@@ -11,6 +11,7 @@ import html
 import io
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,12 +179,28 @@ def _env_html(rows: list[dict[str, Any]]) -> str:
     return "<p class='env'>" + " · ".join(f"{k}: {html.escape(str(r[k]))}" for k in keys) + "</p>"
 
 
+def _figures_html(figures: Sequence[str | Path]) -> str:
+    """Plots made by the benchmark scripts (e.g. token merging's break-even), embedded with their file name."""
+    parts = []
+    for figure in map(Path, figures):
+        if not figure.is_file():
+            raise FileNotFoundError(f"figure {figure} does not exist")
+        if figure.suffix.lower() != ".png":
+            raise ValueError(f"figure {figure} is not a PNG")
+        name = html.escape(figure.name)
+        parts.append(f"<figure><img class='plot' alt='{name}' src='{_png_b64(figure.read_bytes())}'>"
+                     f"<figcaption>{html.escape(str(figure))}</figcaption></figure>")
+    return "<h2>Benchmark figures</h2>" + "".join(parts) if parts else ""
+
+
 def write_html(
-    rows: list[dict[str, Any]], run_id: str, out_dir: str | Path, path: str | Path | None = None
+    rows: list[dict[str, Any]], run_id: str, out_dir: str | Path, path: str | Path | None = None,
+    figures: Sequence[str | Path] = (),
 ) -> Path:
-    """One self-contained HTML file: table, per-model Pareto plot, per-recipe image grids."""
+    """One self-contained HTML file: table, per-model Pareto plot, per-recipe image grids, extra figures."""
     out_dir = Path(out_dir)
     path = Path(path) if path is not None else out_dir / f"report-{run_id}.html"
+    figures_html = _figures_html(figures)  # a bad figure fails before anything is written
     parts = [f"<h1>effdiff bench — run {html.escape(run_id)}</h1>", _env_html(rows),
              "<p>Speed-ups are ratios against the baseline (DDIM, CFG, same steps) timed in the same process "
              "(warm, median of ≥ 3, alternating). PSNR/SSIM are measured against the baseline's own images; "
@@ -206,6 +223,7 @@ def write_html(
                 src = _png_b64(grid.read_bytes())
                 parts.append(f"<figure class='grid'><img alt='grid {label}' src='{src}'>"
                              f"<figcaption>{label}</figcaption></figure>")
+    parts.append(figures_html)
     parts.append(_catalogue_html(rows))
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}.env{color:#555;font-size:12px}"
@@ -218,8 +236,8 @@ def write_html(
 
 
 def report(out_dir: str | Path, run_id: str | None = None, html_path: str | Path | None = None,
-           console=None) -> Path:
+           console=None, figures: Sequence[str | Path] = ()) -> Path:
     """Print the table of a stored run and write its HTML report; returns the HTML path."""
     run_id, rows = load_rows(out_dir, run_id)
     print_table(rows, console)
-    return write_html(rows, run_id, out_dir, html_path)
+    return write_html(rows, run_id, out_dir, html_path, figures)
