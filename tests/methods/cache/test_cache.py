@@ -271,3 +271,12 @@ def test_adaptive_and_chunked_norms_are_not_skipped(tiny_dit):
     assert {id(n) for n, _ in feeding_norms(block)} == {id(block.norm1), id(block.norm2)}
     block.set_chunk_feed_forward(2, 1)  # ff then reads norm2's output in slices: its norm is left alone
     assert [layer for _, layer in feeding_norms(block)] == [block.attn1]
+
+
+@pytest.mark.parametrize("recipe", ["fora", "l2c:steps=6,samples=1,epochs=2", "toca"])
+def test_a_chunked_feed_forward_is_refused_by_the_layer_caches(recipe, tiny_dit):
+    block = tiny_dit.transformer.transformer_blocks[1]
+    block.set_chunk_feed_forward(2, 1)  # ff would be called once per chunk, and one cached output serve them all
+    with pytest.raises(RecipeError, match=r"transformer_blocks\.1 runs its feed-forward in chunks"):
+        effdiff.accelerate(tiny_dit, recipe)
+    assert _no_forward_patches(tiny_dit) and "effdiff" not in vars(tiny_dit)

@@ -194,3 +194,12 @@ class CacheMethod(Method):
 
 def refuse(method: str, why: str) -> RecipeError:
     return RecipeError(f"{method}: {why}")
+
+
+def refuse_chunked_feed_forward(method: str, model: nn.Module) -> None:
+    """A block that runs ``ff`` in chunks (``set_chunk_feed_forward``) calls it once per chunk, so a cache of
+    one output per layer would hand every chunk the last chunk's result: refuse such a model instead."""
+    for name, module in model.named_modules():
+        if getattr(module, "_chunk_size", None) is not None and getattr(module, "ff", None) is not None:
+            raise refuse(method, f"{name} runs its feed-forward in chunks; caching it needs it whole "
+                                 f"(call {name}.set_chunk_feed_forward(None) first)")

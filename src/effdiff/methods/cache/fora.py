@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from effdiff.context import StepContext
-from effdiff.methods.cache.base import FORA, CacheMethod, Forward, refuse
+from effdiff.methods.cache.base import FORA, CacheMethod, Forward, refuse, refuse_chunked_feed_forward
 from effdiff.registry import Param
 
 
@@ -32,6 +32,7 @@ class Fora(CacheMethod):
         from diffusers.models.attention import FeedForward
 
         model = self.adapter.model
+        refuse_chunked_feed_forward(self.name, model)
         layers = [m for _, m in self.adapter.attention()]
         layers += [m for m in model.modules() if isinstance(m, FeedForward)]
         if not layers:

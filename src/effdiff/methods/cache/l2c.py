@@ -20,7 +20,7 @@ from torch import nn
 
 from effdiff.adapters import find_denoiser
 from effdiff.context import StepContext
-from effdiff.methods.cache.base import CacheMethod, Forward, first_tensor, refuse
+from effdiff.methods.cache.base import CacheMethod, Forward, first_tensor, refuse, refuse_chunked_feed_forward
 from effdiff.methods.cache.teacache import calibration_file
 from effdiff.methods.solvers.schedule import _run, model_fingerprint
 from effdiff.registry import Paper, Param, RecipeError
@@ -117,6 +117,7 @@ class LearningToCache(CacheMethod):
 
     # --- apply -----------------------------------------------------------------------------------------
     def setup(self, pipe: Any) -> None:
+        refuse_chunked_feed_forward(self.name, self.adapter.model)
         self.layers = cache_layers(self.adapter)
         if not self.layers:
             raise refuse(self.name, f"{type(self.adapter.model).__name__} has no attention or feed-forward layers "

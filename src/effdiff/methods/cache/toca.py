@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effdiff.context import StepContext
-from effdiff.methods.cache.base import Forward, refuse
+from effdiff.methods.cache.base import Forward, refuse, refuse_chunked_feed_forward
 from effdiff.methods.tokens.atedm import PLAIN_PROCESSORS, attention_with_map
 from effdiff.methods.tokens.base import TokenBlock, TokenMethod
 from effdiff.registry import Paper, Param
@@ -163,6 +163,7 @@ class ToCa(TokenMethod):
         self.fractions: dict[tuple[int, str], float] = {}
         self.cells: dict[tuple[int, int], torch.Tensor] = {}
         self.tokens = [0, 0]  # [computed, total] sub-layer token evaluations in the last call
+        refuse_chunked_feed_forward(self.name, self.adapter.model)
         super().setup(pipe)
 
     def install(self, index: int, block: TokenBlock) -> None:
