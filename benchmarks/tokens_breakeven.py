@@ -196,6 +196,18 @@ def save(rows: list[dict[str, Any]], args: argparse.Namespace, started: float) -
     return merge_rows(OUT / "breakeven.json", header, rows, started)
 
 
+TOMESD_DEFAULTS = {"max_downsample": "1", "sx": "2", "sy": "2", "use_rand": "True", "merge_attn": "True",
+                   "merge_crossattn": "False", "merge_mlp": "False"}
+
+
+def short_label(variant: str) -> str:
+    """A legend entry: tomesd's rows list every keyword; keep only those that differ from its defaults."""
+    if not variant.startswith("tomesd "):
+        return variant
+    pairs = [kv.split("=", 1) for kv in variant.removeprefix("tomesd ").split(",")]
+    return "tomesd " + ",".join(f"{k}={v}" for k, v in pairs if TOMESD_DEFAULTS.get(k) != v)
+
+
 def plot() -> Path:
     import matplotlib
 
@@ -203,22 +215,23 @@ def plot() -> Path:
     import matplotlib.pyplot as plt
 
     rows = json.loads((OUT / "breakeven.json").read_text())["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.5), sharey=True)
     for ax, model in zip(axes, PATCH, strict=True):
         mine = [r for r in rows if r["model"] == model and r["variant"] != "baseline"]
         if not mine:
             ax.set_visible(False)
             continue
-        for variant in sorted({r["variant"] for r in mine}):
-            points = sorted((r["tokens"], r["speedup"], r["px"]) for r in mine if r["variant"] == variant)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=variant)
+        for label in sorted({short_label(r["variant"]) for r in mine}):  # older rows name tomesd's defaults
+            points = sorted((r["tokens"], r["speedup"], r["px"]) for r in mine if short_label(r["variant"]) == label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
+                    ls="--" if label.startswith("tomesd") else "-")
             for tokens, speedup, px in points:
                 ax.annotate(f"{px}px", (tokens, speedup), textcoords="offset points", xytext=(3, 4), fontsize=7)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_title(f"{model} (speed-only), one CFG forward")
         ax.set_xlabel("tokens per finest-level transformer block")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     axes[0].set_ylabel("speed-up vs baseline (same process)")
     fig.tight_layout()
     path = OUT / "breakeven.png"
