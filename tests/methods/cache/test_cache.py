@@ -265,12 +265,17 @@ def test_norms_feeding_only_reused_layers_are_skipped_without_changing_the_outpu
 
 
 def test_adaptive_and_chunked_norms_are_not_skipped(tiny_dit):
+    from diffusers.models.attention import BasicTransformerBlock
+
     from effdiff.methods.cache.base import feeding_norms
 
     block = tiny_dit.transformer.transformer_blocks[0]
     assert {id(n) for n, _ in feeding_norms(block)} == {id(block.norm1), id(block.norm2)}
     block.set_chunk_feed_forward(2, 1)  # ff then reads norm2's output in slices: its norm is left alone
     assert [layer for _, layer in feeding_norms(block)] == [block.attn1]
+    dit = BasicTransformerBlock(16, 2, 8, cross_attention_dim=16, norm_type="ada_norm_zero", num_embeds_ada_norm=4)
+    # AdaLayerNormZero also yields the gates the block needs on every step: only the plain norms are skipped
+    assert [(n, layer) for n, layer in feeding_norms(dit)] == [(dit.norm2, dit.attn2), (dit.norm3, dit.ff)]
 
 
 @pytest.mark.parametrize("recipe", ["fora", "l2c:steps=6,samples=1,epochs=2", "toca"])
