@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cache_peers import deepcache_peer, diffusers_hook
+from tokens_breakeven import tomesd_switch
 
 import effdiff
 from effdiff.bench.report import report
@@ -42,12 +43,6 @@ DESCRIBE = {
 }
 
 
-def tomesd_peer(pipe: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    import tomesd
-
-    return (lambda: tomesd.apply_patch(pipe, ratio=0.5, max_downsample=2)), (lambda: tomesd.remove_patch(pipe))
-
-
 def peer_switch(pipe: Any, name: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """The peer's (install, remove) pair; a peer on a backbone it does not patch is refused like a recipe."""
     needs = "transformer" if name.startswith("diffusers-") else "unet"
@@ -56,7 +51,7 @@ def peer_switch(pipe: Any, name: str) -> tuple[Callable[[], Any], Callable[[], A
     if name == "deepcache":
         return deepcache_peer(pipe)
     if name == "tomesd":
-        return tomesd_peer(pipe)
+        return tomesd_switch(pipe, ratio=0.5, max_downsample=2)
     if name.startswith("diffusers-") and name in DESCRIBE:
         return diffusers_hook(pipe, name.removeprefix("diffusers-"))
     raise RecipeError(f"unknown peer {name!r}; known: {', '.join(DESCRIBE)}")

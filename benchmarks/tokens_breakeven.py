@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cache_peers import effdiff_variant
 
 import effdiff
 from effdiff.eval.cost import PeakMemory, _timed
@@ -54,15 +55,19 @@ def variants(pipe: Any, model: str, ratio: float, recipes: list[str] | None, pee
     """name -> (enter, leave); the baseline is the unpatched pipeline."""
     out: Switch = {}
     for recipe in recipes or (f"tome:ratio={ratio}", f"atedm:ratio={ratio},early=0"):
-        out[f"effdiff {recipe}"] = ((lambda r=recipe: effdiff.accelerate(pipe, r)), (lambda: pipe.effdiff.remove()))
+        out[f"effdiff {recipe}"] = effdiff_variant(pipe, recipe)
     if model == "sd15-arch" and peer:
-        import tomesd
-
         tome_recipes = [r for r in recipes or () if r.split(":")[0] == "tome"]
         for settings in [tomesd_settings(r) for r in tome_recipes] or [{"ratio": ratio}]:
-            name = "tomesd " + ",".join(f"{k}={v}" for k, v in settings.items())
-            out[name] = ((lambda s=settings: tomesd.apply_patch(pipe, **s)), (lambda: tomesd.remove_patch(pipe)))
+            out["tomesd " + ",".join(f"{k}={v}" for k, v in settings.items())] = tomesd_switch(pipe, **settings)
     return out
+
+
+def tomesd_switch(pipe: Any, **settings: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(install, remove) of ``tomesd.apply_patch(pipe, **settings)``."""
+    import tomesd
+
+    return (lambda: tomesd.apply_patch(pipe, **settings)), (lambda: tomesd.remove_patch(pipe))
 
 
 def tomesd_settings(recipe: str) -> dict[str, Any]:

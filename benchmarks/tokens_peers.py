@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokens_breakeven import OUT, Switch, merge_rows, round_robin
+from cache_peers import effdiff_variant
+from tokens_breakeven import OUT, Switch, merge_rows, round_robin, tomesd_switch
 
 import effdiff
 from effdiff.eval.fidelity import psnr
@@ -44,15 +45,12 @@ def generate(pipe: Any, prompts: list[str], steps: int, **kwargs: Any) -> Callab
 
 def pair(pipe: Any, ratio: float, max_downsample: int, use_rand: bool) -> Switch:
     """tomesd and effdiff at the same settings."""
-    import tomesd
-
     flag = str(use_rand).lower()
     recipe = f"tome:ratio={ratio},max_downsample={max_downsample},use_rand={flag}"
     return {
-        f"tomesd ratio={ratio},max_downsample={max_downsample},use_rand={flag}": (
-            lambda: tomesd.apply_patch(pipe, ratio=ratio, max_downsample=max_downsample, use_rand=use_rand),
-            lambda: tomesd.remove_patch(pipe)),
-        f"effdiff {recipe}": (lambda: effdiff.accelerate(pipe, recipe), lambda: pipe.effdiff.remove()),
+        f"tomesd ratio={ratio},max_downsample={max_downsample},use_rand={flag}": tomesd_switch(
+            pipe, ratio=ratio, max_downsample=max_downsample, use_rand=use_rand),
+        f"effdiff {recipe}": effdiff_variant(pipe, recipe),
     }
 
 
@@ -84,9 +82,9 @@ def tiny_sd(args: argparse.Namespace) -> list[dict[str, Any]]:
     for use_rand in (True, False):
         switch.update(pair(pipe, args.ratio, 2, use_rand))
     stack = f"dpmpp2m:steps=20+deepcache:interval=3+tome:ratio={args.ratio},max_downsample=2"
-    switch[f"effdiff {stack}"] = (lambda: effdiff.accelerate(pipe, stack), lambda: pipe.effdiff.remove())
-    switch["effdiff dpmpp2m:steps=20+deepcache:interval=3"] = (
-        lambda: effdiff.accelerate(pipe, "dpmpp2m:steps=20+deepcache:interval=3"), lambda: pipe.effdiff.remove())
+    switch[f"effdiff {stack}"] = effdiff_variant(pipe, stack)
+    without_tome = "dpmpp2m:steps=20+deepcache:interval=3"
+    switch[f"effdiff {without_tome}"] = effdiff_variant(pipe, without_tome)
     times, outputs, peaks, _ = round_robin(switch, generate(pipe, PROMPTS, 50), args.reps, "tiny-sd")
     return rows_of("tiny-sd", 32, 50, times, outputs, peaks)
 
