@@ -45,6 +45,29 @@ TINY_DIT_CONFIG: dict = {
     "interpolation_scale": 1,
 }
 
+# Digit scenes (zoo/scenes.py): 64×64 RGB pixel space, ≈ 7.5 M parameters each. The U-Net's attention
+# runs at 32×32 and 16×16, where one cell is 16×16 / 8×8 positions; the DiT's patch 4 gives 8×8 tokens a cell.
+SCENE_SD_CONFIG: dict = {
+    **TINY_SD_CONFIG,
+    "sample_size": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (64, 128, 128),
+    "attention_head_dim": 4,
+}
+
+SCENE_DIT_CONFIG: dict = {
+    **TINY_DIT_CONFIG,
+    "sample_size": 64,
+    "patch_size": 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "num_layers": 12,
+    "num_attention_heads": 6,
+    "attention_head_dim": 32,
+    "cross_attention_dim": 192,
+}
+
 # Pixel-space cosine schedule with v-prediction: at high noise ε-prediction carries almost no signal
 # about the digit (ε ≈ x_t), so conditioning was learned weakly; v makes the model predict the image.
 # No ``clip_sample``: DDIM clips x0 but keeps the unclipped ε, and under CFG (guidance 4) that mismatch
@@ -70,6 +93,14 @@ def build_tiny_sd() -> UNet2DConditionModel:
 
 def build_tiny_dit() -> PixArtTransformer2DModel:
     return PixArtTransformer2DModel(**TINY_DIT_CONFIG)
+
+
+def build_scene_sd() -> UNet2DConditionModel:
+    return UNet2DConditionModel(**SCENE_SD_CONFIG)
+
+
+def build_scene_dit() -> PixArtTransformer2DModel:
+    return PixArtTransformer2DModel(**SCENE_DIT_CONFIG)
 
 
 class DigitClassifier(torch.nn.Module):

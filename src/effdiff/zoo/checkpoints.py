@@ -7,6 +7,7 @@ caption encoder is not copied: it comes from the MiniLM wheel.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -16,7 +17,10 @@ from safetensors.torch import load_file, save_file
 from effdiff.zoo.architectures import DigitClassifier
 
 RECORD = "effdiff_model.json"
-DENOISER_FOLDER = {"tiny-sd": "unet", "tiny-dit": "transformer"}
+DENOISER_FOLDER = {"tiny-sd": "unet", "tiny-dit": "transformer", "scene-sd": "unet", "scene-dit": "transformer"}
+CLASSIFIERS = ("mnist-features", "scene-judge")
+# Exported in fp16 so that each file stays under the 16 MiB a GPU machine can return; ``load`` upcasts.
+HALF_PRECISION = ("scene-sd", "scene-dit")
 
 
 class CheckpointError(ValueError):
@@ -26,9 +30,11 @@ class CheckpointError(ValueError):
 def save_model(name: str, model: torch.nn.Module, scheduler, out: Path, record: dict) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if name == "mnist-features":
+    if name in CLASSIFIERS:
         save_file(model.state_dict(), str(out / "model.safetensors"))
     else:
+        if name in HALF_PRECISION:
+            model = copy.deepcopy(model).half()
         model.save_pretrained(out / DENOISER_FOLDER[name], safe_serialization=True)
         scheduler.save_pretrained(out / "scheduler")
     (out / RECORD).write_text(json.dumps({"name": name, **record}, indent=2))
@@ -45,13 +51,13 @@ def read_record(folder: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
 
 
-def load_classifier(folder: Path) -> DigitClassifier:
+def load_classifier(folder: Path, model_cls: type[torch.nn.Module] = DigitClassifier) -> torch.nn.Module:
     path = Path(folder) / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"classifier weights not found: expected {path}")
-    model = DigitClassifier()
+    model = model_cls()
     try:
         model.load_state_dict(load_file(str(path)))
     except Exception as exc:  # safetensors raises several types for corrupt files
-        raise CheckpointError(f"{path} is not a readable DigitClassifier safetensors file ({exc})") from exc
+        raise CheckpointError(f"{path} is not a readable {model_cls.__name__} safetensors file ({exc})") from exc
     return model.eval().requires_grad_(False)

@@ -16,8 +16,9 @@ from effdiff.zoo.checkpoints import DENOISER_FOLDER, CheckpointError, load_class
 from effdiff.zoo.pipelines import TinyDiTPipeline, TinySDPipeline
 
 WEIGHTS = Path(__file__).parent / "weights"
-BUNDLED = ("tiny-sd", "tiny-dit")
-PIPELINE_OF = {"tiny-sd": TinySDPipeline, "tiny-dit": TinyDiTPipeline}
+BUNDLED = ("tiny-sd", "tiny-dit", "scene-sd", "scene-dit")
+PIPELINE_OF = {"tiny-sd": TinySDPipeline, "tiny-dit": TinyDiTPipeline,
+               "scene-sd": TinySDPipeline, "scene-dit": TinyDiTPipeline}
 
 
 class ModelNotFoundError(ValueError):
@@ -27,6 +28,11 @@ class ModelNotFoundError(ValueError):
 def _bundled(name: str) -> DiffusionPipeline:
     from effdiff.zoo.text import load_text_encoder
 
+    if not (WEIGHTS / name).exists():
+        raise ModelNotFoundError(
+            f"{name!r} is a bundled model whose weights are not trained yet: expected {WEIGHTS / name}. "
+            "They come from one GPU run of tools/train_scenes_gpu.sh (see the zoo README, 'Digit scenes')"
+        )
     return _from_folder(WEIGHTS / name, name, *load_text_encoder())
 
 
@@ -39,7 +45,7 @@ def _from_folder(folder: Path, kind: str, text_encoder, tokenizer) -> DiffusionP
                                   "and scheduler/ as written by save_pretrained")
     model_cls = _denoiser_class(kind)
     try:
-        denoiser = model_cls.from_pretrained(sub).eval()
+        denoiser = model_cls.from_pretrained(sub, torch_dtype=torch.float32).eval()  # scene-* are stored fp16
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     except Exception as exc:  # corrupt json / safetensors surface as many types
         raise CheckpointError(f"could not read the checkpoint in {sub}: {exc}") from exc
@@ -53,7 +59,7 @@ def _from_folder(folder: Path, kind: str, text_encoder, tokenizer) -> DiffusionP
 def _denoiser_class(kind: str):
     from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
-    return UNet2DConditionModel if kind == "tiny-sd" else PixArtTransformer2DModel
+    return UNet2DConditionModel if DENOISER_FOLDER[kind] == "unet" else PixArtTransformer2DModel
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -144,7 +144,8 @@ class _DigitPipeline(DiffusionPipeline):
         else:
             out = images.permute(0, 2, 3, 1).cpu().numpy()
             if output_type == "pil":
-                out = [Image.fromarray((im[..., 0] * 255).round().astype(np.uint8), mode="L") for im in out]
+                pixels = [(im * 255).round().astype(np.uint8) for im in out]
+                out = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=out) if return_dict else (out,)
 

@@ -2,7 +2,8 @@
 
 Generators learn v-prediction on the cosine schedule with 10 % caption dropout (so classifier-free
 guidance works); the classifier learns the digits with small random shifts so that it judges
-generated digits, not only centred ones.
+generated digits, not only centred ones. The ``scene-*`` models train on digit scenes rendered on the
+fly from the scene bundle (zoo/scene_data.py) instead of single digits.
 """
 
 from __future__ import annotations
@@ -22,15 +23,20 @@ from tqdm.auto import tqdm
 from effdiff.zoo.architectures import (
     NOISE_SCHEDULE,
     DigitClassifier,
+    build_scene_dit,
+    build_scene_sd,
     build_tiny_dit,
     build_tiny_sd,
     default_scheduler,
 )
 from effdiff.zoo.captions import caption_bank, caption_states
+from effdiff.zoo.checkpoints import CLASSIFIERS, DENOISER_FOLDER
 from effdiff.zoo.data import load_digits
 
-GENERATORS = {"tiny-sd": build_tiny_sd, "tiny-dit": build_tiny_dit}
-TRAINABLE = (*GENERATORS, "mnist-features")
+GENERATORS = {"tiny-sd": build_tiny_sd, "tiny-dit": build_tiny_dit, "scene-sd": build_scene_sd,
+              "scene-dit": build_scene_dit}
+TRAINABLE = (*GENERATORS, *CLASSIFIERS)
+SCENE_MODELS = ("scene-sd", "scene-dit", "scene-judge")
 
 
 @dataclass
@@ -77,17 +83,31 @@ class Trainer:
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
-        self.is_classifier = config.model == "mnist-features"
-        self.model = (DigitClassifier() if self.is_classifier else GENERATORS[config.model]()).to(self.device)
+        self.is_classifier = config.model in CLASSIFIERS
+        self.model = self._build_model().to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.01)
         self.step, self.elapsed, self.losses = 0, 0.0, []
-        split = load_digits()
-        self.images, self.labels = split.train_images.to(self.device), split.train_labels.to(self.device)
-        per_digit, uncond = caption_bank(caption_states())
-        self.per_digit, self.uncond = per_digit.to(self.device), uncond.to(self.device)
+        if config.model in SCENE_MODELS:
+            from effdiff.zoo.scene_data import SceneSampler, scene_bundle
+
+            self.bundle = scene_bundle()
+            self.scenes: SceneSampler | None = SceneSampler(self.bundle, self.device)
+        else:
+            self.scenes = None
+            split = load_digits()
+            self.images, self.labels = split.train_images.to(self.device), split.train_labels.to(self.device)
+            per_digit, uncond = caption_bank(caption_states())
+            self.per_digit, self.uncond = per_digit.to(self.device), uncond.to(self.device)
         self.schedule = DDPMScheduler(**{k: v for k, v in NOISE_SCHEDULE.items() if k != "set_alpha_to_one"})
         self.schedule.alphas_cumprod = self.schedule.alphas_cumprod.to(self.device)
+
+    def _build_model(self) -> torch.nn.Module:
+        if self.config.model == "scene-judge":
+            from effdiff.zoo.scene_judge import SceneJudge
+
+            return SceneJudge()
+        return DigitClassifier() if self.is_classifier else GENERATORS[self.config.model]()
 
     @property
     def checkpoint_path(self) -> Path:
@@ -123,6 +143,8 @@ class Trainer:
 
     def _batch_loss(self) -> torch.Tensor:
         c = self.config
+        if self.scenes is not None:
+            return self._scene_loss()
         idx = torch.randint(0, len(self.images), (c.batch_size,), generator=self.gen).to(self.device)
         images, labels = self.images[idx], self.labels[idx]
         if self.is_classifier:
@@ -131,9 +153,21 @@ class Trainer:
         text = self.per_digit[labels, template]
         drop = (torch.rand(c.batch_size, generator=self.gen) < c.caption_dropout).to(self.device)
         text = torch.where(drop[:, None, None], self.uncond.expand_as(text), text)
-        timesteps = torch.randint(0, 1000, (c.batch_size,), generator=self.gen).to(self.device)
+        return self._generator_loss(images, text)
+
+    def _generator_loss(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        timesteps = torch.randint(0, 1000, (len(images),), generator=self.gen).to(self.device)
         noise = torch.randn(images.shape, generator=self.gen).to(self.device)
-        return _denoise_loss(self.model, images, text, timesteps, noise, self.schedule, c.model == "tiny-dit")
+        is_dit = DENOISER_FOLDER[self.config.model] == "transformer"
+        return _denoise_loss(self.model, images, text, timesteps, noise, self.schedule, is_dit)
+
+    def _scene_loss(self) -> torch.Tensor:
+        c = self.config
+        if self.is_classifier:
+            from effdiff.zoo.scene_judge import judge_loss
+
+            return judge_loss(self.model, *self.scenes.labelled_batch(c.batch_size, self.gen))
+        return self._generator_loss(*self.scenes.caption_batch(c.batch_size, self.gen, c.caption_dropout))
 
     def run(self) -> None:
         c = self.config
@@ -174,6 +208,11 @@ class Trainer:
                              f"{torch.cuda.get_device_name() if self.device.type == 'cuda' else 'cpu'}",
                   "final_loss_avg100": sum(self.losses[-100:]) / max(1, len(self.losses[-100:])),
                   "parameters": sum(p.numel() for p in self.ema.parameters())}
+        if self.config.model == "scene-judge":
+            from effdiff.zoo.scene_judge import heldout_accuracy
+
+            accuracy = heldout_accuracy(self.ema.eval(), self.bundle, device=self.device)
+            record["heldout_accuracy"] = {head: round(value, 4) for head, value in accuracy.items()}
         save_model(self.config.model, self.ema.cpu(), default_scheduler(), self.out / "export", record)
 
 
