@@ -4,6 +4,7 @@ from conftest import sample
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.api import is_accelerated
 
 
 def test_remove_is_bit_identical(tiny_pipe):
@@ -15,7 +16,7 @@ def test_remove_is_bit_identical(tiny_pipe):
     tiny_pipe.effdiff.remove()
     assert torch.equal(before, sample(tiny_pipe, steps=4))
     assert tiny_pipe.scheduler is scheduler and type(tiny_pipe) is cls
-    assert not hasattr(tiny_pipe, "effdiff")
+    assert not is_accelerated(tiny_pipe)
     assert not tiny_pipe.unet._forward_pre_hooks if hasattr(tiny_pipe, "unet") else True
 
 
@@ -66,4 +67,4 @@ def test_failed_apply_leaves_pipe_untouched(tiny_sd, monkeypatch):
     cls = type(tiny_sd)
     with pytest.raises(RuntimeError):
         effdiff.accelerate(tiny_sd, "euler+deis" if False else "deis")
-    assert type(tiny_sd) is cls and not hasattr(tiny_sd, "effdiff")
+    assert type(tiny_sd) is cls and not is_accelerated(tiny_sd)

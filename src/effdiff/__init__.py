@@ -10,7 +10,8 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "EffdiffHandle": "effdiff.api", "accelerate": "effdiff.api", "RecipeError": "effdiff.recipe",
+    "EffdiffHandle": "effdiff.api", "accelerate": "effdiff.api", "is_accelerated": "effdiff.api",
+    "RecipeError": "effdiff.recipe",
     "Method": "effdiff.registry", "Param": "effdiff.registry", "all_methods": "effdiff.registry",
     "get_method": "effdiff.registry", "load": "effdiff.zoo",
 }

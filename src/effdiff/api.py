@@ -2,7 +2,9 @@
 
 The pipeline's class is swapped for a same-named subclass whose ``__call__`` resets the step
 context and lets methods adjust defaults (e.g. a solver's steps) before the original call runs;
-``pipe.effdiff.remove()`` undoes everything in reverse order, restoring the class.
+``pipe.effdiff.remove()`` undoes everything in reverse order, restoring the class. The handle stays on
+the pipeline, inactive, so that a second ``remove()`` is a no-op and ``describe()`` still answers
+(``is_accelerated`` tells the two states apart).
 Accelerating an already accelerated pipeline *stacks*: the combined recipe is checked, the old one
 removed and the combination re-applied in declared order.
 """
@@ -14,7 +16,7 @@ from typing import Any
 
 from effdiff.adapters import adapter_for, denoiser_attr
 from effdiff.context import ContextHooks, StepContext
-from effdiff.recipe import RecipeLike, build, check, order, to_string
+from effdiff.recipe import RecipeError, RecipeLike, build, check, order, to_string
 from effdiff.registry import Method
 
 
@@ -29,6 +31,7 @@ class EffdiffHandle:
         self._base_class = type(pipe)
         self._signature = inspect.signature(self._base_class.__call__)
         self._hooks = ContextHooks(self.context, getattr(pipe, denoiser_attr(pipe)))
+        self.active = True
         pipe.__class__ = _call_class(self._base_class)
         pipe.__dict__["effdiff"] = self
         try:
@@ -47,6 +50,8 @@ class EffdiffHandle:
     def describe(self) -> str:
         """One line per active method with its parameters, in application order."""
         head = f"effdiff on {type(self.adapter.model).__name__} ({self.adapter.kind})"
+        if not self.active:
+            return head + ": removed, no methods active"
         if not self.methods:
             return head + ": no methods active"
         return "\n".join([head + ":"] + [f"  {i + 1}. {m.describe()}" for i, m in enumerate(self.methods)])
@@ -64,7 +69,12 @@ class EffdiffHandle:
         return self._base_class.__call__(*bound.args, **bound.kwargs)
 
     def remove(self) -> None:
-        """Undo every method (last first) and the hooks; the pipeline behaves exactly as before."""
+        """Undo every method (last first) and the hooks; the pipeline behaves exactly as before.
+
+        Removing twice is harmless: the second call finds nothing to undo.
+        """
+        if not self.active:
+            return
         while self.methods:
             method = self.methods.pop()
             method.remove()
@@ -72,7 +82,13 @@ class EffdiffHandle:
         self._hooks.remove()
         if type(self.pipe) is not self._base_class:
             self.pipe.__class__ = self._base_class
-        self.pipe.__dict__.pop("effdiff", None)
+        self.active = False
+
+
+def is_accelerated(pipe: Any) -> bool:
+    """Whether an effdiff recipe is active on ``pipe`` (a removed one leaves an inactive handle behind)."""
+    handle = getattr(pipe, "__dict__", {}).get("effdiff")
+    return handle is not None and handle.active
 
 
 def _default(signature: inspect.Signature, name: str) -> Any:
@@ -104,9 +120,10 @@ def accelerate(pipe: Any, recipe: RecipeLike) -> Any:
     device = adapter.device.type
     new = build(recipe, adapter.kind, device, type(adapter.model).__name__)
     handle: EffdiffHandle | None = pipe.__dict__.get("effdiff")
-    if handle is None:
+    if handle is None or not handle.active:
         EffdiffHandle(pipe, new)
         return pipe
+    _refuse_repeats(handle.methods, new)
     combined = handle.methods + new
     check(combined, adapter.kind, device, type(adapter.model).__name__)
     combined = order(combined)
@@ -118,3 +135,14 @@ def accelerate(pipe: Any, recipe: RecipeLike) -> Any:
         EffdiffHandle(pipe, previous)  # a refusal while applying keeps what was active, as a check refusal does
         raise
     return pipe
+
+
+def _refuse_repeats(active: list[Method], new: list[Method]) -> None:
+    """A method asked for again by a later ``accelerate`` call: name both calls, not "listed twice"."""
+    by_name = {m.name: m for m in active}
+    for method in new:
+        if method.name in by_name:
+            raise RecipeError(
+                f"{method.name} is already active on this pipeline (an earlier accelerate call applied "
+                f"{by_name[method.name].spec()!r}); this call asks for {method.spec()!r} again. To change its "
+                "settings, call pipe.effdiff.remove() and accelerate with the whole recipe")

@@ -38,33 +38,100 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return RecipeError, ModelNotFoundError, CheckpointError, ValueError, FileNotFoundError
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+BENCH_DEFAULTS = {"samples": 100, "steps": 50, "guidance": 4.0, "timing_batch": 1}
+
+
+def _bench_settings(args: argparse.Namespace) -> dict:
+    """The bench's settings: given flags, else (with --resume) the stored run's, else the defaults."""
+    from effdiff.bench import validate
     from effdiff.bench.defaults import default_models, default_recipes
+
+    validate.output_dir(args.out)
+    stored: dict = {}
+    if args.resume:
+        from effdiff.bench.runner import STORE_NAME
+        from effdiff.bench.store import ResultsStore
+
+        with ResultsStore(Path(args.out) / STORE_NAME, create=False) as store:
+            store.check_run(args.resume)
+            stored = store.run_config(args.resume)
+        stored["recipes"] = [r for r in stored.get("recipes", []) if r]
+    settings = {
+        "models": args.model or stored.get("models") or default_models(),
+        "recipes": args.recipes if args.recipes is not None else stored.get("recipes", default_recipes(args.full)),
+        "quick": args.quick or bool(stored.get("quick")),
+    }
+    for key, default in BENCH_DEFAULTS.items():
+        given = getattr(args, key)
+        settings[key] = given if given is not None else stored.get(key, default)
+    return settings
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
     from effdiff.bench.report import report
-    from effdiff.bench.runner import run_bench
+    from effdiff.bench.runner import QUICK_SAMPLES, QUICK_STEPS, STORE_NAME, make_config, run_bench
     from effdiff.recipe import parse
 
-    models = args.model or default_models()
-    recipes = args.recipes if args.recipes is not None else default_recipes()
-    for recipe in recipes:
+    settings = _bench_settings(args)
+    for recipe in settings["recipes"]:
         parse(recipe)  # unknown names and bad values fail here, before any model loads
-    run_id = run_bench(models, recipes, samples=args.samples, steps=args.steps, guidance=args.guidance,
-                       out_dir=args.out, quick=args.quick, resume_run_id=args.resume, timing_batch=args.timing_batch)
+    make_config(settings["models"], settings["recipes"], settings["samples"], settings["steps"],
+                settings["guidance"], None, settings["quick"], settings["timing_batch"])  # validates every value
+    if settings["quick"]:
+        print(f"quick: a smoke run ({QUICK_STEPS} steps, {QUICK_SAMPLES} samples, solver steps scaled by the same "
+              "factor); its speed-ups and quality numbers check that everything runs, they do not rank methods")
+    started: list[str] = []
+
+    def announce(run_id: str) -> None:
+        started.append(run_id)
+        print(f"run {run_id}: results go to {Path(args.out) / STORE_NAME}; after an interruption continue it with "
+              f"`effdiff bench --resume {run_id} --out {args.out}`", flush=True)
+
+    try:
+        run_id = run_bench(settings["models"], settings["recipes"], samples=settings["samples"],
+                           steps=settings["steps"], guidance=settings["guidance"], out_dir=args.out,
+                           quick=settings["quick"], resume_run_id=args.resume,
+                           timing_batch=settings["timing_batch"], on_start=announce)
+    except KeyboardInterrupt:
+        if started:
+            print(f"interrupted; the finished rows of run {started[0]} are kept: continue with "
+                  f"`effdiff bench --resume {started[0]} --out {args.out}`", file=sys.stderr)
+        else:
+            print("interrupted before the run started; nothing was stored", file=sys.stderr)
+        return 130
     html = report(args.out, run_id)
-    print(f"run {run_id}: results in {Path(args.out) / 'results.sqlite'}, report {html}")
+    print(f"run {run_id}: results in {Path(args.out) / STORE_NAME}, report {html}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from effdiff.bench.report import report
+    from effdiff.bench import validate
+    from effdiff.bench.report import list_runs, report
 
+    if args.list:
+        list_runs(args.out)
+        return 0
+    if args.html:
+        validate.output_file(args.html, (".html", ".htm"), "--html")
     print(f"report {report(args.out, args.run, args.html, figures=args.figure)}")
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from effdiff.bench import validate
     from effdiff.bench.generate import generate
+    from effdiff.recipe import parse
 
+    if args.steps is not None:
+        validate.steps(args.steps)
+    validate.guidance(args.guidance)
+    validate.at_least(args.n, 1, "-n", "images to generate")
+    validate.seed(args.seed)
+    validate.output_file(args.out)
+    parse(args.recipe)
+    from effdiff.zoo import check_model
+
+    check_model(args.model)
     path = generate(args.model, args.recipe, args.prompt, args.n, args.out, seed=args.seed, steps=args.steps,
                     guidance=args.guidance)
     print(f"wrote {path}")
@@ -182,18 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark recipes on models (default: bundled tiny-sd, tiny-dit)")
     bench.add_argument("--model", action="append", help="model name or path (repeatable)")
     bench.add_argument("--recipes", nargs="+", help="recipes to run (default: one per method family + stacks)")
-    bench.add_argument("--samples", type=int, default=100, help="images per recipe for quality metrics")
-    bench.add_argument("--steps", type=int, default=50, help="baseline DDIM steps")
-    bench.add_argument("--guidance", type=float, default=4.0)
-    bench.add_argument("--timing-batch", type=int, default=1, help="images per timed call (latency of one image)")
+    bench.add_argument("--full", action="store_true",
+                       help="every curated recipe, not only each family's best (about twice as long)")
+    bench.add_argument("--samples", type=int, help="images per recipe for quality metrics (default 100)")
+    bench.add_argument("--steps", type=int, help="baseline DDIM steps (default 50)")
+    bench.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 4)")
+    bench.add_argument("--timing-batch", type=int,
+                       help="images per timed call (default 1: the latency of one image)")
     bench.add_argument("--quick", action="store_true", help="few steps and samples: a smoke run")
     bench.add_argument("--out", default=DEFAULT_OUT, help="results folder (SQLite store, images, report)")
-    bench.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run")
+    bench.add_argument("--resume", metavar="RUN_ID",
+                       help="continue an interrupted run with its stored settings (its id is printed when it starts; "
+                            "`effdiff report --list` lists them)")
     bench.set_defaults(func=_cmd_bench)
 
     rep = sub.add_parser("report", help="print a stored run and write its HTML report")
     rep.add_argument("--out", default=DEFAULT_OUT)
-    rep.add_argument("--run", help="run id (default: the latest)")
+    rep.add_argument("--run", help="run id (default: the latest run that stored results)")
+    rep.add_argument("--list", action="store_true", help="list the stored runs with their state, then stop")
     rep.add_argument("--html", help="HTML path (default: OUT/report-RUN.html)")
     rep.add_argument("--figure", action="append", default=[], metavar="PNG",
                      help="also embed this plot (e.g. a benchmark script's); repeatable")
@@ -206,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", type=int, default=16)
     gen.add_argument("--out", default="grid.png")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--steps", type=int,
+                     help="denoising steps (default: the recipe's solver steps, else the pipeline's 50)")
     gen.add_argument("--guidance", type=float, default=4.0)
     gen.set_defaults(func=_cmd_generate)
 
@@ -255,8 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"effdiff {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except OSError as exc:  # an output path that became unwritable after validation (disk full, removed folder)
+        from effdiff.bench.validate import os_error_sentence
+
+        print(f"effdiff {args.command}: error: {os_error_sentence(exc)}", file=sys.stderr)
+        return USAGE_ERROR
     except KeyboardInterrupt:
-        print("interrupted; finished results are kept (resume with --resume RUN_ID)", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
 
 

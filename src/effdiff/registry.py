@@ -81,6 +81,7 @@ class Param:
 
 
 _REGISTRY: dict[str, type[Method]] = {}
+_ALIASES: dict[str, str] = {}  # alias -> registered name
 
 
 class Method:
@@ -101,6 +102,7 @@ class Method:
     exclusive: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[Paper | None] = None
     summary: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()  # other names users know it by ("dpm++" for dpmpp2m)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -114,6 +116,10 @@ class Method:
         if existing is not None and existing.__qualname__ != cls.__qualname__:
             raise TypeError(f"method name {cls.name!r} is taken by {existing.__qualname__}")
         _REGISTRY[cls.name] = cls
+        for alias in cls.aliases:
+            owner = _ALIASES.setdefault(alias, cls.name)
+            if owner != cls.name or alias in _REGISTRY:
+                raise TypeError(f"alias {alias!r} of {cls.name} is already a name or alias of {owner}")
 
     def __init__(self, **values: Any) -> None:
         unknown = [k for k in values if k not in self.params]
@@ -187,9 +193,11 @@ def get_method(name: str) -> type[Method]:
     """The class registered under ``name``, or a RecipeError with the valid names and a did-you-mean."""
     methods = all_methods()
     key = name.strip().lower()
+    key = _ALIASES.get(key, key)
     if key in methods:
         return methods[key]
-    close = difflib.get_close_matches(key, list(methods), n=1)
+    close = difflib.get_close_matches(key, [*methods, *_ALIASES], n=1)
+    close = [_ALIASES.get(c, c) for c in close]
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise RecipeError(f"unknown method {name!r}; {hint}valid methods: {', '.join(methods)}")
 

@@ -1,45 +1,107 @@
 import pytest
 from _fixtures import FakeAccelerate, one_thread, tiny_pipeline
 
+from effdiff.api import is_accelerated
 from effdiff.bench.runner import image_dir, make_config, run_bench
 from effdiff.bench.store import ResultsStore
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 
-def _run(out, accelerate, run_id=None, models=("m",), loader=tiny_pipeline):
+def _run(out, accelerate, run_id=None, models=("m",), loader=tiny_pipeline, on_start=None):
     return run_bench(list(models), ["scale:0.5", "scale:0.9"], samples=4, steps=2, out_dir=out,
                      resume_run_id=run_id, loader=loader, accelerate_fn=accelerate, timing_batch=2,
-                     progress=False)
+                     progress=False, on_start=on_start)
 
 
 def test_end_to_end_rows_and_resume_after_interruption(tmp_path):
     broken = FakeAccelerate(fail_on={"scale:0.9"})
     with ResultsStore(tmp_path / "results.sqlite") as store:
         store.start_run({"placeholder": True})  # an unrelated older run must not interfere
+    started = []
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, broken, run_id="r1")
+        _run(tmp_path, broken, on_start=started.append)
+    run_id = started[0]
     with ResultsStore(tmp_path / "results.sqlite") as store:
-        rows = store.rows("r1")
+        rows = store.rows(run_id)
+        assert {s["run_id"]: s["state"] for s in store.summaries()}[run_id] == "interrupted"
     assert [r["recipe"] for r in rows] == ["", "scale:0.5"]
     base, half = (r["metrics"] for r in rows)
     assert base["nfe"] == 2 and half["nfe"] == 2  # 2 steps, CFG batched into one call per step
     assert base["speedup"] == 1.0 and base["psnr"] == 100.0 and base["ssim"] == pytest.approx(1.0)
-    assert half["psnr"] < 60 and half["timing_mode"] == "alternating" and half["labels"] == ["simulated"]
+    assert half["psnr"] < 60 and half["timing_mode"] == "alternating" and "simulated" in half["labels"]
     assert len(half["times_s"]) == 3 and half["time_per_image_s"] > 0 and half["speedup"] > 0
     assert half["flops_per_image"] > half["attention_flops_per_image"] > 0
+    assert half["flops_per_image_samples"] == pytest.approx(half["flops_per_image"]) and "cost≠quality" not in half
+    assert half["fid_ci"][0] <= half["fid"] + 1e-6 and len(half["speedup_reps"]) == 3
+    assert "fid_vs_baseline" not in base and base["fid_ci"][0] <= base["fid"] + 1e-6  # no pairing with itself
+    assert half["fid_vs_baseline"] in ("tie", "higher", "lower") and half["fid_delta_ci"][0] <= half["fid_delta_ci"][1]
     for key in ("fid", "fid_floor", "kid", "prompt_accuracy", "gflops_achieved"):
         assert half[key] is not None
-    assert not hasattr(tiny_pipeline(), "effdiff")
+    assert not is_accelerated(tiny_pipeline())
 
     working = FakeAccelerate()
-    assert _run(tmp_path, working, run_id="r1") == "r1"
+    assert _run(tmp_path, working, run_id=run_id) == run_id
     assert "scale:0.5" not in working.calls  # finished recipe skipped, not recomputed
     with ResultsStore(tmp_path / "results.sqlite") as store:
-        after = store.rows("r1")
+        after = store.rows(run_id)
+        assert {s["run_id"]: s["state"] for s in store.summaries()}[run_id] == "complete"
     assert [r["recipe"] for r in after] == ["", "scale:0.5", "scale:0.9"]
     assert [r["id"] for r in after[:2]] == [r["id"] for r in rows]
-    assert (image_dir(tmp_path, "r1", "m") / "scale_0.9.png").exists()
+    assert (image_dir(tmp_path, run_id, "m") / "scale_0.9.png").exists()
+
+
+def test_a_run_that_fails_before_any_row_leaves_no_run(tmp_path):
+    def broken_loader(name):
+        raise RuntimeError("the model could not be read")
+
+    with pytest.raises(RuntimeError):
+        _run(tmp_path, FakeAccelerate(), loader=broken_loader)
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        assert store.runs() == [] and store.latest_run() is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "--steps must be"), ({"steps": 1001}, "--steps must be"), ({"guidance": float("nan")}, "--guidance"),
+    ({"guidance": float("inf")}, "--guidance"), ({"timing_batch": 0}, "--timing-batch"), ({"samples": 1}, "--samples"),
+    ({"models": []}, "no model"),
+])
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, kwargs, message):
+    args = {"models": ["m"], "recipes": ["scale:0.5"], "samples": 4, "steps": 2, "timing_batch": 2, **kwargs}
+    models = args.pop("models")
+    with pytest.raises(ValueError, match=message):
+        run_bench(models, out_dir=tmp_path / "out", loader=tiny_pipeline, accelerate_fn=FakeAccelerate(),
+                  progress=False, **args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_model_is_refused_before_a_run_is_registered(tmp_path):
+    from effdiff.zoo import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError):
+        run_bench(["no-such-model"], [], samples=2, steps=2, out_dir=tmp_path, progress=False)
+    assert not (tmp_path / "results.sqlite").exists()
+
+
+def test_quick_scales_solver_steps_with_the_baseline():
+    config = make_config(["m"], ["dpmpp2m:steps=20", "unipc:steps=10+deepcache:interval=3", "deepcache"],
+                         samples=100, steps=50, guidance=4.0, seeds=None, quick=True)
+    assert config.steps == 10
+    assert config.recipes == ("", "dpmpp2m:steps=4", "unipc:steps=2+deepcache:interval=3", "deepcache")
+
+
+def test_rows_whose_timed_and_sampled_work_differ_are_labelled():
+    from effdiff.bench.runner import _noise_labels, _work_check
+
+    same = {"flops_per_image": 100.0, "labels": []}
+    _work_check(same, 101.0)
+    assert same["labels"] == [] and same["work_mismatch"] == pytest.approx(1 / 101)
+    skipped_only_when_timed = {"flops_per_image": 60.0, "labels": ["x"]}
+    _work_check(skipped_only_when_timed, 100.0)
+    assert skipped_only_when_timed["labels"] == ["cost≠quality", "x"]
+    assert "0.000 GFLOP" in skipped_only_when_timed["cost_quality_note"]
+    assert _noise_labels(0.1, 0.1) == [] and _noise_labels(0.3, None) == ["noisy"]
+    assert _noise_labels(0.0, 1.2) == ["loaded"]
 
 
 def test_speed_only_models_get_cost_only(tmp_path):

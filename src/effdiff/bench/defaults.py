@@ -11,20 +11,23 @@ from effdiff.registry import all_methods
 
 DEFAULT_MODELS = ("tiny-sd", "tiny-dit")
 
-# About 25 minutes on 2 cores. Slow to set up or to run, so measured by the scripts in benchmarks/ instead:
-# `ays` (up to 110 s of search), `l2c` (trains a router), `qdiffusion`/`svdquant`/`ptq` (simulated, slower than fp32).
-# `bf16` and `int8` are refused with the reason where the CPU lacks the kernels (no AVX512-BF16; no fbgemm).
-CURATED = (
+# The default run shows each family's best on the bundled models within 15 minutes on 2 cores; `--full` adds the
+# rest of the curated list (about twice as long). Slow to set up or to run, so measured by the scripts in
+# benchmarks/ instead: `ays` (up to 110 s of search), `l2c` (trains a router), `qdiffusion`/`svdquant`/`ptq`
+# (simulated, slower than fp32). `bf16` and `int8` are refused with the reason where the CPU lacks the kernels.
+DEFAULT = (
     "dpmpp2m:steps=20",
     "unipc:steps=10",
     "deepcache:interval=3",
-    "faster",
-    "fbcache",
     "taylorseer",
+    "fbcache",
     "tome:ratio=0.5,max_downsample=2",  # tiny-sd's attention starts at downsample 2
     "bf16",
-    "int8",  # convs too where the CPU has VNNI; the rule keeps layers narrower than 128 features in fp32
     "dpmpp2m:steps=20+deepcache:interval=3",
+)
+FULL_ONLY = (
+    "faster",
+    "int8",  # convs too where the CPU has VNNI; the rule keeps layers narrower than 128 features in fp32
     "dpmpp2m:steps=20+fbcache",
     "dpmpp2m:steps=20+deepcache:interval=3+tome:ratio=0.5,max_downsample=2",
 )
@@ -38,10 +41,11 @@ def _method_names(recipe: str) -> list[str]:
     return [part.split(":", 1)[0].strip() for part in recipe.split("+")]
 
 
-def default_recipes() -> list[str]:
+def default_recipes(full: bool = False) -> list[str]:
     """Curated recipes whose methods are all registered, plus one per otherwise uncovered family."""
     methods = all_methods()
-    recipes = [r for r in CURATED if all(name in methods for name in _method_names(r))]
+    curated = DEFAULT + FULL_ONLY if full else DEFAULT
+    recipes = [r for r in curated if all(name in methods for name in _method_names(r))]
     covered = {methods[name].family for r in recipes for name in _method_names(r)}
     for name, cls in sorted(methods.items()):
         if cls.family not in covered:

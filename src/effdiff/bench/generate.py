@@ -35,15 +35,23 @@ def save_grid(images01: torch.Tensor, path: str | Path, columns: int = 8, scale:
 
 
 def generate(model: str, recipe: str, prompt: str, n: int, out_png: str | Path, seed: int = 0,
-             steps: int = 50, guidance: float = 4.0, *, loader=None, accelerate_fn=None) -> Path:
+             steps: int | None = None, guidance: float = 4.0, *, loader=None, accelerate_fn=None) -> Path:
     """Generate ``n`` images of ``prompt`` (seeds seed, seed+1, ...) with ``recipe`` and save a grid PNG.
 
-    For a class-conditional pipeline (DiT) the prompt must be an integer class label.
+    ``steps=None`` leaves the step count to the recipe's solver (or the pipeline's default): an explicit
+    ``num_inference_steps`` would override ``dpmpp2m:steps=20``. Arguments and the output path are
+    checked before the model loads. For a class-conditional pipeline (DiT) the prompt must be an
+    integer class label.
     """
+    from effdiff.bench import validate
     from effdiff.bench.calling import call_parameters, to_images
 
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    validate.at_least(n, 1, "n", "images to generate")
+    if steps is not None:
+        validate.steps(steps, "steps")
+    validate.guidance(guidance, "guidance")
+    validate.seed(seed, "seed")
+    out_png = validate.output_file(out_png)
     if loader is None:
         from effdiff.zoo import load as loader
     pipe = loader(model)
@@ -52,7 +60,9 @@ def generate(model: str, recipe: str, prompt: str, n: int, out_png: str | Path, 
             from effdiff.api import accelerate as accelerate_fn
         accelerate_fn(pipe, recipe)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": gens}
+    kwargs: dict = {"guidance_scale": guidance, "generator": gens}
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
     if "class_labels" in call_parameters(pipe):
         try:
             label = int(prompt)

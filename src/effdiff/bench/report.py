@@ -18,20 +18,52 @@ from typing import Any
 from effdiff.bench.runner import STORE_NAME, image_dir, recipe_slug
 from effdiff.bench.store import ResultsStore
 
-COLUMNS = (  # (header, metrics key, format)
+
+def _half_width(interval: Any) -> float | None:
+    return (interval[1] - interval[0]) / 2 if isinstance(interval, (list, tuple)) and len(interval) == 2 else None
+
+
+def _with_spread(fmt: str, spread_key: str | None = None, ci_key: str | None = None, scale: float = 1.0):
+    """A cell ``value±spread``: the spread is a standard deviation over seeds or half a 95 % interval."""
+    def cell(m: dict[str, Any], key: str) -> str:
+        value = m.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        spread = m.get(spread_key) if spread_key else _half_width(m.get(ci_key)) if ci_key else None
+        text = fmt.format(value * scale)
+        return f"{text}±{fmt.format(spread * scale).lstrip('-')}" if spread is not None else text
+    return cell
+
+
+def _verdict(m: dict[str, Any], key: str) -> str:
+    """FID against the baseline on the same seeds: a tie when the paired 95 % interval holds 0."""
+    verdict = m.get("fid_vs_baseline")
+    return {"higher": "worse", "lower": "better"}.get(verdict, verdict) if verdict else "–"
+
+
+COLUMNS = (  # (header, metrics key, format string or cell function)
     ("speed-up", "speedup", "{:.2f}×"),
     ("s/image", "time_per_image_s", "{:.3f}"),
     ("NFE", "nfe", "{:d}"),
     ("GMACs/img", "macs_per_image", "gmac"),
     ("GFLOP/s", "gflops_achieved", "{:.1f}"),
     ("peak MB", "peak_memory_mb", "{:.0f}"),
-    ("PSNR", "psnr", "{:.2f}"),
-    ("SSIM", "ssim", "{:.3f}"),
-    ("FID", "fid", "{:.2f}"),
+    ("PSNR", "psnr", _with_spread("{:.2f}", spread_key="psnr_std")),
+    ("SSIM", "ssim", _with_spread("{:.3f}", spread_key="ssim_std")),
+    ("FID", "fid", _with_spread("{:.2f}", ci_key="fid_ci")),
+    ("FID vs base", "fid_vs_baseline", _verdict),
     ("FID floor", "fid_floor", "{:.2f}"),
-    ("KID", "kid", "{:.4f}"),
-    ("acc", "prompt_accuracy", "{:.1%}"),
+    ("KID×10³", "kid_e3", _with_spread("{:.2f}", ci_key="kid_e3_ci")),
+    ("acc %", "prompt_accuracy", _with_spread("{:.1f}", ci_key="prompt_accuracy_ci", scale=100)),
 )
+
+LEGEND = ("± after PSNR/SSIM: standard deviation over the samples' seeds; after FID, KID×10³ and accuracy: half the "
+          "95 % bootstrap interval over the generated samples. FID vs base: paired bootstrap of the difference to the "
+          "baseline on the same seeds, 'tie' when its interval holds 0. FID floor: the FID of as many real training "
+          "digits (same digit mix) against the same 1,000 held-out digits, i.e. what a perfect generator scores at "
+          "this sample count (FID is biased upwards at small counts). Labels: noisy (repetitions disagree by more "
+          "than 20 %), loaded (other processes used more than half a core while timing), cost≠quality (the timed "
+          "batch and the quality samples did different work), speed-only, simulated, trained, quick.")
 
 
 def _fmt(value: Any, fmt: str) -> str:
@@ -45,6 +77,10 @@ def _fmt(value: Any, fmt: str) -> str:
         return str(value)
 
 
+def _cell(m: dict[str, Any], key: str, fmt: Any) -> str:
+    return fmt(m, key) if callable(fmt) else _fmt(m.get(key), fmt)
+
+
 def _labels(metrics: dict[str, Any]) -> str:
     text = ", ".join(metrics.get("labels") or [])
     return f"{text}: {metrics['refused']}" if metrics.get("refused") else text
@@ -56,7 +92,7 @@ HEADERS = ("model", "recipe", *[c[0] for c in COLUMNS], "labels")
 def row_cells(row: dict[str, Any]) -> list[str]:
     """One result row as display strings, in ``HEADERS`` order (terminal, HTML and Markdown agree)."""
     m = row["metrics"]
-    return [row["model"], row["recipe"] or "baseline", *[_fmt(m.get(k), f) for _, k, f in COLUMNS], _labels(m)]
+    return [row["model"], row["recipe"] or "baseline", *[_cell(m, k, f) for _, k, f in COLUMNS], _labels(m)]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -66,62 +102,130 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _open(out_dir: str | Path) -> ResultsStore:
+    return ResultsStore(Path(out_dir) / STORE_NAME, create=False)
+
+
 def load_rows(out_dir: str | Path, run_id: str | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """(run id, its rows) from ``out_dir``'s store; the latest run when no id is given."""
-    with ResultsStore(Path(out_dir) / STORE_NAME) as store:
+    """(run id, its rows) from ``out_dir``'s store; the latest run that stored rows when no id is given."""
+    with _open(out_dir) as store:
+        if run_id is not None:
+            store.check_run(run_id)
         run_id = run_id or store.latest_run()
         if run_id is None:
-            raise ValueError(f"no bench runs stored in {Path(out_dir) / STORE_NAME}")
-        return run_id, store.rows(run_id)
+            raise ValueError(f"no bench runs with results stored in {Path(out_dir) / STORE_NAME}")
+        rows = store.rows(run_id)
+        if not rows:
+            raise ValueError(f"run {run_id!r} stored no results yet; `effdiff report --list --out {out_dir}` shows "
+                             "every run with its state")
+        return run_id, rows
 
 
-def print_table(rows: list[dict[str, Any]], console=None) -> None:
-    """The results as a rich table in the terminal."""
+def list_runs(out_dir: str | Path, console=None) -> list[dict[str, Any]]:
+    """Print every stored run: id, start, state, rows stored of expected, models; returns the summaries."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="effdiff bench (speed-ups: same run, same prompts and seeds)")
+    with _open(out_dir) as store:
+        runs = store.summaries()
+    table = Table(title=f"runs in {Path(out_dir) / STORE_NAME} (resume one with effdiff bench --resume RUN)")
+    for header in ("run", "started (UTC)", "state", "rows", "models", "quick"):
+        table.add_column(header, overflow="fold")
+    for run in runs:
+        rows = f"{run['rows']}/{run['expected']}" if run["expected"] else str(run["rows"])
+        table.add_row(run["run_id"], run["started"][:19].replace("T", " "), run["state"], rows,
+                      ", ".join(run["models"] or []), "yes" if run["quick"] else "")
+    (console or Console(width=None if sys.stdout.isatty() else 160)).print(table)
+    return runs
+
+
+def _warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """Run-level sentences: a loaded machine, a quick run, rows whose timing disagrees with their samples."""
+    notes = []
+    loaded = [r for r in rows if "loaded" in (r["metrics"].get("labels") or [])]
+    if loaded:
+        worst = max(r["metrics"].get("foreign_cores") or 0 for r in loaded)
+        notes.append(f"LOADED RUN: other processes kept up to {worst:.1f} cores busy while {len(loaded)} of "
+                     f"{len(rows)} rows were timed; their speed-ups are not trustworthy (rerun on a quiet machine).")
+    noisy = [r for r in rows if "noisy" in (r["metrics"].get("labels") or [])]
+    if noisy:
+        notes.append(f"{len(noisy)} rows are noisy (their repetitions disagree by more than 20 %).")
+    if any("quick" in (r["metrics"].get("labels") or []) for r in rows):
+        notes.append("QUICK RUN: a smoke run (10 steps, 10 samples); its numbers do not rank methods.")
+    return notes
+
+
+def print_table(rows: list[dict[str, Any]], console=None) -> None:
+    """The results as a rich table in the terminal; recipes wrap instead of being cut."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="effdiff bench (speed-ups: same run, same prompts and seeds)", caption=LEGEND)
     for header in HEADERS:
-        table.add_column(header, justify="left" if header in ("model", "recipe", "labels") else "right")
+        left = header in ("model", "recipe", "labels")
+        table.add_column(header, justify="left" if left else "right", overflow="fold",
+                         min_width=24 if header == "recipe" else None)
     for row in rows:
         table.add_row(*row_cells(row))
-    (console or Console(width=None if sys.stdout.isatty() else 200)).print(table)
+    console = console or Console(width=None if sys.stdout.isatty() else 240)
+    console.print(table)
+    for note in _warnings(rows):
+        console.print(note)
 
 
 def _png_b64(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
+UNRELIABLE = ("noisy", "loaded", "cost≠quality")
+
+
 def pareto_png(rows: list[dict[str, Any]], model: str) -> bytes | None:
-    """Speed-up vs FID (or PSNR without FID) for one model's recipes; None for speed-only models."""
+    """Speed-up vs FID with 95 % intervals for one model's recipes that have both (PSNR when none has FID).
+
+    Points are numbered and named in a key beside the plot, so long recipe names never overlap. Rows
+    marked noisy, loaded or cost≠quality are drawn hollow and kept off the front: their position is not
+    a measurement to choose by. None when nothing can be plotted (a speed-only model).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(r["metrics"].get("speedup"), r["metrics"], r["recipe"] or "baseline") for r in rows
-              if r["model"] == model]
-    key = "fid" if all(m.get("fid") is not None for _, m, _ in points) else "psnr"
-    points = [(s, m[key], name) for s, m, name in points if s is not None and m.get(key) is not None]
+    mine = [r for r in rows if r["model"] == model and r["metrics"].get("speedup") is not None]
+    key = "fid" if any(r["metrics"].get("fid") is not None for r in mine) else "psnr"
+    points = [(r["metrics"]["speedup"], r["metrics"][key], r["recipe"] or "baseline", r["metrics"]) for r in mine
+              if r["metrics"].get(key) is not None]
     if not points:
         return None
     lower_better = key == "fid"
-    front = [p for p in points if not any(
+    reliable = [p for p in points if not set(p[3].get("labels") or ()) & set(UNRELIABLE)]
+    front = sorted(p for p in reliable if not any(
         q is not p and q[0] >= p[0] and (q[1] <= p[1] if lower_better else q[1] >= p[1])
-        and (q[0], q[1]) != (p[0], p[1]) for q in points)]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
-    ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue")
-    front.sort()
+        and (q[0], q[1]) != (p[0], p[1]) for q in reliable))
+    fig, (ax, key_ax) = plt.subplots(1, 2, figsize=(9.5, 4.2), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
+    for number, (speed, value, _, m) in enumerate(points, 1):
+        ci = m.get(f"{key}_ci")
+        yerr = [[max(0.0, value - ci[0])], [max(0.0, ci[1] - value)]] if ci else None
+        hollow = bool(set(m.get("labels") or ()) & set(UNRELIABLE))
+        ax.errorbar([speed], [value], yerr=yerr, fmt="o", ms=6, capsize=3, color="tab:blue",
+                    mfc="white" if hollow else "tab:blue")
+        ax.annotate(str(number), (speed, value), fontsize=8, xytext=(4, 3), textcoords="offset points")
     ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", lw=1, label="Pareto front")
-    for s, v, name in points:
-        ax.annotate(name, (s, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    floor = next((r["metrics"].get("fid_floor") for r in rows if r["model"] == model), None)
+    floor = next((r["metrics"].get("fid_floor") for r in mine if r["metrics"].get("fid_floor") is not None), None)
     if key == "fid" and floor is not None:
         ax.axhline(floor, color="grey", ls="--", lw=1, label="real-vs-real floor")
     ax.set_xlabel("speed-up vs baseline (×)")
-    ax.set_ylabel("FID (lower is better)" if key == "fid" else "PSNR vs baseline, dB")
+    ax.set_ylabel("FID, 95 % interval (lower is better)" if key == "fid" else "PSNR vs baseline, dB")
     ax.set_title(model)
     ax.legend(fontsize=7)
+    absent = [r["recipe"] or "baseline" for r in rows if r["model"] == model and r["metrics"].get(key) is None]
+    lines = [f"{n}  {name}{' (unreliable)' if set(m.get('labels') or ()) & set(UNRELIABLE) else ''}"
+             for n, (_, _, name, m) in enumerate(points, 1)]
+    if absent:
+        lines += ["", f"not plotted (no {key.upper()}: refused or speed-only):", *[f"   {a}" for a in absent]]
+    key_ax.axis("off")
+    key_ax.text(0, 1, "\n".join(lines), va="top", ha="left", fontsize=7, family="monospace", wrap=True)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -201,14 +305,14 @@ def write_html(
     out_dir = Path(out_dir)
     path = Path(path) if path is not None else out_dir / f"report-{run_id}.html"
     figures_html = _figures_html(figures)  # a bad figure fails before anything is written
-    parts = [f"<h1>effdiff bench — run {html.escape(run_id)}</h1>", _env_html(rows),
+    warnings = "".join(f"<p class='warn'>{html.escape(note)}</p>" for note in _warnings(rows))
+    parts = [f"<h1>effdiff bench — run {html.escape(run_id)}</h1>", _env_html(rows), warnings,
              "<p>Speed-ups are ratios against the baseline (DDIM, CFG, same steps) timed in the same process "
              "(warm, median of ≥ 3, alternating). PSNR/SSIM are measured against the baseline's own images; "
-             "FID/KID against the 1,000 held-out digits, beside the real-vs-real floor: as many real training "
-             "digits as samples, scored against the same reference. "
+             "FID/KID against the 1,000 held-out digits. "
              "<b>speed-only</b>: random-weight twin, no quality; <b>simulated</b>: fake-quant without a "
              "low-bit kernel; <b>trained</b>: the recipe trains or calibrates.</p>",
-             "<h2>Results</h2>", _table_html(rows)]
+             "<h2>Results</h2>", _table_html(rows), f"<p class='legend'>{html.escape(LEGEND)}</p>"]
     for model in dict.fromkeys(r["model"] for r in rows):
         parts.append(f"<h2>{html.escape(model)}</h2>")
         plot = pareto_png(rows, model)
@@ -227,7 +331,8 @@ def write_html(
     parts.append(_catalogue_html(rows))
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}.env{color:#555;font-size:12px}"
-             "figure.grid{display:inline-block;margin:6px}img{image-rendering:pixelated}")
+             "figure.grid{display:inline-block;margin:6px}img{image-rendering:pixelated}"
+             ".warn{color:#a00;font-weight:bold}.legend{color:#444;font-size:12px;max-width:70em}")
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>effdiff bench {html.escape(run_id)}"
            f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,15 @@
 """``run_bench``: every recipe against its own baseline, on the same prompts and seeds, in one process.
 
 Per model the baseline (empty recipe: the pipeline as loaded, DDIM, CFG) comes first, then each
-recipe. For each one: FLOPs and NFE on a one-image call, then warm, alternating baseline/variant
-timing (median of >= 3) on a small batch with a stage split and peak memory, then, for trained
-models, all samples for PSNR/SSIM (vs the baseline's images), FID/KID (vs held-out, with the
-real-vs-real floor) and prompt accuracy. Each (model, recipe) row is committed when done.
+recipe. For each one: FLOPs and NFE on the timed batch, then warm, alternating baseline/variant
+timing (median of >= 3) with a stage split, peak memory and the load other processes put on the
+machine meanwhile, then, for trained models, all samples for PSNR/SSIM (vs the baseline's images),
+FID/KID (vs held-out, with the real-vs-real floor) and prompt accuracy, each with a bootstrap interval
+and a paired verdict against the baseline. Each (model, recipe) row is committed when done.
+
+Cost and quality must describe the same computation (MEASURE.md rule 7): a dynamic method (a
+threshold cache) decides per batch, so the FLOPs per image are counted on the timed batch *and* over
+the quality samples; a row whose two disagree is labelled ``cost≠quality`` and kept off the Pareto front.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from typing import Any
 
 import torch
 
+from effdiff.bench import validate
 from effdiff.bench.calling import call_parameters, to_images
 from effdiff.bench.store import Environment, ResultsStore
 from effdiff.eval.cost import (
+    ForeignLoad,
     NFECounter,
     PeakMemory,
     StageTimer,
@@ -37,6 +44,10 @@ from effdiff.recipe import RecipeError
 
 SLOW_APPLY_S = 1.0  # re-applying a recipe slower than this for every repetition is impractical
 STORE_NAME = "results.sqlite"
+QUICK_STEPS, QUICK_SAMPLES = 10, 10
+NOISY_SPREAD = 0.2  # (max - min) / median of the per-repetition speed-ups above this: the row is noisy
+LOADED_CORES = 0.5  # other processes kept this many cores busy during the timing: the row is loaded
+WORK_MISMATCH = 0.05  # FLOPs per image on the timed batch vs over the samples, relative: cost≠quality
 
 
 @dataclass(frozen=True)
@@ -61,18 +72,47 @@ class BenchConfig:
 def make_config(models: Sequence[str], recipes: Sequence[str], samples: int, steps: int, guidance: float,
                 seeds: Sequence[int] | None, quick: bool, timing_batch: int = 4, reps: int = 3,
                 gen_batch: int = 16) -> BenchConfig:
-    """Normalise arguments: baseline first, quick-mode caps applied, seeds checked."""
+    """Validate and normalise arguments: baseline first, quick-mode caps applied, seeds checked.
+
+    Quick mode caps the baseline at 10 steps and scales every solver's step count by the same factor,
+    so a solver row compares like with like (``dpmpp2m:steps=20`` against 50 becomes ``steps=4`` against 10).
+    """
+    if not models:
+        raise ValueError("no model to benchmark; name one with --model")
+    validate.steps(steps)
+    validate.guidance(guidance)
+    validate.at_least(timing_batch, 1, "--timing-batch", "images per timed call")
+    validate.at_least(samples, 2, "--samples", "FID/KID need two images")
     ordered = ["", *[r.strip() for r in recipes if r.strip()]]
-    ordered = list(dict.fromkeys(ordered))
     if quick:
-        steps, samples, timing_batch = min(steps, 10), min(samples, 10), min(timing_batch, 2)
-    if samples < 2:
-        raise ValueError(f"samples must be >= 2 (FID/KID need two images), got {samples}")
+        factor = min(steps, QUICK_STEPS) / steps
+        steps, samples, timing_batch = min(steps, QUICK_STEPS), min(samples, QUICK_SAMPLES), min(timing_batch, 2)
+        ordered = [scale_solver_steps(r, factor) for r in ordered]
+    ordered = list(dict.fromkeys(ordered))
     if seeds is not None and len(seeds) != samples:
         raise ValueError(f"{len(seeds)} seeds given for {samples} samples; give one seed per sample")
     return BenchConfig(tuple(models), tuple(ordered), samples, steps, guidance,
                        tuple(seeds) if seeds is not None else None, quick,
                        min(timing_batch, samples), max(reps, 3), gen_batch)
+
+
+def scale_solver_steps(recipe: str, factor: float) -> str:
+    """The recipe with each solver's ``steps`` multiplied by ``factor`` (at least 1); the other parts verbatim."""
+    from effdiff.recipe import parse
+
+    parts = []
+    for part in recipe.split("+") if recipe else []:
+        try:
+            method = parse(part)[0]
+        except RecipeError:  # not a registry recipe (a benchmark's peer package, a test's fake): nothing to scale
+            return recipe
+        if method.family == "solver" and "steps" in method.values and factor != 1:
+            steps = max(1, round(method.values["steps"] * factor))
+            kept = [kv.strip() for kv in part.partition(":")[2].split(",")
+                    if kv.strip() and kv.split("=", 1)[0].strip() != "steps"]
+            part = f"{method.name}:" + ",".join([f"steps={steps}", *kept])
+        parts.append(part.strip())
+    return "+".join(parts)
 
 
 def recipe_slug(recipe: str) -> str:
@@ -179,56 +219,83 @@ def _cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig, devic
     switch.apply()
     apply_seconds = time.perf_counter() - start
     describe, labels = switch.describe_and_labels()
-    try:
+    try:  # FLOPs of the timed batch itself: a dynamic method decides per batch
         with NFECounter(find_denoiser(pipe)) as nfe, count_flops() as flops:
-            caller([0])
+            caller(batch)
     finally:  # a refusal raised inside the call must not leave the pipeline accelerated for the next recipe
         switch.remove()
 
     base = _Instrumented(pipe, lambda: caller(batch), device)
     var = _Instrumented(pipe, lambda: caller(batch), device)
-    if not switch.recipe:
-        var_t = time_call(var, reps=config.reps, warmup=1)
-        base_t, mode = var_t, "baseline"
-    elif apply_seconds < SLOW_APPLY_S:
-        base_t, var_t = time_alternating(base, var, reps=config.reps, warmup=1,
-                                         enter_variant=switch.apply, exit_variant=switch.remove)
-        mode = "alternating"
-    else:  # a calibrating/training recipe: time in adjacent blocks instead of re-applying it each rep
-        base_t = time_call(base, reps=config.reps, warmup=1)
-        switch.apply()
-        try:
+    with ForeignLoad() as load:
+        if not switch.recipe:
             var_t = time_call(var, reps=config.reps, warmup=1)
-        finally:
-            switch.remove()
-        mode = "adjacent blocks"
+            base_t, mode = var_t, "baseline"
+        elif apply_seconds < SLOW_APPLY_S:
+            base_t, var_t = time_alternating(base, var, reps=config.reps, warmup=1,
+                                             enter_variant=switch.apply, exit_variant=switch.remove)
+            mode = "alternating"
+        else:  # a calibrating/training recipe: time in adjacent blocks instead of re-applying it each rep
+            base_t = time_call(base, reps=config.reps, warmup=1)
+            switch.apply()
+            try:
+                var_t = time_call(var, reps=config.reps, warmup=1)
+            finally:
+                switch.remove()
+            mode = "adjacent blocks"
     per_image = var_t.median / len(batch)
+    ratios = [b / v for b, v in zip(base_t.times, var_t.times, strict=True) if v > 0] if switch.recipe else [1.0]
+    spread = (max(ratios) - min(ratios)) / statistics.median(ratios) if switch.recipe else var_t.spread
+    flags = _noise_labels(spread, load.cores)
     return {
-        "describe": describe, "labels": labels, "apply_seconds": apply_seconds, "timing_mode": mode,
-        "timing_batch": len(batch), "reps": config.reps, "times_s": var_t.times,
-        "baseline_times_s": base_t.times, "time_spread": var_t.spread,
+        "describe": describe, "labels": sorted({*labels, *flags}), "apply_seconds": apply_seconds,
+        "timing_mode": mode, "timing_batch": len(batch), "reps": config.reps, "times_s": var_t.times,
+        "baseline_times_s": base_t.times, "time_spread": var_t.spread, "baseline_time_spread": base_t.spread,
+        "speedup_reps": ratios, "speedup_spread": spread, "foreign_cores": load.cores, "loadavg": load.loadavg,
         "time_per_image_s": per_image, "baseline_time_per_image_s": base_t.median / len(batch),
         "speedup": _ratio(base_t, var_t), "nfe": nfe.calls,
         "stages_per_image_s": var.stage_medians(skip=1, per=len(batch)),
-        "flops_per_image": flops.flops, "macs_per_image": flops.macs,
-        "attention_flops_per_image": flops.attention,
-        "gflops_achieved": achieved_gflops(flops.flops, per_image),
+        "flops_per_image": flops.flops / len(batch), "macs_per_image": flops.macs / len(batch),
+        "attention_flops_per_image": flops.attention / len(batch),
+        "gflops_achieved": achieved_gflops(flops.flops / len(batch), per_image),
         "peak_memory_mb": max(var.peaks[1:] or var.peaks) / 2**20, "memory_method": var.memory_method,
     }
+
+
+def _noise_labels(spread: float, foreign_cores: float | None) -> list[str]:
+    """``noisy`` when the repetitions disagree, ``loaded`` when other processes competed for the CPU."""
+    labels = ["noisy"] if spread > NOISY_SPREAD else []
+    if foreign_cores is not None and foreign_cores > LOADED_CORES:
+        labels.append("loaded")
+    return labels
 
 
 def _ratio(base: Timing, var: Timing) -> float:
     return base.median / var.median if var.median > 0 else float("nan")
 
 
-def _samples(caller: Caller, switch: RecipeSwitch, config: BenchConfig) -> torch.Tensor:
+def _samples(caller: Caller, switch: RecipeSwitch, config: BenchConfig) -> tuple[torch.Tensor, float]:
+    """All quality samples, and the FLOPs per image they took (to hold against the timed batch's)."""
     switch.apply()
     try:
-        chunks = [caller(range(i, min(i + config.gen_batch, config.samples)))
-                  for i in range(0, config.samples, config.gen_batch)]
+        with count_flops() as flops:
+            chunks = [caller(range(i, min(i + config.gen_batch, config.samples)))
+                      for i in range(0, config.samples, config.gen_batch)]
     finally:
         switch.remove()
-    return torch.cat(chunks)
+    return torch.cat(chunks), flops.flops / config.samples
+
+
+def _work_check(metrics: dict[str, Any], sample_flops: float) -> None:
+    """Label a row whose timed batch and quality samples did different amounts of work (rule 7)."""
+    timed = metrics.get("flops_per_image") or 0.0
+    metrics["flops_per_image_samples"] = sample_flops
+    mismatch = abs(timed - sample_flops) / sample_flops if sample_flops > 0 else 0.0
+    metrics["work_mismatch"] = mismatch
+    if mismatch > WORK_MISMATCH:
+        metrics["labels"] = sorted({*metrics["labels"], "cost≠quality"})
+        metrics["cost_quality_note"] = (f"the timed batch ran {timed / 1e9:.3f} GFLOP per image, the quality samples "
+                                        f"{sample_flops / 1e9:.3f}: speed and quality describe different work")
 
 
 # ---------------------------------------------------------------- the run
@@ -239,6 +306,7 @@ class _Judges:
 
     def __init__(self) -> None:
         self._judge = None
+        self._reference = None
 
     @property
     def judge(self):
@@ -248,18 +316,39 @@ class _Judges:
             self._judge = DistributionJudge.bundled()
         return self._judge
 
+    @property
+    def reference(self):
+        """The held-out digits' feature statistics, for the bootstrap intervals."""
+        if self._reference is None:
+            from effdiff.eval.uncertainty import Reference
+
+            self._reference = Reference.of(self.judge.reference_features)
+        return self._reference
+
+
+def _sample_scores(images: torch.Tensor, caller: Caller, judges: _Judges):
+    """Features and per-sample correctness of one recipe's samples, ready for the bootstrap."""
+    from effdiff.eval.accuracy import predict_digits
+    from effdiff.eval.uncertainty import SampleScores
+
+    judge = judges.judge
+    correct = predict_digits(images, judge.features.classifier) == torch.as_tensor(caller.digits)
+    return SampleScores(judge.features_of(images), correct, judges.reference)
+
 
 def _quality(images: torch.Tensor, baseline: torch.Tensor, caller: Caller, judges: _Judges,
-             floor: dict[str, float]) -> dict[str, Any]:
-    from effdiff.eval.accuracy import prompt_accuracy
+             floor: dict[str, float], baseline_scores) -> dict[str, Any]:
     from effdiff.eval.fidelity import fidelity
+    from effdiff.eval.uncertainty import bootstrap
 
     dist = judges.judge.score(images)
+    scores = _sample_scores(images, caller, judges)
+    paired = None if images is baseline else baseline_scores
     return {
         **fidelity(images, baseline), "fid": dist["fid"], "kid": dist["kid"], "kid_std": dist["kid_std"],
         "fid_floor": floor["fid"], "kid_floor": floor["kid"], "n_samples": len(images),
         "n_reference": dist["n_reference"], "floor_size": floor["n_generated"],
-        "prompt_accuracy": prompt_accuracy(images, caller.digits, judges.judge.features.classifier),
+        "prompt_accuracy": float(scores.correct.mean()), **bootstrap(scores, paired),
     }
 
 
@@ -283,29 +372,58 @@ def run_bench(
     timing_batch: int = 4,
     reps: int = 3,
     progress: bool = True,
+    on_start: Callable[[str], None] | None = None,
 ) -> str:
-    """Benchmark ``recipes`` on ``models``; returns the run id (results in ``out_dir/results.sqlite``)."""
+    """Benchmark ``recipes`` on ``models``; returns the run id (results in ``out_dir/results.sqlite``).
+
+    Everything is validated (arguments, output folder, model names) before a run is registered;
+    ``on_start`` hears the run id as soon as it exists, so an interrupted caller can say what to resume.
+    A run that fails before storing a row is deleted; otherwise it is left interrupted or failed.
+    """
     config = make_config(models, recipes, samples, steps, guidance, seeds, quick, timing_batch, reps)
+    out_dir = validate.output_dir(out_dir)
     if loader is None:
+        from effdiff.zoo import check_model
         from effdiff.zoo import load as loader
+
+        for model in config.models:
+            check_model(model)
     if accelerate_fn is None and any(config.recipes):
         from effdiff.api import accelerate as accelerate_fn
-    out_dir = Path(out_dir)
     judges = _Judges()
     with ResultsStore(out_dir / STORE_NAME) as store:
-        run_id = store.start_run(_config_dict(config), resume_run_id)
-        done = store.finished(run_id)
-        todo = [(m, r) for m in config.models for r in config.recipes if (m, r) not in done]
-        with _progress(progress) as bar:
-            task = bar.add_task(f"run {run_id}", total=len(config.models) * len(config.recipes),
-                                completed=len(config.models) * len(config.recipes) - len(todo))
-            for model in config.models:
-                recipes_left = [r for m, r in todo if m == model]
-                if recipes_left:
-                    _bench_model(model, recipes_left, config, loader, accelerate_fn, store, run_id,
-                                 out_dir, judges, lambda name: bar.update(task, description=name),
-                                 lambda: bar.advance(task))
+        if resume_run_id is not None:
+            run_id = store.resume_run(resume_run_id, _config_dict(config))
+        else:
+            run_id = store.start_run(_config_dict(config))
+        if on_start is not None:
+            on_start(run_id)
+        try:
+            _run_models(config, store, run_id, out_dir, loader, accelerate_fn, judges, progress)
+        except KeyboardInterrupt:
+            store.set_state(run_id, "interrupted")
+            raise
+        except BaseException:
+            if not store.delete_if_empty(run_id):
+                store.set_state(run_id, "failed")
+            raise
+        store.set_state(run_id, "complete")
     return run_id
+
+
+def _run_models(config: BenchConfig, store: ResultsStore, run_id: str, out_dir: Path, loader, accelerate_fn,
+                judges: _Judges, progress: bool) -> None:
+    done = store.finished(run_id)
+    todo = [(m, r) for m in config.models for r in config.recipes if (m, r) not in done]
+    with _progress(progress) as bar:
+        task = bar.add_task(f"run {run_id}", total=len(config.models) * len(config.recipes),
+                            completed=len(config.models) * len(config.recipes) - len(todo))
+        for model in config.models:
+            recipes_left = [r for m, r in todo if m == model]
+            if recipes_left:
+                _bench_model(model, recipes_left, config, loader, accelerate_fn, store, run_id,
+                             out_dir, judges, lambda name: bar.update(task, description=name),
+                             lambda: bar.advance(task))
 
 
 def _config_dict(config: BenchConfig) -> dict[str, Any]:
@@ -332,13 +450,14 @@ def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, ac
     caller = Caller(pipe, config)
     folder = image_dir(out_dir, run_id, model)
     folder.mkdir(parents=True, exist_ok=True)
-    baseline_images = floor = None
+    baseline_images = floor = baseline_scores = None
     if not speed_only:
         from effdiff.zoo.data import load_digits
 
         split = load_digits()
         floor = judges.judge.matched_floor(split.train_images, split.train_labels, caller.digits)
-        baseline_images = _baseline_images(folder, caller, pipe, accelerate_fn, config)
+        baseline_images, baseline_flops = _baseline_images(folder, caller, pipe, accelerate_fn, config)
+        baseline_scores = _sample_scores(baseline_images, caller, judges)
     for recipe in recipes:
         describe(f"{model} · {recipe or 'baseline'}: timing")
         switch = RecipeSwitch(pipe, recipe, accelerate_fn)
@@ -351,25 +470,31 @@ def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, ac
             store.write(run_id, model, recipe, "refused", metrics, env)
             advance()
             continue
+        if config.quick:
+            metrics["labels"] = sorted({*metrics["labels"], "quick"})
         if speed_only:
             metrics["labels"] = sorted({*metrics["labels"], "speed-only"})
         else:
             describe(f"{model} · {recipe or 'baseline'}: {config.samples} samples")
-            images = baseline_images if not recipe else _samples(caller, switch, config)
+            images, sample_flops = (baseline_images, baseline_flops) if not recipe else _samples(caller, switch, config)
+            _work_check(metrics, sample_flops)
             _save_images(folder, recipe, images)
-            metrics.update(_quality(images, baseline_images, caller, judges, floor))
+            metrics.update(_quality(images, baseline_images, caller, judges, floor, baseline_scores))
         store.write(run_id, model, recipe, "speed-only" if speed_only else "full", metrics, env)
         advance()
 
 
-def _baseline_images(folder: Path, caller: Caller, pipe, accelerate_fn, config: BenchConfig) -> torch.Tensor:
-    """The baseline's samples: from this run's saved file when resuming, else generated now."""
+def _baseline_images(folder: Path, caller: Caller, pipe, accelerate_fn,
+                     config: BenchConfig) -> tuple[torch.Tensor, float]:
+    """The baseline's samples and their FLOPs per image: from this run's saved file when resuming, else generated."""
     path = folder / f"{recipe_slug('')}.pt"
     if path.exists():
-        images = torch.load(path)
-        if len(images) == config.samples:
-            return images
-    return _samples(caller, RecipeSwitch(pipe, "", accelerate_fn), config)
+        saved = torch.load(path)
+        if isinstance(saved, dict) and len(saved["images"]) == config.samples:
+            return saved["images"], saved["flops_per_image"]
+    images, flops = _samples(caller, RecipeSwitch(pipe, "", accelerate_fn), config)
+    _save_tensor(folder / path.name, {"images": images, "flops_per_image": flops})
+    return images, flops
 
 
 def _save_images(folder: Path, recipe: str, images: torch.Tensor) -> None:
@@ -377,7 +502,13 @@ def _save_images(folder: Path, recipe: str, images: torch.Tensor) -> None:
     from effdiff.bench.generate import save_grid
 
     slug = recipe_slug(recipe)
-    tmp = folder / f"{slug}.pt.tmp"
-    torch.save(images, tmp)
-    tmp.replace(folder / f"{slug}.pt")
+    if recipe:  # the baseline's file (with its FLOPs) is written as soon as its samples exist
+        _save_tensor(folder / f"{slug}.pt", images)
     save_grid(images[:40], folder / f"{slug}.png", columns=10)
+
+
+def _save_tensor(path: Path, value: Any) -> None:
+    """Write through a temporary file, so a kill never leaves a half-written sample file to resume from."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)

@@ -1,8 +1,10 @@
 """SQLite results store: every finished (model, recipe) measurement is one row, written at once.
 
 Why SQLite: one file, atomic transactions, queryable history. A run is identified by its run id;
-rerunning the same id skips what is already stored (resume), a new id adds history beside older
-runs of the same configuration, and nothing is ever overwritten.
+resuming an id skips what is already stored, a new run adds history beside older runs of the same
+configuration, and nothing is ever overwritten. Each run records its state (running, complete,
+interrupted, failed) and the process that ran it, so ``effdiff report --list`` can say which runs are
+worth resuming; a run that failed before writing a row is deleted, so it never hides the last good one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     config_hash TEXT NOT NULL,
     config_json TEXT NOT NULL,
-    started TEXT NOT NULL
+    started TEXT NOT NULL,
+    state TEXT,
+    ended TEXT,
+    pid INTEGER,
+    host TEXT
 );
 CREATE TABLE IF NOT EXISTS results (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -41,6 +47,15 @@ CREATE TABLE IF NOT EXISTS results (
     UNIQUE (run_id, model, recipe, metric_set)
 );
 """
+
+
+# columns added after the first stores were written (older files get them on first open for writing)
+_RUN_COLUMNS = {"state": "TEXT", "ended": "TEXT", "pid": "INTEGER", "host": "TEXT"}
+RUN_STATES = ("running", "complete", "interrupted", "failed")
+
+
+class StoreError(ValueError):
+    """A store or run that does not exist, or a resume that does not match: a user error, said in one sentence."""
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -93,13 +108,25 @@ class Environment:
 class ResultsStore:
     """Append-only results; each ``write`` is its own committed transaction."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        """Open (and with ``create``, make) the store; ``create=False`` only reads and never writes a file."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path)
+        if not create:
+            if not self.path.is_file():
+                raise StoreError(f"no results store at {self.path}: run `effdiff bench --out {self.path.parent}` "
+                                 "first, or point --out at the folder that holds results.sqlite")
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path)
         self._conn.row_factory = sqlite3.Row
-        with self._conn:
-            self._conn.executescript(SCHEMA)
+        if create:
+            with self._conn:
+                self._conn.executescript(SCHEMA)
+                have = {r["name"] for r in self._conn.execute("PRAGMA table_info(runs)")}
+                for name, sql_type in _RUN_COLUMNS.items():
+                    if name not in have:
+                        self._conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}")
 
     def close(self) -> None:
         self._conn.close()
@@ -110,23 +137,55 @@ class ResultsStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start_run(self, config: dict[str, Any], run_id: str | None = None) -> str:
-        """Register a run (new id unless ``run_id`` is given); resuming checks the config matches."""
-        digest = config_hash(config)
-        if run_id is not None:
-            row = self._conn.execute("SELECT config_hash FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            if row is not None:
-                if row["config_hash"] != digest:
-                    raise ValueError(f"run {run_id!r} was started with a different configuration; "
-                                     "resume it with the same models, recipes, samples and steps, "
-                                     "or start a new run")
-                return run_id
-        run_id = run_id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    def start_run(self, config: dict[str, Any]) -> str:
+        """Register a new run of ``config`` (state running, this process) and return its id."""
+        run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         with self._conn:
-            self._conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?)",
-                               (run_id, digest, json.dumps(config, sort_keys=True, default=str),
-                                datetime.now(timezone.utc).isoformat()))
+            self._conn.execute("INSERT INTO runs (run_id, config_hash, config_json, started, state, pid, host) "
+                               "VALUES (?, ?, ?, ?, 'running', ?, ?)",
+                               (run_id, config_hash(config), json.dumps(config, sort_keys=True, default=str),
+                                datetime.now(timezone.utc).isoformat(), os.getpid(), platform.node()))
         return run_id
+
+    def resume_run(self, run_id: str, config: dict[str, Any]) -> str:
+        """Mark a stored run running again; a missing id or another configuration is refused with the runs listed."""
+        row = self._conn.execute("SELECT config_hash FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no run {run_id!r} to resume in {self.path}; {self._runs_sentence()}")
+        if row["config_hash"] != config_hash(config):
+            raise StoreError(f"run {run_id!r} was started with a different configuration; resume it with the same "
+                             "models, recipes, samples and steps (or give only --resume), or start a new run")
+        self.set_state(run_id, "running")
+        return run_id
+
+    def set_state(self, run_id: str, state: str) -> None:
+        """Record how a run stands; any state but running also stamps when it ended."""
+        if state not in RUN_STATES:
+            raise ValueError(f"unknown run state {state!r}; one of {', '.join(RUN_STATES)}")
+        ended = None if state == "running" else datetime.now(timezone.utc).isoformat()
+        with self._conn:
+            self._conn.execute("UPDATE runs SET state = ?, ended = ?, pid = ?, host = ? WHERE run_id = ?",
+                               (state, ended, os.getpid(), platform.node(), run_id))
+
+    def delete_if_empty(self, run_id: str) -> bool:
+        """Forget a run that wrote no row (it failed before measuring anything); True if it was deleted."""
+        if self._conn.execute("SELECT 1 FROM results WHERE run_id = ? LIMIT 1", (run_id,)).fetchone():
+            return False
+        with self._conn:
+            self._conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+        return True
+
+    def _runs_sentence(self) -> str:
+        ids = self.runs()
+        if not ids:
+            return "the store holds no runs"
+        shown = ", ".join(ids[-8:])
+        return f"stored runs (newest last): {shown}" + (f" and {len(ids) - 8} older" if len(ids) > 8 else "")
+
+    def check_run(self, run_id: str) -> None:
+        """Refuse an id that is not stored, naming the ones that are."""
+        if self._conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+            raise StoreError(f"no run {run_id!r} in {self.path}; {self._runs_sentence()}")
 
     def run_config(self, run_id: str) -> dict[str, Any]:
         row = self._conn.execute("SELECT config_json FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -176,5 +235,40 @@ class ResultsStore:
         return [r["run_id"] for r in cur]
 
     def latest_run(self) -> str | None:
-        ids = self.runs()
-        return ids[-1] if ids else None
+        """The newest run that stored at least one row (an empty run never hides the last good one)."""
+        row = self._conn.execute("SELECT r.run_id FROM runs r WHERE EXISTS (SELECT 1 FROM results x WHERE "
+                                 "x.run_id = r.run_id) ORDER BY r.started DESC, r.rowid DESC LIMIT 1").fetchone()
+        return row["run_id"] if row else None
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """Every run, oldest first: id, start, state (killed when its process is gone), rows stored of expected."""
+        out = []
+        for run in self._conn.execute("SELECT * FROM runs ORDER BY started, rowid"):
+            run = dict(run)
+            config = json.loads(run["config_json"])
+            expected = len(config.get("models", ())) * len(config.get("recipes", ())) or None
+            stored = self._conn.execute("SELECT COUNT(*) AS n FROM results WHERE run_id = ?",
+                                        (run["run_id"],)).fetchone()["n"]
+            out.append({"run_id": run["run_id"], "started": run["started"], "rows": stored, "expected": expected,
+                        "state": _state(run.get("state"), run.get("pid"), run.get("host"), stored, expected),
+                        "models": config.get("models"), "quick": config.get("quick")})
+        return out
+
+
+def _state(state: str | None, pid: int | None, host: str | None, stored: int, expected: int | None) -> str:
+    """A stored state, corrected for a process that died without saying so (kill -9, power loss)."""
+    if state is None:  # written before runs had a state
+        return "complete" if expected is not None and stored >= expected else "unknown"
+    if state == "running" and pid is not None and host == platform.node() and not _alive(pid):
+        return "killed"
+    return state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

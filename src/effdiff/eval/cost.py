@@ -11,6 +11,7 @@ Why each piece is written this way (see MEASURE.md):
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import sys
@@ -334,3 +335,46 @@ class PeakMemory:
             self.peak_bytes = (_status_kib("VmHWM") or 0) * 1024
         else:
             self.peak_bytes = max(0, _ru_maxrss_bytes() - self._start)
+
+
+# ---------------------------------------------------------------- load from other processes
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all cores spent busy since boot (Linux /proc/stat), or None where it cannot be read."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    ticks = [int(v) for v in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignLoad:
+    """Cores kept busy by *other* processes while a block ran (MEASURE.md rule 8).
+
+    The load average counts our own timed threads too, so on a 2-core machine a quiet bench already
+    reads ≈ 2; subtracting this process's own CPU time from the machine's busy time leaves what
+    competed with the measurement. ``cores`` is None where /proc/stat is missing (then ``loadavg``
+    is all there is).
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+        self.loadavg: float | None = None
+        self._start: tuple[float | None, float, float] = (None, 0.0, 0.0)
+
+    def __enter__(self) -> ForeignLoad:
+        times = os.times()
+        self._start = (_busy_seconds(), times.user + times.system, time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy0, own0, wall0 = self._start
+        busy1, times, wall = _busy_seconds(), os.times(), time.perf_counter() - wall0
+        own = times.user + times.system - own0
+        if busy0 is not None and busy1 is not None and wall > 0:
+            self.cores = max(0.0, (busy1 - busy0 - own) / wall)
+        if hasattr(os, "getloadavg"):
+            self.loadavg = os.getloadavg()[0]

@@ -89,13 +89,13 @@ class DistributionJudge:
         self._full = None
         self._reference_features: torch.Tensor | None = None
 
-    def _features(self, images01: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    def features_of(self, images01: torch.Tensor, batch: int = 250) -> torch.Tensor:
         return torch.cat([self.features(chunk) for chunk in images01.split(batch)])
 
     @property
     def reference_features(self) -> torch.Tensor:
         if self._reference_features is None:
-            self._reference_features = self._features(self.reference01)
+            self._reference_features = self.features_of(self.reference01)
         return self._reference_features
 
     @classmethod
@@ -110,7 +110,7 @@ class DistributionJudge:
         """FID / KID of generated images (in [0, 1]) against the whole reference set."""
         if self._full is None:
             self._full = _with_reference(self.reference_features, self.subsets)
-        return _score(*self._full, self._features(generated01), len(self.reference01))
+        return _score(*self._full, self.features_of(generated01), len(self.reference01))
 
     def floor(self, n: int, seed: int = 0) -> dict[str, float]:
         """Real-vs-real FID/KID between two disjoint reference halves of ``n`` images each (capped)."""

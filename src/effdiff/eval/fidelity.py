@@ -17,21 +17,34 @@ def _check(images: torch.Tensor, reference: torch.Tensor) -> None:
         raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(images.shape)}")
 
 
-def psnr(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0, cap: float = 100.0) -> float:
-    """Mean per-image PSNR in dB; identical images give ``cap`` instead of infinity (JSON-safe)."""
+def psnr_per_image(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0,
+                   cap: float = 100.0) -> torch.Tensor:
+    """PSNR of each image in dB; identical images give ``cap`` instead of infinity (JSON-safe)."""
     _check(images, reference)
     mse = (images.double() - reference.double()).pow(2).flatten(1).mean(1)
-    per_image = 10 * torch.log10(data_range**2 / mse.clamp_min(1e-300))
-    return float(per_image.clamp(max=cap).mean())
+    return (10 * torch.log10(data_range**2 / mse.clamp_min(1e-300))).clamp(max=cap)
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0, cap: float = 100.0) -> float:
+    """Mean per-image PSNR in dB."""
+    return float(psnr_per_image(images, reference, data_range, cap).mean())
+
+
+def ssim_per_image(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """SSIM of each image (torchmetrics, Gaussian window 11, σ 1.5)."""
+    _check(images, reference)
+    return structural_similarity_index_measure(images.double(), reference.double(), data_range=data_range,
+                                               reduction="none")
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
-    """Mean SSIM (torchmetrics, Gaussian window 11, σ 1.5)."""
-    _check(images, reference)
-    value = structural_similarity_index_measure(images.double(), reference.double(), data_range=data_range)
-    return float(value)
+    """Mean SSIM."""
+    return float(ssim_per_image(images, reference, data_range).mean())
 
 
 def fidelity(images: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
-    """PSNR and SSIM of ``images`` against the baseline's ``reference`` images, both in [0, data_range]."""
-    return {"psnr": psnr(images, reference, data_range), "ssim": ssim(images, reference, data_range)}
+    """PSNR and SSIM of ``images`` against the baseline's ``reference`` images, both in [0, data_range], with
+    their standard deviation over the samples (seeds): one seed's image can drift while the rest do not."""
+    p, s = psnr_per_image(images, reference, data_range), ssim_per_image(images, reference, data_range)
+    spread = (lambda t: float(t.std())) if len(images) > 1 else (lambda t: 0.0)
+    return {"psnr": float(p.mean()), "ssim": float(s.mean()), "psnr_std": spread(p), "ssim_std": spread(s)}

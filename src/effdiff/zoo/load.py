@@ -97,17 +97,20 @@ def _hub_reachable(timeout: float = 1.5) -> bool:
     return True
 
 
-def load(name: str, dtype: torch.dtype | None = None) -> DiffusionPipeline:
-    """A ready pipeline for a bundled name, a speed-only twin, a local folder, or a hub id."""
-    from effdiff.zoo.twins import TWINS, build_twin
+def check_model(name: str) -> str:
+    """What ``name`` refers to ("bundled", "twin", "local" or "hub"), or a ModelNotFoundError, without loading it.
+
+    The bench and the CLI call this before they register a run or compute anything.
+    """
+    from effdiff.zoo.twins import TWINS
 
     if name in BUNDLED:
-        pipe = _bundled(name)
-    elif name in TWINS:
-        pipe = build_twin(name)
-    elif Path(name).expanduser().exists():
-        pipe = _local(Path(name).expanduser())
-    elif _looks_like_hub_id(name):
+        return "bundled"
+    if name in TWINS:
+        return "twin"
+    if Path(name).expanduser().exists():
+        return "local"
+    if _looks_like_hub_id(name):
         if not _hub_reachable():
             raise ModelNotFoundError(
                 f"{name!r} looks like a Hugging Face hub id, but the hub cannot be reached (HF_HUB_OFFLINE is "
@@ -115,12 +118,26 @@ def load(name: str, dtype: torch.dtype | None = None) -> DiffusionPipeline:
                 "save_pretrained instead, or one of: "
                 + ", ".join((*BUNDLED, *TWINS))
             )
-        pipe = DiffusionPipeline.from_pretrained(name)
+        return "hub"
+    raise ModelNotFoundError(
+        f"no model called {name!r}: not a bundled model ({', '.join(BUNDLED)}), not a speed-only twin "
+        f"({', '.join(TWINS)}), and no folder exists at {Path(name).expanduser().resolve()}"
+    )
+
+
+def load(name: str, dtype: torch.dtype | None = None) -> DiffusionPipeline:
+    """A ready pipeline for a bundled name, a speed-only twin, a local folder, or a hub id."""
+    from effdiff.zoo.twins import build_twin
+
+    kind = check_model(name)
+    if kind == "bundled":
+        pipe = _bundled(name)
+    elif kind == "twin":
+        pipe = build_twin(name)
+    elif kind == "local":
+        pipe = _local(Path(name).expanduser())
     else:
-        raise ModelNotFoundError(
-            f"no model called {name!r}: not a bundled model ({', '.join(BUNDLED)}), not a speed-only twin "
-            f"({', '.join(TWINS)}), and no folder exists at {Path(name).expanduser().resolve()}"
-        )
+        pipe = DiffusionPipeline.from_pretrained(name)
     return pipe.to(dtype=dtype) if dtype is not None else pipe
 
 

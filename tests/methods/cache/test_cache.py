@@ -4,6 +4,7 @@ from conftest import make_tiny_dit, make_tiny_sd, sample, split_cfg_calls
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.api import is_accelerated
 from effdiff.methods.cache.deepcache import refresh_steps
 from effdiff.methods.cache.dynamic import TaylorSeer
 
@@ -217,7 +218,7 @@ def test_bad_settings_are_refused(recipe, kind, message):
     baseline = sample(pipe, steps=2)
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(pipe, recipe)
-    assert not hasattr(pipe, "effdiff") and _no_forward_patches(pipe)
+    assert not is_accelerated(pipe) and _no_forward_patches(pipe)
     assert torch.equal(sample(pipe, steps=2), baseline)
 
 
@@ -284,4 +285,4 @@ def test_a_chunked_feed_forward_is_refused_by_the_layer_caches(recipe, tiny_dit)
     block.set_chunk_feed_forward(2, 1)  # ff would be called once per chunk, and one cached output serve them all
     with pytest.raises(RecipeError, match=r"transformer_blocks\.1 runs its feed-forward in chunks"):
         effdiff.accelerate(tiny_dit, recipe)
-    assert _no_forward_patches(tiny_dit) and "effdiff" not in vars(tiny_dit)
+    assert _no_forward_patches(tiny_dit) and not is_accelerated(tiny_dit)

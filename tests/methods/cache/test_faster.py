@@ -4,6 +4,7 @@ from conftest import make_tiny_dit, make_tiny_sd, sample, split_cfg_calls
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.api import is_accelerated
 from effdiff.methods.cache.faster import PAPER_KEYS_50, FasterDiffusion, key_steps
 
 STEPS = 6
@@ -127,7 +128,7 @@ def test_prior_noise_injection_adds_the_initial_latent_late(tiny_sd):
 def test_bad_settings_are_refused(recipe, message, tiny_sd):
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(tiny_sd, recipe)
-    assert not hasattr(tiny_sd, "effdiff") and _no_patches(tiny_sd)
+    assert not is_accelerated(tiny_sd) and _no_patches(tiny_sd)
 
 
 def test_dit_is_refused():

@@ -6,6 +6,7 @@ from conftest import make_tiny, make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.api import is_accelerated
 from effdiff.eval.cost import find_denoiser
 from effdiff.methods.cache.l2c import LearningToCache, cache_plan, router_file
 
@@ -131,7 +132,7 @@ def test_another_step_count_scheduler_or_spacing_is_refused(tmp_path):
     pipe.effdiff.remove()
     with pytest.raises(RecipeError, match=f"trained for {STEPS} steps, not 8"):
         effdiff.accelerate(pipe, f"l2c:steps=8,router={path}")
-    assert not hasattr(pipe, "effdiff") and _no_patches(pipe)
+    assert not is_accelerated(pipe) and _no_patches(pipe)
     original = pipe.scheduler
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
     with pytest.raises(RecipeError, match="trained with DDIMScheduler, the pipeline uses DPMSolverMultistep"):
@@ -153,7 +154,7 @@ def test_bad_settings_are_refused(recipe, message):
     pipe = make_tiny_dit()
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(pipe, recipe)
-    assert not hasattr(pipe, "effdiff") and _no_patches(pipe)
+    assert not is_accelerated(pipe) and _no_patches(pipe)
 
 
 def test_malformed_router_is_refused(tmp_path):
@@ -172,7 +173,7 @@ def test_backbone_without_routable_layers_is_refused():
     pipe = DDPMPipeline(unet=unet, scheduler=DDIMScheduler())
     with pytest.raises(RecipeError, match="UNet2DModel has no attention or feed-forward layers to route"):
         effdiff.accelerate(pipe, "l2c")
-    assert not hasattr(pipe, "effdiff") and not any("forward" in vars(m) for m in unet.modules())
+    assert not is_accelerated(pipe) and not any("forward" in vars(m) for m in unet.modules())
 
 
 def test_separate_cfg_calls_keep_separate_caches():
@@ -219,7 +220,7 @@ def test_calibrate_trains_reports_and_saves_a_fraction_for_the_target():
     lines = []
     record = calibrate(pipe, ["a handwritten seven", "a handwritten two"], steps=STEPS, guidance=3.0,
                        target_psnr=25.0, log=lines.append)
-    assert not hasattr(pipe, "effdiff") or not pipe.effdiff.methods
+    assert not is_accelerated(pipe) or not pipe.effdiff.methods
     saved = json.loads(router_file("tiny-test", STEPS).read_text())
     assert saved["fraction"] == record["fraction"] and saved["target"] == "psnr>=25"
     assert record["fraction"] == 0.0 or record["psnr"] >= 25.0

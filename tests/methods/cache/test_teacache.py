@@ -6,6 +6,7 @@ from conftest import make_tiny, make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.api import is_accelerated
 from effdiff.eval.cost import find_denoiser
 from effdiff.methods.cache.teacache import TeaCache, calibration_file, rescale
 from effdiff.methods.solvers.schedule import model_fingerprint
@@ -146,7 +147,7 @@ def test_bad_settings_are_refused(recipe, message, tmp_path):
     baseline = sample(pipe, steps=2)
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(pipe, recipe)
-    assert not hasattr(pipe, "effdiff") and _no_patches(pipe)
+    assert not is_accelerated(pipe) and _no_patches(pipe)
     assert torch.equal(sample(pipe, steps=2), baseline)
 
 
@@ -171,7 +172,7 @@ def test_calibrate_fits_picks_and_is_reused(kind):
     lines = []
     record = calibrate(pipe, ["a handwritten seven", "a handwritten two"], steps=STEPS, guidance=3.0,
                        target_psnr=20.0, thresholds=[0.05, 0.5, 5.0], log=lines.append)
-    assert not hasattr(pipe, "effdiff") or not pipe.effdiff.methods  # the pipeline is left as it was
+    assert not is_accelerated(pipe) or not pipe.effdiff.methods  # the pipeline is left as it was
     assert len(record["coefficients"]) == record["degree"] + 1 and record["target"] == "psnr>=20"
     assert record["fingerprint"] == model_fingerprint(find_denoiser(pipe))
     assert record["threshold"] in (0.0, 0.05, 0.5, 5.0)

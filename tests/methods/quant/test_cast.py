@@ -7,6 +7,7 @@ from diffusers.utils import BaseOutput
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.api import is_accelerated
 from effdiff.methods.quant import cast, kernels
 
 STEPS = 3
@@ -22,7 +23,7 @@ def test_refused_where_the_dtype_is_only_emulated(tiny_sd, monkeypatch, recipe):
     before = dict(_float_params(tiny_sd.unet))
     with pytest.raises(RecipeError, match="emulated=true"):
         effdiff.accelerate(tiny_sd, recipe)
-    assert "effdiff" not in tiny_sd.__dict__ or not tiny_sd.effdiff.methods
+    assert not is_accelerated(tiny_sd) or not tiny_sd.effdiff.methods
     assert all(p is before[n] for n, p in _float_params(tiny_sd.unet).items())
 
 

@@ -5,6 +5,7 @@ from torch import nn
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.api import is_accelerated
 from effdiff.context import StepContext
 from effdiff.methods.quant import ptq
 from effdiff.methods.quant.efficientdm import Trajectory
@@ -148,4 +149,4 @@ def test_remove_restores_bit_for_bit(tiny_pipe):
 def test_bad_settings_refused(tiny_sd, recipe, message):
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(tiny_sd, recipe)
-    assert "effdiff" not in tiny_sd.__dict__
+    assert not is_accelerated(tiny_sd)

@@ -12,6 +12,7 @@ from torch import nn
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.api import is_accelerated
 from effdiff.methods.quant.fake import Observer
 from effdiff.methods.quant.ptq import naive_layer
 from effdiff.methods.quant.ptq4dit import balanced_layer, calibrated_salience, ranks, spearman, weight_salience
@@ -145,4 +146,4 @@ def test_bad_settings_refused(recipe, message):
     pipe = make_tiny_dit()
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(pipe, recipe)
-    assert "effdiff" not in pipe.__dict__
+    assert not is_accelerated(pipe)

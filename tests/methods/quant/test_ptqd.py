@@ -5,6 +5,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.api import is_accelerated
 from effdiff.methods.quant import ptq, ptqd
 from effdiff.methods.quant.packed import LayerQuant
 
@@ -211,4 +212,4 @@ def test_ddim_with_eta_scales_only_its_injected_noise(tiny_sd):
 def test_bad_settings_refused(tiny_sd, recipe, message):
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(tiny_sd, recipe)
-    assert "effdiff" not in tiny_sd.__dict__
+    assert not is_accelerated(tiny_sd)

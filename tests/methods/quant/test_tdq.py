@@ -11,6 +11,7 @@ from conftest import (
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.api import is_accelerated
 from effdiff.methods.quant.fake import TimestepActivation
 from effdiff.methods.quant.tdq import fit_generators
 
@@ -136,4 +137,4 @@ def test_bad_settings_refused(recipe, message):
     pipe = make_tiny_sd()
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(pipe, recipe)
-    assert "effdiff" not in pipe.__dict__
+    assert not is_accelerated(pipe)

@@ -12,6 +12,7 @@ from conftest import (
 import effdiff
 from effdiff import RecipeError
 from effdiff.adapters import adapter_for
+from effdiff.api import is_accelerated
 from effdiff.methods.quant.fake import TemporalActivation, grid_from_range
 from effdiff.methods.quant.observe import calibration_prompts, run_pipeline, target_layers
 from effdiff.methods.quant.tfmq import temporal_features, temporal_layers
@@ -202,4 +203,4 @@ def test_bad_settings_refused(recipe, message):
     pipe = make_tiny_sd()
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(pipe, recipe)
-    assert "effdiff" not in pipe.__dict__
+    assert not is_accelerated(pipe)

@@ -12,6 +12,7 @@ from torch import nn
 
 import effdiff
 from effdiff import RecipeError
+from effdiff.api import is_accelerated
 from effdiff.methods.quant.fake import DynamicActivation, Observer
 from effdiff.methods.quant.ptq import naive_layer
 from effdiff.methods.quant.viditq import hadamard, rotate_input, rotated_layer, rotation, viditq_layer
@@ -148,4 +149,4 @@ def test_bad_settings_refused(recipe, message):
     pipe = make_tiny_dit()
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(pipe, recipe)
-    assert "effdiff" not in pipe.__dict__
+    assert not is_accelerated(pipe)

@@ -35,6 +35,7 @@ class SchedulerSpec:
     paper: Paper
     summary: str
     config: dict[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()  # the names users type for it elsewhere (A1111, ComfyUI, papers)
 
 
 SCHEDULERS: tuple[SchedulerSpec, ...] = (
@@ -45,16 +46,17 @@ SCHEDULERS: tuple[SchedulerSpec, ...] = (
     SchedulerSpec("dpm3s", "DPMSolverSinglestepScheduler", DPM, "DPM-Solver-3, singlestep",
                   {"solver_order": 3, "algorithm_type": "dpmsolver++"}),
     SchedulerSpec("dpmpp2m", "DPMSolverMultistepScheduler", DPMPP, "DPM-Solver++ 2M, multistep",
-                  {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
+                  {"solver_order": 2, "algorithm_type": "dpmsolver++"}, ("dpmpp", "dpm++", "dpm++2m", "dpmpp_2m")),
     SchedulerSpec("dpmpp3m", "DPMSolverMultistepScheduler", DPMPP, "DPM-Solver++ 3M, multistep",
-                  {"solver_order": 3, "algorithm_type": "dpmsolver++"}),
+                  {"solver_order": 3, "algorithm_type": "dpmsolver++"}, ("dpm++3m", "dpmpp_3m")),
     SchedulerSpec("dpmpp-sde", "DPMSolverMultistepScheduler", DPMPP,
                   "SDE-DPM-Solver++ 2M (stochastic; no torchsde needed)",
-                  {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}),
+                  {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}, ("dpm++sde", "dpmpp_sde", "dpm++-sde")),
     SchedulerSpec("unipc", "UniPCMultistepScheduler", UNIPC, "UniPC predictor-corrector"),
     SchedulerSpec("deis", "DEISMultistepScheduler", DEIS, "DEIS exponential integrator"),
     SchedulerSpec("euler", "EulerDiscreteScheduler", EDM, "Euler (k-diffusion sigmas)"),
-    SchedulerSpec("euler-a", "EulerAncestralDiscreteScheduler", EDM, "Euler ancestral (stochastic)"),
+    SchedulerSpec("euler-a", "EulerAncestralDiscreteScheduler", EDM, "Euler ancestral (stochastic)", {},
+                  ("euler_a", "euler-ancestral")),
     SchedulerSpec("heun", "HeunDiscreteScheduler", EDM, "Heun 2nd order (2 denoiser calls per step)"),
 )
 
@@ -149,7 +151,7 @@ def _make(spec: SchedulerSpec) -> type[SchedulerMethod]:
     cls_name = "".join(part.capitalize() for part in spec.name.replace("-", "_").split("_")) + "Solver"
     return type(cls_name, (SchedulerMethod,), {
         "__doc__": doc, "__module__": __name__, "name": spec.name, "paper": spec.paper,
-        "summary": spec.summary, "params": params, "spec_": spec,
+        "summary": spec.summary, "params": params, "spec_": spec, "aliases": spec.aliases,
     })
 
 
