@@ -68,3 +68,26 @@ def test_failed_apply_leaves_pipe_untouched(tiny_sd, monkeypatch):
     with pytest.raises(RuntimeError):
         effdiff.accelerate(tiny_sd, "euler+deis" if False else "deis")
     assert type(tiny_sd) is cls and not is_accelerated(tiny_sd)
+
+
+def test_second_remove_is_a_no_op_and_describe_says_removed(tiny_sd):
+    before = sample(tiny_sd, steps=3)
+    effdiff.accelerate(tiny_sd, "deepcache:interval=2")
+    handle = tiny_sd.effdiff
+    tiny_sd.effdiff.remove()
+    tiny_sd.effdiff.remove()  # the handle stays, inactive: no diffusers AttributeError
+    assert handle is tiny_sd.effdiff and not is_accelerated(tiny_sd) and "removed" in tiny_sd.effdiff.describe()
+    assert torch.equal(before, sample(tiny_sd, steps=3))
+    effdiff.accelerate(tiny_sd, "deepcache:interval=2")  # a removed handle does not block a new recipe
+    assert is_accelerated(tiny_sd) and tiny_sd.effdiff is not handle
+    tiny_sd.effdiff.remove()
+
+
+def test_asking_again_for_an_active_method_names_both_calls(tiny_sd):
+    effdiff.accelerate(tiny_sd, "deepcache:interval=3")
+    with pytest.raises(RecipeError, match=r"already active.*'deepcache'.*'deepcache:interval=2'") as exc:
+        effdiff.accelerate(tiny_sd, "deepcache:interval=2")
+    assert "listed twice" not in str(exc.value)
+    with pytest.raises(RecipeError, match="listed twice in the recipe"):  # a recipe that really lists it twice
+        effdiff.accelerate(tiny_sd, "ddim+ddim")
+    tiny_sd.effdiff.remove()

@@ -62,3 +62,11 @@ def test_parser_never_crashes(text):
         assert str(exc) and "\n" not in str(exc)
     else:
         assert all(isinstance(m, Method) for m in methods)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("dpm++", "dpmpp2m"), ("deepcache+dpm++", "deepcache+dpmpp2m"), ("dpm+++deepcache", "dpmpp2m+deepcache"),
+    ("DPM++2M:steps=10", "dpmpp2m:steps=10"), ("dpmpp+deepcache:interval=2", "dpmpp2m+deepcache:interval=2"),
+])
+def test_aliases_with_a_plus_are_not_split(text, expected):
+    assert to_string(parse(text)) == expected

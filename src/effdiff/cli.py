@@ -69,14 +69,22 @@ def _bench_settings(args: argparse.Namespace) -> dict:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from effdiff.bench.report import report
-    from effdiff.bench.runner import QUICK_SAMPLES, QUICK_STEPS, STORE_NAME, make_config, run_bench
+    from effdiff.bench.runner import QUICK_SAMPLES, QUICK_STEPS, STORE_NAME, config_dict, make_config, run_bench
+    from effdiff.bench.store import ResultsStore
     from effdiff.recipe import parse
 
     settings = _bench_settings(args)
     for recipe in settings["recipes"]:
         parse(recipe)  # unknown names and bad values fail here, before any model loads
-    make_config(settings["models"], settings["recipes"], settings["samples"], settings["steps"],
-                settings["guidance"], None, settings["quick"], settings["timing_batch"])  # validates every value
+    config = make_config(settings["models"], settings["recipes"], settings["samples"], settings["steps"],
+                         settings["guidance"], None, settings["quick"], settings["timing_batch"])  # checks every value
+    if args.resume:
+        with ResultsStore(Path(args.out) / STORE_NAME, create=False) as store:
+            store.check_resumable(args.resume, config_dict(config))
+    from effdiff.zoo import check_model
+
+    for model in settings["models"]:
+        check_model(model)
     if settings["quick"]:
         print(f"quick: a smoke run ({QUICK_STEPS} steps, {QUICK_SAMPLES} samples, solver steps scaled by the same "
               "factor); its speed-ups and quality numbers check that everything runs, they do not rank methods")

@@ -7,10 +7,11 @@ compatibility come only from the methods' declarations (``after``/``before``/``e
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
-from effdiff.registry import FAMILIES, Method, RecipeError, get_method
+from effdiff.registry import FAMILIES, Method, RecipeError, aliases, get_method
 
 RecipeLike = str | Method | Sequence[str | Method] | None
 
@@ -47,7 +48,7 @@ def parse(recipe: RecipeLike) -> list[Method]:
     if isinstance(recipe, str):
         if not recipe.strip():
             return []
-        return [_parse_one(part) for part in recipe.split("+")]
+        return [_parse_one(part) for part in _spell_out_plus_aliases(recipe).split("+")]
     if isinstance(recipe, Sequence):
         out: list[Method] = []
         for item in recipe:
@@ -59,6 +60,14 @@ def parse(recipe: RecipeLike) -> list[Method]:
                 raise RecipeError(f"a recipe item must be a string or a Method, got {type(item).__name__}")
         return out
     raise RecipeError(f"a recipe must be a string, a Method or a list of them, got {type(recipe).__name__}")
+
+
+def _spell_out_plus_aliases(text: str) -> str:
+    """``dpm++`` and friends contain the '+' that joins methods: replace them by their names before splitting."""
+    for alias, name in sorted(aliases().items(), key=lambda item: -len(item[0])):
+        if "+" in alias:
+            text = re.sub(rf"(?<![\w-]){re.escape(alias)}(?=[:+]|\s*$)", name, text, flags=re.IGNORECASE)
+    return text
 
 
 def _refers(method: Method, ref: str) -> bool:

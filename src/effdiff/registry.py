@@ -189,6 +189,12 @@ def all_methods() -> dict[str, type[Method]]:
     return {c.name: c for c in ordered}
 
 
+def aliases() -> dict[str, str]:
+    """Every alias with the registered name it stands for."""
+    _ensure_loaded()
+    return dict(_ALIASES)
+
+
 def get_method(name: str) -> type[Method]:
     """The class registered under ``name``, or a RecipeError with the valid names and a did-you-mean."""
     methods = all_methods()

@@ -393,9 +393,9 @@ def run_bench(
     judges = _Judges()
     with ResultsStore(out_dir / STORE_NAME) as store:
         if resume_run_id is not None:
-            run_id = store.resume_run(resume_run_id, _config_dict(config))
+            run_id = store.resume_run(resume_run_id, config_dict(config))
         else:
-            run_id = store.start_run(_config_dict(config))
+            run_id = store.start_run(config_dict(config))
         if on_start is not None:
             on_start(run_id)
         try:
@@ -426,7 +426,8 @@ def _run_models(config: BenchConfig, store: ResultsStore, run_id: str, out_dir: 
                              lambda: bar.advance(task))
 
 
-def _config_dict(config: BenchConfig) -> dict[str, Any]:
+def config_dict(config: BenchConfig) -> dict[str, Any]:
+    """The configuration as stored with a run (and hashed to match a resume to its start)."""
     data = asdict(config)
     data["seeds"] = list(config.seeds) if config.seeds is not None else f"range({config.samples})"
     return data

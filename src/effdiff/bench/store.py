@@ -147,14 +147,18 @@ class ResultsStore:
                                 datetime.now(timezone.utc).isoformat(), os.getpid(), platform.node()))
         return run_id
 
-    def resume_run(self, run_id: str, config: dict[str, Any]) -> str:
-        """Mark a stored run running again; a missing id or another configuration is refused with the runs listed."""
+    def check_resumable(self, run_id: str, config: dict[str, Any]) -> None:
+        """Refuse a missing id (listing the stored runs) or a configuration other than the run's."""
         row = self._conn.execute("SELECT config_hash FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise StoreError(f"no run {run_id!r} to resume in {self.path}; {self._runs_sentence()}")
         if row["config_hash"] != config_hash(config):
             raise StoreError(f"run {run_id!r} was started with a different configuration; resume it with the same "
                              "models, recipes, samples and steps (or give only --resume), or start a new run")
+
+    def resume_run(self, run_id: str, config: dict[str, Any]) -> str:
+        """Mark a stored run of the same configuration running again."""
+        self.check_resumable(run_id, config)
         self.set_state(run_id, "running")
         return run_id
 

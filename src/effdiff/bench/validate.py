@@ -59,15 +59,17 @@ def _writable_folder(folder: Path, what: str, shown: Path) -> None:
 
 def output_dir(path: str | Path, name: str = "--out") -> Path:
     """A results folder that exists or can be made; nothing is created here."""
-    path = Path(path).expanduser()
     if str(path).strip() == "":
         raise ValueError(f"{name} must name a folder, got an empty path")
+    path = Path(path).expanduser()
     _writable_folder(path, f"to the {name} folder", path)
     return path
 
 
 def output_file(path: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, name: str = "--out") -> Path:
     """A file path whose folder is writable (or creatable), that is not a folder, with a known suffix."""
+    if str(path).strip() == "":
+        raise ValueError(f"{name} must name a file, got an empty path")
     path = Path(path).expanduser()
     if path.suffix.lower() not in suffixes:
         raise ValueError(f"{name} {path} must end in one of {', '.join(suffixes)}")
