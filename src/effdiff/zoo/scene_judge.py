@@ -9,6 +9,7 @@ for FID/KID on scenes (it sees layout, digits and colours, unlike a single poole
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
@@ -96,11 +97,15 @@ def head_accuracy(judge: Detector, images: torch.Tensor, digits: torch.Tensor, c
 
 
 @torch.no_grad()
-def heldout_accuracy(judge: Detector, bundle: dict, n: int = 2000, seed: int = 0,
+def heldout_accuracy(judge: Detector, bundle: dict, n: int | None = None, seed: int = 0,
                      device: torch.device | str = "cpu") -> dict[str, float]:
-    """Accuracy on ``n`` clean scenes rendered from the held-out digits (never seen in training)."""
+    """Accuracy on ``n`` clean scenes rendered from the held-out digits (never seen in training).
+
+    ``n`` defaults to ``EFFDIFF_JUDGE_HELDOUT`` or 2,000 (8,000 cells); CPU dry runs set it lower.
+    """
     from effdiff.zoo.scene_data import SceneSampler
 
+    n = n or int(os.environ.get("EFFDIFF_JUDGE_HELDOUT", "2000"))
     sampler = SceneSampler(bundle, device, split="heldout")
     images, digits, colours = sampler.labelled_batch(n, torch.Generator().manual_seed(seed), augment=False)
     return head_accuracy(judge, images, digits, colours)
