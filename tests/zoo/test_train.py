@@ -89,9 +89,10 @@ def crash_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(Trainer, "_batch_loss", dying)
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "mnist-features"])
+@pytest.mark.parametrize("model", ["tiny-sd", "mnist-features", "scene-dit", "scene-judge"])
 def test_interrupted_run_resumes_bit_identical(tmp_path, monkeypatch, model):
     cfg = config(model, steps=4, checkpoint_every=2)
+    monkeypatch.setenv("EFFDIFF_JUDGE_HELDOUT", "50")  # scene-judge's export measures held-out accuracy
     whole = train(cfg, tmp_path / "whole")
 
     with monkeypatch.context() as m:

@@ -143,12 +143,13 @@ class SceneSampler:
         caption = torch.where(drop, 0, prompt + 1)  # caption 0 is the empty one
         return images, self.states[caption].float()
 
-    def labelled_batch(self, n: int, gen: torch.Generator, augment: bool = True
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def labelled_batch(self, n: int, gen: torch.Generator, noise_gen: torch.Generator | None = None,
+                       augment: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scenes, digit per cell (-1 empty), colour per cell) of random layouts: the judge's data.
 
-        Augmented scenes have dimmer colours and pixel noise, so that the judge also reads the
-        imperfect scenes a few-step sampler makes.
+        Augmented scenes have dimmer colours and pixel noise (drawn from ``noise_gen``, which may live
+        on the device; default ``gen``), so that the judge also reads the imperfect scenes a few-step
+        sampler makes.
         """
         present = torch.rand(n, NUM_CELLS, generator=gen) < 0.6
         digits = torch.where(present, torch.randint(0, 10, (n, NUM_CELLS), generator=gen), -1)
@@ -156,8 +157,10 @@ class SceneSampler:
         brightness = 0.5 + 0.5 * torch.rand(n, NUM_CELLS, generator=gen) if augment else None
         images = self._render(digits.to(self.device), colours.to(self.device), gen, brightness)
         if augment:
-            sigma = 0.15 * torch.rand(n, 1, 1, 1, generator=gen)
-            images = (images + (sigma * torch.randn(images.shape, generator=gen)).to(self.device)).clamp(-1, 1)
+            noise_gen = noise_gen or gen
+            sigma = (0.15 * torch.rand(n, 1, 1, 1, generator=gen)).to(self.device)
+            noise = torch.randn(images.shape, generator=noise_gen, device=noise_gen.device).to(self.device)
+            images = (images + sigma * noise).clamp(-1, 1)
         return images, digits.to(self.device), colours.to(self.device)
 
 

@@ -83,6 +83,10 @@ class Trainer:
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
+        # scene batches draw their pixel noise on the device: 3-6 M normals a step on the CPU would stall a GPU
+        self.noise_gen = self.gen
+        if config.model in SCENE_MODELS:
+            self.noise_gen = torch.Generator(self.device).manual_seed(config.seed)
         self.is_classifier = config.model in CLASSIFIERS
         self.model = self._build_model().to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
@@ -123,13 +127,18 @@ class Trainer:
         self.step, self.elapsed, self.losses = state["step"], state["elapsed"], state["losses"]
         # map_location moved the RNG states to the device too; generators only take CPU ByteTensors
         self.gen.set_state(state["gen"].cpu())
+        if "noise_gen" in state:
+            self.noise_gen.set_state(state["noise_gen"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
 
     def save_checkpoint(self) -> None:
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                    "step": self.step, "elapsed": self.elapsed, "losses": self.losses,
-                    "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state()}, tmp)
+        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                 "step": self.step, "elapsed": self.elapsed, "losses": self.losses,
+                 "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        if self.noise_gen is not self.gen:
+            state["noise_gen"] = self.noise_gen.get_state()
+        torch.save(state, tmp)
         tmp.replace(self.checkpoint_path)
 
     def _lr(self) -> float:
@@ -157,7 +166,7 @@ class Trainer:
 
     def _generator_loss(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         timesteps = torch.randint(0, 1000, (len(images),), generator=self.gen).to(self.device)
-        noise = torch.randn(images.shape, generator=self.gen).to(self.device)
+        noise = torch.randn(images.shape, generator=self.noise_gen, device=self.noise_gen.device).to(self.device)
         is_dit = DENOISER_FOLDER[self.config.model] == "transformer"
         return _denoise_loss(self.model, images, text, timesteps, noise, self.schedule, is_dit)
 
@@ -166,7 +175,7 @@ class Trainer:
         if self.is_classifier:
             from effdiff.zoo.scene_judge import judge_loss
 
-            return judge_loss(self.model, *self.scenes.labelled_batch(c.batch_size, self.gen))
+            return judge_loss(self.model, *self.scenes.labelled_batch(c.batch_size, self.gen, self.noise_gen))
         return self._generator_loss(*self.scenes.caption_batch(c.batch_size, self.gen, c.caption_dropout))
 
     def run(self) -> None:
