@@ -33,8 +33,8 @@ def test_end_to_end_rows_and_resume_after_interruption(tmp_path):
     assert len(half["times_s"]) == 3 and half["time_per_image_s"] > 0 and half["speedup"] > 0
     assert half["flops_per_image"] > half["attention_flops_per_image"] > 0
     assert half["flops_per_image_samples"] == pytest.approx(half["flops_per_image"]) and "cost≠quality" not in half
-    assert half["fid_ci"][0] <= half["fid"] + 1e-6 and len(half["speedup_reps"]) == 3
-    assert "fid_vs_baseline" not in base and base["fid_ci"][0] <= base["fid"] + 1e-6  # no pairing with itself
+    assert len(half["speedup_reps"]) == 3 and half["prompt_accuracy_ci"][0] <= half["prompt_accuracy"]
+    assert "fid_vs_baseline" not in base and "kid_e3" in base  # no pairing with itself
     assert half["fid_vs_baseline"] in ("tie", "higher", "lower") and half["fid_delta_ci"][0] <= half["fid_delta_ci"][1]
     for key in ("fid", "fid_floor", "kid", "prompt_accuracy", "gflops_achieved"):
         assert half[key] is not None

@@ -31,9 +31,15 @@ def test_same_seeds_same_samples_is_a_tie_and_a_shift_is_not():
     assert same["fid_delta"] == 0 and same["fid_delta_ci"] == [0.0, 0.0] and same["fid_vs_baseline"] == "tie"
     shifted = bootstrap(SampleScores(_features(100, shift=1.0, seed=3), correct, ref), base, resamples=50)
     assert shifted["fid_vs_baseline"] == "higher" and shifted["fid_delta_ci"][0] > 0
-    low, high = shifted["fid_ci"]
-    assert low < fid(_features(100, shift=1.0, seed=3).double().numpy(), ref) < high
-    assert shifted["prompt_accuracy_vs_baseline"] == "tie"
+    assert shifted["prompt_accuracy_vs_baseline"] == "tie" and shifted["prompt_accuracy_ci"] == [1.0, 1.0]
+
+
+def test_accuracy_interval_brackets_the_rate():
+    ref = Reference.of(_features(100, seed=1))
+    correct = torch.arange(200) % 4 != 0  # 75 % right
+    result = bootstrap(SampleScores(_features(200, seed=2), correct, ref), resamples=200)
+    low, high = result["prompt_accuracy_ci"]
+    assert low < 0.75 < high and high - low < 0.2 and "fid_vs_baseline" not in result
 
 
 def test_kid_is_near_zero_for_the_same_distribution_and_positive_for_another():

@@ -35,10 +35,14 @@ def _with_spread(fmt: str, spread_key: str | None = None, ci_key: str | None = N
     return cell
 
 
-def _verdict(m: dict[str, Any], key: str) -> str:
-    """FID against the baseline on the same seeds: a tie when the paired 95 % interval holds 0."""
-    verdict = m.get("fid_vs_baseline")
-    return {"higher": "worse", "lower": "better"}.get(verdict, verdict) if verdict else "–"
+def _fid_delta(m: dict[str, Any], key: str) -> str:
+    """FID minus the baseline's on the same seeds, ± half its paired 95 % interval, and the verdict."""
+    delta, verdict = m.get("fid_delta"), m.get("fid_vs_baseline")
+    if delta is None or verdict is None:
+        return "–"
+    spread = _half_width(m.get("fid_delta_ci"))
+    word = {"higher": "worse", "lower": "better"}.get(verdict, verdict)
+    return f"{delta:+.2f}±{spread:.2f} {word}" if spread is not None else f"{delta:+.2f} {word}"
 
 
 COLUMNS = (  # (header, metrics key, format string or cell function)
@@ -50,16 +54,17 @@ COLUMNS = (  # (header, metrics key, format string or cell function)
     ("peak MB", "peak_memory_mb", "{:.0f}"),
     ("PSNR", "psnr", _with_spread("{:.2f}", spread_key="psnr_std")),
     ("SSIM", "ssim", _with_spread("{:.3f}", spread_key="ssim_std")),
-    ("FID", "fid", _with_spread("{:.2f}", ci_key="fid_ci")),
-    ("FID vs base", "fid_vs_baseline", _verdict),
+    ("FID", "fid", "{:.2f}"),
+    ("FID − base", "fid_delta", _fid_delta),
     ("FID floor", "fid_floor", "{:.2f}"),
-    ("KID×10³", "kid_e3", _with_spread("{:.2f}", ci_key="kid_e3_ci")),
     ("acc %", "prompt_accuracy", _with_spread("{:.1f}", ci_key="prompt_accuracy_ci", scale=100)),
 )
 
-LEGEND = ("± after PSNR/SSIM: standard deviation over the samples' seeds; after FID, KID×10³ and accuracy: half the "
-          "95 % bootstrap interval over the generated samples. FID vs base: paired bootstrap of the difference to the "
-          "baseline on the same seeds, 'tie' when its interval holds 0. FID floor: the FID of as many real training "
+LEGEND = ("± after PSNR/SSIM: standard deviation over the samples' seeds; after accuracy: half the 95 % bootstrap "
+          "interval over the generated samples. FID − base: the difference to the baseline's FID on the same seeds, ± "
+          "half its paired 95 % bootstrap interval; 'tie' when that interval holds 0 (FID alone gets no interval: "
+          "resampling inflates it). KID is stored but not shown: with every digit asked equally often it reads "
+          "negative even for real digits. FID floor: the FID of as many real training "
           "digits (same digit mix) against the same 1,000 held-out digits, i.e. what a perfect generator scores at "
           "this sample count (FID is biased upwards at small counts). Labels: noisy (repetitions disagree by more "
           "than 20 %), loaded (other processes used more than half a core while timing), cost≠quality (the timed "
@@ -149,7 +154,8 @@ def _warnings(rows: list[dict[str, Any]]) -> list[str]:
                      f"{len(rows)} rows were timed; their speed-ups are not trustworthy (rerun on a quiet machine).")
     noisy = [r for r in rows if "noisy" in (r["metrics"].get("labels") or [])]
     if noisy:
-        notes.append(f"{len(noisy)} rows are noisy (their repetitions disagree by more than 20 %).")
+        notes.append(f"{len(noisy)} of {len(rows)} rows are noisy (their timed repetitions disagree by more than "
+                     "20 %); read their speed-ups as rough.")
     if any("quick" in (r["metrics"].get("labels") or []) for r in rows):
         notes.append("QUICK RUN: a smoke run (10 steps, 10 samples); its numbers do not rank methods.")
     return notes
@@ -205,8 +211,8 @@ def pareto_png(rows: list[dict[str, Any]], model: str) -> bytes | None:
         and (q[0], q[1]) != (p[0], p[1]) for q in reliable))
     fig, (ax, key_ax) = plt.subplots(1, 2, figsize=(9.5, 4.2), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
     for number, (speed, value, _, m) in enumerate(points, 1):
-        ci = m.get(f"{key}_ci")
-        yerr = [[max(0.0, value - ci[0])], [max(0.0, ci[1] - value)]] if ci else None
+        ci, delta = m.get(f"{key}_delta_ci"), m.get(f"{key}_delta")  # paired interval, drawn around the point
+        yerr = [[max(0.0, delta - ci[0])], [max(0.0, ci[1] - delta)]] if ci and delta is not None else None
         hollow = bool(set(m.get("labels") or ()) & set(UNRELIABLE))
         ax.errorbar([speed], [value], yerr=yerr, fmt="o", ms=6, capsize=3, color="tab:blue",
                     mfc="white" if hollow else "tab:blue")
@@ -216,7 +222,8 @@ def pareto_png(rows: list[dict[str, Any]], model: str) -> bytes | None:
     if key == "fid" and floor is not None:
         ax.axhline(floor, color="grey", ls="--", lw=1, label="real-vs-real floor")
     ax.set_xlabel("speed-up vs baseline (×)")
-    ax.set_ylabel("FID, 95 % interval (lower is better)" if key == "fid" else "PSNR vs baseline, dB")
+    ax.set_ylabel("FID (lower is better); bars: paired 95 % interval vs baseline" if key == "fid"
+                  else "PSNR vs baseline, dB")
     ax.set_title(model)
     ax.legend(fontsize=7)
     absent = [r["recipe"] or "baseline" for r in rows if r["model"] == model and r["metrics"].get(key) is None]
@@ -330,7 +337,8 @@ def write_html(
     parts.append(figures_html)
     parts.append(_catalogue_html(rows))
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}.env{color:#555;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+             "td:nth-child(-n+2),td:last-child{text-align:left}.env{color:#555;font-size:12px}"
              "figure.grid{display:inline-block;margin:6px}img{image-rendering:pixelated}"
              ".warn{color:#a00;font-weight:bold}.legend{color:#444;font-size:12px;max-width:70em}")
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>effdiff bench {html.escape(run_id)}"

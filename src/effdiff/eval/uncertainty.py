@@ -2,14 +2,23 @@
 
 Why: at the bench's 100 samples, FID and accuracy move by more between two draws of seeds than between
 many recipes, so a bare number ranks recipes by noise (an independent judge put DDIM-5 above DDIM-50).
-Every FID / KID / accuracy therefore travels with a 95 % percentile interval from resampling the
-generated images (the reference set stays fixed: it is the same for every row), and every recipe's
-difference to the baseline gets a *paired* interval — the same resampled seeds on both sides, since
-both sides were generated from the same seeds. A difference whose interval contains 0 is a tie.
+So every recipe's FID and accuracy get a *paired* bootstrap interval of their difference to the
+baseline — the same resampled seeds on both sides, since both sides were generated from the same seeds
+(the reference set stays fixed) — and a difference whose 95 % interval holds 0 is called a tie.
+Accuracy, a mean, also gets its own percentile interval.
+
+FID itself gets no interval, on purpose: resampling with replacement duplicates samples, and FID in
+128 dimensions reads duplicates as lost diversity. Measured on 100 real digits: bootstrap replicates
+averaged FID 8.6 around a point value of 1.4, with a spread of 3.6 against 0.27 across independent
+draws (jackknife and Dirichlet weights inflate it as well). The paired difference cancels most of
+that: on 20 pairs of independent real draws it called none different; it called 19 of 20 sets with
+Gaussian noise (σ = 0.15, FID +4.6) worse.
 
 FID here is recomputed from the shared features in float64 (torchmetrics' value is the point estimate;
-this formula matches it to rounding, tested); KID is the unbiased MMD² with the cubic polynomial kernel
-over the whole generated and reference sets, reported ×10³.
+this formula matches it to rounding, tested). KID is the unbiased MMD² with the cubic polynomial kernel
+over the whole generated and reference sets, reported ×10³ without an interval; it reads negative for
+real data too, because the bench asks for every digit equally often: a class-balanced sample has fewer
+same-class pairs than the i.i.d. draws the estimator assumes (9/99 instead of 1/10 at 100 samples).
 """
 
 from __future__ import annotations
@@ -88,31 +97,28 @@ def _interval(values: list[float]) -> list[float]:
 
 def bootstrap(scores: SampleScores, baseline: SampleScores | None = None, resamples: int = RESAMPLES,
               seed: int = 0) -> dict[str, object]:
-    """Point values, their 95 % intervals, and (given the baseline's scores on the same seeds) paired
-    intervals of each difference to the baseline, with a verdict: tie when the interval holds 0."""
+    """KID×10³, accuracy with its 95 % interval, and (given the baseline's scores on the same seeds) paired
+    intervals of the FID and accuracy differences to the baseline with a verdict: tie when the interval holds 0."""
     n = len(scores)
     if baseline is not None and len(baseline) != n:
         raise ValueError(f"paired bootstrap needs as many baseline samples as samples, got {len(baseline)} and {n}")
     rng = np.random.default_rng(seed)
     everything = np.arange(n)
     point = scores.on(everything)
-    base_point = baseline.on(everything) if baseline is not None else None
-    draws: dict[str, list[float]] = {k: [] for k in point}
-    deltas: dict[str, list[float]] = {k: [] for k in point}
+    accuracy, deltas = [], {"fid": [], "prompt_accuracy": []}
     for _ in range(resamples):
         idx = rng.integers(0, n, n)
-        value = scores.on(idx)
-        for key, v in value.items():
-            draws[key].append(v)
+        accuracy.append(float(scores.correct[idx].mean()))
         if baseline is not None:
-            base = baseline.on(idx)
-            for key, v in value.items():
-                deltas[key].append(v - base[key])
-    out: dict[str, object] = {"kid_e3": point["kid_e3"], "bootstrap_resamples": resamples}
-    for key in point:
-        out[f"{key}_ci"] = _interval(draws[key])
-        if base_point is not None:
-            low, high = _interval(deltas[key])
+            value, base = scores.on(idx), baseline.on(idx)
+            for key in deltas:
+                deltas[key].append(value[key] - base[key])
+    out: dict[str, object] = {"kid_e3": point["kid_e3"], "prompt_accuracy_ci": _interval(accuracy),
+                              "bootstrap_resamples": resamples}
+    if baseline is not None:
+        base_point = baseline.on(everything)
+        for key, draws in deltas.items():
+            low, high = _interval(draws)
             out[f"{key}_delta"] = point[key] - base_point[key]
             out[f"{key}_delta_ci"] = [low, high]
             out[f"{key}_vs_baseline"] = "tie" if low <= 0 <= high else ("higher" if low > 0 else "lower")
