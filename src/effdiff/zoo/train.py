@@ -87,6 +87,7 @@ class Trainer:
         self.noise_gen = self.gen
         if config.model in SCENE_MODELS:
             self.noise_gen = torch.Generator(self.device).manual_seed(config.seed)
+            torch.backends.cudnn.benchmark = True  # fixed shapes; a no-op off the GPU
         self.is_classifier = config.model in CLASSIFIERS
         self.model = self._build_model().to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
