@@ -32,7 +32,9 @@ def test_end_to_end_rows_and_resume_after_interruption(tmp_path):
     assert half["psnr"] < 60 and half["timing_mode"] == "alternating" and "simulated" in half["labels"]
     assert len(half["times_s"]) == 3 and half["time_per_image_s"] > 0 and half["speedup"] > 0
     assert half["flops_per_image"] > half["attention_flops_per_image"] > 0
-    assert half["flops_per_image_samples"] == pytest.approx(half["flops_per_image"]) and "cost≠quality" not in half
+    assert half["denoiser_flops_per_image"] > 0
+    assert half["denoiser_flops_per_image_samples"] == pytest.approx(half["denoiser_flops_per_image"])
+    assert "cost≠quality" not in half["labels"] and "cost≠quality" not in base["labels"]
     assert len(half["speedup_reps"]) == 3 and half["prompt_accuracy_ci"][0] <= half["prompt_accuracy"]
     assert "fid_vs_baseline" not in base and "kid_e3" in base  # no pairing with itself
     assert half["fid_vs_baseline"] in ("tie", "higher", "lower") and half["fid_delta_ci"][0] <= half["fid_delta_ci"][1]
@@ -93,10 +95,10 @@ def test_quick_scales_solver_steps_with_the_baseline():
 def test_rows_whose_timed_and_sampled_work_differ_are_labelled():
     from effdiff.bench.runner import _noise_labels, _work_check
 
-    same = {"flops_per_image": 100.0, "labels": []}
+    same = {"denoiser_flops_per_image": 100.0, "labels": []}
     _work_check(same, 101.0)
     assert same["labels"] == [] and same["work_mismatch"] == pytest.approx(1 / 101)
-    skipped_only_when_timed = {"flops_per_image": 60.0, "labels": ["x"]}
+    skipped_only_when_timed = {"denoiser_flops_per_image": 60.0, "labels": ["x"]}
     _work_check(skipped_only_when_timed, 100.0)
     assert skipped_only_when_timed["labels"] == ["cost≠quality", "x"]
     assert "0.000 GFLOP" in skipped_only_when_timed["cost_quality_note"]

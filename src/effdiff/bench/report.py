@@ -67,7 +67,8 @@ LEGEND = ("± after PSNR/SSIM: standard deviation over the samples' seeds; after
           "negative even for real digits. FID floor: the FID of as many real training "
           "digits (same digit mix) against the same 1,000 held-out digits, i.e. what a perfect generator scores at "
           "this sample count (FID is biased upwards at small counts). Labels: noisy (repetitions disagree by more "
-          "than 20 %), loaded (other processes used more than half a core while timing), cost≠quality (the timed "
+          "than 20 %, or the baseline timed beside the recipe drifted by more than 20 % from the baseline row), "
+          "loaded (other processes used more than half a core while timing), cost≠quality (the timed "
           "batch and the quality samples did different work), speed-only, simulated, trained, quick.")
 
 

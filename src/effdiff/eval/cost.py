@@ -245,6 +245,7 @@ class FlopCount:
     flops: int
     attention: int
     by_op: dict[str, int] = field(default_factory=dict)
+    by_root: dict[str, int] = field(default_factory=dict)  # per top-level module class: text encoder, denoiser, VAE
 
     @property
     def macs(self) -> int:
@@ -259,7 +260,10 @@ def count_flops() -> Iterator[FlopCount]:
     mode = FlopCounterMode(display=False, custom_mapping=mapping)
     with mode:
         yield result
-    counts = mode.get_flop_counts().get("Global", {})
+    every = mode.get_flop_counts()
+    counts = every.get("Global", {})
+    result.by_root = {name: int(sum(ops.values())) for name, ops in every.items()
+                      if "." not in name and name != "Global"}
     result.by_op = {str(k): int(v) for k, v in counts.items()}
     result.flops = int(mode.get_total_flops())
     cpu_names = {str(op) for op in _cpu_attention_ops()}
