@@ -11,7 +11,7 @@ import collections
 import re
 from pathlib import Path
 
-from effdiff.bench.report import load_rows, markdown_table
+from effdiff.bench.report import LEGEND, load_rows, markdown_table, run_warnings
 from effdiff.catalogue import catalogue_rows
 from effdiff.registry import methods_rows
 
@@ -41,8 +41,8 @@ def bench_section(out: str, run: str | None, command: str) -> str:
         f"`{command}` (run `{run_id}`; torch {env['torch_version']}, diffusers {env['diffusers_version']}, "
         f"{env['threads']} threads, {env['dtype']}, {env['device']}, {env['machine']}). Speed-ups are ratios to "
         "the baseline (DDIM 50 steps, guidance 4) timed in the same process; PSNR/SSIM vs the baseline's images; "
-        "FID/KID vs the held-out digits beside the floor: as many real training digits, scored the same way.", "",
-        markdown_table(rows),
+        "FID vs the held-out digits beside the floor.", "",
+        markdown_table(rows), "", *[f"**{note}**" for note in run_warnings(rows)], "", LEGEND,
     ])
 
 

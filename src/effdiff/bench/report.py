@@ -145,7 +145,7 @@ def list_runs(out_dir: str | Path, console=None) -> list[dict[str, Any]]:
     return runs
 
 
-def _warnings(rows: list[dict[str, Any]]) -> list[str]:
+def run_warnings(rows: list[dict[str, Any]]) -> list[str]:
     """Run-level sentences: a loaded machine, a quick run, rows whose timing disagrees with their samples."""
     notes = []
     loaded = [r for r in rows if "loaded" in (r["metrics"].get("labels") or [])]
@@ -176,7 +176,7 @@ def print_table(rows: list[dict[str, Any]], console=None) -> None:
         table.add_row(*row_cells(row))
     console = console or Console(width=None if sys.stdout.isatty() else 240)
     console.print(table)
-    for note in _warnings(rows):
+    for note in run_warnings(rows):
         console.print(note)
 
 
@@ -313,7 +313,7 @@ def write_html(
     out_dir = Path(out_dir)
     path = Path(path) if path is not None else out_dir / f"report-{run_id}.html"
     figures_html = _figures_html(figures)  # a bad figure fails before anything is written
-    warnings = "".join(f"<p class='warn'>{html.escape(note)}</p>" for note in _warnings(rows))
+    warnings = "".join(f"<p class='warn'>{html.escape(note)}</p>" for note in run_warnings(rows))
     parts = [f"<h1>effdiff bench — run {html.escape(run_id)}</h1>", _env_html(rows), warnings,
              "<p>Speed-ups are ratios against the baseline (DDIM, CFG, same steps) timed in the same process "
              "(warm, median of ≥ 3, alternating). PSNR/SSIM are measured against the baseline's own images; "
