@@ -105,13 +105,14 @@ def test_head_accuracy_counts_digit_and_colour_on_occupied_cells_only(oracle, he
 
 
 def _bundled_judge():
-    from effdiff.zoo.checkpoints import load_classifier, read_record
+    from effdiff.zoo.checkpoints import read_record
     from effdiff.zoo.load import WEIGHTS
+    from effdiff.zoo.scene_judge import load_scene_judge
 
     folder = WEIGHTS / JUDGE_WEIGHTS
     if not (folder / "model.safetensors").exists():
         pytest.skip(f"the scene judge is not trained yet ({folder} is missing: tools/train_scenes_gpu.sh makes it)")
-    return load_classifier(folder, SceneJudge), read_record(folder)
+    return load_scene_judge(), read_record(folder)
 
 
 def test_trained_judge_is_accurate_on_held_out_scenes():

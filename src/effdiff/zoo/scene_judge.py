@@ -70,6 +70,14 @@ class SceneJudge(torch.nn.Module):
         return torch.where(presence > 0, digit.argmax(-1), -1), colour.argmax(-1)
 
 
+def load_scene_judge(folder=None) -> SceneJudge:
+    """The bundled judge (``weights/scene-judge``, made by the GPU run) or one from ``folder``."""
+    from effdiff.zoo.checkpoints import load_classifier
+    from effdiff.zoo.load import WEIGHTS
+
+    return load_classifier(folder or WEIGHTS / "scene-judge", SceneJudge)
+
+
 def judge_loss(judge: SceneJudge, images: torch.Tensor, digits: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     """Presence BCE on every cell, digit and colour cross-entropy on the occupied ones."""
     presence, digit, colour = judge(images)
