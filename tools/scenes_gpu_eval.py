@@ -120,6 +120,9 @@ def main() -> None:
     bundle = scene_bundle()
     states = prompt_states(bundle)
     prompts = evaluation_set(args.per_category)
+    missing = [p.text for p in prompts if p.text not in states]
+    if missing:  # a bundle built by older code: its caption states cannot serve these prompts
+        raise SystemExit(f"{len(missing)} evaluation prompts are not in the bundle (stale?), e.g. {missing[:3]}")
     judge = load_classifier(args.judge, SceneJudge).to(args.device)
     report = {"guidance": GUIDANCE, "seeds": args.seeds, "prompts": len(prompts),
               "per_category": args.per_category, "step_divisor": args.step_divisor,

@@ -90,10 +90,13 @@ _SENTENCES: dict[str, tuple[str, ...]] = {
     "two-object": ("{o1} and {o2}", "a picture of {o1} and {o2}", "{o1} together with {o2}"),
     "colour-attribution": ("{o1} and {o2}", "a picture of {o1} and {o2}", "{o1} together with {o2}"),
     "counting": ("{count} {plural}", "a picture of {count} {plural}", "exactly {count} {plural}"),
-    # position sentences name the relation in both directions; ``_position_text`` picks the order
-    "position": ("{o1} {rel} {o2}", "{o1} to the {rel} {o2}", "{o2} {inverse} {o1}"),
 }
-_POSITION_WORDS = {"left of": ("left of", "right of"), "above": ("above", "below")}
+# position sentences per relation, the last one naming it from the second object's side
+_POSITION_SENTENCES: dict[str, tuple[str, ...]] = {
+    "left of": ("{o1} left of {o2}", "{o1} to the left of {o2}", "{o2} right of {o1}"),
+    "above": ("{o1} above {o2}", "{o1} on top of {o2}", "{o2} below {o1}"),
+}
+_SENTENCES["position"] = _POSITION_SENTENCES["left of"]  # for the template count
 
 
 def num_templates(category: str) -> int:
@@ -111,13 +114,9 @@ def caption(prompt: Prompt) -> str:
         if first.colour:
             plural = f"{first.colour} {plural}"
         return sentence.format(count=COUNT_WORDS[len(objs)], plural=plural)
-    nouns = {f"o{i + 1}": _noun(o, numeral) for i, o in enumerate(objs)}
     if prompt.category == "position":
-        rel, inverse = _POSITION_WORDS[prompt.relation]
-        if "to the" in sentence:  # "to the left of" reads, "to the above" does not
-            sentence = "{o1} to the {rel} {o2}" if prompt.relation == "left of" else "{o1} on top of {o2}"
-        return sentence.format(rel=rel, inverse=inverse, **nouns)
-    return sentence.format(**nouns)
+        sentence = _POSITION_SENTENCES[prompt.relation][prompt.template // 2]
+    return sentence.format(**{f"o{i + 1}": _noun(o, numeral) for i, o in enumerate(objs)})
 
 
 # --- prompt and layout sampling -------------------------------------------------------------------------------------
