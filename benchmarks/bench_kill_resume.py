@@ -2,8 +2,9 @@
 
 A reliability check of the main job (not a test: it takes minutes). One small bench (tiny-sd, three
 recipes, 4 samples, 5 steps) is started, SIGKILLed at a random moment, resumed with the run id it
-printed, killed again, ... ``--kills`` times, then left to finish. After every kill the store must have
-lost no finished row and duplicated none; at the end the run must be complete with every row.
+printed, killed again, ... until ``--kills`` kills have landed; a run that finishes before its kill is
+checked complete and a new one is started. After every kill the store must have lost no finished row
+and duplicated none; at the end the last run is left to finish and must be complete with every row.
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/bench_kill_resume.py [--kills 20] [--seed 0]
 """
@@ -60,10 +61,13 @@ def main() -> int:
     store, log_path = out / "results.sqlite", out / "bench.log"
     run_id: str | None = None
     seen: list[tuple[str, str]] = []
-    record = {"kills": [], "lost": 0, "duplicated": 0, "orphan_runs": 0}
+    record = {"kills": [], "lost": 0, "duplicated": 0, "orphan_runs": 0, "runs_completed_between_kills": 0}
+    expected = 4  # the baseline and three recipes
     with log_path.open("a") as log:
-        for kill in range(args.kills):
+        while len(record["kills"]) < args.kills:
             wait = rng.uniform(0.5, args.max_wait)
+            log.flush()
+            offset = log_path.stat().st_size if log_path.exists() else 0
             proc = _start(out, run_id, log)
             time.sleep(wait)
             finished_early = proc.poll() is not None
@@ -71,7 +75,7 @@ def main() -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             if run_id is None:
-                found = RUN_ID.findall(log_path.read_text())
+                found = RUN_ID.findall(log_path.read_text()[offset:])
                 run_id = found[0] if found else None
                 if run_id is None:
                     record["orphan_runs"] += 1
@@ -80,20 +84,28 @@ def main() -> int:
             duplicated = len(rows) - len(set(rows))
             record["lost"] += len(lost)
             record["duplicated"] += duplicated
-            record["kills"].append({"after_s": round(wait, 1), "rows": len(rows),
-                                    "finished_before_kill": finished_early})
-            print(f"kill {kill + 1:2d} after {wait:5.1f} s: run {run_id}, {len(rows)} rows, lost {len(lost)}, "
-                  f"duplicated {duplicated}", flush=True)
+            if finished_early:  # the run completed before its kill: check it, then start a new one
+                done = len(set(rows)) == expected and _state(store, run_id) == "complete"
+                record["runs_completed_between_kills"] += done
+                print(f"run {run_id} finished within {wait:.1f} s: {len(rows)} rows, complete {done}", flush=True)
+                if not done:
+                    record["incomplete_run"] = run_id
+                run_id, seen = None, []
+                continue
+            record["kills"].append({"after_s": round(wait, 1), "run": run_id, "rows": len(rows)})
+            print(f"kill {len(record['kills']):2d} after {wait:5.1f} s: run {run_id}, {len(rows)} rows, "
+                  f"lost {len(lost)}, duplicated {duplicated}", flush=True)
             seen = rows
-            if finished_early:
-                break
-        final = subprocess.run([sys.executable, "-m", "effdiff.cli", "bench", "--resume", run_id, "--out", str(out)],
-                               stdout=log, stderr=subprocess.STDOUT)
+        log.flush()
+        offset = log_path.stat().st_size
+        final = subprocess.run([sys.executable, "-m", "effdiff.cli", "bench", *(
+            ["--resume", run_id] if run_id else BENCH), "--out", str(out)], stdout=log, stderr=subprocess.STDOUT)
+    run_id = run_id or RUN_ID.findall(log_path.read_text()[offset:])[0]
     rows = _rows(store, run_id)
-    expected = 4  # the baseline and three recipes
     record.update(run_id=run_id, final_exit=final.returncode, final_rows=len(rows), expected_rows=expected,
                   final_state=_state(store, run_id), folder=str(out),
-                  complete=final.returncode == 0 and len(set(rows)) == expected and _state(store, run_id) == "complete")
+                  complete=final.returncode == 0 and len(set(rows)) == expected and _state(store, run_id) == "complete"
+                  and "incomplete_run" not in record)
     print(json.dumps(record, indent=1))
     if args.json:
         args.json.write_text(json.dumps(record, indent=1))

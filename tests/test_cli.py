@@ -158,3 +158,17 @@ def test_resume_alone_takes_the_stored_settings(tmp_path, monkeypatch):
     assert seen["args"] == (["tiny-dit"], ["ddim:steps=5"])
     assert (seen["samples"], seen["steps"], seen["guidance"], seen["timing_batch"]) == (8, 7, 2.0, 2)
     assert seen["resume_run_id"] == run_id
+
+
+def test_an_os_error_on_an_output_is_one_sentence_naming_the_path(monkeypatch, tmp_path, capsys):
+    import errno
+
+    import effdiff.bench.generate
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "g.png"))
+
+    monkeypatch.setattr(effdiff.bench.generate, "generate", disk_full)
+    assert main(["generate", "--prompt", "a seven", "--out", str(tmp_path / "g.png")]) == USAGE_ERROR
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'g.png'}: No space left on device" in err and "Traceback" not in err

@@ -115,15 +115,32 @@ def classify(entry: dict) -> dict:
     return {**entry, "family": family, "backbone": backbone, "status": status, "reason": reason}
 
 
+# Where the seed lists are wrong or the keyword rules misfile a paper (title prefix, lower case -> fields).
+CORRECTIONS: dict[str, dict] = {
+    "distrifusion": {"arxiv": "2402.19481"},  # the seed gives PipeFusion's id (2405.14430)
+    "consistency models": {"arxiv": "2303.01469"},  # one seed gives LCM's id (2310.04378) to Song et al.
+    "on distillation of guided diffusion models": {"arxiv": "2210.03142"},  # not ADD's 2311.17042
+    "lcm-lora": {"family": "distill", "status": "planned", "reason": ""},  # a few-step student: acceleration
+    "attention-driven training-free efficiency": {"family": "tokens"},  # AT-EDM prunes tokens, not a solver
+    "faster diffusion": {"family": "cache"},  # reuses encoder features across steps
+}
+
+
+def corrected(item: dict) -> dict:
+    title = item["title"].lower()
+    fixes = next((f for prefix, f in CORRECTIONS.items() if title.startswith(prefix)), {})
+    return {**item, **fixes}
+
+
 def build(seeds: Path) -> list[dict]:
     merged: dict[str, dict] = {}
     for path in sorted(seeds.glob("*.txt")):
         for entry in extract(path):
-            key = entry["arxiv"] or re.sub(r"[^a-z0-9]", "", entry["title"].lower())[:60]
+            item = corrected(classify(entry))
+            key = item["arxiv"] or re.sub(r"[^a-z0-9]", "", item["title"].lower())[:60]
             if key in merged:
-                merged[key]["sources"] = sorted(set(merged[key]["sources"]) | {entry["source"]})
+                merged[key]["sources"] = sorted(set(merged[key]["sources"]) | {item["source"]})
                 continue
-            item = classify(entry)
             item["sources"] = [item.pop("source")]
             merged[key] = item
     return sorted(merged.values(), key=lambda e: (e["family"], e["title"].lower()))

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from effdiff.registry import FAMILIES, Method, RecipeError, aliases, get_method
+from effdiff.registry import Method, RecipeError, aliases, get_method
 
 RecipeLike = str | Method | Sequence[str | Method] | None
 
@@ -125,7 +125,3 @@ def to_string(methods: Sequence[Method]) -> str:
     """The recipe text that rebuilds ``methods`` (the inverse of ``parse``)."""
     return "+".join(m.spec() for m in methods)
 
-
-def family_rank(method: Method) -> int:
-    """Position of a method's family in the canonical list (for display only, not for ordering)."""
-    return FAMILIES.index(method.family)

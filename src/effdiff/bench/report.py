@@ -66,8 +66,9 @@ LEGEND = ("± after PSNR/SSIM: standard deviation over the samples' seeds; after
           "resampling inflates it). KID is stored but not shown: with every digit asked equally often it reads "
           "negative even for real digits. FID floor: the FID of as many real training "
           "digits (same digit mix) against the same 1,000 held-out digits, i.e. what a perfect generator scores at "
-          "this sample count (FID is biased upwards at small counts). Labels: noisy (repetitions disagree by more "
-          "than 20 %, or the baseline timed beside the recipe drifted by more than 20 % from the baseline row), "
+          "this sample count (FID is biased upwards at small counts). Labels: noisy (the timed repetitions' speed-ups "
+          "disagree by more than 20 %), drift (the baseline timed beside the recipe ran more than 20 % off the "
+          "baseline row: the machine's speed changed, so compare speed-ups, not s/image across rows), "
           "loaded (other processes used more than half a core while timing), cost≠quality (the timed "
           "batch and the quality samples did different work), speed-only, simulated, trained, quick.")
 
@@ -157,6 +158,10 @@ def run_warnings(rows: list[dict[str, Any]]) -> list[str]:
     if noisy:
         notes.append(f"{len(noisy)} of {len(rows)} rows are noisy (their timed repetitions disagree by more than "
                      "20 %); read their speed-ups as rough.")
+    drifted = [r for r in rows if "drift" in (r["metrics"].get("labels") or [])]
+    if drifted:
+        notes.append(f"{len(drifted)} of {len(rows)} rows drift: the machine ran at another speed than during the "
+                     "baseline row, so their s/image do not compare with it; their speed-ups (paired) do.")
     if any("quick" in (r["metrics"].get("labels") or []) for r in rows):
         notes.append("QUICK RUN: a smoke run (10 steps, 10 samples); its numbers do not rank methods.")
     return notes
@@ -184,7 +189,7 @@ def _png_b64(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-UNRELIABLE = ("noisy", "loaded", "cost≠quality")
+UNRELIABLE = ("noisy", "loaded", "cost≠quality")  # "drift" leaves a row's own paired speed-up intact
 
 
 def pareto_png(rows: list[dict[str, Any]], model: str) -> bytes | None:
@@ -223,13 +228,15 @@ def pareto_png(rows: list[dict[str, Any]], model: str) -> bytes | None:
     if key == "fid" and floor is not None:
         ax.axhline(floor, color="grey", ls="--", lw=1, label="real-vs-real floor")
     ax.set_xlabel("speed-up vs baseline (×)")
-    ax.set_ylabel("FID (lower is better); bars: paired 95 % interval vs baseline" if key == "fid"
-                  else "PSNR vs baseline, dB")
+    ax.set_ylabel("FID (lower is better)" if key == "fid" else "PSNR vs baseline, dB")
     ax.set_title(model)
     ax.legend(fontsize=7)
     absent = [r["recipe"] or "baseline" for r in rows if r["model"] == model and r["metrics"].get(key) is None]
     lines = [f"{n}  {name}{' (unreliable)' if set(m.get('labels') or ()) & set(UNRELIABLE) else ''}"
              for n, (_, _, name, m) in enumerate(points, 1)]
+    if key == "fid":
+        lines += ["", "bars: paired 95 % interval of the difference", "to the baseline (same seeds)"]
+    lines += ["hollow: noisy, loaded or cost≠quality (off the front)"]
     if absent:
         lines += ["", f"not plotted (no {key.upper()}: refused or speed-only):", *[f"   {a}" for a in absent]]
     key_ax.axis("off")

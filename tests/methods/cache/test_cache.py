@@ -83,7 +83,8 @@ def test_skips_compute_repeats_and_restores(recipe, kind):
     assert torch.equal(sample(pipe, steps=STEPS), first)  # state is reset per call
     assert method.stats.calls == STEPS  # and so are the statistics
     pipe.effdiff.remove()
-    assert _no_forward_patches(pipe) and not pipe.unet._forward_pre_hooks if kind == "unet" else True
+    denoiser = pipe.unet if kind == "unet" else pipe.transformer
+    assert _no_forward_patches(pipe) and not denoiser._forward_pre_hooks
     assert torch.equal(sample(pipe, steps=STEPS), baseline)
     for handle in handles:
         handle.remove()

@@ -97,7 +97,6 @@ class DeepCache(CacheMethod):
                 skipped.append(module)
         for key, module in enumerate(skipped):
             self.patch(module, lambda inner, key=key: self._cached(key, inner))
-        self.layers_skipped = len(skipped)
 
     def begin(self, state: dict[str, Any], ctx: StepContext) -> None:
         if "refresh" not in state or state.get("total") != ctx.total_steps:

@@ -129,7 +129,6 @@ class CastMethod(Method):
             raise RecipeError(f"{self.name}: this {device.type} has no native {self.dtype} kernels (it would "
                               f"emulate them, slower than float32); pass {self.name}:emulated=true to run anyway")
         self._swaps = Swaps()
-        self.cast_params = 0
         self.kept: list[str] = []
         try:
             self._cast_component(adapter.model, keep_fp32=True)
@@ -161,7 +160,7 @@ class CastMethod(Method):
             return
         kept = self._kept_modules(model) if keep_fp32 else []
         skip = {id(m) for name in kept for m in model.get_submodule(name).modules()}
-        self.cast_params += cast_tensors(model, self.dtype, skip, self._swaps)
+        cast_tensors(model, self.dtype, skip, self._swaps)
         for name in kept:
             boundary(model.get_submodule(name), original, self.dtype, self._swaps)
         self.kept += kept

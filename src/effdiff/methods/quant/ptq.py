@@ -45,7 +45,6 @@ from effdiff.registry import Method, Paper, Param, RecipeError
 INTEGER_ONLY = Paper("Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference",
                      "1712.05877", "CVPR 2018")
 QDIFFUSION = Paper("Q-Diffusion: Quantizing Diffusion Models", "2302.04304", "ICCV 2023")
-PTQ4DM = Paper("Post-training Quantization on Diffusion Models", "2211.15736", "CVPR 2023")
 MEMO_SIZE = 4  # calibrations kept in-process, so re-applying a recipe (bench repetitions, stacking) is free
 _MEMO: OrderedDict[str, tuple[dict[str, LayerQuant], dict[str, Any]]] = OrderedDict()
 
