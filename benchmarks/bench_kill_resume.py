@@ -36,6 +36,11 @@ def _rows(store: Path, run_id: str) -> list[tuple[str, str]]:
         return conn.execute("SELECT model, recipe FROM results WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
 
 
+def _text_after(log: Path, offset: int) -> str:
+    """What a child wrote to the shared log after ``offset`` bytes (the table's box characters are multi-byte)."""
+    return log.read_bytes()[offset:].decode("utf-8", errors="replace")
+
+
 def _state(store: Path, run_id: str) -> str | None:
     with sqlite3.connect(store) as conn:
         row = conn.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -75,7 +80,7 @@ def main() -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             if run_id is None:
-                found = RUN_ID.findall(log_path.read_text()[offset:])
+                found = RUN_ID.findall(_text_after(log_path, offset))
                 run_id = found[0] if found else None
                 if run_id is None:
                     record["orphan_runs"] += 1
@@ -100,7 +105,7 @@ def main() -> int:
         offset = log_path.stat().st_size
         final = subprocess.run([sys.executable, "-m", "effdiff.cli", "bench", *(
             ["--resume", run_id] if run_id else BENCH), "--out", str(out)], stdout=log, stderr=subprocess.STDOUT)
-    run_id = run_id or RUN_ID.findall(log_path.read_text()[offset:])[0]
+    run_id = run_id or RUN_ID.findall(_text_after(log_path, offset))[0]
     rows = _rows(store, run_id)
     record.update(run_id=run_id, final_exit=final.returncode, final_rows=len(rows), expected_rows=expected,
                   final_state=_state(store, run_id), folder=str(out),

@@ -146,11 +146,13 @@ def test_bench_prints_its_run_id_at_start_and_on_ctrl_c(tmp_path, capsys, monkey
 def test_resume_alone_takes_the_stored_settings(tmp_path, monkeypatch):
     import effdiff.bench.report
     import effdiff.bench.runner
+    from effdiff.bench.runner import config_dict, make_config
     from effdiff.bench.store import ResultsStore
 
+    stored = make_config(["tiny-dit"], ["ddim:steps=5"], samples=8, steps=7, guidance=2.0, seeds=None, quick=False,
+                         timing_batch=2)
     with ResultsStore(tmp_path / "results.sqlite") as store:
-        run_id = store.start_run({"models": ["tiny-dit"], "recipes": ["", "ddim:steps=5"], "samples": 8, "steps": 7,
-                                  "guidance": 2.0, "quick": False, "timing_batch": 2})
+        run_id = store.start_run(config_dict(stored))
     seen = {}
     monkeypatch.setattr(effdiff.bench.runner, "run_bench", lambda *a, **k: seen.update(k, args=a) or run_id)
     monkeypatch.setattr(effdiff.bench.report, "report", lambda *a, **k: "r.html")
