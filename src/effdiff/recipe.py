@@ -15,7 +15,7 @@ from effdiff.registry import Method, RecipeError, aliases, get_method
 
 RecipeLike = str | Method | Sequence[str | Method] | None
 
-__all__ = ["RecipeError", "RecipeLike", "build", "check", "order", "parse", "to_string"]
+__all__ = ["RecipeError", "RecipeLike", "build", "check", "order", "parse", "split", "to_string"]
 
 
 def _parse_one(text: str) -> Method:
@@ -48,7 +48,7 @@ def parse(recipe: RecipeLike) -> list[Method]:
     if isinstance(recipe, str):
         if not recipe.strip():
             return []
-        return [_parse_one(part) for part in _spell_out_plus_aliases(recipe).split("+")]
+        return [_parse_one(part) for part in split(recipe)]
     if isinstance(recipe, Sequence):
         out: list[Method] = []
         for item in recipe:
@@ -60,6 +60,11 @@ def parse(recipe: RecipeLike) -> list[Method]:
                 raise RecipeError(f"a recipe item must be a string or a Method, got {type(item).__name__}")
         return out
     raise RecipeError(f"a recipe must be a string, a Method or a list of them, got {type(recipe).__name__}")
+
+
+def split(recipe: str) -> list[str]:
+    """The method parts of a recipe string, split on the joining '+' (not the one inside ``dpm++``)."""
+    return _spell_out_plus_aliases(recipe).split("+") if recipe.strip() else []
 
 
 def _spell_out_plus_aliases(text: str) -> str:

@@ -7,6 +7,7 @@ benchmarked as soon as it is registered.
 
 from __future__ import annotations
 
+from effdiff.recipe import split
 from effdiff.registry import all_methods
 
 DEFAULT_MODELS = ("tiny-sd", "tiny-dit")
@@ -40,7 +41,7 @@ def default_models() -> list[str]:
 
 
 def _method_names(recipe: str) -> list[str]:
-    return [part.split(":", 1)[0].strip() for part in recipe.split("+")]
+    return [part.split(":", 1)[0].strip() for part in split(recipe)]
 
 
 def default_recipes(full: bool = False) -> list[str]:

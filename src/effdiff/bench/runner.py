@@ -100,10 +100,10 @@ def make_config(models: Sequence[str], recipes: Sequence[str], samples: int, ste
 
 def scale_solver_steps(recipe: str, factor: float) -> str:
     """The recipe with each solver's ``steps`` multiplied by ``factor`` (at least 1); the other parts verbatim."""
-    from effdiff.recipe import parse
+    from effdiff.recipe import parse, split
 
     parts = []
-    for part in recipe.split("+") if recipe else []:
+    for part in split(recipe):
         try:
             method = parse(part)[0]
         except RecipeError:  # not a registry recipe (a benchmark's peer package, a test's fake): nothing to scale
@@ -265,6 +265,10 @@ def _cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig, devic
     }
 
 
+def _add_labels(metrics: dict[str, Any], *labels: str) -> None:
+    metrics["labels"] = sorted({*metrics.get("labels", ()), *labels})
+
+
 def _noise_labels(spread: float, foreign_cores: float | None) -> list[str]:
     """``noisy`` when the repetitions disagree, ``loaded`` when other processes competed for the CPU."""
     labels = ["noisy"] if spread > NOISY_SPREAD else []
@@ -300,7 +304,7 @@ def _work_check(metrics: dict[str, Any], sample_flops: float) -> None:
     mismatch = abs(timed - sample_flops) / sample_flops if sample_flops > 0 else 0.0
     metrics["work_mismatch"] = mismatch
     if mismatch > WORK_MISMATCH:
-        metrics["labels"] = sorted({*metrics["labels"], "cost≠quality"})
+        _add_labels(metrics, "cost≠quality")
         metrics["cost_quality_note"] = (f"the denoiser ran {timed / 1e9:.3f} GFLOP per image on the timed batch and "
                                         f"{sample_flops / 1e9:.3f} on the quality samples: speed and quality describe "
                                         "different work")
@@ -335,7 +339,7 @@ class _Judges:
 
 
 def _sample_scores(images: torch.Tensor, caller: Caller, judges: _Judges):
-    """Features and per-sample correctness of one recipe's samples, ready for the bootstrap."""
+    """Features and per-sample correctness of one recipe's samples, for FID/KID and the bootstrap."""
     from effdiff.eval.accuracy import predict_digits
     from effdiff.eval.uncertainty import SampleScores
 
@@ -349,9 +353,10 @@ def _quality(images: torch.Tensor, baseline: torch.Tensor, caller: Caller, judge
     from effdiff.eval.fidelity import fidelity
     from effdiff.eval.uncertainty import bootstrap
 
-    dist = judges.judge.score(images)
-    scores = _sample_scores(images, caller, judges)
-    paired = None if images is baseline else baseline_scores
+    is_baseline = images is baseline
+    scores = baseline_scores if is_baseline else _sample_scores(images, caller, judges)
+    dist = judges.judge.score_features(torch.from_numpy(scores.features).float())
+    paired = None if is_baseline else baseline_scores
     return {
         **fidelity(images, baseline), "fid": dist["fid"], "kid": dist["kid"], "kid_std": dist["kid_std"],
         "fid_floor": floor["fid"], "kid_floor": floor["kid"], "n_samples": len(images),
@@ -486,11 +491,11 @@ def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, ac
         elif baseline_latency:  # the baseline timed beside this recipe ran at another speed than the baseline row
             metrics["baseline_drift"] = metrics["baseline_time_per_image_s"] / baseline_latency - 1
             if abs(metrics["baseline_drift"]) > NOISY_SPREAD:  # its own paired speed-up holds; s/image across rows not
-                metrics["labels"] = sorted({*metrics["labels"], "drift"})
+                _add_labels(metrics, "drift")
         if config.quick:
-            metrics["labels"] = sorted({*metrics["labels"], "quick"})
+            _add_labels(metrics, "quick")
         if speed_only:
-            metrics["labels"] = sorted({*metrics["labels"], "speed-only"})
+            _add_labels(metrics, "speed-only")
         else:
             describe(f"{model} · {recipe or 'baseline'}: {config.samples} samples")
             images, sample_flops = (baseline_images, baseline_flops) if not recipe else _samples(caller, switch, config)

@@ -108,9 +108,13 @@ class DistributionJudge:
 
     def score(self, generated01: torch.Tensor) -> dict[str, float]:
         """FID / KID of generated images (in [0, 1]) against the whole reference set."""
+        return self.score_features(self.features_of(generated01))
+
+    def score_features(self, features: torch.Tensor) -> dict[str, float]:
+        """FID / KID of already extracted features (the bench shares them with its bootstrap)."""
         if self._full is None:
             self._full = _with_reference(self.reference_features, self.subsets)
-        return _score(*self._full, self.features_of(generated01), len(self.reference01))
+        return _score(*self._full, features, len(self.reference01))
 
     def floor(self, n: int, seed: int = 0) -> dict[str, float]:
         """Real-vs-real FID/KID between two disjoint reference halves of ``n`` images each (capped)."""
