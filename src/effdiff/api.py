@@ -36,8 +36,7 @@ class EffdiffHandle:
         pipe.__dict__["effdiff"] = self
         try:
             for method in methods:
-                method.apply(pipe, self.context)
-                method.applied = True
+                method.attach(pipe, self.context, self.adapter)
                 self.methods.append(method)
         except BaseException:
             self.remove()
@@ -76,9 +75,7 @@ class EffdiffHandle:
         if not self.active:
             return
         while self.methods:
-            method = self.methods.pop()
-            method.remove()
-            method.applied = False
+            self.methods.pop().detach()
         self._hooks.remove()
         if type(self.pipe) is not self._base_class:
             self.pipe.__class__ = self._base_class

@@ -4,6 +4,11 @@ The core keeps it current through two hooks: a forward pre-hook on the denoiser 
 reads the timestep) and a wrapper on the instance's ``scheduler.step`` (counts finished solver
 steps). ``begin_call`` resets it at the start of every pipeline call. Methods only read it, so none
 has to search ``scheduler.timesteps`` for ``t`` (which breaks on img2img and repeated timesteps).
+
+That wrapper is the only one: a method that must act around a solver step (Faster Diffusion's noise
+injection, PTQD's variance correction) registers a *step filter* with ``wrap_step`` instead of wrapping
+``scheduler.step`` itself, so the order of several such methods is the order they were applied, decided
+by the core, and a scheduler swapped between calls is covered without any method noticing.
 """
 
 from __future__ import annotations
@@ -13,6 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+StepFilter = Callable[[Callable[..., Any], tuple, dict], Any]
+
+
+def _bind(step_filter: StepFilter, call_next: Callable[..., Any]) -> Callable[..., Any]:
+    return lambda *args, **kwargs: step_filter(call_next, args, kwargs)
 
 
 @dataclass
@@ -26,20 +37,15 @@ class StepContext:
 
     step_index: int = 0
     call_index: int = -1
-    call_in_step: int = 0
     timestep: float | None = None
     total_steps: int = 0
     timesteps: list[float] = field(default_factory=list)
     first_order: bool = True
     cfg: bool = False
     branch: str = "cond"
-    pipeline_calls: int = 0
     _state: dict[Any, dict[str, Any]] = field(default_factory=dict, repr=False)
     _reset_callbacks: list[Callable[[], None]] = field(default_factory=list, repr=False)
-
-    @property
-    def is_first_step(self) -> bool:
-        return self.step_index == 0
+    _step_filters: list[StepFilter] = field(default_factory=list, repr=False)
 
     @property
     def is_last_step(self) -> bool:
@@ -54,8 +60,24 @@ class StepContext:
         self._reset_callbacks.append(callback)
         return lambda: self._reset_callbacks.remove(callback) if callback in self._reset_callbacks else None
 
+    def wrap_step(self, step_filter: StepFilter) -> Callable[[], None]:
+        """Run every solver step through ``step_filter(call_next, args, kwargs)``; returns its unregister function.
+
+        ``call_next(*args, **kwargs)`` runs the rest of the chain and the scheduler's own ``step``; a filter may
+        change the arguments (the sample) or the result. Filters registered later run outside earlier ones.
+        """
+        self._step_filters.append(step_filter)
+        return lambda: self._step_filters.remove(step_filter) if step_filter in self._step_filters else None
+
+    def run_step(self, step: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """``step(*args, **kwargs)`` through the registered filters, innermost first."""
+        call = step
+        for step_filter in self._step_filters:
+            call = _bind(step_filter, call)
+        return call(*args, **kwargs)
+
     def reset(self, cfg: bool = False) -> None:
-        self.step_index, self.call_index, self.call_in_step = 0, -1, 0
+        self.step_index, self.call_index = 0, -1
         self.timestep, self.total_steps, self.timesteps = None, 0, []
         self.first_order, self.cfg = True, cfg
         self.branch = "batched" if cfg else "cond"
@@ -85,7 +107,6 @@ class ContextHooks:
 
     def begin_call(self, scheduler: Any, guidance_scale: float | None) -> None:
         """Reset for a new pipeline call and make sure the pipeline's current scheduler is hooked."""
-        self.ctx.pipeline_calls += 1
         self.ctx.reset(cfg=guidance_scale is not None and guidance_scale > 1.0)
         self._new_call = True
         if scheduler is not self._scheduler:
@@ -100,13 +121,10 @@ class ContextHooks:
         ctx = self.ctx
 
         def step(*args: Any, **kwargs: Any) -> Any:
-            out = inner(*args, **kwargs)
+            out = ctx.run_step(inner, args, kwargs)
             ctx.first_order = bool(getattr(scheduler, "state_in_first_order", True))
             if ctx.first_order:
                 ctx.step_index += 1
-                ctx.call_in_step = 0
-            else:
-                ctx.call_in_step += 1
             return out
 
         scheduler.step = step

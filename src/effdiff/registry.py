@@ -10,15 +10,15 @@ import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from effdiff.errors import RecipeError
+from effdiff.patches import PatchLog
+
 if TYPE_CHECKING:
+    from effdiff.adapters.base import Adapter
     from effdiff.context import StepContext
 
 FAMILIES: tuple[str, ...] = ("solver", "cache", "tokens", "quant", "prune", "distill", "parallel", "compile")
 BACKBONES: frozenset[str] = frozenset({"unet", "dit"})
-
-
-class RecipeError(ValueError):
-    """Any user mistake in a recipe (unknown method or parameter, incompatible stack). One sentence."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,7 @@ class Method:
             except ValueError as exc:
                 raise RecipeError(f"{self.name}: parameter {key!r} {exc}") from None
         self.applied = False
+        self.patches = PatchLog()
 
     def _unknown_param_message(self, key: str) -> str:
         valid = sorted(self.params)
@@ -159,13 +160,33 @@ class Method:
         return f"<{type(self).__name__} {self.spec()}>"
 
     # --- lifecycle -------------------------------------------------------------------------------
+    # The handle sets ``self.adapter`` (the denoiser's structural view) and a fresh ``self.patches`` (the undo
+    # log) before ``apply``, and calls ``remove`` then ``self.patches.restore()`` to take the method off.
+    adapter: Adapter
+
     def apply(self, pipe: Any, ctx: StepContext) -> None:
-        """Patch ``pipe`` in place. Must keep what ``remove`` needs to restore it exactly."""
+        """Patch ``pipe`` in place, every change through ``self.patches`` (which ``remove`` unwinds)."""
         raise NotImplementedError
 
+    def attach(self, pipe: Any, ctx: StepContext, adapter: Adapter) -> None:
+        """What the handle runs: a fresh undo log, the adapter, then ``apply``; unwound if ``apply`` fails."""
+        self.patches = PatchLog()
+        self.adapter = adapter
+        try:
+            self.apply(pipe, ctx)
+        except BaseException:
+            self.detach()
+            raise
+        self.applied = True
+
     def remove(self) -> None:
-        """Undo ``apply`` exactly."""
-        raise NotImplementedError
+        """Drop what the undo log does not hold (caches, statistics); the patches themselves unwind after."""
+
+    def detach(self) -> None:
+        """Take the method off: ``remove`` then the undo log, so the pipeline is exactly as before ``attach``."""
+        self.remove()
+        self.patches.restore()
+        self.applied = False
 
     def prepare_call(self, arguments: dict[str, Any], explicit: frozenset[str]) -> None:
         """Adjust a call's bound arguments before it runs (e.g. default steps).

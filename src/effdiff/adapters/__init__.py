@@ -9,9 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from effdiff.adapters.base import PATTERNS, Adapter, BlockRef, UnsupportedBackboneError
+from effdiff.adapters.base import PATTERNS, Adapter, BlockRef
 from effdiff.adapters.dit import DiTAdapter, FluxAdapter, PixArtAdapter, SD3Adapter
 from effdiff.adapters.unet import UNet2DAdapter, UNet2DConditionAdapter
+from effdiff.errors import UnsupportedBackboneError
 
 # Most specific first (PixArt is not a DiT subclass in diffusers, but keep the order explicit anyway).
 ADAPTERS: tuple[type[Adapter], ...] = (

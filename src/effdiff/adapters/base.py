@@ -8,8 +8,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from effdiff.registry import RecipeError
-
 # How a block is called and what it returns (after cache-dit's "forward patterns"):
 #   "unet_down": (hidden, temb, ...) -> (hidden, tuple of skip features)
 #   "unet_mid":  (hidden, temb, ...) -> hidden
@@ -17,10 +15,6 @@ from effdiff.registry import RecipeError
 #   "hidden":    (hidden, ...) -> hidden                         (DiT, PixArt)
 #   "joint":     (hidden, encoder_hidden, ...) -> (encoder_hidden, hidden)   (SD3, Flux)
 PATTERNS = ("unet_down", "unet_mid", "unet_up", "hidden", "joint")
-
-
-class UnsupportedBackboneError(RecipeError):
-    """The pipeline's denoiser has no adapter."""
 
 
 @dataclass

@@ -6,7 +6,6 @@ from effdiff import RecipeError
 from effdiff.methods.quant.fake import (
     DynamicActivation,
     FakeQuantLayer,
-    ForwardPatches,
     Observer,
     StaticActivation,
     check_bits,
@@ -16,6 +15,7 @@ from effdiff.methods.quant.fake import (
     weight_grid,
 )
 from effdiff.methods.quant.packed import pack, unpack
+from effdiff.patches import PatchLog
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
@@ -107,8 +107,8 @@ def test_float_layer_is_bit_identical_and_patches_restore(module):
     torch.manual_seed(0)
     x = torch.randn(2, 6) if isinstance(module, nn.Linear) else torch.randn(2, 3, 8, 8)
     expected = module(x)
-    patches = ForwardPatches()
-    patches.install(module, FakeQuantLayer(module, module.weight.detach()))
+    patches = PatchLog()
+    patches.attr(module, "forward", FakeQuantLayer(module, module.weight.detach()))
     assert torch.equal(module(x), expected)
     patches.restore()
     assert "forward" not in vars(module) and torch.equal(module(x), expected)

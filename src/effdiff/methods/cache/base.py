@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from effdiff.adapters import Adapter, adapter_for
 from effdiff.context import StepContext
 from effdiff.registry import Method, Paper, RecipeError
 
@@ -114,19 +113,11 @@ class CacheMethod(Method):
 
     def apply(self, pipe: Any, ctx: StepContext) -> None:
         self._ctx = ctx
-        self._patches: list[tuple[nn.Module, bool, Any]] = []
-        self._hook: Any = None
-        self._unreset: Callable[[], None] | None = None
-        self.adapter: Adapter = adapter_for(pipe)
         self.stats = CacheStats()
         self.current: dict[str, Any] = {}
-        try:
-            self.setup(pipe)
-        except BaseException:
-            self.remove()
-            raise
-        self._hook = self.adapter.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        self._unreset = ctx.on_reset(self._reset)
+        self.setup(pipe)
+        self.patches.hook(self.adapter.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self.patches.call(ctx.on_reset(self._reset))
 
     def setup(self, pipe: Any) -> None:
         raise NotImplementedError
@@ -149,11 +140,8 @@ class CacheMethod(Method):
         self.begin(self.current, ctx)
 
     def patch(self, module: nn.Module, make: Callable[[Forward], Forward]) -> None:
-        """Replace ``module.forward`` on the instance by ``make(current forward)``; undone by ``remove``."""
-        had = "forward" in vars(module)
-        previous = vars(module).get("forward")
-        module.forward = make(module.forward)
-        self._patches.append((module, had, previous))
+        """Replace ``module.forward`` on the instance by ``make(current forward)``, through the undo log."""
+        self.patches.forward(module, make)
 
     def skip_norms(self, keys: dict[int, int], served: Callable[[int], bool]) -> None:
         """Skip each norm of ``feeding_norms`` whose layer (``id`` -> key in ``keys``) is ``served`` from cache
@@ -177,18 +165,6 @@ class CacheMethod(Method):
             self.stats.full += 1
 
     def remove(self) -> None:
-        for module, had, previous in reversed(getattr(self, "_patches", [])):
-            if had:
-                module.forward = previous
-            else:
-                vars(module).pop("forward", None)
-        self._patches = []
-        if getattr(self, "_hook", None) is not None:
-            self._hook.remove()
-            self._hook = None
-        if getattr(self, "_unreset", None) is not None:
-            self._unreset()
-            self._unreset = None
         self.current = {}
 
 

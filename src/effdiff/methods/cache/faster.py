@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from effdiff.context import StepContext
 from effdiff.methods.cache.base import CacheMethod, Forward, refuse
 from effdiff.registry import Paper, Param, RecipeError
@@ -86,7 +88,9 @@ class FasterDiffusion(CacheMethod):
         for key, module in enumerate(encoder):
             self.patch(module, lambda inner, key=key: self._encoder_part(key, inner))
         self._pipe = pipe
-        self._scheduler_patch: tuple[Any, bool, Any] | None = None
+        self._initial: torch.Tensor | None = None
+        if self.values["noise"] > 0:
+            self.patches.call(self._ctx.wrap_step(self._inject_noise))
 
     def begin(self, state: dict[str, Any], ctx: StepContext) -> None:
         if state.get("total") != ctx.total_steps:
@@ -99,8 +103,6 @@ class FasterDiffusion(CacheMethod):
         state["key"] = due or "outputs" not in state
         state.setdefault("outputs", {})
         self.count(not state["key"])
-        if self.values["noise"] > 0 and self._scheduler_patch is None:
-            self._inject_noise(self._pipe.scheduler)
 
     def _encoder_part(self, key: int, inner: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -113,40 +115,23 @@ class FasterDiffusion(CacheMethod):
 
         return forward
 
-    # --- prior noise injection: wraps the scheduler's step for one pipeline call -------------------------
-    def _inject_noise(self, scheduler: Any) -> None:
+    # --- prior noise injection: a step filter --------------------------------------------------------------
+    def _inject_noise(self, call_next: Any, args: tuple, kwargs: dict) -> Any:
         """Add ``noise`` x (the call's initial sample) before each late solver step (the paper's z_T injection)."""
-        inner = scheduler.step
-        below = self.values["noise_below"] * float(scheduler.config.get("num_train_timesteps", 1000))
-        weight = self.values["noise"]
-        first: dict[str, Any] = {}
-
-        def step(model_output: Any, timestep: Any, sample: Any = None, *args: Any, **kwargs: Any) -> Any:
-            if sample is None:
-                sample = kwargs.pop("sample")
-            initial = first.setdefault("sample", sample)
-            if float(timestep) < below:
-                sample = sample + weight * initial
-            return inner(model_output, timestep, sample, *args, **kwargs)
-
-        self._scheduler_patch = (scheduler, "step" in vars(scheduler), vars(scheduler).get("step"))
-        scheduler.step = step
-
-    def _undo_noise(self) -> None:
-        if self._scheduler_patch is None:
-            return
-        scheduler, had, previous = self._scheduler_patch
-        if had:
-            scheduler.step = previous
-        else:
-            vars(scheduler).pop("step", None)
-        self._scheduler_patch = None
+        args, kwargs = list(args), dict(kwargs)
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        sample = args[2] if len(args) > 2 else kwargs["sample"]
+        if self._initial is None:
+            self._initial = sample
+        below = self.values["noise_below"] * float(self._pipe.scheduler.config.get("num_train_timesteps", 1000))
+        if float(timestep) < below:
+            sample = sample + self.values["noise"] * self._initial
+            if len(args) > 2:
+                args[2] = sample
+            else:
+                kwargs["sample"] = sample
+        return call_next(*args, **kwargs)
 
     def _reset(self) -> None:
         super()._reset()
-        self._undo_noise()  # a new call: a new initial sample (and maybe a new scheduler)
-
-    def remove(self) -> None:
-        if hasattr(self, "_scheduler_patch"):
-            self._undo_noise()
-        super().remove()
+        self._initial = None  # a new call: a new initial sample

@@ -21,11 +21,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from effdiff.adapters import adapter_for
 from effdiff.context import StepContext
 from effdiff.methods.quant.kernels import native_float
 from effdiff.methods.quant.select import embedding_modules
-from effdiff.methods.quant.swap import Swaps
+from effdiff.patches import PatchLog
 from effdiff.registry import Method, Paper, Param, RecipeError
 
 MIXED_PRECISION = Paper("Mixed Precision Training", "1710.03740", "ICLR 2018")
@@ -57,7 +56,7 @@ def convert(obj: Any, src: torch.dtype, dst: torch.dtype) -> Any:
     return obj
 
 
-def boundary(module: nn.Module, inside: torch.dtype, outside: torch.dtype, swaps: Swaps,
+def boundary(module: nn.Module, inside: torch.dtype, outside: torch.dtype, swaps: PatchLog,
              exempt: tuple[str, ...] = ()) -> None:
     """Floating inputs arrive as ``inside``, outputs leave as ``outside``; ``exempt`` arguments pass as they are."""
     names = list(inspect.signature(module.forward).parameters)
@@ -87,7 +86,7 @@ def reporting_class(base: type) -> type:
     return _REPORTING[base]
 
 
-def cast_tensors(module: nn.Module, dtype: torch.dtype, skip: set[int], swaps: Swaps) -> int:
+def cast_tensors(module: nn.Module, dtype: torch.dtype, skip: set[int], swaps: PatchLog) -> int:
     """Cast floating parameters/buffers of ``module`` (except those of modules in ``skip``); ties stay tied."""
     done: dict[int, torch.Tensor] = {}
     count = 0
@@ -123,29 +122,24 @@ class CastMethod(Method):
     }
 
     def apply(self, pipe: Any, ctx: StepContext) -> None:
-        adapter = adapter_for(pipe)
+        adapter = self.adapter
         device = adapter.device
         if not self.values["emulated"] and not native_float(device, self.dtype):
             raise RecipeError(f"{self.name}: this {device.type} has no native {self.dtype} kernels (it would "
                               f"emulate them, slower than float32); pass {self.name}:emulated=true to run anyway")
-        self._swaps = Swaps()
         self.kept: list[str] = []
-        try:
-            self._cast_component(adapter.model, keep_fp32=True)
-            for attr in ("vae", "text_encoder"):
-                component = getattr(pipe, attr, None)
-                if self.values[attr] and isinstance(component, nn.Module):
-                    self._cast_component(component, keep_fp32=False)
-            if self.values["text_encoder"] and isinstance(getattr(pipe, "_caption_cache", None), dict):
-                self._forget_captions(pipe)
-        except BaseException:
-            self.remove()
-            raise
+        self._cast_component(adapter.model, keep_fp32=True)
+        for attr in ("vae", "text_encoder"):
+            component = getattr(pipe, attr, None)
+            if self.values[attr] and isinstance(component, nn.Module):
+                self._cast_component(component, keep_fp32=False)
+        if self.values["text_encoder"] and isinstance(getattr(pipe, "_caption_cache", None), dict):
+            self._forget_captions(pipe)
 
     def _forget_captions(self, pipe: Any) -> None:
         """The bundled pipelines cache caption states: drop them now and again on remove (another precision)."""
         pipe._caption_cache.clear()
-        self._swaps.call(pipe._caption_cache.clear)
+        self.patches.call(pipe._caption_cache.clear)
 
     def _kept_modules(self, model: nn.Module) -> list[str]:
         keep = self.values["keep"]
@@ -160,23 +154,18 @@ class CastMethod(Method):
             return
         kept = self._kept_modules(model) if keep_fp32 else []
         skip = {id(m) for name in kept for m in model.get_submodule(name).modules()}
-        cast_tensors(model, self.dtype, skip, self._swaps)
+        cast_tensors(model, self.dtype, skip, self.patches)
         for name in kept:
-            boundary(model.get_submodule(name), original, self.dtype, self._swaps)
+            boundary(model.get_submodule(name), original, self.dtype, self.patches)
         self.kept += kept
         # pipelines call a VAE through decode()/encode(), not forward: guard each child it runs
         entries = list(model.children()) if hasattr(model, "decode") else [model]
         for entry in entries:  # the timestep stays float32: diffusers builds its sinusoid from it in float32
-            boundary(entry, self.dtype, original, self._swaps, exempt=("timestep", "timesteps"))
+            boundary(entry, self.dtype, original, self.patches, exempt=("timestep", "timesteps"))
         if hasattr(type(model), "dtype"):
             model.__dict__["_effdiff_dtype"] = original
-            self._swaps.klass(model, reporting_class(type(model)))
-            self._swaps.call(lambda: model.__dict__.pop("_effdiff_dtype", None))
-
-    def remove(self) -> None:
-        swaps = getattr(self, "_swaps", None)
-        if swaps is not None:
-            swaps.restore()
+            self.patches.klass(model, reporting_class(type(model)))
+            self.patches.call(lambda: model.__dict__.pop("_effdiff_dtype", None))
 
     def describe(self) -> str:
         kept = getattr(self, "kept", None)

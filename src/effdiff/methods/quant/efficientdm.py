@@ -15,7 +15,6 @@ from effdiff.context import StepContext, timestep_of
 from effdiff.methods.quant.fake import (
     BITS,
     FakeQuantLayer,
-    ForwardPatches,
     Grid,
     StaticActivation,
     TemporalActivation,
@@ -25,6 +24,7 @@ from effdiff.methods.quant.fake import (
 from effdiff.methods.quant.packed import LayerQuant
 from effdiff.methods.quant.ptq import QuantMethod, naive_layer
 from effdiff.methods.quant.qat import QALoRALayer
+from effdiff.patches import PatchLog
 from effdiff.registry import Paper, Param
 
 EFFICIENTDM = Paper("EfficientDM: Efficient Quantization-Aware Fine-Tuning of Low-Bit Diffusion Models", "2310.03270",
@@ -203,13 +203,13 @@ class EfficientDM(QuantMethod):
         generator = torch.Generator().manual_seed(v["seed"])
         qalora = {n: QALoRALayer(layers[n], inits[n], v["rank"], len(timesteps), generator) for n in order}
         distiller = Distiller(model, trajectory.calls, qalora, rows)
-        patches = ForwardPatches()
+        patches = PatchLog()
         frozen = [(p, p.requires_grad) for p in model.parameters()]
         try:
             for p, _ in frozen:
                 p.requires_grad_(False)
             for n in order:
-                patches.install(layers[n], qalora[n])
+                patches.attr(layers[n], "forward", qalora[n])
             before = distiller.loss()
             start = time.perf_counter()
             losses = distiller.train(v["iters"], v["batch"], v["lr"], v["lr_scale"], v["seed"])

@@ -424,22 +424,3 @@ class FakeQuantLayer:
             hidden = self._apply(x, down, None)
             out = out + (F.conv2d(hidden, up) if self.conv else F.linear(hidden, up))
         return out
-
-
-class ForwardPatches:
-    """Installs ``forward`` on module *instances* and puts back exactly what was there (usually nothing)."""
-
-    def __init__(self) -> None:
-        self._saved: list[tuple[nn.Module, bool, object]] = []
-
-    def install(self, module: nn.Module, forward: object) -> None:
-        self._saved.append((module, "forward" in vars(module), vars(module).get("forward")))
-        module.forward = forward
-
-    def restore(self) -> None:
-        while self._saved:
-            module, had, previous = self._saved.pop()
-            if had:
-                module.forward = previous
-            else:
-                vars(module).pop("forward", None)

@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from effdiff.adapters import adapter_for
 from effdiff.context import StepContext
 from effdiff.methods.quant import io, select
 from effdiff.methods.quant.kernels import (
@@ -26,7 +25,6 @@ from effdiff.methods.quant.kernels import (
     require_int8_engine,
 )
 from effdiff.methods.quant.select import Decision, summarize
-from effdiff.methods.quant.swap import Swaps
 from effdiff.registry import Method, Paper, Param, RecipeError
 
 INTEGER_ARITHMETIC = Paper("Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only "
@@ -49,19 +47,13 @@ class KernelQuant(Method):
     convs: ClassVar[bool] = True
 
     def apply(self, pipe: Any, ctx: StepContext) -> None:
-        self.adapter = adapter_for(pipe)
         self.model: nn.Module = self.adapter.model
         self.decisions: list[Decision] = []
-        self._swaps = Swaps()
         self.check_device(self.adapter.device)
-        try:
-            if self.values["load"]:
-                self._load(Path(self.values["load"]).expanduser())
-            else:
-                self._quantize()
-        except BaseException:
-            self.remove()
-            raise
+        if self.values["load"]:
+            self._load(Path(self.values["load"]).expanduser())
+        else:
+            self._quantize()
 
     def check_device(self, device: torch.device) -> None:
         """Refuse a device the kernels do not run on (before any weight is touched)."""
@@ -77,7 +69,7 @@ class KernelQuant(Method):
         self.decisions = self.plan()
         for d in self.decisions:
             if d.quantize:
-                self._swaps.module(self.model, d.name, self.convert(self.model.get_submodule(d.name)))
+                self.patches.module(self.model, d.name, self.convert(self.model.get_submodule(d.name)))
 
     def _load(self, path: Path) -> None:
         tensors, layers = io.read(path, self.name)
@@ -88,9 +80,9 @@ class KernelQuant(Method):
                 raise RecipeError(f"{self.name}: {path} quantizes layer {name!r}, which this denoiser does not "
                                   "have (saved from another architecture?)") from None
             layer = cls(tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors.get(f"{name}.bias"), **init)
-            self._swaps.module(self.model, name, layer)
+            self.patches.module(self.model, name, layer)
             self.decisions.append(Decision(name, type(old).__name__, True, "quantized"))
-        io.load_float_tensors(self.model, tensors, set(layers), self._swaps, path)
+        io.load_float_tensors(self.model, tensors, set(layers), self.patches, path)
 
     def save(self, path: str | Path) -> int:
         """Write the quantized denoiser to ``path`` (safetensors); returns the file size in bytes."""
@@ -100,11 +92,6 @@ class KernelQuant(Method):
 
     def quantized_layers(self) -> dict[str, nn.Module]:
         return {d.name: self.model.get_submodule(d.name) for d in self.decisions if d.quantize}
-
-    def remove(self) -> None:
-        swaps = getattr(self, "_swaps", None)
-        if swaps is not None:
-            swaps.restore()
 
     def describe(self) -> str:
         decisions = getattr(self, "decisions", None)

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from effdiff.methods.quant.kernels import LAYER_CLASSES
-from effdiff.methods.quant.swap import Swaps, split_name
+from effdiff.patches import PatchLog, split_name
 from effdiff.registry import RecipeError
 
 FORMAT = "effdiff-quant-1"
@@ -56,7 +56,7 @@ def read(path: Path, method: str) -> tuple[dict[str, torch.Tensor], dict[str, tu
     return tensors, layers
 
 
-def load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quantized: set[str], swaps: Swaps,
+def load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quantized: set[str], swaps: PatchLog,
                        path: Path) -> None:
     """Swap every tensor outside the integer layers for the file's (originals kept in ``swaps``)."""
     expected = {k for k in model.state_dict() if not any(k.startswith(q + ".") for q in quantized)}

@@ -18,12 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effdiff.adapters import Adapter, adapter_for
 from effdiff.context import StepContext
 from effdiff.methods.quant.fake import (
     BITS,
     FakeQuantLayer,
-    ForwardPatches,
     Grid,
     Observer,
     check_bits,
@@ -74,11 +72,9 @@ class QuantMethod(Method):
         check_bits(self.name, self.values["wbits"], self.values["abits"])
         self.layers: dict[str, LayerQuant] = {}
         self.info: dict[str, Any] = {}
-        self._patches = ForwardPatches()
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def apply(self, pipe: Any, ctx: StepContext) -> None:
-        self.adapter: Adapter = adapter_for(pipe)
         self.ctx = ctx
         model = self.adapter.model
         fingerprint = model_fingerprint(model)
@@ -101,10 +97,7 @@ class QuantMethod(Method):
                     _MEMO.popitem(last=False)
         modules = dict(model.named_modules())
         for name, record in self.layers.items():
-            self._patches.install(modules[name], self.make_layer(name, record, modules[name], ctx))
-
-    def remove(self) -> None:
-        self._patches.restore()
+            self.patches.attr(modules[name], "forward", self.make_layer(name, record, modules[name], ctx))
 
     def make_layer(self, name: str, record: LayerQuant, module: nn.Module, ctx: StepContext) -> FakeQuantLayer:
         """The fake-quant forward installed on ``module``; subclasses with extra stored state extend it."""

@@ -19,10 +19,10 @@ from torch import nn
 
 from effdiff.context import StepContext
 from effdiff.methods.cache.base import first_tensor
-from effdiff.methods.quant.fake import ForwardPatches
 from effdiff.methods.quant.observe import calibration_prompts, run_pipeline
 from effdiff.methods.quant.packed import LayerQuant
 from effdiff.methods.quant.ptq import PTQ, QDiffusion, QuantMethod
+from effdiff.patches import PatchLog
 from effdiff.registry import Paper, Param, RecipeError
 
 PTQD_PAPER = Paper("PTQD: Accurate Post-Training Quantization for Diffusion Models", "2305.10657", "NeurIPS 2023")
@@ -249,21 +249,15 @@ class PTQD(QuantMethod):
         self._default_guidance = None if guidance is None or guidance.default is inspect.Parameter.empty \
             else guidance.default
         self._guidance = self._default_guidance
-        self._step_patch: tuple[Any, bool, Any, Callable[..., Any]] | None = None
         self.absorbed: list[tuple[float, float, float]] = []  # (t, injected variance before, after) of the last call
         self.variance_notes: set[str] = set()
         super().apply(pipe, ctx)
         self.correction = Correction.from_info(self.info["correction"])
         model = self.adapter.model
-        self._patches.install(model, self._corrected(model.forward))
-        self._unreset = ctx.on_reset(self._new_call)
-
-    def remove(self) -> None:
-        self._unhook_step()
-        if getattr(self, "_unreset", None) is not None:
-            self._unreset()
-            self._unreset = None
-        super().remove()
+        self.patches.forward(model, self._corrected)
+        self.patches.call(ctx.on_reset(self._new_call))
+        if self.values["variance"]:
+            self.patches.call(ctx.wrap_step(self._step_filter))
 
     def prepare_call(self, arguments: dict[str, Any], explicit: frozenset[str]) -> None:
         self._guidance = arguments.get("guidance_scale", self._default_guidance)
@@ -294,13 +288,13 @@ class PTQD(QuantMethod):
         fake = {name: record.layer(modules[name]) for name, record in layers.items()}
         channels = prediction_channels(model)
         records: dict[float, list[Record]] = {}
-        swap, outer = ForwardPatches(), ForwardPatches()
+        swap, outer = PatchLog(), PatchLog()
         inner = model.forward
 
         def both(*args: Any, **kwargs: Any) -> Any:
             fp = inner(*args, **kwargs)
             for name, layer in fake.items():
-                swap.install(modules[name], layer)
+                swap.attr(modules[name], "forward", layer)
             try:
                 q = inner(*args, **kwargs)
             finally:
@@ -312,7 +306,7 @@ class PTQD(QuantMethod):
                                                 batched))
             return fp
 
-        outer.install(model, both)
+        outer.attr(model, "forward", both)
         try:
             run_pipeline(pipe, calibration_prompts(pipe, self.values["prompts"]), self.values["seed"],
                          self.values["steps"])
@@ -337,39 +331,18 @@ class PTQD(QuantMethod):
             t = self._ctx.timestep
             if t is None:
                 return out
-            if self.values["variance"]:
-                self._hook_step()
             return with_prediction(out, self.correction.apply(first_tensor(out), float(t)))
 
         return forward
 
-    def _hook_step(self) -> None:
-        """Wrap the pipeline's current ``scheduler.step`` on its instance, *on top of* the step-context hook
-        (installed at the call's start), so ``remove`` (methods first, then the hooks) unwinds in order."""
+    def _step_filter(self, call_next: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Run the solver step with the residual variance absorbed into its noise, where the scheduler allows."""
         scheduler = self._pipe.scheduler
-        current = vars(scheduler).get("step")
-        if self._step_patch is not None and self._step_patch[0] is scheduler and current is self._step_patch[3]:
-            return
-        self._unhook_step()
         reason = variance_support(scheduler)
         if reason is not None:
             self.variance_notes.add(reason)
-            return
-        wrapper = self._variance_step(scheduler, scheduler.step)
-        self._step_patch = (scheduler, "step" in vars(scheduler), current, wrapper)
-        scheduler.step = wrapper
-
-    def _unhook_step(self) -> None:
-        patch, self._step_patch = getattr(self, "_step_patch", None), None
-        if patch is None:
-            return
-        scheduler, had, previous, wrapper = patch
-        if vars(scheduler).get("step") is not wrapper:
-            return  # the step-context hook was taken off this scheduler and our wrapper with it
-        if had:
-            scheduler.step = previous
-        else:
-            vars(scheduler).pop("step", None)
+            return call_next(*args, **kwargs)
+        return self._variance_step(scheduler, call_next)(*args, **kwargs)
 
     def _variance_step(self, scheduler: Any, inner: Callable[..., Any]) -> Callable[..., Any]:
         from diffusers import DDPMScheduler
@@ -396,15 +369,12 @@ class PTQD(QuantMethod):
             if ddpm:
                 # DDPM's step takes no noise argument; it reads the variance from ``_get_variance`` (for this call)
                 value = torch.tensor(calibrated, dtype=scheduler.alphas_cumprod.dtype)
-                had, previous = "_get_variance" in vars(scheduler), vars(scheduler).get("_get_variance")
-                scheduler._get_variance = lambda *a, **k: value
+                variance = PatchLog()
+                variance.attr(scheduler, "_get_variance", lambda *a, **k: value)
                 try:
                     return inner(*args, **kwargs)
                 finally:
-                    if had:
-                        scheduler._get_variance = previous
-                    else:
-                        vars(scheduler).pop("_get_variance", None)
+                    variance.restore()
             output = arguments["model_output"]
             noise = arguments.get("variance_noise")
             if noise is None:  # the draw DDIM itself would make, so the random stream is unchanged

@@ -19,7 +19,6 @@ from torch import nn
 
 from effdiff.methods.quant.efficientdm import Call, Trajectory
 from effdiff.methods.quant.fake import (
-    ForwardPatches,
     Grid,
     Observer,
     grid_from_range,
@@ -31,6 +30,7 @@ from effdiff.methods.quant.observe import LayerInputs, target_layers
 from effdiff.methods.quant.packed import LayerQuant
 from effdiff.methods.quant.ptq import Moments, QDiffusion, adaround, static_activation
 from effdiff.methods.quant.tdq import timestep_ranges
+from effdiff.patches import PatchLog
 from effdiff.registry import Paper, Param, RecipeError
 
 TFMQ = Paper("TFMQ-DM: Temporal Feature Maintenance Quantization for Diffusion Models", "2311.16503", "CVPR 2024")
@@ -273,14 +273,14 @@ class TFMQ(QDiffusion):
                 record.activation(False, self.ctx))
             probes[n] = ReplayLayer(n, layers[n], StraightThrough(quantize) if quantize is not None else None, rows)
         features = [probes[n] for n in temporal_features(temporal)]
-        patches = ForwardPatches()
+        patches = PatchLog()
         frozen = [(p, p.requires_grad) for p in model.parameters()]
         out, errors = {}, []
         try:
             for p, _ in frozen:
                 p.requires_grad_(False)
             for n in temporal:
-                patches.install(layers[n], probes[n])
+                patches.attr(layers[n], "forward", probes[n])
             float_inputs = self._float_features(replay, probes)
             targets = {f.name: float_inputs[f.name][1] for f in features}
             embedders = [n for n in temporal if any(p in n for p in EMBEDDERS)]

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from effdiff.adapters import find_denoiser
+from effdiff.errors import RecipeError
 from effdiff.methods.solvers.schedulers import refuse_flow_matching
-from effdiff.registry import FAMILIES, Method, Paper, Param, RecipeError
+from effdiff.patches import PatchLog
+from effdiff.registry import FAMILIES, Method, Paper, Param
 
 AYS = Paper("Align Your Steps: Optimizing Sampling Schedules in Diffusion Models", "2404.14507", "ICML 2024")
 
@@ -51,14 +53,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 class _TimestepOverride:
     """Redirects ``scheduler.set_timesteps(n)`` to a custom list while one is set for that ``n``."""
 
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, patches: PatchLog) -> None:
         self.scheduler = scheduler
         self.schedule: list[int] | None = None
-        self._had = "set_timesteps" in vars(scheduler)
-        self._prev = vars(scheduler).get("set_timesteps")
-        self._inner = scheduler.set_timesteps
         self.warned = False
-        scheduler.set_timesteps = self._set_timesteps
+        self._inner = patches.attr(scheduler, "set_timesteps", self._set_timesteps)
 
     def _set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
                        **kwargs: Any) -> Any:
@@ -73,12 +72,6 @@ class _TimestepOverride:
             return self._inner(num_inference_steps, device=device, **kwargs)
         kwargs.pop("timesteps", None)
         return self._inner(device=device, timesteps=list(schedule), **kwargs)
-
-    def remove(self) -> None:
-        if self._had:
-            self.scheduler.set_timesteps = self._prev
-        else:
-            vars(self.scheduler).pop("set_timesteps", None)
 
 
 def _run(pipe: Any, prompts: list[str], steps: int, guidance: float, seed: int) -> torch.Tensor:
@@ -174,24 +167,18 @@ class AlignYourSteps(Method):
     }
 
     def apply(self, pipe: Any, ctx: Any) -> None:
-        self._pipe = pipe
-        self._original_scheduler = pipe.scheduler
         refuse_flow_matching(self.name, pipe)
         if not accepts_timesteps(pipe.scheduler):
             from diffusers import DPMSolverMultistepScheduler
 
-            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        self._override = _TimestepOverride(pipe.scheduler)
+            self.patches.attr(pipe, "scheduler", DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))
+        self._override = _TimestepOverride(pipe.scheduler, self.patches)
         try:
             self.record = self._schedule(pipe)
             self._override._inner(timesteps=self.record["timesteps"])  # fail now, not mid-call
         except ValueError as exc:
-            self.remove()
             name = type(pipe.scheduler).__name__
             raise RecipeError(f"ays cannot set custom timesteps on {name}: {exc}") from None
-        except BaseException:
-            self.remove()  # the handle only undoes methods that finished applying
-            raise
         self._override.schedule = list(self.record["timesteps"])
 
     def _prompts(self, pipe: Any) -> list[str]:
@@ -237,10 +224,3 @@ class AlignYourSteps(Method):
         record = getattr(self, "record", None)
         base = super().describe()
         return base if record is None else f"{base} timesteps={record['timesteps']}"
-
-    def remove(self) -> None:
-        override = getattr(self, "_override", None)
-        if override is not None:
-            override.remove()
-            self._override = None
-        self._pipe.scheduler = self._original_scheduler

@@ -118,13 +118,11 @@ class SchedulerMethod(Method):
     spec_: ClassVar[SchedulerSpec]
 
     def apply(self, pipe: Any, ctx: Any) -> None:
-        self._pipe = pipe
-        self._original = pipe.scheduler
         refuse_flow_matching(self.name, pipe)
         overrides = dict(self.spec_.config)
         if self.values.get("karras"):
             overrides["use_karras_sigmas"] = True
-        scheduler = scheduler_class(self.spec_.scheduler).from_config(self._original.config, **overrides)
+        scheduler = scheduler_class(self.spec_.scheduler).from_config(pipe.scheduler.config, **overrides)
         sigma = float(scheduler.init_noise_sigma)
         if sigma != 1.0 and not scales_initial_noise(pipe):
             raise RecipeError(
@@ -132,10 +130,7 @@ class SchedulerMethod(Method):
                 f"init_noise_sigma ({sigma:.3g} for {self.spec_.scheduler}), so it would start from the wrong noise "
                 "level; use a solver whose initial sigma is 1 (ddim, pndm, dpm*, unipc, deis)"
             )
-        pipe.scheduler = scheduler
-
-    def remove(self) -> None:
-        self._pipe.scheduler = self._original
+        self.patches.attr(pipe, "scheduler", scheduler)
 
     def prepare_call(self, arguments: dict[str, Any], explicit: frozenset[str]) -> None:
         if "num_inference_steps" not in explicit:
