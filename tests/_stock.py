@@ -22,6 +22,8 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -47,13 +49,13 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(_tokenizer_path(), model_max_length=TOKENS)
 
 
-def clip_text(width: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def clip_text(width: int, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
                             num_attention_heads=2, max_position_embeddings=TOKENS, projection_dim=width,
                             pad_token_id=0, bos_token_id=101, eos_token_id=102)  # MiniLM's [PAD], [CLS], [SEP]
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def t5_text(width: int):
@@ -109,8 +111,21 @@ def build_flux() -> FluxPipeline:
                         transformer=transformer)
 
 
+def build_sd3() -> StableDiffusion3Pipeline:
+    """Two joint blocks (the last one ``context_pre_only``, as in SD3) and no T5 (SD3 runs without it)."""
+    transformer = SD3Transformer2DModel(sample_size=SIZE // 2, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+                                        pos_embed_max_size=16)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=vae(4, shift_factor=0.1, scaling_factor=0.5),
+                                    text_encoder=clip_text(16, projection=True), tokenizer=tokenizer(),
+                                    text_encoder_2=clip_text(16, projection=True), tokenizer_2=tokenizer(),
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
 BUILDERS: dict[str, Callable[[], Any]] = {"sd": build_sd, "pixart": build_pixart, "dit": build_dit,
-                                          "flux": build_flux}
+                                          "flux": build_flux, "sd3": build_sd3}
 
 
 def build(name: str, seed: int = 0) -> Any:
@@ -132,6 +147,9 @@ def generate(name: str, pipe: Any, steps: int | None = 3, seed: int = 0) -> torc
         out = pipe(class_labels=[3], guidance_scale=2.0, output_type="np", **kwargs).images
     elif name == "flux":
         out = pipe(PROMPT, height=SIZE, width=SIZE, guidance_scale=3.5, max_sequence_length=TOKENS,
+                   output_type="pt", **kwargs).images
+    elif name == "sd3":
+        out = pipe(PROMPT, height=SIZE, width=SIZE, guidance_scale=3.0, max_sequence_length=TOKENS,
                    output_type="pt", **kwargs).images
     elif name == "pixart":
         out = pipe(PROMPT, height=SIZE, width=SIZE, guidance_scale=3.0, max_sequence_length=TOKENS,

@@ -1,5 +1,5 @@
-"""effdiff on *stock* diffusers pipelines: StableDiffusionPipeline, PixArtAlphaPipeline, DiTPipeline and
-FluxPipeline, each built offline from tiny random-init components (``tests/_stock.py``).
+"""effdiff on *stock* diffusers pipelines: StableDiffusionPipeline, PixArtAlphaPipeline, DiTPipeline,
+FluxPipeline and StableDiffusion3Pipeline, each built offline from tiny random-init components (``tests/_stock.py``).
 
 For every pipeline: a seeded baseline; each solver and each cache method that supports the backbone runs
 and gives the right shape; ``pipe.effdiff.remove()`` restores bit-identical outputs and leaves no patch
@@ -26,9 +26,10 @@ pytestmark = pytest.mark.usefixtures("private_cache")  # l2c trains its routers 
 
 STEPS = 3
 NAMES = tuple(BUILDERS)
-SHAPE = {"sd": (1, 3, SIZE, SIZE), "pixart": (1, 3, SIZE, SIZE), "dit": (1, SIZE, SIZE, 3), "flux": (1, 3, SIZE, SIZE)}
+SHAPE = {"sd": (1, 3, SIZE, SIZE), "pixart": (1, 3, SIZE, SIZE), "dit": (1, SIZE, SIZE, 3), "flux": (1, 3, SIZE, SIZE),
+         "sd3": (1, 3, SIZE, SIZE)}
 DENOISER = {"sd": "UNet2DConditionModel", "pixart": "PixArtTransformer2DModel", "dit": "DiTTransformer2DModel",
-            "flux": "FluxTransformer2DModel"}
+            "flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
 
 # Solvers that run: the DDPM-family pipelines take all of them, except that DiTPipeline never scales its
 # initial noise by init_noise_sigma (so Euler/Heun are refused there); Flux keeps its flow-matching sampler.
@@ -47,10 +48,13 @@ CACHES = {
     "l2c": ("l2c:steps=3,samples=1,epochs=2,fraction=0.3", "l2c:steps=3,samples=1,epochs=2,fraction=0"),
     "toca": ("toca:interval=2,ratio=0.5,attn=1,influence=1", "toca:interval=1"),
 }
-# Flux's two-stream (joint) blocks are not supported by the block-segment caches yet: refused in apply.
+# The MMDiTs (FLUX, SD3) run every DiT cache on both streams of their joint blocks; ToCa's token-wise
+# recomputation is written for BasicTransformerBlock sub-layers and is refused there.
+MMDIT_CACHES = ("fbcache", "taylorseer", "fora", "deltadit", "teacache", "l2c")
 RUNS = {"sd": ("fbcache", "taylorseer", "fora", "deepcache", "teacache", "faster", "l2c", "toca"),
         "pixart": ("fbcache", "taylorseer", "fora", "deltadit", "teacache", "l2c", "toca"),
-        "dit": ("fbcache", "taylorseer", "fora", "deltadit", "teacache", "l2c", "toca"), "flux": ("fora", "l2c")}
+        "dit": ("fbcache", "taylorseer", "fora", "deltadit", "teacache", "l2c", "toca"),
+        "flux": MMDIT_CACHES, "sd3": MMDIT_CACHES}
 CACHE_CASES = [(n, m) for n in NAMES for m in RUNS[n]]
 
 REFUSALS = [
@@ -61,11 +65,10 @@ REFUSALS = [
     ("pixart", "faster", "faster supports unet backbones, not PixArtTransformer2DModel"),
     ("dit", "faster", "faster supports unet backbones, not DiTTransformer2DModel"),
     ("flux", "faster", "faster supports unet backbones, not FluxTransformer2DModel"),
-    ("flux", "fbcache", "two-stream \\(joint\\) blocks"),
-    ("flux", "taylorseer:interval=2", "two-stream \\(joint\\) blocks"),
-    ("flux", "deltadit", "two-stream \\(joint\\) blocks"),
-    ("flux", "teacache", "two-stream \\(joint\\) blocks"),
     ("flux", "toca", "no BasicTransformerBlock"),
+    ("sd3", "toca", "no BasicTransformerBlock"),
+    ("sd3", "deepcache", "deepcache supports unet backbones, not SD3Transformer2DModel"),
+    ("sd3", "dpmpp2m:steps=3", "rectified flow"),
     ("flux", "fora+deltadit", "cannot be stacked"),
     ("flux", "euler:steps=3", "rectified flow"),
     ("flux", "dpmpp2m:steps=3", "rectified flow"),
@@ -129,7 +132,7 @@ def check_removed(name: str, pipe: Any, baseline: torch.Tensor, before: dict[str
 # --- tests ---------------------------------------------------------------------------------------------
 def test_registry_backbones_match_the_cases():
     """The cache cases above cover every registered cache method on every backbone it declares."""
-    kinds = {"sd": "unet", "pixart": "dit", "dit": "dit", "flux": "dit"}
+    kinds = {"sd": "unet", "pixart": "dit", "dit": "dit", "flux": "dit", "sd3": "dit"}
     caches = {n for n, cls in all_methods().items() if cls.family == "cache"}
     assert caches == set(CACHES)
     for name, kind in kinds.items():

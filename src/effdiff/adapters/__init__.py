@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from effdiff.adapters.base import PATTERNS, Adapter, BlockRef
+from effdiff.adapters.base import PATTERNS, STREAMS, Adapter, BlockRef, Streams
 from effdiff.adapters.dit import DiTAdapter, FluxAdapter, PixArtAdapter, SD3Adapter
 from effdiff.adapters.unet import UNet2DAdapter, UNet2DConditionAdapter
 from effdiff.errors import UnsupportedBackboneError
@@ -53,6 +53,6 @@ def adapter_for(pipe_or_model: Any) -> Adapter:
 
 
 __all__ = [
-    "ADAPTERS", "PATTERNS", "Adapter", "BlockRef", "UnsupportedBackboneError", "adapter_for",
+    "ADAPTERS", "PATTERNS", "STREAMS", "Adapter", "BlockRef", "Streams", "UnsupportedBackboneError", "adapter_for",
     "denoiser_attr", "find_denoiser",
 ]

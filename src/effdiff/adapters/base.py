@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -13,8 +13,50 @@ from torch import nn
 #   "unet_mid":  (hidden, temb, ...) -> hidden
 #   "unet_up":   (hidden, res_hidden_states_tuple, temb, ...) -> hidden
 #   "hidden":    (hidden, ...) -> hidden                         (DiT, PixArt)
-#   "joint":     (hidden, encoder_hidden, ...) -> (encoder_hidden, hidden)   (SD3, Flux)
+#   "joint":     (hidden, encoder_hidden, temb, ...) -> (encoder_hidden, hidden)   (SD3, Flux; SD3's last block
+#                returns None for encoder_hidden)
 PATTERNS = ("unet_down", "unet_mid", "unet_up", "hidden", "joint")
+# How the text and image tokens flow through a block (what a token method may touch):
+#   "single": image tokens only; text enters by cross-attention (SD U-Net, PixArt) or not at all (DiT)
+#   "joint":  two streams, image and text, each with its own weights, meeting in one attention (FLUX double
+#             blocks, SD3 joint blocks)
+#   "concat": one stream of text tokens followed by image tokens, the text part split off again at the end
+#             (FLUX single blocks)
+STREAMS = ("single", "joint", "concat")
+
+
+class Streams(NamedTuple):
+    """The token streams a block reads and writes: image ``hidden`` and, in joint blocks, text ``encoder``.
+
+    Arithmetic is stream-wise (``None`` stays ``None``), so a cache computes one residual, difference or
+    Taylor term for both streams of an MMDiT block with the code it uses for one.
+    """
+
+    hidden: torch.Tensor
+    encoder: torch.Tensor | None = None
+
+    def _zip(self, other: Streams, op: Any) -> Streams:
+        encoder = None if self.encoder is None or other.encoder is None else op(self.encoder, other.encoder)
+        return Streams(op(self.hidden, other.hidden), encoder)
+
+    def __add__(self, other: Any) -> Streams:  # type: ignore[override]
+        return self._zip(other, lambda a, b: a + b)
+
+    def __sub__(self, other: Streams) -> Streams:
+        return self._zip(other, lambda a, b: a - b)
+
+    def __mul__(self, factor: Any) -> Streams:  # type: ignore[override]
+        return Streams(self.hidden * factor, None if self.encoder is None else self.encoder * factor)
+
+    def __truediv__(self, divisor: Any) -> Streams:
+        return Streams(self.hidden / divisor, None if self.encoder is None else self.encoder / divisor)
+
+    def same_shapes(self, other: Streams) -> bool:
+        """Whether ``self - other`` is a residual (a U-Net segment cut at a skip branch changes the shape)."""
+        pairs = [(self.hidden, other.hidden)]
+        if self.encoder is not None and other.encoder is not None:
+            pairs.append((self.encoder, other.encoder))
+        return all(a.shape == b.shape for a, b in pairs)
 
 
 @dataclass
@@ -27,6 +69,33 @@ class BlockRef:
     key: int | str
     role: str
     pattern: str
+    streams: str = "single"
+
+    # --- reading and writing a call of this block, by its pattern --------------------------------------
+    def hidden_in(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The image-token (or U-Net feature map) input."""
+        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def streams_in(self, args: tuple, kwargs: dict) -> Streams:
+        hidden = self.hidden_in(args, kwargs)
+        if self.pattern != "joint":
+            return Streams(hidden)
+        encoder = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+        return Streams(hidden, encoder)
+
+    def streams_out(self, out: Any) -> Streams:
+        if self.pattern == "joint":
+            return Streams(out[1], out[0])
+        return Streams(out if isinstance(out, torch.Tensor) else out[0])
+
+    def hidden_out(self, out: Any) -> torch.Tensor:
+        return self.streams_out(out).hidden
+
+    def pack(self, streams: Streams) -> Any:
+        """What this block returns when its output is ``streams`` (skipped blocks, cached spans)."""
+        if self.pattern == "joint":
+            return streams.encoder, streams.hidden
+        return streams.hidden
 
     def replace(self, new: nn.Module) -> nn.Module:
         """Put ``new`` where the block was; returns the old module (keep it to restore)."""
@@ -85,10 +154,14 @@ class Adapter:
         return (f"{type(self.model).__name__} ({self.kind}): {len(blocks)} blocks, "
                 f"{len(self.attention())} attention modules, {len(self.linears())} linear layers")
 
+    def modulated_input(self, ref: BlockRef, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The block's timestep-modulated input (TeaCache's change signal) for one call of the block."""
+        return ref.hidden_in(args, kwargs)
+
     @staticmethod
-    def _list(model: nn.Module, attr: str, role: str, pattern: str) -> list[BlockRef]:
+    def _list(model: nn.Module, attr: str, role: str, pattern: str, streams: str = "single") -> list[BlockRef]:
         container: Any = getattr(model, attr, None)
         if container is None:
             return []
-        return [BlockRef(f"{attr}.{i}", block, container, i, role, pattern)
+        return [BlockRef(f"{attr}.{i}", block, container, i, role, pattern, streams)
                 for i, block in enumerate(container)]

@@ -1,6 +1,15 @@
-"""Diffusion-Transformer adapters: a flat list of transformer blocks (two lists for Flux)."""
+"""Diffusion-Transformer adapters: PixArt and DiT (single-stream), SD3 and FLUX (two-stream MMDiTs).
+
+Each adapter lists its blocks with the pattern they are called by and their stream layout, and knows
+where a block's timestep-modulated input is (TeaCache's change signal), so no method reads these
+diffusers internals itself.
+"""
 
 from __future__ import annotations
+
+from typing import Any
+
+import torch
 
 from effdiff.adapters.base import Adapter, BlockRef
 
@@ -12,21 +21,49 @@ class DiTAdapter(Adapter):
     def blocks(self) -> list[BlockRef]:
         return self._list(self.model, "transformer_blocks", "transformer", "hidden")
 
+    def modulated_input(self, ref: BlockRef, args: tuple, kwargs: dict) -> torch.Tensor:
+        """A ``BasicTransformerBlock``'s normalised, timestep-modulated input: PixArt's adaLN-single, DiT's
+        adaLN-zero; the plain input for blocks without a timestep modulation."""
+        block, hidden = ref.module, ref.hidden_in(args, kwargs)
+        norm_type = getattr(block, "norm_type", None)
+        timestep = kwargs.get("timestep")
+        if timestep is not None and norm_type == "ada_norm_single":
+            table = block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)
+            shift, scale = table.chunk(6, dim=1)[:2]
+            return block.norm1(hidden) * (1 + scale) + shift
+        if timestep is not None and norm_type == "ada_norm_zero":
+            return block.norm1(hidden, timestep, kwargs.get("class_labels"), hidden_dtype=hidden.dtype)[0]
+        return hidden
+
 
 class PixArtAdapter(DiTAdapter):
     model_class = "PixArtTransformer2DModel"
 
 
-class SD3Adapter(DiTAdapter):
+class _MMDiTAdapter(DiTAdapter):
+    """Joint blocks ``(hidden, encoder_hidden, temb, ...) -> (encoder_hidden, hidden)``; the modulated input is
+    the image stream through the first adaLN-zero (``norm1``), as TeaCache's FLUX code reads it."""
+
+    def modulated_input(self, ref: BlockRef, args: tuple, kwargs: dict) -> torch.Tensor:
+        hidden = ref.hidden_in(args, kwargs)
+        temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
+        norm = getattr(ref.module, "norm1", None)
+        if temb is None or norm is None:
+            return hidden
+        out: Any = norm(hidden, emb=temb)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class SD3Adapter(_MMDiTAdapter):
     model_class = "SD3Transformer2DModel"
 
     def blocks(self) -> list[BlockRef]:
-        return self._list(self.model, "transformer_blocks", "transformer", "joint")
+        return self._list(self.model, "transformer_blocks", "transformer", "joint", "joint")
 
 
-class FluxAdapter(DiTAdapter):
+class FluxAdapter(_MMDiTAdapter):
     model_class = "FluxTransformer2DModel"
 
     def blocks(self) -> list[BlockRef]:
-        return (self._list(self.model, "transformer_blocks", "transformer", "joint")
-                + self._list(self.model, "single_transformer_blocks", "single", "joint"))
+        return (self._list(self.model, "transformer_blocks", "transformer", "joint", "joint")
+                + self._list(self.model, "single_transformer_blocks", "single", "joint", "concat"))

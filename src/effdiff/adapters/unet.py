@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from effdiff.adapters.base import Adapter, BlockRef
 
 
@@ -21,6 +23,26 @@ class _UNetAdapter(Adapter):
         downs = [i for i, b in enumerate(blocks) if b.role == "down"]
         ups = [i for i, b in enumerate(blocks) if b.role == "up"]
         return list(zip(downs, reversed(ups), strict=False))
+
+    def modulated_input(self, ref: BlockRef, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The block's first resnet's normalised input plus its projection of the time embedding."""
+        hidden = ref.hidden_in(args, kwargs)
+        temb = kwargs.get("temb", args[1] if len(args) > 1 else None)
+        resnets = getattr(ref.module, "resnets", None)
+        if temb is None or not resnets:
+            return hidden
+        resnet = resnets[0]
+        proj = getattr(resnet, "time_emb_proj", None)
+        if proj is None or not hasattr(resnet, "norm1"):
+            return hidden
+        t = proj(resnet.nonlinearity(temb))[:, :, None, None]
+        h = resnet.norm1(hidden)
+        if getattr(resnet, "time_embedding_norm", "default") == "scale_shift" and t.shape[1] == 2 * h.shape[1]:
+            scale, shift = t.chunk(2, dim=1)
+            return h * (1 + scale) + shift
+        if t.shape[1] == h.shape[1]:
+            return h + t
+        return hidden
 
 
 class UNet2DConditionAdapter(_UNetAdapter):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
+from effdiff.adapters import Streams
 from effdiff.context import StepContext
 from effdiff.methods.cache.base import DELTADIT, FBCACHE, TAYLORSEER, refuse, relative_l1
 from effdiff.methods.cache.segment import SegmentCache
@@ -118,7 +117,7 @@ class TaylorSeer(_FrontBack):
     def _position(self, ctx: StepContext) -> float:
         return float(ctx.timestep) if ctx.timestep is not None else float(ctx.step_index)
 
-    def store(self, state: dict[str, Any], ctx: StepContext, feature: torch.Tensor) -> None:
+    def store(self, state: dict[str, Any], ctx: StepContext, feature: Streams) -> None:
         t = self._position(ctx)
         old, t_old = state.get("derivatives", []), state.get("t")
         new = [feature]
@@ -127,7 +126,7 @@ class TaylorSeer(_FrontBack):
                 new.append((new[i] - old[i]) / (t - t_old))
         state["derivatives"], state["t"], state["feature"] = new, t, feature
 
-    def estimate(self, state: dict[str, Any], ctx: StepContext) -> torch.Tensor:
+    def estimate(self, state: dict[str, Any], ctx: StepContext) -> Streams:
         derivatives = state["derivatives"]
         dt = self._position(ctx) - state["t"]
         out = derivatives[0]

@@ -15,16 +15,19 @@ On the U-Net the segment must be closed under the long skips (``front`` down blo
 up blocks run), so a skipped down block's skip features are only ever consumed by skipped up blocks;
 skipped U-Net blocks return their last computed output so the skip tuples keep their lengths. DiT
 blocks inside the segment return their input unchanged (free) and the exit block adds the estimate.
+
+Everything is kept as ``Streams``: on an MMDiT (FLUX, SD3) a segment's entry, residual and forecast
+carry the text stream beside the image stream, so the cached span returns both, in the block's own
+output layout (the adapter's ``BlockRef.pack``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from effdiff.adapters import Streams
 from effdiff.context import StepContext
-from effdiff.methods.cache.base import CacheMethod, Forward, first_tensor, hidden_of, refuse
+from effdiff.methods.cache.base import CacheMethod, Forward, refuse
 
 
 class SegmentCache(CacheMethod):
@@ -34,10 +37,6 @@ class SegmentCache(CacheMethod):
         self.refs = self.adapter.blocks()
         if not self.refs:
             raise refuse(self.name, f"{type(self.adapter.model).__name__} has no blocks to cache")
-        patterns = {ref.pattern for ref in self.refs}
-        if "joint" in patterns:
-            raise refuse(self.name, f"two-stream (joint) blocks of {type(self.adapter.model).__name__} are not "
-                                    "supported yet; supported: U-Nets and single-stream DiTs (PixArt, DiT)")
         self.unet = self.adapter.kind == "unet"
         if self.unet:
             roles = [ref.role for ref in self.refs]
@@ -62,11 +61,11 @@ class SegmentCache(CacheMethod):
         """Decide, at the segment's entry, whether to skip it this call (only honoured once a feature is kept)."""
         raise NotImplementedError
 
-    def store(self, state: dict[str, Any], ctx: StepContext, feature: torch.Tensor) -> None:
+    def store(self, state: dict[str, Any], ctx: StepContext, feature: Streams) -> None:
         """Keep the segment's residual (or deep feature) after a full computation."""
         state["feature"] = feature
 
-    def estimate(self, state: dict[str, Any], ctx: StepContext) -> torch.Tensor:
+    def estimate(self, state: dict[str, Any], ctx: StepContext) -> Streams:
         """The residual (or feature) to use on a skipped call."""
         return state["feature"]
 
@@ -88,36 +87,36 @@ class SegmentCache(CacheMethod):
         """The segment moved (Δ-DiT's stages): forget what belonged to the old one."""
 
     def _block(self, i: int, inner: Forward) -> Forward:
-        unet_pattern = self.refs[i].pattern.startswith("unet")
+        ref = self.refs[i]
+        unet_pattern = ref.pattern.startswith("unet")
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             state = self.current
             fwd = state["fwd"]
             lo, hi = fwd["lo"], fwd["hi"]
             if i == 0:
-                fwd["first_in"] = hidden_of(args, kwargs)
+                fwd["first_in"] = ref.hidden_in(args, kwargs)
             if i < lo or i >= hi:
                 out = inner(*args, **kwargs)
                 if i == lo - 1:
-                    fwd["front_out"] = first_tensor(out)
+                    fwd["front_out"] = ref.hidden_out(out)
                 return out
             if i == lo:
-                fwd["entry"] = hidden_of(args, kwargs)
+                fwd["entry"] = ref.streams_in(args, kwargs)
                 fwd["skip"] = self.skip(state, self._ctx, fwd) and "feature" in state
                 self.count(fwd["skip"])
             if not fwd["skip"]:
                 out = inner(*args, **kwargs)
                 if i == hi - 1:
-                    entry = fwd["entry"]
-                    residual = isinstance(out, torch.Tensor) and out.shape == entry.shape
-                    state["residual"] = residual
-                    self.store(state, self._ctx, out - entry if residual else out)
+                    entry, exit_ = fwd["entry"], ref.streams_out(out)
+                    state["residual"] = residual = exit_.same_shapes(entry)
+                    self.store(state, self._ctx, exit_ - entry if residual else exit_)
                 elif unet_pattern:
                     state["outputs"][i] = out
                 return out
             if i < hi - 1:
-                return state["outputs"][i] if unet_pattern else hidden_of(args, kwargs)
+                return state["outputs"][i] if unet_pattern else ref.pack(ref.streams_in(args, kwargs))
             estimate = self.estimate(state, self._ctx)
-            return fwd["entry"] + estimate if state["residual"] else estimate
+            return ref.pack(fwd["entry"] + estimate if state["residual"] else estimate)
 
         return forward

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from effdiff.adapters import find_denoiser
+from effdiff.adapters import Streams, find_denoiser
 from effdiff.context import StepContext
 from effdiff.methods.cache.base import FBCACHE, refuse, relative_l1
 from effdiff.methods.cache.segment import SegmentCache
@@ -56,44 +56,14 @@ def rescale(coefficients: list[float], x: float) -> float:
     return out
 
 
-def _modulated_dit(block: Any, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """PixArt (adaLN-single) / DiT (adaLN-zero): the first block's normalised, timestep-modulated input."""
-    norm_type = getattr(block, "norm_type", None)
-    timestep = kwargs.get("timestep")
-    if timestep is not None and norm_type == "ada_norm_single":
-        shift, scale = (block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)).chunk(6, dim=1)[:2]
-        return block.norm1(hidden) * (1 + scale) + shift
-    if timestep is not None and norm_type == "ada_norm_zero":
-        return block.norm1(hidden, timestep, kwargs.get("class_labels"), hidden_dtype=hidden.dtype)[0]
-    return hidden
-
-
-def _modulated_unet(block: Any, hidden: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
-    """U-Net: the first resnet's normalised input plus its projection of the time embedding."""
-    resnets = getattr(block, "resnets", None)
-    if temb is None or not resnets:
-        return hidden
-    resnet = resnets[0]
-    proj = getattr(resnet, "time_emb_proj", None)
-    if proj is None or not hasattr(resnet, "norm1"):
-        return hidden
-    t = proj(resnet.nonlinearity(temb))[:, :, None, None]
-    h = resnet.norm1(hidden)
-    if getattr(resnet, "time_embedding_norm", "default") == "scale_shift" and t.shape[1] == 2 * h.shape[1]:
-        scale, shift = t.chunk(2, dim=1)
-        return h * (1 + scale) + shift
-    if t.shape[1] == h.shape[1]:
-        return h + t
-    return hidden
-
-
 class TeaCache(SegmentCache):
     """Skip all blocks while the accumulated, rescaled change of the timestep-modulated input stays small.
 
     Paper: Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model"
     (arXiv 2411.19108, CVPR 2025). At every denoiser call the relative L1 change of the first block's
     timestep-modulated input (PixArt: its adaLN-single normalised and modulated hidden states; DiT: its
-    adaLN-zero output; U-Net: the first resnet's normalised input plus its time-embedding projection)
+    adaLN-zero output; FLUX/SD3: the image stream through the first joint block's adaLN-zero, as the
+    authors' FLUX code reads it; U-Net: the first resnet's normalised input plus its time-embedding projection)
     against the previous call is mapped to an estimate of the output change by the polynomial
     ``sum_i c_i x^i`` (``coefficients``, fitted by ``effdiff calibrate``) and accumulated. While the sum
     stays below ``threshold`` the blocks are skipped and the residual of the whole block span (DiT: last
@@ -197,13 +167,8 @@ class TeaCache(SegmentCache):
 
     def _modulated(self, forward: dict[str, Any]) -> torch.Tensor:
         args, kwargs = forward["call"]
-        hidden = forward["entry"]
-        block = self.refs[0].module
         with torch.no_grad():
-            if self.unet:
-                temb = kwargs.get("temb", args[1] if len(args) > 1 else None)
-                return _modulated_unet(block, hidden, temb)
-            return _modulated_dit(block, hidden, kwargs)
+            return self.adapter.modulated_input(self.refs[0], args, kwargs)
 
     def skip(self, state: dict[str, Any], ctx: StepContext, forward: dict[str, Any]) -> bool:
         modulated = self._modulated(forward)
@@ -221,11 +186,11 @@ class TeaCache(SegmentCache):
         state["acc"] = 0.0
         return False
 
-    def store(self, state: dict[str, Any], ctx: StepContext, feature: torch.Tensor) -> None:
+    def store(self, state: dict[str, Any], ctx: StepContext, feature: Streams) -> None:
         super().store(state, ctx, feature)
         if self.recording:
             forward = state["fwd"]
-            out = forward["entry"] + feature if state["residual"] else feature
+            out = (forward["entry"] + feature if state["residual"] else feature).hidden
             previous = state.get("exit")
             if previous is not None and forward["change"] != float("inf"):
                 self.trace.append((ctx.step_index, forward["change"], relative_l1(out, previous)))
