@@ -15,7 +15,9 @@ import inspect
 from typing import Any
 
 from effdiff.adapters import adapter_for, denoiser_attr
+from effdiff.adapters.compiled import block_compiler, compile_regions, decompile, how_compiled
 from effdiff.context import ContextHooks, StepContext
+from effdiff.patches import PatchLog
 from effdiff.recipe import RecipeError, RecipeLike, build, check, order, to_string
 from effdiff.registry import Method
 
@@ -26,18 +28,31 @@ class EffdiffHandle:
     def __init__(self, pipe: Any, methods: list[Method]) -> None:
         self.pipe = pipe
         self.methods: list[Method] = []
+        self.regions = 0
         self.context = StepContext()
         self.adapter = adapter_for(pipe)
         self._base_class = type(pipe)
         self._signature = inspect.signature(self._base_class.__call__)
-        self._hooks = ContextHooks(self.context, getattr(pipe, denoiser_attr(pipe)))
+        self._core = PatchLog()  # the core's own edits: a compiled denoiser recompiled by regions
+        attr = denoiser_attr(pipe)
+        self.compiled = None if all(m.graph_safe for m in methods) else how_compiled(getattr(pipe, attr))
+        compiler = None
+        if self.compiled is not None:
+            compiler = block_compiler(getattr(pipe, attr))
+            decompile(pipe, attr, self._core)
+        self._hooks = ContextHooks(self.context, getattr(pipe, attr))
         self.active = True
         pipe.__class__ = _call_class(self._base_class)
         pipe.__dict__["effdiff"] = self
         try:
             for method in methods:
-                method.attach(pipe, self.context, self.adapter)
+                method.attach(pipe, self.context, self.adapter, tuple(methods), indirect=compiler is not None)
                 self.methods.append(method)
+                compiler = compiler or method.region_compiler()
+            if compiler is not None:
+                blocks = [ref.module for ref in self.adapter.blocks()]
+                self.regions = compile_regions(self.adapter.model, blocks, [m.patches for m in self.methods],
+                                               compiler, self._core)
         except BaseException:
             self.remove()
             raise
@@ -49,6 +64,8 @@ class EffdiffHandle:
     def describe(self) -> str:
         """One line per active method with its parameters, in application order."""
         head = f"effdiff on {type(self.adapter.model).__name__} ({self.adapter.kind})"
+        if self.compiled and self.active:
+            head += f", compiled ({self.compiled}) as {self.regions} regions beneath the methods' patches"
         if not self.active:
             return head + ": removed, no methods active"
         if not self.methods:
@@ -77,6 +94,7 @@ class EffdiffHandle:
         while self.methods:
             self.methods.pop().detach()
         self._hooks.remove()
+        self._core.restore()
         if type(self.pipe) is not self._base_class:
             self.pipe.__class__ = self._base_class
         self.active = False

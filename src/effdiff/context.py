@@ -138,6 +138,7 @@ class ContextHooks:
             vars(self._scheduler).pop("step", None)
         self._scheduler = None
 
+    @torch.compiler.disable  # Python bookkeeping: never traced into (or guarded by) a compiled denoiser's graph
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ctx = self.ctx
         if self._new_call:

@@ -25,11 +25,32 @@ def split_name(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), attr
 
 
-class PatchLog:
-    """Undo log of one method's edits; ``restore`` replays it backwards and empties it."""
+class Indirection:
+    """The forward a patch wraps, reached through a target the core may later swap for a compiled one.
 
-    def __init__(self) -> None:
+    Under a compiled denoiser the core compiles *beneath* the methods' patches (``adapters/compiled.py``):
+    the patch's Python decisions stay eager and what it calls is compiled. The patch is made before the
+    core knows which modules end up patched, so it holds this indirection rather than the forward itself.
+    """
+
+    def __init__(self, target: Forward) -> None:
+        self.target = target
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.target(*args, **kwargs)
+
+
+class PatchLog:
+    """Undo log of one method's edits; ``restore`` replays it backwards and empties it.
+
+    ``indirect``: every ``forward`` patch wraps an ``Indirection`` (listed in ``wrapped``), so the core can
+    compile what the patch calls.
+    """
+
+    def __init__(self, indirect: bool = False) -> None:
         self._undo: list[Callable[[], None]] = []
+        self.indirect = indirect
+        self.wrapped: list[tuple[nn.Module, Indirection]] = []
 
     def __len__(self) -> int:
         return len(self._undo)
@@ -46,7 +67,11 @@ class PatchLog:
 
     def forward(self, module: nn.Module, make: Callable[[Forward], Forward]) -> None:
         """Replace ``module.forward`` on the instance by ``make(current forward)``."""
-        self.attr(module, "forward", make(module.forward))
+        inner: Forward = module.forward
+        if self.indirect:
+            inner = Indirection(inner)
+            self.wrapped.append((module, inner))
+        self.attr(module, "forward", make(inner))
 
     def tensor(self, module: nn.Module, name: str, new: torch.Tensor) -> None:
         """Replace parameter or buffer ``name`` of ``module`` (not a copy into it: the original stays intact)."""
@@ -80,3 +105,4 @@ class PatchLog:
     def restore(self) -> None:
         while self._undo:
             self._undo.pop()()
+        self.wrapped = []

@@ -7,6 +7,7 @@ core (``recipe.py``) decides order and compatibility from those declarations alo
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,11 +24,13 @@ BACKBONES: frozenset[str] = frozenset({"unet", "dit"})
 
 @dataclass(frozen=True)
 class Paper:
-    """The publication a method implements; ``arxiv`` links the registry to the catalogue."""
+    """The publication a method implements; ``arxiv`` links the registry to the catalogue, ``url`` cites a paper
+    that is not on arXiv (a DOI)."""
 
     title: str
     arxiv: str | None = None
     venue: str | None = None
+    url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class Method:
     paper: ClassVar[Paper | None] = None
     summary: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()  # other names users know it by ("dpm++" for dpmpp2m)
+    # False: the method decides per step in Python (caches, token methods); under it a compiled denoiser is
+    # compiled per block, so those decisions never become graph guards (``adapters/compiled.py``)
+    graph_safe: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -160,24 +166,35 @@ class Method:
         return f"<{type(self).__name__} {self.spec()}>"
 
     # --- lifecycle -------------------------------------------------------------------------------
-    # The handle sets ``self.adapter`` (the denoiser's structural view) and a fresh ``self.patches`` (the undo
-    # log) before ``apply``, and calls ``remove`` then ``self.patches.restore()`` to take the method off.
+    # The handle sets ``self.adapter`` (the denoiser's structural view), a fresh ``self.patches`` (the undo
+    # log) and ``self.recipe`` (every method of the recipe, in order) before ``apply``, and calls ``remove``
+    # then ``self.patches.restore()`` to take the method off.
     adapter: Adapter
+    recipe: tuple[Method, ...] = ()
 
     def apply(self, pipe: Any, ctx: StepContext) -> None:
         """Patch ``pipe`` in place, every change through ``self.patches`` (which ``remove`` unwinds)."""
         raise NotImplementedError
 
-    def attach(self, pipe: Any, ctx: StepContext, adapter: Adapter) -> None:
-        """What the handle runs: a fresh undo log, the adapter, then ``apply``; unwound if ``apply`` fails."""
-        self.patches = PatchLog()
+    def attach(self, pipe: Any, ctx: StepContext, adapter: Adapter, recipe: tuple[Method, ...] = (),
+               indirect: bool = False) -> None:
+        """What the handle runs: a fresh undo log, the adapter, then ``apply``; unwound if ``apply`` fails.
+
+        ``indirect``: the denoiser is compiled beneath the patches (``PatchLog``'s indirections).
+        """
+        self.patches = PatchLog(indirect)
         self.adapter = adapter
+        self.recipe = recipe
         try:
             self.apply(pipe, ctx)
         except BaseException:
             self.detach()
             raise
         self.applied = True
+
+    def region_compiler(self) -> Callable[[Callable[..., Any]], Callable[..., Any]] | None:
+        """A compiler the core should apply beneath the patches of the methods after this one (``compile``)."""
+        return None
 
     def remove(self) -> None:
         """Drop what the undo log does not hold (caches, statistics); the patches themselves unwind after."""
@@ -199,8 +216,23 @@ def _fmt(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+_LOADED = False
+
+
 def _ensure_loaded() -> None:
-    import effdiff.methods  # noqa: F401  (registers the bundled methods)
+    """Import every module under ``effdiff.methods`` once: a method registers itself by being defined, so a new
+    method is one new file and no list anywhere names it."""
+    global _LOADED
+    if _LOADED:
+        return
+    import importlib
+    import pkgutil
+
+    import effdiff.methods
+
+    for info in pkgutil.walk_packages(effdiff.methods.__path__, "effdiff.methods."):
+        importlib.import_module(info.name)
+    _LOADED = True
 
 
 def all_methods() -> dict[str, type[Method]]:

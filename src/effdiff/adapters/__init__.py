@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from effdiff.adapters.base import PATTERNS, STREAMS, Adapter, BlockRef, Streams
+from effdiff.adapters.compiled import unwrap
 from effdiff.adapters.dit import DiTAdapter, FluxAdapter, PixArtAdapter, SD3Adapter
 from effdiff.adapters.unet import UNet2DAdapter, UNet2DConditionAdapter
 from effdiff.errors import UnsupportedBackboneError
@@ -22,13 +23,14 @@ DENOISER_ATTRS = ("unet", "transformer")
 
 
 def find_denoiser(pipe: Any) -> nn.Module:
-    """The pipeline's denoiser module, or an error naming what was looked for."""
+    """The pipeline's denoiser module (the module inside a ``torch.compile`` wrapper), or an error naming what
+    was looked for."""
     if isinstance(pipe, nn.Module):
-        return pipe
+        return unwrap(pipe)
     for attr in DENOISER_ATTRS:
         model = getattr(pipe, attr, None)
         if isinstance(model, nn.Module):
-            return model
+            return unwrap(model)
     raise UnsupportedBackboneError(
         f"{type(pipe).__name__} has no denoiser at .unet or .transformer, so effdiff cannot accelerate it"
     )

@@ -1,3 +1,1 @@
-"""Bundled methods; importing a subpackage registers its methods."""
-
-from effdiff.methods import cache, quant, solvers, tokens  # noqa: F401
+"""Bundled methods, one family per subpackage; the registry discovers (imports) every module here."""

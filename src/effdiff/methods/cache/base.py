@@ -110,6 +110,7 @@ class CacheMethod(Method):
     family = "cache"
     after = ("solver",)
     exclusive = ("feature cache",)
+    graph_safe = False
 
     def apply(self, pipe: Any, ctx: StepContext) -> None:
         self._ctx = ctx
@@ -128,6 +129,7 @@ class CacheMethod(Method):
     def _reset(self) -> None:
         self.stats = CacheStats()
 
+    @torch.compiler.disable
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ctx = self._ctx
         branch = ctx.state(self)

@@ -103,6 +103,7 @@ class TokenMethod(CacheMethod):
     def install(self, index: int, block: TokenBlock) -> None:
         raise NotImplementedError
 
+    @torch.compiler.disable
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         super()._pre_forward(module, args, kwargs)
         sample = hidden_of(args, kwargs)

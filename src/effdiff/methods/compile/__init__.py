@@ -1,0 +1,1 @@
+"""torch.compile as a recipe step."""
