@@ -21,14 +21,15 @@ class Compile(Method):
     """Compile the denoiser with ``torch.compile`` (TorchDynamo + Inductor).
 
     Paper: Ansel et al., PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode Transformation
-    and Graph Compilation (ASPLOS 2024, doi 10.1145/3620665.3640366). ``scope=model`` compiles the whole
-    denoiser in place, as ``unet.compile()`` does; ``scope=blocks`` compiles by regions (the core's ``compile_regions``: every block
-    untouched by a later method whole, and beneath each patch the module it wraps). ``auto`` picks
-    ``blocks`` when the recipe holds a method that decides per step in Python (caches, token methods):
-    compiled under their patches those decisions stay eager instead of becoming guards that recompile
-    every step. Applied after
-    weight-changing methods (quantization, pruning) so it compiles what they leave, before the caches.
-    The first call pays the compilation; the bench times it apart from the steady state.
+    and Graph Compilation (ASPLOS 2024, doi 10.1145/3620665.3640366).
+
+    ``scope=model`` compiles the whole denoiser in place, as ``unet.compile()`` does. ``scope=blocks``
+    compiles by regions (the core's ``compile_regions``: every block no later method touches, whole, and
+    beneath each patch the module it wraps). ``auto`` picks ``blocks`` when the recipe holds a method that
+    decides per step in Python (caches, token methods): compiled under their patches those decisions stay
+    eager instead of becoming guards that recompile every step. Applied after weight-changing methods
+    (quantization, pruning) so it compiles what they leave, before the caches. The first call pays the
+    compilation.
     """
 
     name = "compile"
