@@ -157,3 +157,13 @@ def generate(name: str, pipe: Any, steps: int | None = 3, seed: int = 0) -> torc
     else:
         out = pipe(PROMPT, height=SIZE, width=SIZE, guidance_scale=3.0, output_type="pt", **kwargs).images
     return torch.as_tensor(out)
+
+
+def snapshot(pipe: Any) -> dict[str, Any]:
+    """What accelerate may touch: class, scheduler, instance ``forward`` attributes, hooks on every module."""
+    modules = [m for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()]
+    return {
+        "class": type(pipe), "scheduler": pipe.scheduler, "step": vars(pipe.scheduler).get("step"),
+        "forwards": sum("forward" in vars(m) for m in modules),
+        "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in modules),
+    }

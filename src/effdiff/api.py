@@ -133,14 +133,15 @@ def accelerate(pipe: Any, recipe: RecipeLike) -> Any:
     """Apply ``recipe`` to ``pipe`` in place and return it; refusals happen before any compute."""
     adapter = adapter_for(pipe)
     device = adapter.device.type
-    new = build(recipe, adapter.kind, device, type(adapter.model).__name__)
+    target = (adapter.kind, device, type(adapter.model).__name__, adapter.stream_layouts())
+    new = build(recipe, *target)
     handle: EffdiffHandle | None = pipe.__dict__.get("effdiff")
     if handle is None or not handle.active:
         EffdiffHandle(pipe, new)
         return pipe
     _refuse_repeats(handle.methods, new)
     combined = handle.methods + new
-    check(combined, adapter.kind, device, type(adapter.model).__name__)
+    check(combined, *target)
     combined = order(combined)
     previous = list(handle.methods)
     handle.remove()

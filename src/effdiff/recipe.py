@@ -98,8 +98,9 @@ def order(methods: Sequence[Method]) -> list[Method]:
 
 
 def check(methods: Sequence[Method], kind: str | None = None, device: str | None = None,
-          backbone_name: str = "") -> None:
-    """Refuse duplicates, clashes over an exclusive resource, and unsupported backbones or devices."""
+          backbone_name: str = "", streams: frozenset[str] | None = None) -> None:
+    """Refuse duplicates, clashes over an exclusive resource, and unsupported backbones, block stream layouts
+    (``streams``: those of the denoiser's blocks, from its adapter) or devices."""
     seen: dict[str, Method] = {}
     for m in methods:
         if m.name in seen:
@@ -114,15 +115,20 @@ def check(methods: Sequence[Method], kind: str | None = None, device: str | None
         if kind is not None and kind not in m.backbones:
             what = f"{backbone_name} ({kind})" if backbone_name else kind
             raise RecipeError(f"{m.name} supports {'/'.join(sorted(m.backbones))} backbones, not {what}")
+        if streams is not None and not streams <= m.streams:
+            what = backbone_name or "this denoiser"
+            raise RecipeError(f"{m.name} works on {'/'.join(sorted(m.streams))}-stream blocks; {what} has "
+                              f"{'/'.join(sorted(streams - m.streams))}-stream blocks (text and image tokens in "
+                              "one attention), which it does not support yet")
         if device is not None and device not in m.devices:
             raise RecipeError(f"{m.name} runs on {'/'.join(sorted(m.devices))}, not on {device}")
 
 
 def build(recipe: RecipeLike, kind: str | None = None, device: str | None = None,
-          backbone_name: str = "") -> list[Method]:
+          backbone_name: str = "", streams: frozenset[str] | None = None) -> list[Method]:
     """parse -> check -> order: what ``accelerate`` applies."""
     methods = parse(recipe)
-    check(methods, kind, device, backbone_name)
+    check(methods, kind, device, backbone_name, streams)
     return order(methods)
 
 

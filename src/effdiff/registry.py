@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 FAMILIES: tuple[str, ...] = ("solver", "cache", "tokens", "quant", "prune", "distill", "parallel", "compile")
 BACKBONES: frozenset[str] = frozenset({"unet", "dit"})
+STREAMS: frozenset[str] = frozenset({"single", "joint", "concat"})  # block stream layouts (adapters/base.py)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Method:
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     backbones: ClassVar[frozenset[str]] = BACKBONES
+    streams: ClassVar[frozenset[str]] = STREAMS  # block stream layouts it handles (MMDiTs: joint, concat)
     devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "mps"})
     params: ClassVar[dict[str, Param]] = {}
     after: ClassVar[tuple[str, ...]] = ()
@@ -109,6 +111,9 @@ class Method:
     # False: the method decides per step in Python (caches, token methods); under it a compiled denoiser is
     # compiled per block, so those decisions never become graph guards (``adapters/compiled.py``)
     graph_safe: ClassVar[bool] = True
+    # Recipes the conformance tester runs on every stock pipeline: "noop" computes exactly what the pipeline
+    # computes without the method (bit for bit); "skips" skips or reduces work within three steps.
+    examples: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -131,6 +136,7 @@ class Method:
         unknown = [k for k in values if k not in self.params]
         if unknown:
             raise RecipeError(self._unknown_param_message(unknown[0]))
+        self.given = frozenset(k for k, v in values.items() if v is not None)  # what the recipe set explicitly
         self.values: dict[str, Any] = {}
         for key, spec in self.params.items():
             raw = values.get(key, spec.default)

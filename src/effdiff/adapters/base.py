@@ -130,6 +130,10 @@ class Adapter:
     def blocks(self) -> list[BlockRef]:
         raise NotImplementedError
 
+    def stream_layouts(self) -> frozenset[str]:
+        """The stream layouts of the blocks (``STREAMS``); what a method's declared ``streams`` must cover."""
+        return frozenset(ref.streams for ref in self.blocks())
+
     def skips(self) -> list[tuple[int, int]]:
         """(index of producing block, index of consuming block) in ``blocks()``; empty for DiTs."""
         return []

@@ -129,16 +129,25 @@ def test_grid_smaller_than_stride_is_an_error_not_a_silent_skip():
         sample(pipe, steps=1)
 
 
-def test_no_block_at_the_level_is_refused_with_the_levels():
+def test_no_block_at_an_explicit_level_is_refused_with_the_levels():
     with pytest.raises(RecipeError, match=r"run at downsample 2\); raise max_downsample"):
-        effdiff.accelerate(make_tiny_sd(), "tome")
+        effdiff.accelerate(make_tiny_sd(), "tome:max_downsample=1")
 
 
-def test_unsupported_backbone_refused():
-    with pytest.raises(RecipeError, match="no BasicTransformerBlock"):
-        effdiff.accelerate(build("flux"), "tome")
-    with pytest.raises(RecipeError, match="no BasicTransformerBlock"):
-        effdiff.accelerate(build("flux"), "atedm")
+def test_default_level_falls_back_to_the_shallowest_attention():
+    """tiny-sd's attention starts at downsample 2: the default merges there instead of refusing."""
+    pipe = make_tiny_sd()
+    baseline = sample(pipe, steps=STEPS)
+    effdiff.accelerate(pipe, "tome")
+    method = pipe.effdiff.methods[0]
+    assert {b.level for b in method.blocks} == {2} and "downsample 2" in method.describe()
+    assert not torch.equal(sample(pipe, steps=STEPS), baseline)
+
+
+def test_joint_stream_backbones_refused():
+    for recipe in ("tome", "atedm"):
+        with pytest.raises(RecipeError, match="works on single-stream blocks"):
+            effdiff.accelerate(build("flux"), recipe)
 
 
 @pytest.mark.parametrize("name", ["sd", "pixart", "dit"])

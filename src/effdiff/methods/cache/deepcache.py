@@ -46,6 +46,7 @@ class DeepCache(CacheMethod):
     """
 
     name = "deepcache"
+    examples = {"noop": "deepcache:interval=1", "skips": "deepcache:interval=2"}
     backbones = frozenset({"unet"})
     paper = DEEPCACHE
     summary = "reuse deep U-Net features, recompute the shallow skip branch (static 1:N schedule)"

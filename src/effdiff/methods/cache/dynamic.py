@@ -54,6 +54,7 @@ class FirstBlockCache(_FrontBack):
     """
 
     name = "fbcache"
+    examples = {"noop": "fbcache:threshold=0", "skips": "fbcache:threshold=10"}
     paper = FBCACHE
     min_front = 1
     summary = "dynamic: skip the blocks after the first while its residual barely changes (U-Net and DiT)"
@@ -100,6 +101,7 @@ class TaylorSeer(_FrontBack):
     """
 
     name = "taylorseer"
+    examples = {"noop": "taylorseer:interval=1", "skips": "taylorseer:interval=2,warmup=1"}
     paper = TAYLORSEER
     summary = "forecast skipped steps' features with a Taylor expansion of cached ones (U-Net and DiT)"
     params = {
@@ -147,6 +149,7 @@ class DeltaDiT(SegmentCache):
     """
 
     name = "deltadit"
+    examples = {"noop": "deltadit:interval=1", "skips": "deltadit:interval=2"}
     backbones = frozenset({"dit"})
     paper = DELTADIT
     summary = "cache the deviation of rear DiT blocks early, front blocks late"

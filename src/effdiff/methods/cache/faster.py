@@ -61,6 +61,7 @@ class FasterDiffusion(CacheMethod):
     """
 
     name = "faster"
+    examples = {"noop": "faster:schedule=uniform,interval=1", "skips": "faster:schedule=uniform,interval=2"}
     backbones = frozenset({"unet"})
     paper = FASTER
     summary = "encoder propagation: skip the U-Net encoder at non-key steps, reuse its features in the decoder"

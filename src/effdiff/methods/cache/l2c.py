@@ -89,6 +89,8 @@ class LearningToCache(CacheMethod):
     """
 
     name = "l2c"
+    examples = {"noop": "l2c:steps=3,samples=1,epochs=2,fraction=0",
+                "skips": "l2c:steps=3,samples=1,epochs=2,fraction=0.3"}
     paper = L2C
     summary = "learned per-step, per-layer router: which attention/MLP outputs to reuse (trained, saved, reused)"
     params = {

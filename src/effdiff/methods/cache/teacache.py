@@ -75,6 +75,7 @@ class TeaCache(SegmentCache):
     """
 
     name = "teacache"
+    examples = {"noop": "teacache:threshold=0", "skips": "teacache:threshold=10,calibration=none"}
     paper = TEACACHE
     summary = "dynamic: skip the denoiser while the accumulated rescaled modulated-input change is small"
     params = {
@@ -88,7 +89,6 @@ class TeaCache(SegmentCache):
 
     def __init__(self, **values: Any) -> None:
         super().__init__(**values)
-        self.explicit = frozenset(k for k, v in values.items() if v is not None)
         self.coefficients = parse_coefficients(self.values["coefficients"])
         self.threshold = self.values["threshold"]
         self.source = "parameters"
@@ -103,7 +103,7 @@ class TeaCache(SegmentCache):
 
     def _load_calibration(self, pipe: Any) -> None:
         given = self.values["calibration"].strip()
-        if given.lower() in NO_CALIBRATION or {"coefficients", "threshold"} <= self.explicit:
+        if given.lower() in NO_CALIBRATION or {"coefficients", "threshold"} <= self.given:
             return
         fingerprint = model_fingerprint(find_denoiser(pipe))
         if given:
@@ -118,9 +118,9 @@ class TeaCache(SegmentCache):
             record, path = self._find_default(pipe, fingerprint)
             if record is None:
                 return
-        if "coefficients" not in self.explicit:
+        if "coefficients" not in self.given:
             self.coefficients = [float(c) for c in record["coefficients"]]
-        if "threshold" not in self.explicit:
+        if "threshold" not in self.given:
             self.threshold = float(record["threshold"])
         self.source = str(path)
 

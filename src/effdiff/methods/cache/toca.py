@@ -138,6 +138,7 @@ class ToCa(TokenMethod):
     """
 
     name = "toca"
+    examples = {"noop": "toca:interval=1", "skips": "toca:interval=2,ratio=0.5,attn=1,influence=1"}
     family = "cache"
     exclusive = ("feature cache",)
     paper = TOCA

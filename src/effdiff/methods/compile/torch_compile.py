@@ -33,6 +33,7 @@ class Compile(Method):
     """
 
     name = "compile"
+    examples = {"noop": "compile:backend=eager"}
     family = "compile"
     paper = PYTORCH2
     after = ("solver", "quant", "prune", "distill")

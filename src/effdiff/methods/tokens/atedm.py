@@ -97,6 +97,7 @@ class ATEDM(TokenMethod):
     """
 
     name = "atedm"
+    examples = {"noop": "atedm:ratio=0", "skips": "atedm:ratio=0.5,early=0"}
     paper = ATEDM
     summary = "prune tokens ranked by attention PageRank, recover by similarity copy, prune less early"
     params = {

@@ -81,6 +81,7 @@ class TokenMethod(CacheMethod):
     family = "tokens"
     after = ("solver",)
     exclusive = ("token reduction",)
+    streams = frozenset({"single"})  # merging across a joint attention would have to keep the text tokens apart
 
     def setup(self, pipe: Any) -> None:
         every = token_blocks(self.adapter)
@@ -89,6 +90,11 @@ class TokenMethod(CacheMethod):
                                     "of SD U-Nets, PixArt and DiT) to reduce tokens in")
         limit = self.values.get("max_downsample")
         chosen = [b for b in every if limit is None or b.level <= limit]
+        if not chosen and "max_downsample" not in self.given:
+            # the default level has no attention (tiny U-Nets start at downsample 2): use the shallowest that has
+            limit = min(b.level for b in every)
+            chosen = [b for b in every if b.level <= limit]
+            self.fallback = f"no attention at downsample {self.values['max_downsample']}: merging at downsample {limit}"
         if not chosen:
             levels = ", ".join(str(v) for v in sorted({b.level for b in every}))
             raise refuse(self.name, f"no transformer block at downsample <= {limit} in "
@@ -102,6 +108,11 @@ class TokenMethod(CacheMethod):
 
     def install(self, index: int, block: TokenBlock) -> None:
         raise NotImplementedError
+
+    fallback = ""
+
+    def describe(self) -> str:
+        return super().describe() + (f" [{self.fallback}]" if self.fallback else "")
 
     @torch.compiler.disable
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -36,6 +36,7 @@ class ToMe(TokenMethod):
     """
 
     name = "tome"
+    examples = {"noop": "tome:ratio=0", "skips": "tome:ratio=0.5"}
     paper = TOME
     summary = "merge similar tokens before attention, copy them back after (U-Net and DiT)"
     params = {
