@@ -21,11 +21,15 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def methods_section() -> str:
     rows = methods_rows()
     lines = ["## Methods", "", f"{len(rows)} registered methods (`effdiff methods` prints them with every parameter's "
-             "range).", "", "| method | family | backbones | defaults | paper |", "|---|---|---|---|---|"]
+             "range). Backbones: `unet` (SD U-Nets), `dit` (PixArt, DiT, and the MMDiTs FLUX and SD3, whose joint "
+             "blocks only the methods without a stream restriction handle).", "",
+             "| method | family | backbones | defaults | paper |", "|---|---|---|---|---|"]
     for r in rows:
         defaults = ", ".join(p.split(" (", 1)[0] for p in re.split(r", (?=\w+=)", r["params"]) if p)
-        lines.append(f"| `{r['name']}` | {r['family']} | {r['backbones']} | {defaults} | "
-                     f"{r['paper']} (arXiv {r['arxiv']}, {r['venue']}) |")
+        backbones = r["backbones"] + ("" if r["streams"] == "concat,joint,single" else f" ({r['streams']}-stream)")
+        source = f"arXiv {r['arxiv']}" if r["arxiv"] else r["url"]
+        lines.append(f"| `{r['name']}` | {r['family']} | {backbones} | {defaults} | "
+                     f"{r['paper']} ({source}, {r['venue']}) |")
     status = collections.Counter(c["status"] for c in catalogue_rows())
     lines += ["", f"The catalogue of the seed papers ({sum(status.values())} entries, data in "
               "`src/effdiff/catalogue/catalogue.json`): " + ", ".join(f"{n} {s}" for s, n in status.most_common())

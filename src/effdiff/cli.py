@@ -147,34 +147,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    import json
+    import importlib
 
-    from effdiff.methods.cache.teacache import calibrate, calibration_file, parse_target
+    from effdiff.errors import RecipeError
+    from effdiff.registry import get_method, tunable_methods
+    from effdiff.tune.targets import parse_target
 
     _, target = parse_target(args.target)  # a malformed target fails before any model loads
+    method = get_method(args.method)  # an unknown name: the valid ones and a did-you-mean
+    if not method.tuner:
+        raise RecipeError(f"{method.name} has nothing to calibrate; methods with a tuner: "
+                          f"{', '.join(tunable_methods())}")
     if args.steps < 3 or args.prompts < 1:
         raise ValueError(f"--steps must be >= 3 and --prompts >= 1, got {args.steps} and {args.prompts}")
     from effdiff.zoo.data import DIGIT_WORDS, eval_prompt
     from effdiff.zoo.load import load
 
+    tuner = importlib.import_module(method.tuner)
     pipe = load(args.model)
     pipe.set_progress_bar_config(disable=True)
     prompts = [eval_prompt((3 + 4 * i) % len(DIGIT_WORDS)) for i in range(args.prompts)]
-    if args.method == "l2c":
-        from effdiff.methods.cache.l2c import calibrate as calibrate_l2c
-
-        record = calibrate_l2c(pipe, prompts, steps=args.steps, guidance=args.guidance, target_psnr=target,
-                               seed=args.seed, path=Path(args.out) if args.out else None)
-        print(f"{args.model}: l2c router trained in {record['train_seconds']:.0f} s; caching {record['fraction']:.0%} "
-              f"of layer-steps (PSNR {record['psnr']:.2f} dB) at {args.steps} steps; wrote {record['path']}")
-        return 0
-    record = calibrate(pipe, prompts, steps=args.steps, guidance=args.guidance, target_psnr=target, seed=args.seed)
-    record["model"] = args.model
-    path = Path(args.out) if args.out else calibration_file(getattr(pipe, "effdiff_model_name", None) or args.model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
-    print(f"{args.model}: teacache threshold {record['threshold']:g} (PSNR {record['psnr']:.2f} dB, "
-          f"{record['cached_fraction']:.0%} of denoiser calls cached at {args.steps} steps); wrote {path}")
+    print(tuner.run(pipe, args.model, prompts, args.steps, args.guidance, target, args.seed,
+                    Path(args.out) if args.out else None))
     return 0
 
 
@@ -294,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="fit a caching method's change model and threshold for a quality target")
     cal.add_argument("--model", required=True, help="model name or path")
-    cal.add_argument("--method", required=True, choices=("teacache", "l2c"))
+    cal.add_argument("--method", required=True, help="a method that declares a tuner (teacache, l2c)")
     cal.add_argument("--target", default="psnr>=30", help="quality target vs the baseline images (psnr>=X dB)")
     cal.add_argument("--steps", type=int, default=50)
     cal.add_argument("--prompts", type=int, default=2, help="calibration prompts (one image each)")

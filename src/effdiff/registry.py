@@ -114,6 +114,7 @@ class Method:
     # Recipes the conformance tester runs on every stock pipeline: "noop" computes exactly what the pipeline
     # computes without the method (bit for bit); "skips" skips or reduces work within three steps.
     examples: ClassVar[dict[str, str]] = {}
+    tuner: ClassVar[str | None] = None  # module with run(...) that calibrates this method (``effdiff calibrate``)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -267,6 +268,11 @@ def get_method(name: str) -> type[Method]:
     raise RecipeError(f"unknown method {name!r}; {hint}valid methods: {', '.join(methods)}")
 
 
+def tunable_methods() -> list[str]:
+    """Names of the methods that declare a tuner (what ``effdiff calibrate --method`` accepts)."""
+    return [name for name, cls in all_methods().items() if cls.tuner]
+
+
 def implemented_arxiv_ids() -> dict[str, list[str]]:
     """arXiv id -> names of the registered methods implementing it (feeds the catalogue status)."""
     out: dict[str, list[str]] = {}
@@ -289,6 +295,8 @@ class MethodRow:
     arxiv: str
     venue: str
     summary: str = field(default="")
+    streams: str = field(default="")
+    url: str = field(default="")
 
 
 def methods_rows() -> list[dict[str, str]]:
@@ -301,5 +309,6 @@ def methods_rows() -> list[dict[str, str]]:
             name=cls.name, family=cls.family, backbones=",".join(sorted(cls.backbones)),
             devices=",".join(sorted(cls.devices)), params=params, paper=paper.title,
             arxiv=paper.arxiv or "", venue=paper.venue or "", summary=cls.summary,
+            streams=",".join(sorted(cls.streams)), url=paper.url or "",
         ).__dict__)
     return rows

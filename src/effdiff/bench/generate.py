@@ -44,7 +44,7 @@ def generate(model: str, recipe: str, prompt: str, n: int, out_png: str | Path, 
     integer class label.
     """
     from effdiff.bench import validate
-    from effdiff.bench.calling import call_parameters, to_images
+    from effdiff.calling import call_parameters, to_images
 
     validate.at_least(n, 1, "n", "images to generate")
     if steps is not None:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from effdiff.bench import validate
-from effdiff.bench.calling import call_parameters, to_images
 from effdiff.bench.store import Environment, ResultsStore
+from effdiff.calling import call_parameters, to_images
 from effdiff.eval.cost import (
     ForeignLoad,
     NFECounter,

@@ -36,6 +36,16 @@ class _DigitPipeline(DiffusionPipeline):
     def denoiser(self) -> torch.nn.Module:
         return getattr(self, self.denoiser_name)
 
+    def effdiff_prompts(self, purpose: str, n: int) -> list[str]:
+        """What methods calibrate on and evaluate with (``effdiff.calling.conditions_for``), so they need not
+        import the zoo: "eval" is the evaluation prompt of digits 0..9 in turn; "calibration" uses the other
+        caption templates, never the evaluation one."""
+        from effdiff.zoo.data import NUM_CLASSES, captions_for, eval_prompt
+
+        if purpose == "eval":
+            return [eval_prompt(d % NUM_CLASSES) for d in range(n)]
+        return [captions_for(i % NUM_CLASSES)[1 + (i // NUM_CLASSES) % 7] for i in range(n)]
+
     def _call_denoiser(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

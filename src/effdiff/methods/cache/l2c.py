@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from effdiff.adapters import find_denoiser
 from effdiff.context import StepContext
 from effdiff.methods.cache.base import CacheMethod, Forward, first_tensor, refuse, refuse_chunked_feed_forward
 from effdiff.methods.cache.teacache import calibration_file
-from effdiff.methods.solvers.schedule import _run, model_fingerprint
+from effdiff.methods.solvers.schedule import model_fingerprint, sample
 from effdiff.registry import Paper, Param, RecipeError
 
 L2C = Paper("Learning-to-Cache: Accelerating Diffusion Transformer via Layer Caching", "2406.01733", "NeurIPS 2024")
@@ -89,6 +88,7 @@ class LearningToCache(CacheMethod):
     """
 
     name = "l2c"
+    tuner = "effdiff.tune.l2c"
     examples = {"noop": "l2c:steps=3,samples=1,epochs=2,fraction=0",
                 "skips": "l2c:steps=3,samples=1,epochs=2,fraction=0.3"}
     paper = L2C
@@ -235,10 +235,8 @@ def read_router(path: Path) -> dict[str, Any]:
 
 # --- training -----------------------------------------------------------------------------------------------
 def _training_prompts(pipe: Any, count: int) -> list[str]:
-    if getattr(pipe, "effdiff_model_name", None):
-        from effdiff.zoo.data import eval_prompt
-
-        return [eval_prompt(d % 10) for d in range(count)]
+    if callable(getattr(pipe, "effdiff_prompts", None)):
+        return list(pipe.effdiff_prompts("eval", count))
     return [""] * count
 
 
@@ -259,7 +257,7 @@ def _record_trajectories(pipe: Any, method: LearningToCache) -> tuple[dict[int, 
     handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
                model.register_forward_hook(post, with_kwargs=True)]
     try:
-        _run(pipe, _training_prompts(pipe, v["samples"]), v["steps"], v["guidance"], seed=0)
+        sample(pipe, _training_prompts(pipe, v["samples"]), v["steps"], v["guidance"], seed=0)
     finally:
         for handle in handles:
             handle.remove()
@@ -316,49 +314,3 @@ def train_router(pipe: Any, method: LearningToCache, log: Any = None) -> dict[st
             "samples": v["samples"], "guidance": v["guidance"], "epochs": v["epochs"], "iterations": iterations,
             "l1_weight": L1_WEIGHT, "loss_first": history[0] if history else None,
             "loss_last": history[-1] if history else None, "train_seconds": round(time.perf_counter() - start, 2)}
-
-
-# --- calibration (``effdiff calibrate --method l2c``) ------------------------------------------------------
-def calibrate(pipe: Any, prompts: list[str], steps: int = 50, guidance: float = 4.0, target_psnr: float = 30.0,
-              seed: int = 0, path: Path | None = None, period: int = 2, log: Any = print) -> dict[str, Any]:
-    """(Re)train the router, print its per-step scores, and save the largest cached fraction meeting a PSNR target.
-
-    Fractions are tried in steps of 0.05 up to the period's limit; the search stops at the first one
-    whose images (one per prompt) fall below ``target_psnr`` dB against the baseline's.
-    """
-    import effdiff
-    from effdiff.eval.fidelity import psnr
-    from effdiff.methods.cache.teacache import _sample
-
-    name = getattr(pipe, "effdiff_model_name", None) or model_fingerprint(find_denoiser(pipe))
-    path = Path(path) if path else router_file(name, steps, period)
-    if path.is_file():
-        path.unlink()  # recalibrating retrains
-    reference = _sample(pipe, prompts, steps, guidance, seed)
-    settings = {"steps": steps, "period": period, "router": str(path)}
-    trainer = LearningToCache(**settings, guidance=guidance, fraction=0.0)
-    effdiff.accelerate(pipe, trainer)
-    pipe.effdiff.remove()
-    record = trainer.record
-    log(f"router trained in {record['train_seconds']:.0f} s ({record['iterations']} iterations, loss "
-        f"{record['loss_first']:.5f} -> {record['loss_last']:.5f}) over {len(record['layers'])} layers")
-    log(f"{'step':>4}  {'mean score':>10}  {'min score':>9}  {'layers < 0.5':>12}")
-    for step, row in enumerate(record["scores"]):
-        if row is not None:
-            log(f"{step:>4}  {sum(row) / len(row):>10.4f}  {min(row):>9.4f}  {sum(s < 0.5 for s in row):>12}")
-    best = {"fraction": 0.0, "psnr": 100.0}
-    log(f"{'fraction':>8}  {'PSNR dB':>8}")
-    for k in range(1, int((period - 1) / period / 0.05 + 1e-9) + 1):
-        fraction = round(0.05 * k, 4)
-        effdiff.accelerate(pipe, LearningToCache(**settings, fraction=fraction))
-        try:
-            score = psnr(_sample(pipe, prompts, steps, guidance, seed).clamp(0, 1), reference.clamp(0, 1))
-        finally:
-            pipe.effdiff.remove()
-        log(f"{fraction:>8.2f}  {score:>8.2f}")
-        if score < target_psnr:
-            break
-        best = {"fraction": fraction, "psnr": score}
-    record.update(best, target=f"psnr>={target_psnr:g}", calibration_prompts=prompts, path=str(path))
-    path.write_text(json.dumps(record, indent=1))
-    return record

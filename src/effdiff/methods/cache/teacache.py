@@ -75,6 +75,7 @@ class TeaCache(SegmentCache):
     """
 
     name = "teacache"
+    tuner = "effdiff.tune.teacache"
     examples = {"noop": "teacache:threshold=0", "skips": "teacache:threshold=10,calibration=none"}
     paper = TEACACHE
     summary = "dynamic: skip the denoiser while the accumulated rescaled modulated-input change is small"
@@ -205,97 +206,3 @@ class TeaCache(SegmentCache):
         coefficients = ",".join(f"{c:.6g}" for c in self.coefficients)
         return f"{super().describe()} [using threshold={self.threshold:g}, coefficients={coefficients} " \
                f"from {self.source}]"
-
-
-# --- calibration (``effdiff calibrate --method teacache``) ------------------------------------------------
-def parse_target(text: str) -> tuple[str, float]:
-    """``"psnr>=30"`` -> ``("psnr", 30.0)``; anything else is a ValueError saying what is accepted."""
-    import re
-
-    match = re.fullmatch(r"\s*([a-z]+)\s*(>=|<=)\s*([0-9]*\.?[0-9]+)\s*", text.lower())
-    if not match:
-        raise ValueError(f"--target must look like psnr>=30, got {text!r}")
-    metric, op, value = match.group(1), match.group(2), float(match.group(3))
-    if metric == "fid":
-        raise ValueError("--target fid<=X is not supported yet; use psnr>=X (dB vs the baseline images)")
-    if metric != "psnr" or op != ">=":
-        raise ValueError(f"--target must be psnr>=X (dB vs the baseline images), got {text!r}")
-    return metric, value
-
-
-def _sample(pipe: Any, prompts: list[str], steps: int, guidance: float, seed: int) -> torch.Tensor:
-    """One call per prompt (batch-1 latency, as served), same noise per prompt index."""
-    from effdiff.methods.solvers.schedule import _run
-
-    return torch.cat([_run(pipe, [prompt], steps, guidance, seed + i) for i, prompt in enumerate(prompts)])
-
-
-def calibrate(pipe: Any, prompts: list[str], steps: int = 50, guidance: float = 4.0, target_psnr: float = 30.0,
-              seed: int = 0, degree: int = 4, thresholds: list[float] | None = None,
-              log: Any = print) -> dict[str, Any]:
-    """Fit TeaCache's rescaling polynomial on the baseline and pick the largest threshold meeting a PSNR target.
-
-    The baseline runs with ``teacache:threshold=0`` (bit-identical to no method) recording per step the
-    relative L1 change of the modulated input and of the block span's output; ``numpy.polyfit`` maps the
-    first to the second. Thresholds on a geometric grid are then tried in increasing order; the search
-    stops at the first one whose images fall below ``target_psnr`` dB against the baseline's.
-    """
-    import numpy as np
-
-    import effdiff
-    from effdiff.eval.fidelity import psnr
-
-    recorder = TeaCache(threshold=0.0, calibration="none")
-    effdiff.accelerate(pipe, recorder)
-    recorder.recording = True
-    baseline, trace = [], []
-    try:
-        for i, prompt in enumerate(prompts):
-            baseline.append(_sample(pipe, [prompt], steps, guidance, seed + i))
-            trace.extend(recorder.trace)
-    finally:
-        pipe.effdiff.remove()
-    reference = torch.cat(baseline)
-    if len(trace) < 2:
-        raise ValueError(f"calibration needs more steps than {steps} to observe changes")
-    by_step: dict[int, list[tuple[float, float]]] = {}
-    for step, x, y in trace:
-        by_step.setdefault(step, []).append((x, y))
-    log(f"{'step':>4}  {'rel. input change':>17}  {'rel. output change':>18}")
-    for step in sorted(by_step):
-        xs, ys = zip(*by_step[step], strict=True)
-        log(f"{step:>4}  {sum(xs) / len(xs):>17.5f}  {sum(ys) / len(ys):>18.5f}")
-    x = np.array([t[1] for t in trace])
-    y = np.array([t[2] for t in trace])
-    deg = max(1, min(degree, len(trace) - 1))
-    coefficients = [float(c) for c in np.polyfit(x, y, deg)[::-1]]  # ascending powers
-    fitted = np.polyval(coefficients[::-1], x)
-    log(f"fit (degree {deg}): coefficients {', '.join(f'{c:.6g}' for c in coefficients)}; "
-        f"mean |fit - output change| {float(np.abs(fitted - y).mean()):.5f}")
-
-    grid = thresholds or [float(t) for t in np.geomspace(0.01, 4.0, 16)]
-    best: dict[str, Any] = {"threshold": 0.0, "psnr": 100.0, "cached_fraction": 0.0}
-    log(f"{'threshold':>9}  {'PSNR dB':>8}  {'cached':>6}")
-    for threshold in sorted(grid):
-        method = TeaCache(threshold=threshold, coefficients=",".join(repr(c) for c in coefficients),
-                          calibration="none")
-        effdiff.accelerate(pipe, method)
-        try:
-            images, cached, calls = [], 0, 0
-            for i, prompt in enumerate(prompts):
-                images.append(_sample(pipe, [prompt], steps, guidance, seed + i))
-                cached, calls = cached + method.stats.cached, calls + method.stats.calls
-        finally:
-            pipe.effdiff.remove()
-        score = psnr(torch.cat(images).clamp(0, 1), reference.clamp(0, 1))
-        fraction = cached / calls if calls else 0.0
-        log(f"{threshold:>9.4f}  {score:>8.2f}  {fraction:>6.1%}")
-        if score < target_psnr:
-            break
-        best = {"threshold": threshold, "psnr": score, "cached_fraction": fraction}
-        if cached >= calls - 2 * len(prompts):  # all but the always-run first and last steps
-            break
-    return {"method": "teacache", "coefficients": coefficients, "threshold": best["threshold"],
-            "target": f"psnr>={target_psnr:g}", "psnr": best["psnr"], "cached_fraction": best["cached_fraction"],
-            "fingerprint": model_fingerprint(find_denoiser(pipe)), "steps": steps, "guidance": guidance,
-            "prompts": prompts, "degree": deg}

@@ -8,7 +8,6 @@ already active, so calibration sees the same timesteps as deployment.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -16,25 +15,12 @@ import torch
 from torch import nn
 
 from effdiff.adapters import Adapter
-
-GENERIC_PROMPTS = (
-    "a photo of a cat", "a red car on a street", "a bowl of fruit on a table", "a mountain lake at sunrise",
-    "a portrait of an old man", "a city skyline at night", "a dog running on a beach", "a bunch of flowers",
-)
+from effdiff.calling import call_with, conditions_for
 
 
 def calibration_prompts(pipe: Any, n: int) -> list[Any]:
-    """``n`` calibration conditions: digit captions other than the evaluation ones for the bundled digit
-    models, class labels for class-conditional pipelines, a generic list otherwise."""
-    params = inspect.signature(pipe.__call__).parameters
-    if "class_labels" in params and "prompt" not in params:
-        return [i % 1000 for i in range(n)]
-    if getattr(pipe, "effdiff_model_name", None) in ("tiny-sd", "tiny-dit"):
-        from effdiff.zoo.data import NUM_CLASSES, captions_for
-
-        # template 1 onwards: template 0 ("a handwritten {word}") is the evaluation prompt
-        return [captions_for(i % NUM_CLASSES)[1 + (i // NUM_CLASSES) % 7] for i in range(n)]
-    return [GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)] for i in range(n)]
+    """``n`` calibration conditions, kept apart from the pipeline's evaluation prompts where it has its own."""
+    return conditions_for(pipe, n, "calibration")
 
 
 def run_pipeline(pipe: Any, conditions: list[Any], seed: int, steps: int = 0) -> None:
@@ -45,10 +31,7 @@ def run_pipeline(pipe: Any, conditions: list[Any], seed: int, steps: int = 0) ->
     if steps:
         kwargs["num_inference_steps"] = steps
     with torch.no_grad():
-        if conditions and isinstance(conditions[0], int):
-            pipe(class_labels=conditions, **kwargs)
-        else:
-            pipe(conditions, **kwargs)
+        call_with(pipe, conditions, **kwargs)
 
 
 def target_layers(adapter: Adapter) -> dict[str, nn.Module]:

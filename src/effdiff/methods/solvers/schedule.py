@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from effdiff.adapters import find_denoiser
+from effdiff.calling import call_with
 from effdiff.errors import RecipeError
 from effdiff.methods.solvers.schedulers import refuse_flow_matching
 from effdiff.patches import PatchLog
@@ -74,16 +75,10 @@ class _TimestepOverride:
         return self._inner(device=device, timesteps=list(schedule), **kwargs)
 
 
-def _run(pipe: Any, prompts: list[str], steps: int, guidance: float, seed: int) -> torch.Tensor:
-    generator = torch.Generator("cpu").manual_seed(seed)
-    params = inspect.signature(pipe.__call__).parameters
-    # class-conditional pipelines (DiTPipeline) take labels, not prompts: one fixed class per calibration sample
-    condition = list(range(len(prompts))) if "class_labels" in params and "prompt" not in params else prompts
-    # PixArt-style pipelines bin the default size to their aspect-ratio table, which refuses models whose
-    # sample size is not in it; calibration runs at the model's own size, so the binning is turned off
-    extra = {"use_resolution_binning": False} if "use_resolution_binning" in params else {}
-    out = pipe(condition, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-               output_type="pt", return_dict=False, **extra)[0]
+def sample(pipe: Any, prompts: list[Any], steps: int, guidance: float, seed: int) -> torch.Tensor:
+    """One seeded call over ``prompts`` (class labels 0..n-1 on a class-conditional pipeline), as float images."""
+    out = call_with(pipe, prompts, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=torch.Generator("cpu").manual_seed(seed), output_type="pt", return_dict=False)[0]
     return torch.as_tensor(out).float()
 
 
@@ -99,7 +94,7 @@ def optimise_schedule(pipe: Any, override: _TimestepOverride, steps: int, ref_st
     start = time.perf_counter()
     scheduler = override.scheduler
     override.schedule = None
-    reference = _run(pipe, prompts, ref_steps, guidance, seed)
+    reference = sample(pipe, prompts, ref_steps, guidance, seed)
     override._inner(steps)
     schedule = [int(t) for t in scheduler.timesteps.tolist()]
     top = int(scheduler.config.num_train_timesteps) - 1
@@ -109,7 +104,7 @@ def optimise_schedule(pipe: Any, override: _TimestepOverride, steps: int, ref_st
         nonlocal evaluations
         evaluations += 1
         override.schedule = candidate
-        return float(torch.mean((_run(pipe, prompts, steps, guidance, seed) - reference) ** 2))
+        return float(torch.mean((sample(pipe, prompts, steps, guidance, seed) - reference) ** 2))
 
     initial = best = loss(schedule)
     delta = max(1, (top + 1) // (2 * steps))
@@ -184,10 +179,8 @@ class AlignYourSteps(Method):
     def _prompts(self, pipe: Any) -> list[str]:
         if self.values["prompts"]:
             base = [p.strip() for p in self.values["prompts"].split("|")]
-        elif getattr(pipe, "effdiff_model_name", None):
-            from effdiff.zoo.data import eval_prompt
-
-            base = [eval_prompt(d % 10) for d in range(self.values["seeds"])]
+        elif callable(getattr(pipe, "effdiff_prompts", None)):
+            base = list(pipe.effdiff_prompts("eval", self.values["seeds"]))
         else:
             base = [""]
         return [base[i % len(base)] for i in range(self.values["seeds"])]
