@@ -110,12 +110,11 @@ def time_alternating(
 
 
 def find_denoiser(pipe) -> torch.nn.Module:
-    """The module called once per step: ``pipe.unet`` or ``pipe.transformer``."""
-    for name in ("unet", "transformer"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise ValueError(f"{type(pipe).__name__} has neither a .unet nor a .transformer denoiser")
+    """The module the pipeline calls once per step (``pipe.unet`` or ``pipe.transformer``, a compiled wrapper
+    included: hooks on it see every call), unlike ``adapters.find_denoiser``, which unwraps to the model."""
+    from effdiff.adapters import denoiser_attr
+
+    return getattr(pipe, denoiser_attr(pipe))
 
 
 class NFECounter:
