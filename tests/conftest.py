@@ -176,6 +176,14 @@ def assert_reload_identical(pipe, recipe: str, path, steps: int, before_reload=N
     return method, reloaded
 
 
+def no_patches(pipe) -> bool:
+    """Nothing effdiff could have left behind: no instance ``forward`` in the denoiser, no pre-hook on it, no
+    instance ``step`` on the scheduler."""
+    model = denoiser(pipe)
+    return (not any("forward" in vars(m) for m in model.modules()) and not model._forward_pre_hooks
+            and "step" not in vars(pipe.scheduler))
+
+
 def denoiser(pipe) -> nn.Module:
     """The pipeline's U-Net or transformer."""
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer

@@ -1,37 +1,31 @@
 import pytest
 import torch
-from conftest import make_tiny_dit, make_tiny_sd, sample, split_cfg_calls
+from conftest import make_tiny_dit, make_tiny_sd, no_patches, sample, split_cfg_calls
 
 import effdiff
 from effdiff import RecipeError
 from effdiff.api import is_accelerated
 from effdiff.methods.cache.deepcache import refresh_steps
 from effdiff.methods.cache.dynamic import TaylorSeer
+from effdiff.registry import all_methods
 
 STEPS = 6
 
-# (recipe that refreshes every step, backbones it runs on)
-NO_OP = [
-    ("deepcache:interval=1", ("unet",)),
-    ("deepcache:interval=1,branch=3,schedule=quadratic", ("unet",)),
-    ("fbcache:threshold=0", ("unet", "dit")),
-    ("taylorseer:interval=1", ("unet", "dit")),
-    ("taylorseer:interval=1,front=1,order=2", ("unet", "dit")),
-    ("fora:interval=1", ("unet", "dit")),
-    ("deltadit:interval=1", ("dit",)),
-]
-# (recipe that skips work, backbones)
-SKIPPING = [
-    ("deepcache:interval=3", ("unet",)),
-    ("deepcache:interval=2,branch=2", ("unet",)),
-    ("deepcache:schedule=quadratic", ("unet",)),
-    ("fbcache:threshold=10", ("unet", "dit")),
-    ("fbcache:threshold=10,front=2", ("unet",)),
-    ("taylorseer:interval=3,warmup=1", ("unet", "dit")),
-    ("taylorseer:interval=3,warmup=1,front=1,order=2", ("unet", "dit")),
-    ("fora:interval=3", ("unet", "dit")),
-    ("deltadit:interval=2", ("dit",)),
-]
+# Each block-cache method's declared examples (the conformance tester runs them on the stock pipelines), plus
+# parameter variants that only these bundled models exercise, on every backbone the method declares.
+BLOCK_CACHES = ("deepcache", "fbcache", "taylorseer", "fora", "deltadit")
+VARIANTS = {"noop": ["deepcache:interval=1,branch=3,schedule=quadratic", "taylorseer:interval=1,front=1,order=2"],
+            "skips": ["deepcache:interval=2,branch=2", "deepcache:schedule=quadratic", "taylorseer:interval=3,warmup=1",
+                      "taylorseer:interval=3,warmup=1,front=1,order=2", "fora:interval=3"]}
+
+
+def _table(kind: str) -> list[tuple[str, tuple[str, ...]]]:
+    recipes = [all_methods()[name].examples[kind] for name in BLOCK_CACHES] + VARIANTS[kind]
+    return [(r, tuple(sorted(all_methods()[r.split(":")[0]].backbones))) for r in recipes]
+
+
+NO_OP = _table("noop")
+SKIPPING = _table("skips") + [("fbcache:threshold=10,front=2", ("unet",))]
 
 
 def _cases(table):
@@ -52,9 +46,6 @@ def _leaf_calls(pipe):
     return calls, handles
 
 
-def _no_forward_patches(pipe):
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-    return not any("forward" in vars(m) for m in denoiser.modules())
 
 
 @pytest.mark.parametrize(("recipe", "kind"), _cases(NO_OP))
@@ -84,7 +75,7 @@ def test_skips_compute_repeats_and_restores(recipe, kind):
     assert method.stats.calls == STEPS  # and so are the statistics
     pipe.effdiff.remove()
     denoiser = pipe.unet if kind == "unet" else pipe.transformer
-    assert _no_forward_patches(pipe) and not denoiser._forward_pre_hooks
+    assert no_patches(pipe) and not denoiser._forward_pre_hooks
     assert torch.equal(sample(pipe, steps=STEPS), baseline)
     for handle in handles:
         handle.remove()
@@ -219,7 +210,7 @@ def test_bad_settings_are_refused(recipe, kind, message):
     baseline = sample(pipe, steps=2)
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(pipe, recipe)
-    assert not is_accelerated(pipe) and _no_forward_patches(pipe)
+    assert not is_accelerated(pipe) and no_patches(pipe)
     assert torch.equal(sample(pipe, steps=2), baseline)
 
 
@@ -286,4 +277,4 @@ def test_a_chunked_feed_forward_is_refused_by_the_layer_caches(recipe, tiny_dit)
     block.set_chunk_feed_forward(2, 1)  # ff would be called once per chunk, and one cached output serve them all
     with pytest.raises(RecipeError, match=r"transformer_blocks\.1 runs its feed-forward in chunks"):
         effdiff.accelerate(tiny_dit, recipe)
-    assert _no_forward_patches(tiny_dit) and not is_accelerated(tiny_dit)
+    assert no_patches(tiny_dit) and not is_accelerated(tiny_dit)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_tiny_dit, make_tiny_sd, sample, split_cfg_calls
+from conftest import make_tiny_dit, make_tiny_sd, no_patches, sample, split_cfg_calls
 
 import effdiff
 from effdiff import RecipeError
@@ -10,9 +10,6 @@ from effdiff.methods.cache.faster import PAPER_KEYS_50, FasterDiffusion, key_ste
 STEPS = 6
 
 
-def _no_patches(pipe):
-    return (not any("forward" in vars(m) for m in pipe.unet.modules()) and not pipe.unet._forward_pre_hooks
-            and "step" not in vars(pipe.scheduler))
 
 
 def _counter(module, counts, key):
@@ -47,7 +44,7 @@ def test_skips_the_encoder_only_repeats_and_restores(tiny_sd):
     assert first.shape == baseline.shape and torch.isfinite(first).all() and not torch.equal(first, baseline)
     assert torch.equal(sample(tiny_sd, steps=STEPS), first)  # state reset per call
     tiny_sd.effdiff.remove()
-    assert _no_patches(tiny_sd)
+    assert no_patches(tiny_sd)
     assert torch.equal(sample(tiny_sd, steps=STEPS), baseline)
 
 
@@ -114,7 +111,7 @@ def test_prior_noise_injection_adds_the_initial_latent_late(tiny_sd):
     tiny_sd.effdiff.remove()
     assert vars(tiny_sd.scheduler)["step"] is spy
     del tiny_sd.scheduler.step
-    assert _no_patches(tiny_sd)
+    assert no_patches(tiny_sd)
 
 
 @pytest.mark.parametrize(("recipe", "message"), [
@@ -128,7 +125,7 @@ def test_prior_noise_injection_adds_the_initial_latent_late(tiny_sd):
 def test_bad_settings_are_refused(recipe, message, tiny_sd):
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(tiny_sd, recipe)
-    assert not is_accelerated(tiny_sd) and _no_patches(tiny_sd)
+    assert not is_accelerated(tiny_sd) and no_patches(tiny_sd)
 
 
 def test_dit_is_refused():

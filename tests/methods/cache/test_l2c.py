@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny, make_tiny_dit, make_tiny_sd, sample
+from conftest import make_tiny, make_tiny_dit, make_tiny_sd, no_patches, sample
 
 import effdiff
 from effdiff import RecipeError
@@ -18,9 +18,6 @@ QUICK = f"steps={STEPS},samples=1,epochs=2"  # a router trained in well under a 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
-def _no_patches(pipe):
-    denoiser = find_denoiser(pipe)
-    return not any("forward" in vars(m) for m in denoiser.modules()) and not denoiser._forward_pre_hooks
 
 
 def _layer_calls(pipe):
@@ -69,7 +66,7 @@ def test_caching_skips_layers_repeats_and_restores(kind):
     assert torch.equal(sample(pipe, steps=STEPS), first)
     assert "trained router" in method.describe()
     pipe.effdiff.remove()
-    assert _no_patches(pipe)
+    assert no_patches(pipe)
     assert torch.equal(sample(pipe, steps=STEPS), baseline)
 
 
@@ -132,7 +129,7 @@ def test_another_step_count_scheduler_or_spacing_is_refused(tmp_path):
     pipe.effdiff.remove()
     with pytest.raises(RecipeError, match=f"trained for {STEPS} steps, not 8"):
         effdiff.accelerate(pipe, f"l2c:steps=8,router={path}")
-    assert not is_accelerated(pipe) and _no_patches(pipe)
+    assert not is_accelerated(pipe) and no_patches(pipe)
     original = pipe.scheduler
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
     with pytest.raises(RecipeError, match="trained with DDIMScheduler, the pipeline uses DPMSolverMultistep"):
@@ -154,7 +151,7 @@ def test_bad_settings_are_refused(recipe, message):
     pipe = make_tiny_dit()
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(pipe, recipe)
-    assert not is_accelerated(pipe) and _no_patches(pipe)
+    assert not is_accelerated(pipe) and no_patches(pipe)
 
 
 def test_malformed_router_is_refused(tmp_path):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny, make_tiny_dit, make_tiny_sd, sample
+from conftest import make_tiny, make_tiny_dit, make_tiny_sd, no_patches, sample
 
 import effdiff
 from effdiff import RecipeError
@@ -27,9 +27,6 @@ def _leaf_calls(pipe):
     return calls
 
 
-def _no_patches(pipe):
-    denoiser = find_denoiser(pipe)
-    return not any("forward" in vars(m) for m in denoiser.modules()) and not denoiser._forward_pre_hooks
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -59,7 +56,7 @@ def test_positive_threshold_skips_repeats_and_restores(kind):
     assert torch.equal(sample(pipe, steps=STEPS), first)  # state is reset per call
     assert method.stats.calls == STEPS
     pipe.effdiff.remove()
-    assert _no_patches(pipe)
+    assert no_patches(pipe)
     assert torch.equal(sample(pipe, steps=STEPS), baseline)
 
 
@@ -147,7 +144,7 @@ def test_bad_settings_are_refused(recipe, message, tmp_path):
     baseline = sample(pipe, steps=2)
     with pytest.raises(RecipeError, match=message):
         effdiff.accelerate(pipe, recipe)
-    assert not is_accelerated(pipe) and _no_patches(pipe)
+    assert not is_accelerated(pipe) and no_patches(pipe)
     assert torch.equal(sample(pipe, steps=2), baseline)
 
 

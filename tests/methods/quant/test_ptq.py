@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import assert_deterministic_calibration, denoiser, make_tiny_dit, make_tiny_sd, sample
+from conftest import assert_deterministic_calibration, denoiser, make_tiny_dit, make_tiny_sd, no_patches, sample
 
 import effdiff
 from effdiff import RecipeError
@@ -15,8 +15,6 @@ FAST = "prompts=2,steps=4"  # one small calibration call
 pytestmark = pytest.mark.usefixtures("fresh_quant_memo")
 
 
-def _no_patches(pipe):
-    return not any("forward" in vars(m) for m in denoiser(pipe).modules())
 
 
 def test_nothing_quantized_is_bit_identical(tiny_pipe):
@@ -40,7 +38,7 @@ def test_quantizes_then_remove_restores_bit_for_bit(tiny_pipe, recipe):
     described = tiny_pipe.effdiff.describe()
     assert "simulated" in described and "trained" in described
     tiny_pipe.effdiff.remove()
-    assert _no_patches(tiny_pipe)
+    assert no_patches(tiny_pipe)
     assert all(torch.equal(v, state[k]) for k, v in denoiser(tiny_pipe).state_dict().items())
     assert torch.equal(sample(tiny_pipe, steps=STEPS), baseline)
 
@@ -115,7 +113,7 @@ def test_composes_with_solver_and_deepcache(tiny_sd):
     out = sample(tiny_sd, steps=STEPS)
     assert torch.isfinite(out).all() and tiny_sd.effdiff.methods[2].stats.cached > 0
     tiny_sd.effdiff.remove()
-    assert _no_patches(tiny_sd) and torch.equal(sample(tiny_sd, steps=STEPS), baseline)
+    assert no_patches(tiny_sd) and torch.equal(sample(tiny_sd, steps=STEPS), baseline)
 
 
 def test_stacking_reuses_the_calibration(tiny_sd):

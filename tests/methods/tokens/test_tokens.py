@@ -1,7 +1,7 @@
 import pytest
 import torch
 from _stock import build, generate
-from conftest import TEXT_DIM, make_tiny_dit, make_tiny_sd, sample, split_cfg_calls
+from conftest import TEXT_DIM, make_tiny_dit, make_tiny_sd, no_patches, sample, split_cfg_calls
 
 import effdiff
 from effdiff import RecipeError
@@ -25,8 +25,6 @@ def _denoiser(pipe):
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 
-def _no_patches(pipe):
-    return not any("forward" in vars(m) for m in _denoiser(pipe).modules())
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])
@@ -52,7 +50,7 @@ def test_reduces_repeats_and_restores(kind, recipe):
     assert not torch.equal(first, baseline)
     assert torch.equal(sample(pipe, steps=STEPS), first)  # seeded per (step, block): every call alike
     pipe.effdiff.remove()
-    assert _no_patches(pipe) and not _denoiser(pipe)._forward_pre_hooks
+    assert no_patches(pipe) and not _denoiser(pipe)._forward_pre_hooks
     assert torch.equal(sample(pipe, steps=STEPS), baseline)
 
 
