@@ -26,7 +26,7 @@ from quant_peers import first_denoiser_call
 import effdiff
 from effdiff.adapters import denoiser_attr
 from effdiff.eval.cost import time_alternating
-from effdiff.methods.quant.kernels import cpu_flags
+from effdiff.methods.quant.native.kernels import cpu_flags
 
 
 def captured_inputs(pipe: Any, prompts: int) -> tuple[tuple, dict]:

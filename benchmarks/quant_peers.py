@@ -42,7 +42,7 @@ import effdiff
 from effdiff.adapters import denoiser_attr
 from effdiff.eval.cost import PeakMemory
 from effdiff.eval.fidelity import fidelity
-from effdiff.methods.quant.kernels import Int8DynamicConv2d, Int8DynamicLinear, cpu_flags, has_vnni, native_float
+from effdiff.methods.quant.native.kernels import Int8DynamicConv2d, Int8DynamicLinear, cpu_flags, has_vnni, native_float
 from effdiff.registry import RecipeError
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
@@ -217,11 +217,11 @@ def compile_section(reps: int = 5) -> list[dict[str, Any]]:
 
 def effdiff_int8_module(module: torch.nn.Module, convs: bool) -> None:
     """effdiff's int8 layers on a bare block (the method itself needs a pipeline): same rule, same kernels."""
-    from effdiff.methods.quant.int8 import Int8
-    from effdiff.methods.quant.select import plan
-    from effdiff.methods.quant.swap import Swaps
+    from effdiff.methods.quant.native.int8 import Int8
+    from effdiff.methods.quant.native.select import plan
+    from effdiff.patches import PatchLog
 
-    swaps = Swaps()
+    swaps = PatchLog()
     for d in plan(module, Int8.params["min_features"].default, Int8.params["min_channels"].default, convs):
         if d.quantize:
             layer = module.get_submodule(d.name)

@@ -122,7 +122,7 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def fresh_quant_memo():
     """Each test calibrates for itself: the simulated quant methods' in-process memo starts and ends empty."""
-    from effdiff.methods.quant import ptq
+    from effdiff.methods.quant.lowbit import ptq
 
     ptq._MEMO.clear()
     yield
@@ -133,7 +133,7 @@ def assert_deterministic_calibration(make_pipe, recipe: str, steps: int | None =
     """Two calibrations from scratch (empty memo, fresh pipeline) store identical tensors in every layer record,
     and, with ``steps``, sample identical images."""
     import effdiff
-    from effdiff.methods.quant import ptq
+    from effdiff.methods.quant.lowbit import ptq
 
     records, outputs = [], []
     for _ in range(2):
@@ -159,7 +159,7 @@ def assert_reload_identical(pipe, recipe: str, path, steps: int, before_reload=N
     ``before_reload()`` if given): the reloaded pipeline samples identical images. Returns the saved and the
     reloaded method, with the pipeline left unpatched."""
     import effdiff
-    from effdiff.methods.quant import ptq
+    from effdiff.methods.quant.lowbit import ptq
 
     effdiff.accelerate(pipe, recipe)
     method = pipe.effdiff.methods[0]

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from effdiff.context import StepContext
-from effdiff.methods.quant.kernels import native_float
-from effdiff.methods.quant.select import embedding_modules
+from effdiff.methods.quant.native.kernels import native_float
+from effdiff.methods.quant.native.select import embedding_modules
 from effdiff.patches import PatchLog
 from effdiff.registry import Method, Paper, Param, RecipeError
 

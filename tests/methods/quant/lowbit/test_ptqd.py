@@ -6,8 +6,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 import effdiff
 from effdiff import RecipeError
 from effdiff.api import is_accelerated
-from effdiff.methods.quant import ptq, ptqd
-from effdiff.methods.quant.packed import LayerQuant
+from effdiff.methods.quant.lowbit import ptq, ptqd
+from effdiff.methods.quant.lowbit.packed import LayerQuant
 
 STEPS = 4
 FAST = "prompts=2,steps=4"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effdiff.methods.quant.fake import (
+from effdiff.methods.quant.lowbit.fake import (
     Grid,
     channel_axis,
     expand_segments,
@@ -22,7 +22,7 @@ from effdiff.methods.quant.fake import (
     levels,
     segment_sizes,
 )
-from effdiff.methods.quant.packed import LayerQuant
+from effdiff.methods.quant.lowbit.packed import LayerQuant
 
 
 class _RoundSTE(torch.autograd.Function):

@@ -5,8 +5,8 @@ from conftest import assert_deterministic_calibration, denoiser, make_tiny_dit, 
 import effdiff
 from effdiff import RecipeError
 from effdiff.api import is_accelerated
-from effdiff.methods.quant import ptq
-from effdiff.methods.quant.packed import model_bytes
+from effdiff.methods.quant.lowbit import ptq
+from effdiff.methods.quant.lowbit.packed import model_bytes
 
 STEPS = 4
 FAST = "prompts=2,steps=4"  # one small calibration call

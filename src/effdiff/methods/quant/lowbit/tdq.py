@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from effdiff.methods.quant.fake import Observer, TimeGridNet, is_quantized
-from effdiff.methods.quant.observe import LayerInputs, target_layers
-from effdiff.methods.quant.packed import LayerQuant
-from effdiff.methods.quant.ptq import QDiffusion
+from effdiff.methods.quant.lowbit.fake import Observer, TimeGridNet, is_quantized
+from effdiff.methods.quant.lowbit.observe import LayerInputs, target_layers
+from effdiff.methods.quant.lowbit.packed import LayerQuant
+from effdiff.methods.quant.lowbit.ptq import QDiffusion
 from effdiff.registry import Paper, Param, RecipeError
 
 TDQ = Paper("Temporal Dynamic Quantization for Diffusion Models", "2306.02316", "NeurIPS 2023")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effdiff.context import StepContext, timestep_of
-from effdiff.methods.quant.fake import (
+from effdiff.methods.quant.lowbit.fake import (
     BITS,
     FakeQuantLayer,
     Grid,
@@ -21,9 +21,9 @@ from effdiff.methods.quant.fake import (
     is_quantized,
     levels,
 )
-from effdiff.methods.quant.packed import LayerQuant
-from effdiff.methods.quant.ptq import QuantMethod, naive_layer
-from effdiff.methods.quant.qat import QALoRALayer
+from effdiff.methods.quant.lowbit.packed import LayerQuant
+from effdiff.methods.quant.lowbit.ptq import QuantMethod, naive_layer
+from effdiff.methods.quant.lowbit.qat import QALoRALayer
 from effdiff.patches import PatchLog
 from effdiff.registry import Paper, Param
 

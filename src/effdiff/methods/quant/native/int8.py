@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from effdiff.context import StepContext
-from effdiff.methods.quant import io, select
-from effdiff.methods.quant.kernels import (
+from effdiff.methods.quant.native import io, select
+from effdiff.methods.quant.native.kernels import (
     Int8DynamicConv2d,
     Int8DynamicLinear,
     WeightOnlyConv2d,
@@ -24,7 +24,7 @@ from effdiff.methods.quant.kernels import (
     has_vnni,
     require_int8_engine,
 )
-from effdiff.methods.quant.select import Decision, summarize
+from effdiff.methods.quant.native.select import Decision, summarize
 from effdiff.registry import Method, Paper, Param, RecipeError
 
 INTEGER_ARITHMETIC = Paper("Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only "

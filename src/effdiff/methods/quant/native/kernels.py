@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effdiff.methods.quant.packing import pack, unpack
 from effdiff.registry import RecipeError
 
 ENGINE = "fbgemm"
@@ -118,21 +119,6 @@ def _expand(scale: torch.Tensor, like: torch.Tensor, group: int | None) -> torch
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int | None = None) -> torch.Tensor:
     return codes.float() * _expand(scale, codes, group)
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Two signed 4-bit codes per byte (low nibble first) along the last dim, which must be even."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"int4 packing needs an even last dimension, got {tuple(codes.shape)}")
-    u = (codes.to(torch.int16) & 0xF).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    low = (packed & 0xF).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    both = torch.stack([low, high], dim=-1).flatten(-2)
-    return torch.where(both > 7, both - 16, both)
 
 
 # ---------------------------------------------------------------- int8 dynamic-activation layers (W8A8)
@@ -270,11 +256,14 @@ class _WeightOnly(nn.Module):
         if group is not None:
             flat = F.pad(flat, (0, -flat.shape[1] % group))
         q = quantize_weight(flat, bits, group)
-        return (pack_int4(q.codes) if bits == 4 else q.codes), q.scale
+        return (pack(q.codes, 4, -8) if bits == 4 else q.codes), q.scale
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        codes = unpack_int4(self.codes) if self.bits == 4 else self.codes
         fan_in = torch.Size(self.shape[1:]).numel()
+        codes = self.codes
+        if self.bits == 4:
+            padded = -(-fan_in // self.group) * self.group if self.group else fan_in
+            codes = unpack(codes, 4, -8, self.shape[0] * padded).reshape(self.shape[0], padded)
         return dequantize(codes, self.scale, self.group)[:, :fan_in].reshape(self.shape).to(dtype)
 
     def init_args(self) -> dict[str, Any]:

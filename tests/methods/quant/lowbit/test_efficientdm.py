@@ -7,13 +7,13 @@ import effdiff
 from effdiff import RecipeError
 from effdiff.api import is_accelerated
 from effdiff.context import StepContext
-from effdiff.methods.quant import ptq
-from effdiff.methods.quant.efficientdm import Trajectory
-from effdiff.methods.quant.fake import Observer, TemporalActivation
-from effdiff.methods.quant.observe import calibration_prompts, run_pipeline
-from effdiff.methods.quant.packed import unpack
-from effdiff.methods.quant.ptq import naive_layer
-from effdiff.methods.quant.qat import QALoRALayer
+from effdiff.methods.quant.lowbit import ptq
+from effdiff.methods.quant.lowbit.efficientdm import Trajectory
+from effdiff.methods.quant.lowbit.fake import Observer, TemporalActivation
+from effdiff.methods.quant.lowbit.observe import calibration_prompts, run_pipeline
+from effdiff.methods.quant.lowbit.packed import unpack
+from effdiff.methods.quant.lowbit.ptq import naive_layer
+from effdiff.methods.quant.lowbit.qat import QALoRALayer
 
 STEPS = 4
 FAST = "prompts=2,steps=4,batch=2"

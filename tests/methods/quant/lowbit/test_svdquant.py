@@ -5,10 +5,10 @@ from torch import nn
 
 import effdiff
 from effdiff import RecipeError
-from effdiff.methods.quant import ptq
-from effdiff.methods.quant.fake import Observer
-from effdiff.methods.quant.ptq import naive_layer
-from effdiff.methods.quant.svdquant import low_rank_split, smoothing, svd_layer
+from effdiff.methods.quant.lowbit import ptq
+from effdiff.methods.quant.lowbit.fake import Observer
+from effdiff.methods.quant.lowbit.ptq import naive_layer
+from effdiff.methods.quant.lowbit.svdquant import low_rank_split, smoothing, svd_layer
 
 FAST = "prompts=2,steps=4"
 

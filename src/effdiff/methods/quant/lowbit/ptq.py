@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effdiff.context import StepContext
-from effdiff.methods.quant.fake import (
+from effdiff.methods.quant.lowbit.fake import (
     BITS,
     FakeQuantLayer,
     Grid,
@@ -28,7 +28,7 @@ from effdiff.methods.quant.fake import (
     is_quantized,
     weight_grid,
 )
-from effdiff.methods.quant.observe import (
+from effdiff.methods.quant.lowbit.observe import (
     LayerInputs,
     calibration_prompts,
     io_layers,
@@ -36,7 +36,7 @@ from effdiff.methods.quant.observe import (
     split_points,
     target_layers,
 )
-from effdiff.methods.quant.packed import LayerQuant, load, model_bytes, save
+from effdiff.methods.quant.lowbit.packed import LayerQuant, load, model_bytes, save
 from effdiff.methods.solvers.schedule import model_fingerprint
 from effdiff.registry import Method, Paper, Param, RecipeError
 

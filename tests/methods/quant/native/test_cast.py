@@ -8,7 +8,7 @@ from diffusers.utils import BaseOutput
 import effdiff
 from effdiff import RecipeError
 from effdiff.api import is_accelerated
-from effdiff.methods.quant import cast, kernels
+from effdiff.methods.quant.native import cast, kernels
 
 STEPS = 3
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from effdiff import RecipeError
-from effdiff.methods.quant.fake import (
+from effdiff.methods.quant.lowbit.fake import (
     DynamicActivation,
     FakeQuantLayer,
     Observer,
@@ -14,7 +14,7 @@ from effdiff.methods.quant.fake import (
     value_range,
     weight_grid,
 )
-from effdiff.methods.quant.packed import pack, unpack
+from effdiff.methods.quant.lowbit.packed import pack, unpack
 from effdiff.patches import PatchLog
 
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from effdiff.context import StepContext
-from effdiff.methods.quant.fake import DynamicActivation, FakeQuantLayer, is_quantized, weight_grid
-from effdiff.methods.quant.packed import LayerQuant
-from effdiff.methods.quant.ptq import QuantMethod
-from effdiff.methods.quant.svdquant import smoothing
+from effdiff.methods.quant.lowbit.fake import DynamicActivation, FakeQuantLayer, is_quantized, weight_grid
+from effdiff.methods.quant.lowbit.packed import LayerQuant
+from effdiff.methods.quant.lowbit.ptq import QuantMethod
+from effdiff.methods.quant.lowbit.svdquant import smoothing
 from effdiff.registry import Paper, Param, RecipeError
 
 VIDITQ = Paper("ViDiT-Q: Efficient and Accurate Quantization of Diffusion Transformers for Image and Video Generation",

@@ -13,9 +13,9 @@ from torch import nn
 import effdiff
 from effdiff import RecipeError
 from effdiff.api import is_accelerated
-from effdiff.methods.quant.fake import DynamicActivation, Observer
-from effdiff.methods.quant.ptq import naive_layer
-from effdiff.methods.quant.viditq import hadamard, rotate_input, rotated_layer, rotation, viditq_layer
+from effdiff.methods.quant.lowbit.fake import DynamicActivation, Observer
+from effdiff.methods.quant.lowbit.ptq import naive_layer
+from effdiff.methods.quant.lowbit.viditq import hadamard, rotate_input, rotated_layer, rotation, viditq_layer
 
 STEPS = 4
 FAST = "prompts=2,steps=4"

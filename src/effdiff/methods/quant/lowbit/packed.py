@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from effdiff.methods.quant.fake import (
+from effdiff.methods.quant import packing
+from effdiff.methods.quant.lowbit.fake import (
     DynamicActivation,
     FakeQuantLayer,
     Grid,
@@ -36,21 +36,12 @@ if TYPE_CHECKING:
     from effdiff.context import StepContext
 
 FORMAT = "effdiff-lowbit-1"
-
-
-def pack(codes: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
-    """Integer codes -> uint8: ``8 // bits`` codes per byte where ``bits`` divides 8, else one per byte."""
-    unsigned = (codes.detach().flatten() - qmin).to(torch.int64)
-    per_byte = 8 // bits if 8 % bits == 0 else 1
-    unsigned = F.pad(unsigned, (0, (-unsigned.numel()) % per_byte)).reshape(-1, per_byte)
-    return (unsigned << (torch.arange(per_byte) * bits)).sum(1).to(torch.uint8)
+pack = packing.pack
 
 
 def unpack(packed: torch.Tensor, bits: int, qmin: int, numel: int) -> torch.Tensor:
-    """Inverse of ``pack``, as float codes (the dtype the grids compute in)."""
-    per_byte = 8 // bits if 8 % bits == 0 else 1
-    data = (packed.to(torch.int64)[:, None] >> (torch.arange(per_byte) * bits)) & (2**bits - 1)
-    return data.flatten()[:numel].float() + qmin
+    """The shared packer's codes as floats (the dtype the grids compute in)."""
+    return packing.unpack(packed, bits, qmin, numel).float()
 
 
 @dataclass

@@ -13,10 +13,10 @@ from torch import nn
 import effdiff
 from effdiff import RecipeError
 from effdiff.api import is_accelerated
-from effdiff.methods.quant.fake import Observer
-from effdiff.methods.quant.ptq import naive_layer
-from effdiff.methods.quant.ptq4dit import balanced_layer, calibrated_salience, ranks, spearman, weight_salience
-from effdiff.methods.quant.svdquant import smoothing
+from effdiff.methods.quant.lowbit.fake import Observer
+from effdiff.methods.quant.lowbit.ptq import naive_layer
+from effdiff.methods.quant.lowbit.ptq4dit import balanced_layer, calibrated_salience, ranks, spearman, weight_salience
+from effdiff.methods.quant.lowbit.svdquant import smoothing
 
 STEPS = 4
 FAST = "prompts=2,steps=4"

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effdiff.methods.quant.efficientdm import Call, Trajectory
-from effdiff.methods.quant.fake import (
+from effdiff.methods.quant.lowbit.efficientdm import Call, Trajectory
+from effdiff.methods.quant.lowbit.fake import (
     Grid,
     Observer,
     grid_from_range,
@@ -26,10 +26,10 @@ from effdiff.methods.quant.fake import (
     levels,
     weight_grid,
 )
-from effdiff.methods.quant.observe import LayerInputs, target_layers
-from effdiff.methods.quant.packed import LayerQuant
-from effdiff.methods.quant.ptq import Moments, QDiffusion, adaround, static_activation
-from effdiff.methods.quant.tdq import timestep_ranges
+from effdiff.methods.quant.lowbit.observe import LayerInputs, target_layers
+from effdiff.methods.quant.lowbit.packed import LayerQuant
+from effdiff.methods.quant.lowbit.ptq import Moments, QDiffusion, adaround, static_activation
+from effdiff.methods.quant.lowbit.tdq import timestep_ranges
 from effdiff.patches import PatchLog
 from effdiff.registry import Paper, Param, RecipeError
 

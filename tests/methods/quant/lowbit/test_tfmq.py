@@ -13,9 +13,9 @@ import effdiff
 from effdiff import RecipeError
 from effdiff.adapters import adapter_for
 from effdiff.api import is_accelerated
-from effdiff.methods.quant.fake import TemporalActivation, grid_from_range
-from effdiff.methods.quant.observe import calibration_prompts, run_pipeline, target_layers
-from effdiff.methods.quant.tfmq import temporal_features, temporal_layers
+from effdiff.methods.quant.lowbit.fake import TemporalActivation, grid_from_range
+from effdiff.methods.quant.lowbit.observe import calibration_prompts, run_pipeline, target_layers
+from effdiff.methods.quant.lowbit.tfmq import temporal_features, temporal_layers
 
 STEPS = 4
 FAST = "prompts=2,steps=4,iters=0"  # one small calibration call, rounding to nearest

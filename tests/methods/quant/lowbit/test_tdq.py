@@ -12,8 +12,8 @@ from conftest import (
 import effdiff
 from effdiff import RecipeError
 from effdiff.api import is_accelerated
-from effdiff.methods.quant.fake import TimestepActivation
-from effdiff.methods.quant.tdq import fit_generators
+from effdiff.methods.quant.lowbit.fake import TimestepActivation
+from effdiff.methods.quant.lowbit.tdq import fit_generators
 
 STEPS = 4
 FAST = "prompts=2,steps=4,iters=0,fit=200"  # one small calibration call, rounding to nearest, a short fit

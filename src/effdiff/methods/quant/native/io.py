@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from effdiff.methods.quant.kernels import LAYER_CLASSES
+from effdiff.methods.quant.native.kernels import LAYER_CLASSES
 from effdiff.patches import PatchLog, split_name
 from effdiff.registry import RecipeError
 
