@@ -26,9 +26,10 @@ from effdiff.adapters import denoiser_attr
 
 MODEL = sys.argv[1] if len(sys.argv) > 1 else "tiny-sd"
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-RECIPES = ["deepcache:interval=3", "fbcache:threshold=0.1", "taylorseer", "fora:interval=3"]
+# fbcache:threshold=0 skips nothing: on the compiled model it measures what compiling by regions costs alone
+RECIPES = ["fbcache:threshold=0", "deepcache:interval=3", "fbcache:threshold=0.1", "taylorseer", "fora:interval=3"]
 if MODEL != "tiny-sd":
-    RECIPES = ["fbcache:threshold=0.1", "taylorseer", "fora:interval=3", "deltadit:interval=2"]
+    RECIPES = ["fbcache:threshold=0", "fbcache:threshold=0.1", "taylorseer", "fora:interval=3", "deltadit:interval=2"]
 PROMPTS = [f"a handwritten {word}" for word in ("zero", "one", "two", "three")]
 OUT = Path(__file__).parent / "results" / "compile"
 

@@ -48,7 +48,7 @@ REFUSALS = [
     ("sd3", "tome", "joint-stream blocks"),
     ("sd3", "deepcache", "deepcache supports unet backbones, not SD3Transformer2DModel"),
     ("sd3", "dpmpp2m:steps=3", "rectified flow"),
-    ("flux", "fora+deltadit", "cannot be stacked"),
+    ("flux", "fbcache+deltadit", "cannot be stacked"),
     ("flux", "euler:steps=3", "rectified flow"),
     ("flux", "dpmpp2m:steps=3", "rectified flow"),
     ("flux", "ddim", "rectified flow"),
@@ -56,7 +56,7 @@ REFUSALS = [
     ("flux", "dpmpp2m:steps=3+fora:interval=2", "rectified flow"),
     ("dit", "euler:steps=3", "never scales its initial noise"),
     ("dit", "heun:steps=3+fora", "never scales its initial noise"),
-    ("sd", "fora+fbcache", "cannot be stacked"),
+    ("sd", "taylorseer+fbcache", "cannot be stacked"),
 ]
 
 

@@ -203,7 +203,8 @@ def test_img2img_and_heun_steps():
     ("fbcache:front=3", "unet", "front must be <= 2"),
     ("taylorseer:order=9", "dit", "order"),
     ("fbcache:treshold=0.1", "dit", "did you mean 'threshold'"),
-    ("deepcache+fora", "unet", "cannot be stacked"),
+    ("deepcache+fbcache", "unet", "cannot be stacked: both take over the block outputs"),
+    ("fora+toca", "dit", "cannot be stacked: both take over the layer outputs"),
 ])
 def test_bad_settings_are_refused(recipe, kind, message):
     pipe = _pipe(kind)
@@ -212,6 +213,25 @@ def test_bad_settings_are_refused(recipe, kind, message):
         effdiff.accelerate(pipe, recipe)
     assert not is_accelerated(pipe) and no_patches(pipe)
     assert torch.equal(sample(pipe, steps=2), baseline)
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_a_block_cache_and_a_layer_cache_stack(kind):
+    """FBCache (block outputs) over FORA (layer outputs): different resources, so both run."""
+    pipe = _pipe(kind)
+    baseline = sample(pipe, steps=STEPS)
+    effdiff.accelerate(pipe, "fora:interval=2")
+    fora_alone = sample(pipe, steps=STEPS)
+    pipe.effdiff.remove()
+    effdiff.accelerate(pipe, "fbcache:threshold=0+fora:interval=2")
+    assert torch.equal(sample(pipe, steps=STEPS), fora_alone)  # a block cache that never skips changes nothing
+    pipe.effdiff.remove()
+    effdiff.accelerate(pipe, "fbcache:threshold=10+fora:interval=2")
+    out = sample(pipe, steps=STEPS)
+    block, layer = pipe.effdiff.methods
+    assert block.stats.cached > 0 and layer.stats.cached > 0 and torch.isfinite(out).all()
+    pipe.effdiff.remove()
+    assert no_patches(pipe) and torch.equal(sample(pipe, steps=STEPS), baseline)
 
 
 def test_registry_declarations():

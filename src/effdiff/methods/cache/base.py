@@ -109,7 +109,10 @@ class CacheMethod(Method):
 
     family = "cache"
     after = ("solver",)
-    exclusive = ("feature cache",)
+    # What a cache serves from its store. Block caches (whole blocks, a span of them, or the whole denoiser)
+    # and layer caches (attention / feed-forward outputs inside the blocks) touch different things, so one of
+    # each stacks (fbcache+fora: FORA's layers run only in the blocks FBCache computes); two of a kind refuse.
+    exclusive = ("block outputs",)
     graph_safe = False
 
     def apply(self, pipe: Any, ctx: StepContext) -> None:

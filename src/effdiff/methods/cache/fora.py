@@ -21,6 +21,7 @@ class Fora(CacheMethod):
     """
 
     name = "fora"
+    exclusive = ("layer outputs",)
     examples = {"noop": "fora:interval=1", "skips": "fora:interval=2"}
     paper = FORA
     summary = "reuse attention and MLP outputs every N steps (DiT blocks and U-Net transformer blocks)"

@@ -88,6 +88,7 @@ class LearningToCache(CacheMethod):
     """
 
     name = "l2c"
+    exclusive = ("layer outputs",)
     tuner = "effdiff.tune.l2c"
     examples = {"noop": "l2c:steps=3,samples=1,epochs=2,fraction=0",
                 "skips": "l2c:steps=3,samples=1,epochs=2,fraction=0.3"}

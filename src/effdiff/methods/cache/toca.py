@@ -140,7 +140,7 @@ class ToCa(TokenMethod):
     name = "toca"
     examples = {"noop": "toca:interval=1", "skips": "toca:interval=2,ratio=0.5,attn=1,influence=1"}
     family = "cache"
-    exclusive = ("feature cache",)
+    exclusive = ("layer outputs",)
     paper = TOCA
     summary = "token-wise caching: between full steps recompute the highest-scoring fraction of tokens per layer"
     params = {
