@@ -7,7 +7,8 @@ random ones with its vocabulary size. Weights are seeded, so two builds are iden
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
@@ -167,3 +168,15 @@ def snapshot(pipe: Any) -> dict[str, Any]:
         "forwards": sum("forward" in vars(m) for m in modules),
         "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in modules),
     }
+
+
+@contextlib.contextmanager
+def module_calls() -> Iterator[list[str]]:
+    """Names of every ``nn.Module`` called inside the block (a global pre-hook)."""
+    calls: list[str] = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(type(module).__name__))
+    try:
+        yield calls
+    finally:
+        handle.remove()

@@ -13,13 +13,11 @@ its own), no new graph on a second call, and the ``noop`` example still bit-iden
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from _stock import BUILDERS, build, generate, snapshot
+from _stock import BUILDERS, build, generate, module_calls, snapshot
 
 import effdiff
 from effdiff.adapters import adapter_for, denoiser_attr
@@ -44,17 +42,6 @@ def stock() -> dict[str, tuple[Any, torch.Tensor]]:
 def declared_to_run(pipe: Any, method: str) -> bool:
     cls, adapter = all_methods()[method], adapter_for(pipe)
     return adapter.kind in cls.backbones and adapter.stream_layouts() <= cls.streams
-
-
-@contextlib.contextmanager
-def module_calls() -> Iterator[list[str]]:
-    calls: list[str] = []
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda module, args: calls.append(type(module).__name__))
-    try:
-        yield calls
-    finally:
-        handle.remove()
 
 
 def skipped_work(method: Any) -> bool:

@@ -9,13 +9,12 @@ with a RecipeError before any module runs, leaving the pipeline untouched.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from _stock import BUILDERS, SIZE, build, generate, snapshot
+from _stock import BUILDERS, SIZE, build, generate, module_calls, snapshot
 
 import effdiff
 from effdiff.api import is_accelerated
@@ -79,18 +78,6 @@ def pipeline(request, stock) -> Iterator[tuple[str, Any, torch.Tensor]]:
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def module_calls() -> Iterator[list[str]]:
-    """Names of every ``nn.Module`` called inside the block (a global pre-hook)."""
-    calls: list[str] = []
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda module, args: calls.append(type(module).__name__))
-    try:
-        yield calls
-    finally:
-        handle.remove()
-
-
 def check_removed(name: str, pipe: Any, baseline: torch.Tensor, before: dict[str, Any]) -> None:
     pipe.effdiff.remove()
     assert not is_accelerated(pipe)

@@ -78,7 +78,7 @@ def test_stage_timer_splits_and_restores():
 
 
 def test_find_denoiser_error_names_the_class():
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="object has no denoiser at .unet or .transformer"):
         find_denoiser(object())
 
 

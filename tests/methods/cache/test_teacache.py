@@ -159,3 +159,12 @@ def test_registry_declaration():
     cls = effdiff.get_method("teacache")
     assert cls is TeaCache and cls.family == "cache" and cls.paper.arxiv == "2411.19108"
     assert "arXiv 2411.19108" in cls.__doc__
+
+
+def test_describe_says_when_the_model_is_uncalibrated():
+    pipe = make_tiny_dit()
+    effdiff.accelerate(pipe, "teacache:calibration=none")
+    assert "uncalibrated for this model" in pipe.effdiff.describe()
+    pipe.effdiff.remove()
+    effdiff.accelerate(pipe, "teacache:coefficients=0|2,calibration=none")
+    assert "uncalibrated" not in pipe.effdiff.describe()

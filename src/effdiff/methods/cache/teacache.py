@@ -202,7 +202,14 @@ class TeaCache(SegmentCache):
         self.changes = []
         self.trace = []
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the rescaling polynomial was fitted (a calibration file, or coefficients given explicitly)."""
+        return self.source != "parameters" or "coefficients" in self.given
+
     def describe(self) -> str:
         coefficients = ",".join(f"{c:.6g}" for c in self.coefficients)
+        note = "" if self.calibrated else "; uncalibrated for this model: the threshold acts on the raw input " \
+                                          "change (run effdiff calibrate --method teacache)"
         return f"{super().describe()} [using threshold={self.threshold:g}, coefficients={coefficients} " \
-               f"from {self.source}]"
+               f"from {self.source}{note}]"
