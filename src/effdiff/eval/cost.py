@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from effdiff.patches import PatchLog
+
 aten = torch.ops.aten
 
 
@@ -162,7 +164,7 @@ class StageTimer:
     def __init__(self, pipe) -> None:
         self.pipe = pipe
         self.times = StageTimes()
-        self._undo: list[Callable[[], None]] = []
+        self._patches = PatchLog()
         self._t0 = 0.0
         self._denoise_start = 0.0
 
@@ -170,8 +172,6 @@ class StageTimer:
         original = getattr(owner, name, None)
         if original is None or not callable(original):
             return
-        had_own = name in vars(owner)
-        own = vars(owner).get(name)
 
         def wrapped(*args, **kwargs):
             start = time.perf_counter()
@@ -180,19 +180,13 @@ class StageTimer:
             finally:
                 setattr(self.times, stage, getattr(self.times, stage) + time.perf_counter() - start)
 
-        setattr(owner, name, wrapped)
+        self._patches.attr(owner, name, wrapped)
 
-        def undo() -> None:
-            if had_own:
-                setattr(owner, name, own)
-            else:
-                delattr(owner, name)
-
-        self._undo.append(undo)
-
+    @torch.compiler.disable  # timing bookkeeping: never traced into a compiled denoiser's graph
     def _pre(self, module, args) -> None:
         self._denoise_start = time.perf_counter()
 
+    @torch.compiler.disable
     def _post(self, module, args, output) -> None:
         self.times.denoise += time.perf_counter() - self._denoise_start
 
@@ -203,15 +197,14 @@ class StageTimer:
         if vae is not None:
             self._wrap(vae, "decode", "decode")
         denoiser = find_denoiser(self.pipe)
-        handles = [denoiser.register_forward_pre_hook(self._pre), denoiser.register_forward_hook(self._post)]
-        self._undo.extend(h.remove for h in handles)
+        self._patches.hook(denoiser.register_forward_pre_hook(self._pre))
+        self._patches.hook(denoiser.register_forward_hook(self._post))
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.times.total = time.perf_counter() - self._t0
-        while self._undo:
-            self._undo.pop()()
+        self._patches.restore()
 
 
 # ---------------------------------------------------------------- FLOPs
