@@ -46,8 +46,8 @@ class Compile(Method):
         "backend": Param(str, "inductor", choices=("inductor", "eager", "aot_eager", "cudagraphs"),
                          help="torch.compile backend (eager: dynamo only, to check capture without compiling)"),
         "fullgraph": Param(bool, False, help="fail on a graph break instead of splitting the graph"),
-        "dynamic": Param(bool, False, help="symbolic shapes; false: one graph per input shape (diffusion calls see "
-                                           "few shapes, and static shapes get the fastest kernels)"),
+        "dynamic": Param(str, "auto", choices=("auto", "true", "false"),
+                         help="symbolic shapes (torch.compile's dynamic: auto = None, after a shape changes)"),
     }
 
     def apply(self, pipe: Any, ctx: StepContext) -> None:
@@ -56,7 +56,7 @@ class Compile(Method):
             raise RecipeError(f"compile: {type(model).__name__} is already compiled; drop compile from the recipe "
                               "(effdiff keeps your compilation) or accelerate the uncompiled model")
         options: dict[str, Any] = {"fullgraph": self.values["fullgraph"], "backend": self.values["backend"],
-                                   "dynamic": self.values["dynamic"]}
+                                   "dynamic": {"auto": None, "true": True, "false": False}[self.values["dynamic"]]}
         if self.values["mode"] != "default":
             options["mode"] = self.values["mode"]
         self.scope = self._scope()
