@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from effdiff.adapters.base import STREAMS as BLOCK_STREAMS
 from effdiff.errors import RecipeError
 from effdiff.patches import PatchLog
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 FAMILIES: tuple[str, ...] = ("solver", "cache", "tokens", "quant", "prune", "distill", "parallel", "compile")
 BACKBONES: frozenset[str] = frozenset({"unet", "dit"})
-STREAMS: frozenset[str] = frozenset({"single", "joint", "concat"})  # block stream layouts (adapters/base.py)
+STREAMS: frozenset[str] = frozenset(BLOCK_STREAMS)  # the block stream layouts the adapters know
 
 
 @dataclass(frozen=True)

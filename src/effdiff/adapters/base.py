@@ -59,6 +59,11 @@ class Streams(NamedTuple):
         return all(a.shape == b.shape for a, b in pairs)
 
 
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The ``hidden_states`` a block (or the denoiser) was called with, positional or keyword."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
 @dataclass
 class BlockRef:
     """One block, where it lives (so it can be wrapped or swapped) and how it is called."""
@@ -74,7 +79,7 @@ class BlockRef:
     # --- reading and writing a call of this block, by its pattern --------------------------------------
     def hidden_in(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The image-token (or U-Net feature map) input."""
-        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return hidden_of(args, kwargs)
 
     def streams_in(self, args: tuple, kwargs: dict) -> Streams:
         hidden = self.hidden_in(args, kwargs)

@@ -54,11 +54,6 @@ class CacheStats:
         return self.cached / self.calls if self.calls else 0.0
 
 
-def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The ``hidden_states`` a block was called with (positional or keyword)."""
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-
 def first_tensor(out: Any) -> torch.Tensor:
     """The hidden output of a block or model: U-Net down blocks return ``(hidden, skips)``, stock diffusers
     models a ``ModelOutput`` (indexable like a tuple), others a tensor."""

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from effdiff.methods.cache.base import CacheMethod, hidden_of, refuse
+from effdiff.adapters.base import hidden_of
+from effdiff.methods.cache.base import CacheMethod, refuse
 from effdiff.methods.tokens.maps import TokenMap
 
 Builder = Callable[[torch.Tensor, dict], "TokenMap | bool"]
