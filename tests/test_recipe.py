@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from effdiff.recipe import RecipeError, build, order, parse, to_string
+from effdiff.recipe import RecipeError, build, check, order, parse, to_string
 from effdiff.registry import Method, get_method
 
 
@@ -70,3 +70,12 @@ def test_parser_never_crashes(text):
 ])
 def test_aliases_with_a_plus_are_not_split(text, expected):
     assert to_string(parse(text)) == expected
+
+
+def test_a_method_is_refused_on_stream_layouts_it_does_not_declare():
+    """Every registered method covers every layout today; the check still names what a narrower one lacks."""
+    method = get_method("tome")()
+    method.streams = frozenset({"single"})
+    with pytest.raises(RecipeError, match="works on single-stream blocks; Flux has concat/joint-stream blocks"):
+        check([method], streams=frozenset({"single", "joint", "concat"}), backbone_name="Flux")
+    check([method], streams=frozenset({"single"}))

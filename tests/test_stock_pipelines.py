@@ -43,8 +43,6 @@ REFUSALS = [
     ("pixart", "faster", "faster supports unet backbones, not PixArtTransformer2DModel"),
     ("dit", "faster", "faster supports unet backbones, not DiTTransformer2DModel"),
     ("flux", "faster", "faster supports unet backbones, not FluxTransformer2DModel"),
-    ("flux", "toca", "concat/joint-stream blocks"),
-    ("sd3", "tome", "joint-stream blocks"),
     ("sd3", "deepcache", "deepcache supports unet backbones, not SD3Transformer2DModel"),
     ("sd3", "dpmpp2m:steps=3", "rectified flow"),
     ("flux", "fbcache+deltadit", "cannot be stacked"),

@@ -116,6 +116,52 @@ class BlockRef:
         return self.parent[self.key] if isinstance(self.key, int) else getattr(self.parent, self.key)
 
 
+@dataclass
+class TokenBlock:
+    """A transformer block whose image tokens a token method may reduce, or cache token by token.
+
+    ``stride`` is latent units per token side, relative to ``Adapter.token_grid``; ``level`` the U-Net
+    downsample factor (1 for every DiT block). Sub-layers by role, as attribute names on the block:
+    ``attn`` self-attention (in "joint" and "concat" blocks the joint attention, whose *image* part is
+    reduced; SD3.5's image-only second attention), ``cross`` cross-attention to the text, ``ff`` the image
+    tokens' feed-forward (FLUX single blocks: ``proj_mlp``, the token-wise input half of their MLP).
+    In a "concat" block every sub-layer sees the text tokens first, then the image tokens. ``rope``: the
+    keyword under which the block's attention receives rotary position tables (text rows first), so a
+    reduced sequence can carry the positions of the tokens it kept.
+    """
+
+    name: str
+    module: nn.Module
+    stride: int
+    level: int = 1
+    streams: str = "single"
+    attn: tuple[str, ...] = ("attn1",)
+    cross: tuple[str, ...] = ("attn2",)
+    ff: tuple[str, ...] = ("ff",)
+    rope: str | None = None
+
+    def image_out(self, out: Any) -> torch.Tensor:
+        """The image tokens a call of the block returned (MMDiT blocks return ``(text, image)``)."""
+        return out if self.streams == "single" else out[1]
+
+    def with_image(self, out: Any, image: torch.Tensor) -> Any:
+        """The block's output ``out`` with its image tokens replaced by ``image``."""
+        return image if self.streams == "single" else (out[0], image)
+
+    def layers(self, role: str) -> list[tuple[str, nn.Module]]:
+        """(attribute, module) of this block's sub-layers in ``role`` ("attn", "cross", "ff") that exist."""
+        return [(n, getattr(self.module, n)) for n in getattr(self, role) if getattr(self.module, n, None) is not None]
+
+
+def basic_transformer_blocks(ref: BlockRef, stride: int, level: int = 1) -> list[TokenBlock]:
+    """diffusers' ``BasicTransformerBlock``s in a block (SD U-Nets' ``Transformer2DModel``, PixArt, DiT)."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    found = [(ref.name, ref.module)] if isinstance(ref.module, BasicTransformerBlock) else [
+        (f"{ref.name}.{n}", m) for n, m in ref.module.named_modules() if isinstance(m, BasicTransformerBlock)]
+    return [TokenBlock(name, module, stride, level) for name, module in found]
+
+
 class Adapter:
     """Base adapter: attention and linear discovery is generic; blocks are per architecture."""
 
@@ -166,6 +212,35 @@ class Adapter:
     def modulated_input(self, ref: BlockRef, args: tuple, kwargs: dict) -> torch.Tensor:
         """The block's timestep-modulated input (TeaCache's change signal) for one call of the block."""
         return ref.hidden_in(args, kwargs)
+
+    def token_blocks(self) -> list[TokenBlock]:
+        """The blocks token methods work in, in execution order (``BasicTransformerBlock``s by default)."""
+        patch = int(getattr(self.model.config, "patch_size", 1) or 1)
+        return [t for ref in self.blocks() for t in basic_transformer_blocks(ref, patch)]
+
+    def image_queries_keys(self, block: TokenBlock, attn: nn.Module, image: torch.Tensor,
+                           kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys (B, heads, N, D) that ``attn`` forms for the ``image`` tokens (B, N, C) of a call made
+        with ``kwargs``: projections, per-head q/k norms, and the image rows of the call's rotary table (the text
+        rows come first). What a joint attention's processor computes for its image part, for methods that need
+        the attention map SDPA never returns."""
+        q, k = (proj(image).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k))
+        if getattr(attn, "norm_q", None) is not None:
+            q = attn.norm_q(q)
+        if getattr(attn, "norm_k", None) is not None:
+            k = attn.norm_k(k)
+        table = kwargs.get(block.rope) if block.rope else None
+        if table is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            rows = tuple(t[t.shape[0] - image.shape[1]:] for t in table)
+            q, k = (apply_rotary_emb(t, rows, sequence_dim=1) for t in (q, k))
+        return q.transpose(1, 2), k.transpose(1, 2)
+
+    def token_grid(self, args: tuple, kwargs: dict) -> tuple[int, int]:
+        """(rows, cols) of the denoiser's input, the grid ``TokenBlock.stride`` divides: its latent's size."""
+        sample = hidden_of(args, kwargs)
+        return int(sample.shape[-2]), int(sample.shape[-1])
 
     @staticmethod
     def _list(model: nn.Module, attr: str, role: str, pattern: str, streams: str = "single") -> list[BlockRef]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from effdiff.adapters.base import Adapter, BlockRef
+from effdiff.adapters.base import Adapter, BlockRef, TokenBlock
 
 
 class DiTAdapter(Adapter):
@@ -60,6 +60,14 @@ class SD3Adapter(_MMDiTAdapter):
     def blocks(self) -> list[BlockRef]:
         return self._list(self.model, "transformer_blocks", "transformer", "joint", "joint")
 
+    def token_blocks(self) -> list[TokenBlock]:
+        """Joint blocks: the joint attention ``attn`` (text keys and queries kept whole), SD3.5's image-only
+        ``attn2``, the image feed-forward ``ff`` (``ff_context``, the text's, is never touched). Positions are
+        added at the patch embedding, so nothing travels with a reduced sequence."""
+        patch = int(self.model.config.patch_size)
+        return [TokenBlock(ref.name, ref.module, patch, streams="joint", attn=("attn", "attn2"), cross=())
+                for ref in self.blocks()]
+
 
 class FluxAdapter(_MMDiTAdapter):
     model_class = "FluxTransformer2DModel"
@@ -67,3 +75,19 @@ class FluxAdapter(_MMDiTAdapter):
     def blocks(self) -> list[BlockRef]:
         return (self._list(self.model, "transformer_blocks", "transformer", "joint", "joint")
                 + self._list(self.model, "single_transformer_blocks", "single", "joint", "concat"))
+
+    def token_blocks(self) -> list[TokenBlock]:
+        """Double blocks: joint ``attn`` and the image ``ff``; single blocks: ``attn`` and ``proj_mlp`` over text
+        then image tokens. Both attentions take rotary tables as ``image_rotary_emb`` (text rows first); the
+        input is already packed into tokens, so the stride is 1 on ``token_grid``."""
+        return [TokenBlock(ref.name, ref.module, 1, streams=ref.streams, attn=("attn",), cross=(),
+                           ff=("ff",) if ref.streams == "joint" else ("proj_mlp",), rope="image_rotary_emb")
+                for ref in self.blocks()]
+
+    def token_grid(self, args: tuple, kwargs: dict) -> tuple[int, int]:
+        """The packed latent's token grid, from the image position ids (rows, cols in columns 1 and 2)."""
+        ids = kwargs.get("img_ids")
+        if ids is None:
+            raise ValueError("FluxTransformer2DModel was called without img_ids; the token grid is unknown")
+        ids = ids.reshape(-1, ids.shape[-1])
+        return int(ids[:, 1].max()) + 1 - int(ids[:, 1].min()), int(ids[:, 2].max()) + 1 - int(ids[:, 2].min())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from effdiff.adapters.base import Adapter, BlockRef
+from effdiff.adapters.base import Adapter, BlockRef, TokenBlock, basic_transformer_blocks
 
 
 class _UNetAdapter(Adapter):
@@ -23,6 +23,19 @@ class _UNetAdapter(Adapter):
         downs = [i for i, b in enumerate(blocks) if b.role == "down"]
         ups = [i for i, b in enumerate(blocks) if b.role == "up"]
         return list(zip(downs, reversed(ups), strict=False))
+
+    def token_blocks(self) -> list[TokenBlock]:
+        """The ``BasicTransformerBlock``s of every level; a block at downsample ``d`` sees ``ceil(H/d) x ceil(W/d)``
+        tokens (stride-2 convolutions with padding 1 round up); ``level`` counts like ToMe for SD (1 = full size)."""
+        out: list[TokenBlock] = []
+        downsample = 1
+        for ref in self.blocks():
+            out += basic_transformer_blocks(ref, downsample, downsample)
+            if ref.role == "down" and getattr(ref.module, "downsamplers", None):
+                downsample *= 2
+            if ref.role == "up" and getattr(ref.module, "upsamplers", None):
+                downsample //= 2
+        return out
 
     def modulated_input(self, ref: BlockRef, args: tuple, kwargs: dict) -> torch.Tensor:
         """The block's first resnet's normalised input plus its projection of the time embedding."""

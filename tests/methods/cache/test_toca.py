@@ -8,7 +8,7 @@ from effdiff import RecipeError
 from effdiff.methods.cache.toca import choose, grid_cells, minmax, spatial_bonus
 
 STEPS = 6
-ALL_TOKENS = "ratio=1,depth=0,attn=1,cross=1,mlp=1,influence=1"
+ALL_TOKENS = "ratio=1,depth=0,time=0,attn=1,cross=1,mlp=1,influence=1"
 KINDS = ["dit", "unet"]
 
 
@@ -85,9 +85,10 @@ def test_recomputes_fewer_tokens_in_deeper_blocks_and_per_type():
     pipe = make_tiny("dit")
     effdiff.accelerate(pipe, "toca:ratio=0.25,depth=0.6,attn=1,cross=0.6,mlp=1.6")
     fractions = pipe.effdiff.methods[0].fractions
-    assert fractions[0, "ff"] == pytest.approx(min(0.25 * 1.6 * 1.6, 1.0))
-    assert fractions[1, "ff"] == pytest.approx(0.25 * 0.4 * 1.6)
-    assert fractions[0, "attn2"] < fractions[0, "attn1"] < fractions[0, "ff"]
+    ff, attn, cross = ("ff", "ff"), ("attn", "attn1"), ("cross", "attn2")  # (role, sub-layer)
+    assert fractions[0, ff] == pytest.approx(0.25 * 1.6 * 1.6)
+    assert fractions[1, ff] == pytest.approx(0.25 * 0.4 * 1.6)
+    assert fractions[0, cross] < fractions[0, attn] < fractions[0, ff]
 
 
 def test_staleness_forces_recompute_of_tokens_reused_too_long():
@@ -96,9 +97,10 @@ def test_staleness_forces_recompute_of_tokens_reused_too_long():
     stale_max = {}
     for weight in (0, 1):
         pipe = make_tiny("dit")
-        effdiff.accelerate(pipe, f"toca:interval={STEPS},ratio=0.25,depth=0,mlp=1,entropy=0,bonus=0,staleness={weight}")
+        effdiff.accelerate(pipe, f"toca:interval={STEPS},ratio=0.25,depth=0,time=0,mlp=1,entropy=0,bonus=0,"
+                                f"staleness={weight}")
         sample(pipe, steps=STEPS)
-        stale_max[weight] = max(int(layer["stale", "ff"].max()) for layer in _layers(pipe).values())
+        stale_max[weight] = max(int(layer["stale", ("ff", "ff")].max()) for layer in _layers(pipe).values())
     assert stale_max[0] == cached_steps  # three quarters of the tokens never recomputed
     assert stale_max[1] <= 3  # a quarter per step: every token recomputed at least every 4 cached steps
 
@@ -134,7 +136,7 @@ def test_batched_cfg_halves_choose_the_same_tokens_and_separate_calls_keep_separ
     effdiff.accelerate(pipe, "toca:ratio=0.3")
     sample(pipe, steps=STEPS)
     for layer in _layers(pipe).values():
-        uncond, cond = layer["stale", "ff"].chunk(2)
+        uncond, cond = layer["stale", ("ff", "ff")].chunk(2)
         assert torch.equal(uncond, cond)
     separate = make_tiny("dit")
     split_cfg_calls(separate)
@@ -158,8 +160,6 @@ def test_stock_pipelines(name):
 
 
 def test_refusals():
-    with pytest.raises(RecipeError, match="works on single-stream blocks"):
-        effdiff.accelerate(build("flux"), "toca")
     with pytest.raises(RecipeError, match="ratio"):
         effdiff.accelerate(make_tiny("dit"), "toca:ratio=1.5")
     with pytest.raises(RecipeError, match="did you mean 'interval'"):
@@ -178,6 +178,32 @@ def test_refusals():
     assert not any("forward" in vars(m) for m in pipe.transformer.modules())
 
 
+def test_flux_joint_attention_with_attn_factor_runs_whole():
+    pipe = build("flux")
+    effdiff.accelerate(pipe, "toca:attn=1")
+    assert "attention is recomputed whole" in pipe.effdiff.describe()
+    calls = []
+    attn = pipe.transformer.transformer_blocks[0].attn
+    assert "forward" not in vars(attn)  # not patched: it runs at every step
+    attn.register_forward_pre_hook(lambda m, a: calls.append(1))
+    generate("flux", pipe, steps=4)
+    assert len(calls) == 4
+
+
 def test_registry_declaration():
     cls = effdiff.get_method("toca")
     assert cls.family == "cache" and cls.paper.arxiv == "2410.05317" and "arXiv 2410.05317" in cls.__doc__
+
+
+def test_the_timestep_factor_recomputes_more_tokens_late():
+    """The authors' schedule: x(1 - time) at the first step rising to x(1 + time) at the last."""
+    pipe = make_tiny("dit")
+    counts = []
+    ff = denoiser(pipe).transformer_blocks[0].ff
+    inner = ff.forward
+    ff.forward = lambda x: (counts.append(x.shape[1]), inner(x))[1]
+    effdiff.accelerate(pipe, "toca:interval=10,ratio=0.25,depth=0,mlp=1,time=0.4")
+    sample(pipe, steps=STEPS)
+    tokens, cached = counts[0], counts[1:]
+    factors = [1 - 0.4 + 0.8 * (k + 1) / STEPS for k in range(1, STEPS)]
+    assert cached == [round(0.25 * f * tokens) for f in factors] and cached[-1] > cached[0]

@@ -25,6 +25,11 @@ def _denoiser(pipe):
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 
+def _units(method):
+    """What reduces once per call: a ToMe block, an AT-EDM span (its first block ranks for all of it)."""
+    return len(getattr(method, "spans", method.blocks))
+
+
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])
@@ -45,7 +50,7 @@ def test_reduces_repeats_and_restores(kind, recipe):
     effdiff.accelerate(pipe, recipe)
     first = sample(pipe, steps=STEPS)
     method = pipe.effdiff.methods[0]
-    assert method.reduced_calls == STEPS * len(method.blocks)
+    assert method.reduced_calls == STEPS * _units(method)
     assert first.shape == baseline.shape and torch.isfinite(first).all()
     assert not torch.equal(first, baseline)
     assert torch.equal(sample(pipe, steps=STEPS), first)  # seeded per (step, block): every call alike
@@ -85,7 +90,7 @@ def test_odd_grids(kind, size, recipe):
         effdiff.accelerate(pipe, recipe)
         out = call()
     assert out.shape == baseline.shape and torch.isfinite(out).all() and not torch.equal(out, baseline)
-    assert pipe.effdiff.methods[0].reduced_calls == len(pipe.effdiff.methods[0].blocks)
+    assert pipe.effdiff.methods[0].reduced_calls == _units(pipe.effdiff.methods[0])
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES.values()), ids=list(RECIPES))
@@ -142,12 +147,6 @@ def test_default_level_falls_back_to_the_shallowest_attention():
     assert not torch.equal(sample(pipe, steps=STEPS), baseline)
 
 
-def test_joint_stream_backbones_refused():
-    for recipe in ("tome", "atedm"):
-        with pytest.raises(RecipeError, match="works on single-stream blocks"):
-            effdiff.accelerate(build("flux"), recipe)
-
-
 @pytest.mark.parametrize("name", ["sd", "pixart", "dit"])
 @pytest.mark.parametrize("recipe", ["tome:ratio=0.5", "atedm:ratio=0.5,early=0"])
 def test_stock_pipelines(name, recipe):
@@ -181,7 +180,7 @@ def test_atedm_dsap_prunes_only_after_the_early_steps():
     effdiff.accelerate(pipe, "atedm:ratio=0.5,early=0.5")
     sample(pipe, steps=STEPS)
     method = pipe.effdiff.methods[0]
-    assert method.reduced_calls == (STEPS // 2) * len(method.blocks)
+    assert method.reduced_calls == (STEPS // 2) * _units(method)
 
 
 @pytest.mark.parametrize("rows", [256, 5])
@@ -201,3 +200,54 @@ def test_tome_matches_tomesd_without_randomness(tiny_sd):
     tomesd.remove_patch(tiny_sd)
     effdiff.accelerate(tiny_sd, "tome:ratio=0.5,max_downsample=2,use_rand=false,merge_mlp=true")
     assert torch.allclose(sample(tiny_sd, steps=STEPS), theirs, atol=1e-5)
+
+
+def _tokens_seen(module, seen):
+    def record(module, args, kwargs):
+        seen.append((args or [kwargs["hidden_states"]])[0].shape[1])
+
+    module.register_forward_pre_hook(record, with_kwargs=True)
+
+
+@pytest.mark.parametrize("span", [1, 2])
+def test_atedm_tokens_stay_pruned_through_a_span(span):
+    """span=2 on the two-block tiny DiT: block 1 runs whole on the kept tokens (fused, no map); span=1 ranks
+    in both blocks and recovers after each."""
+    pipe = make_tiny_dit()
+    baseline = sample(pipe, steps=2)
+    blocks = pipe.transformer.transformer_blocks
+    first, second = [], []
+    _tokens_seen(blocks[0].ff.net[0], first)  # inside the patched forward: what the feed-forward computes on
+    _tokens_seen(blocks[1], second)
+    effdiff.accelerate(pipe, f"atedm:ratio=0.5,early=0,span={span}")
+    out = sample(pipe, steps=2)
+    method = pipe.effdiff.methods[0]
+    assert [len(s) for s in method.spans] == ([1, 1] if span == 1 else [2])
+    assert first == [8, 8] and second == ([16, 16] if span == 1 else [8, 8])
+    assert out.shape == baseline.shape and torch.isfinite(out).all() and not torch.equal(out, baseline)
+    assert torch.equal(sample(pipe, steps=2), out)
+    pipe.effdiff.remove()
+    assert torch.equal(sample(pipe, steps=2), baseline)
+
+
+def test_atedm_unet_spans_are_attention_blocks():
+    pipe = build("sd")
+    effdiff.accelerate(pipe, "atedm:ratio=0.5,early=0")
+    method = pipe.effdiff.methods[0]
+    assert all(len({b.name.rsplit(".", 2)[0] for b in span}) == 1 for span in method.spans)
+    assert len(method.spans) == len({b.name.rsplit(".", 2)[0] for b in method.blocks})
+
+
+def test_atedm_flux_spans_keep_text_and_rotary_rows():
+    """Double and single blocks span separately; a later block sees the kept image tokens, every text token,
+    and (two images per prompt) per-element rotary rows."""
+    pipe = build("flux")
+    seen = []
+    _tokens_seen(pipe.transformer.single_transformer_blocks[1], seen)
+    effdiff.accelerate(pipe, "atedm:ratio=0.5,early=0")
+    method = pipe.effdiff.methods[0]
+    assert [[b.streams for b in span] for span in method.spans] == [["joint"], ["concat", "concat"]]
+    images = pipe("a red apple", height=16, width=16, num_inference_steps=2, num_images_per_prompt=2,
+                  max_sequence_length=16, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
+    assert seen[0] == 16 - 8 and method.reduced_calls == 2 * 2

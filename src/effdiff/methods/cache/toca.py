@@ -21,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effdiff.adapters.base import TokenBlock
 from effdiff.context import StepContext
 from effdiff.methods.cache.base import Forward, refuse, refuse_chunked_feed_forward
 from effdiff.methods.tokens.atedm import PLAIN_PROCESSORS, attention_with_map
-from effdiff.methods.tokens.base import TokenBlock, TokenMethod
+from effdiff.methods.tokens.base import TokenMethod
 from effdiff.registry import Paper, Param
 
 TOCA = Paper("Accelerating Diffusion Transformers with Token-wise Feature Caching", "2410.05317", "ICLR 2025")
-KINDS = ("attn1", "attn2", "ff")  # BasicTransformerBlock's self-attention, cross-attention, feed-forward
+FACTORS = {"attn": "attn", "cross": "cross", "ff": "mlp"}  # sub-layer role -> the param holding its type factor
 
 
 def plain_attention(attn: nn.Module) -> bool:
@@ -120,8 +121,10 @@ class ToCa(TokenMethod):
     Caching" (arXiv 2410.05317, ICLR 2025). Every ``interval``-th step computes every token and fills
     the cache (and, when their weights are > 0, records the self-attention influence s1 and the
     cross-attention entropy s2 of every token). At the steps between, sub-layer ``kind`` of block ``l``
-    (of L) recomputes ``round(N * ratio * (1 + depth - 2 * depth * l / (L - 1)) * factor[kind])`` of its
-    N tokens (clamped to [0, N]), the ones with the highest caching score
+    (of L) at step k of K recomputes ``round(N * ratio * (1 + depth - 2 * depth * l / (L - 1)) *
+    (1 - time + 2 * time * (k + 1) / K) * factor[kind])`` of its N image tokens (clamped to [0, N]; the
+    authors' "ToCa" schedule, which recomputes more in shallow layers and late steps), the ones with the
+    highest caching score
     ``influence * s1 + entropy * s2 + staleness * s3 / interval`` plus the ``bonus`` of s4 (s1, s2
     scaled to [0, 1]; s3 counts the cached steps the token was reused in a row). Recomputed tokens
     are exact for their inputs: the MLP and cross-attention are token-wise, and self-attention runs
@@ -135,6 +138,11 @@ class ToCa(TokenMethod):
     U-Nets: the same applies to the ``BasicTransformerBlock`` sub-layers of SD's transformer blocks
     (resnets and convolutions always run), as FORA does. ``ratio=0`` is FORA with the same interval;
     ``interval=1`` is bit-identical to the baseline.
+
+    MMDiTs (FLUX, SD3): the image feed-forward (FLUX single blocks: ``proj_mlp``) is recomputed token-wise
+    and its text tokens (in a single block's text prefix) every time; the joint attention is reused whole
+    (``attn=0``) or, with ``attn > 0``, recomputed whole at every step, since a joint attention with rotary
+    positions cannot run a few queries alone here. Text feed-forwards (``ff_context``) always run.
     """
 
     name = "toca"
@@ -147,6 +155,7 @@ class ToCa(TokenMethod):
         "interval": Param(int, 3, 1, 1000, help="every token computed every `interval` steps"),
         "ratio": Param(float, 0.3, 0.0, 1.0, help="base fraction of tokens recomputed per sub-layer at cached steps"),
         "depth": Param(float, 0.6, 0.0, 1.0, help="depth schedule: block l recomputes x(1 + depth - 2 depth l/(L-1))"),
+        "time": Param(float, 0.4, 0.0, 1.0, help="timestep schedule: x(1 - time + 2 time k/K) at step k of K"),
         "attn": Param(float, 0.0, 0.0, 10.0, help="type factor of self-attention (0: reused whole, as released)"),
         "cross": Param(float, 0.6, 0.0, 10.0, help="type factor of cross-attention"),
         "mlp": Param(float, 1.6, 0.0, 10.0, help="type factor of the feed-forward layer"),
@@ -173,20 +182,36 @@ class ToCa(TokenMethod):
             raise refuse(self.name, f"{block.name} attends only to the text in attn1; ToCa needs a self-attention")
         last = max(len(self.blocks) - 1, 1)
         depth = 1 + self.values["depth"] - 2 * self.values["depth"] * index / last
-        for kind, factor in zip(KINDS, ("attn", "cross", "mlp"), strict=True):
-            layer = getattr(module, kind, None)
-            if layer is None:
-                continue
-            if kind != "ff" and not plain_attention(layer):
-                raise refuse(self.name, f"{block.name}.{kind} uses {type(layer.processor).__name__} with options "
-                                        "ToCa cannot recompute token-wise; it needs a plain attention")
-            self.fractions[index, kind] = min(max(self.values["ratio"] * depth * self.values[factor], 0.0), 1.0)
-            self.patch(layer, lambda inner, kind=kind, layer=layer: self._sublayer(index, block, kind, layer, inner))
+        for role, factor in FACTORS.items():
+            for name, layer in block.layers(role):
+                fraction = max(self.values["ratio"] * depth * self.values[factor], 0.0)
+                if role != "ff" and fraction and block.streams == "single" and not plain_attention(layer):
+                    raise refuse(self.name, f"{block.name}.{name} uses {type(layer.processor).__name__} with "
+                                            "options ToCa cannot recompute token-wise; it needs a plain attention")
+                if role != "ff" and fraction and block.streams != "single":
+                    # a joint attention with rotary positions cannot run a few queries alone: it runs whole
+                    self.fallback = (f"{factor}>0 on {block.streams} blocks: their attention is recomputed whole "
+                                     f"at every step ({factor}=0 reuses it whole)")
+                    continue
+                kind = (role, name)
+                self.fractions[index, kind] = fraction
+                self.patch(layer, lambda inner, kind=kind, layer=layer: self._sublayer(index, block, kind, layer,
+                                                                                       inner))
 
     def begin(self, state: dict[str, Any], ctx: StepContext) -> None:
         state["refresh"] = ctx.step_index % self.values["interval"] == 0 or "layers" not in state
         state.setdefault("layers", {})
         self.count(not state["refresh"])
+
+    def step_factor(self) -> float:
+        """The paper's timestep factor: ``1 - time`` at the first step rising to ``1 + time`` at the last, so the
+        low-noise steps, where detail forms, recompute more tokens (the authors count steps down: their
+        ``1 + w - 2 w step / num_steps`` with ``step`` from ``num_steps - 1`` to 0)."""
+        ctx, weight = self._ctx, self.values["time"]
+        if ctx.total_steps <= 0:
+            return 1.0
+        remaining = ctx.total_steps - 1 - ctx.step_index
+        return 1 + weight - 2 * weight * remaining / ctx.total_steps
 
     def _reset(self) -> None:
         super()._reset()
@@ -198,62 +223,78 @@ class ToCa(TokenMethod):
         return self.tokens[0] / self.tokens[1] if self.tokens[1] else 0.0
 
     # --- one sub-layer call ---------------------------------------------------------------------
-    def _sublayer(self, index: int, block: TokenBlock, kind: str, module: nn.Module, inner: Forward) -> Forward:
-        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _sublayer(self, index: int, block: TokenBlock, kind: tuple[str, str], module: nn.Module,
+                  inner: Forward) -> Forward:
+        """Full at refresh steps; else the cached output with the chosen image tokens recomputed. A concat
+        block's text prefix is recomputed every time (text tokens are never left stale); a sub-layer recomputed
+        by no token (fraction 0: attention reused whole) may return anything, a joint attention's tuple too."""
+        role = kind[0]
+
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             state = self.current
             layer = state["layers"].setdefault(index, {})
             batch, tokens = hidden_states.shape[:2]
             cache = layer.get(kind)
             self.tokens[1] += batch * tokens
-            if state["refresh"] or cache is None or cache.shape[:2] != (batch, tokens):
-                out = self._full(kind, module, layer, inner, hidden_states, args, kwargs).contiguous()
-                layer[kind], layer["stale", kind] = out, torch.zeros(batch, tokens, device=out.device)
+            if state["refresh"] or cache is None or layer["shape", kind] != (batch, tokens):
+                out = self._full(role, module, layer, inner, hidden_states, args, kwargs)
+                out = out.contiguous() if isinstance(out, torch.Tensor) else out
+                layer[kind], layer["shape", kind] = out, (batch, tokens)
+                layer["stale", kind] = torch.zeros(batch, self.image_tokens(block), device=hidden_states.device)
                 self.tokens[0] += batch * tokens
                 return out
-            count = round(self.fractions[index, kind] * tokens)
+            image = layer["stale", kind].shape[1]
+            text = tokens - image
+            count = round(min(self.fractions[index, kind] * self.step_factor(), 1.0) * image)
             stale = layer["stale", kind]
             stale += 1
+            if not (count or text):
+                return cache
+            idx = torch.empty(batch, 0, dtype=torch.long, device=stale.device)
             if count:
                 idx = choose(self._score(block, layer, stale), count)
-                rows = flat_rows(idx, tokens)
-                fresh = self._partial(kind, module, layer, inner, hidden_states, idx, rows, args, kwargs)
-                cache.view(batch * tokens, -1).index_copy_(0, rows, fresh.reshape(batch * count, -1))
-                stale.view(-1)[rows] = 0
-                self.tokens[0] += batch * count
+                stale.view(-1)[flat_rows(idx, image)] = 0
+            if text:
+                head = torch.arange(text, device=idx.device).expand(batch, text)
+                idx = torch.cat([head, idx + text], dim=1)
+            rows = flat_rows(idx, tokens)
+            fresh = self._partial(role, module, layer, inner, hidden_states, idx, rows, args, kwargs)
+            cache.view(batch * tokens, -1).index_copy_(0, rows, fresh.reshape(rows.numel(), -1))
+            self.tokens[0] += rows.numel()
             return cache
 
         return forward
 
     @staticmethod
-    def _plain_call(kind: str, args: tuple, kwargs: dict) -> bool:
+    def _plain_call(role: str, args: tuple, kwargs: dict) -> bool:
         """A call the explicit attention functions reproduce (no self-attention mask, no extra arguments)."""
         if args or set(kwargs) - {"encoder_hidden_states", "attention_mask"}:
             return False
-        return kind == "attn2" or (kwargs.get("encoder_hidden_states") is None and kwargs.get("attention_mask") is None)
+        return role == "cross" or (kwargs.get("encoder_hidden_states") is None and kwargs.get("attention_mask") is None)
 
-    def _full(self, kind: str, attn: nn.Module, layer: dict[Any, Any], inner: Forward, x: torch.Tensor,
-              args: tuple, kwargs: dict) -> torch.Tensor:
-        if kind == "attn1" and self.scored["influence"] and self._plain_call(kind, args, kwargs):
+    def _full(self, role: str, attn: nn.Module, layer: dict[Any, Any], inner: Forward, x: torch.Tensor,
+              args: tuple, kwargs: dict) -> Any:
+        if role == "attn" and self.scored["influence"] and self._plain_call(role, args, kwargs):
             out, probs = attention_with_map(attn, x)
             layer["influence"] = probs.sum(1)
             return out
-        if kind == "attn2" and self.scored["entropy"] and self._plain_call(kind, args, kwargs):
+        if role == "cross" and self.scored["entropy"] and self._plain_call(role, args, kwargs):
             out, layer["entropy"] = cross_attention_entropy(attn, x, kwargs["encoder_hidden_states"],
                                                             kwargs.get("attention_mask"))
             return out
         return inner(x, *args, **kwargs)
 
-    def _partial(self, kind: str, attn: nn.Module, layer: dict[Any, Any], inner: Forward, x: torch.Tensor,
+    def _partial(self, role: str, attn: nn.Module, layer: dict[Any, Any], inner: Forward, x: torch.Tensor,
                  idx: torch.Tensor, rows: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """The sub-layer's output for the chosen tokens only, (B, M, C)."""
         batch, tokens, channels = x.shape
         chosen = x.reshape(batch * tokens, channels).index_select(0, rows).view(batch, idx.shape[1], channels)
-        if kind == "attn1":
-            if self._plain_call(kind, args, kwargs):
+        if role == "attn":
+            if self._plain_call(role, args, kwargs):
                 return attend_queries(attn, x, chosen)
             full = inner(x, *args, **kwargs)  # a masked or customised self-attention: compute it all, keep the rows
             return full.reshape(batch * tokens, -1).index_select(0, rows)
-        if kind == "attn2" and "entropy" in layer and self._plain_call(kind, args, kwargs):
+        if role == "cross" and "entropy" in layer and self._plain_call(role, args, kwargs):
             out, entropy = cross_attention_entropy(attn, chosen, kwargs["encoder_hidden_states"],
                                                    kwargs.get("attention_mask"))
             layer["entropy"].view(-1)[rows] = entropy.flatten()

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from effdiff.adapters.base import TokenBlock
 from effdiff.methods.cache.base import refuse
-from effdiff.methods.tokens.base import TokenBlock, TokenMethod
+from effdiff.methods.tokens.base import TokenMethod, call_at_kept_positions
 from effdiff.methods.tokens.maps import TokenMap, selection
 from effdiff.registry import Paper, Param, RecipeError
 
@@ -52,6 +53,19 @@ def attention_with_map(attn: nn.Module, x: torch.Tensor, rows: int = 256) -> tup
     return attn.to_out[1](attn.to_out[0](out)), mean
 
 
+def attention_map(q: torch.Tensor, k: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """Head-averaged attention probabilities (B, N, N) of queries ``q`` on keys ``k`` (both B, heads, N, D),
+    ``rows`` queries at a time so only one block of one head's scores exists at once."""
+    batch, heads, tokens, dim = q.shape
+    keys = k.transpose(2, 3)
+    mean = torch.zeros(batch, tokens, tokens, dtype=q.dtype, device=q.device)
+    for start in range(0, tokens, rows):
+        block = mean[:, start:start + rows]
+        for h in range(heads):
+            block.add_(torch.matmul(q[:, h, start:start + rows], keys[:, h]).mul_(dim ** -0.5).softmax(-1))
+    return mean.mul_(1.0 / heads)
+
+
 def weighted_pagerank(probs: torch.Tensor, iterations: int) -> torch.Tensor:
     """Token importance (B, N): PageRank on the attention graph, each query's vote weighted by its own score.
 
@@ -78,22 +92,31 @@ class ATEDM(TokenMethod):
     """Attention-driven token pruning with similarity-based recovery and a denoising-step-aware schedule.
 
     Paper: Wang, Liu, Kang, Li, Lin, Jha, Liu, "Attention-Driven Training-Free Efficiency Enhancement of
-    Diffusion Models" (arXiv 2405.05252, CVPR 2024). In each chosen transformer block the self-attention
-    runs in full and yields its attention map; the weighted PageRank over that map (``iterations`` power
-    steps) scores every token, the ``int(N * ratio)`` lowest are pruned, and the block's later layers
-    (cross-attention, feed-forward) run on the kept tokens only. Pruned positions are then recovered by
-    copying: each takes the cross-attention / feed-forward output of the kept token it attends to most
-    (its most similar kept token by the same map) and adds it to its own residual stream, so the grid is
-    whole again for the convolutions that follow. DSAP: during the first ``early`` fraction of the
-    denoising steps, when attention maps are least informative, the block prunes ``early_ratio`` instead
-    of ``ratio`` (0 = unpruned, so those steps also skip the explicit attention below).
+    Diffusion Models" (arXiv 2405.05252, CVPR 2024). Pruning works on *spans* of consecutive blocks: in
+    the span's first block the self-attention runs in full and yields its attention map; the weighted
+    PageRank over that map (``iterations`` power steps) scores every token and the ``int(N * ratio)``
+    lowest are pruned. The rest of that block (cross-attention, feed-forward) and every later block of the
+    span run on the kept tokens only, with fused attention (no map needed there). At the end of the span
+    the pruned tokens are recovered by similarity-based copy: each pruned token takes the change that the
+    kept token it attends to most (its most similar kept token by the same map) went through, added to its
+    own value (inside the first block: that token's sub-layer outputs), so the grid is whole again.
+    U-Nets: a span is one attention block (all ``BasicTransformerBlock``s of one ``Transformer2DModel``),
+    recovered before the ResNet that follows, as in the paper (SD 1.x has one block per attention block;
+    SD-XL up to ten). DiT/PixArt/MMDiTs: runs of ``span`` blocks. DSAP: during the first ``early``
+    fraction of the denoising steps, when attention maps are least informative, the spans prune
+    ``early_ratio`` instead of ``ratio`` (0 = unpruned, which also skips the explicit attention).
 
-    Cost: the attention map does not exist in SDPA, so a pruning block computes self-attention with an
-    explicit softmax (``attention_with_map``), the N×N map written per head. The saving is in the
-    layers after it; whether that pays depends on resolution and is measured in
-    ``benchmarks/tokens_breakeven.py``. Recovery copies the *output* of the most similar kept token, not
-    the whole token: the pruned token keeps its own residual, which in diffusers' blocks (one transformer
-    layer per block in SD 1.x) is the natural reading of the paper's copy. ``ratio=0`` is bit-identical.
+    Cost: the attention map does not exist in SDPA, so a span's first block computes its self-attention
+    with an explicit softmax (``attention_with_map``), the N×N map written per head; the saving is in
+    everything after it in the span, and whether it pays is measured in ``benchmarks/tokens_breakeven.py``.
+    ``ratio=0`` is bit-identical.
+
+    MMDiTs (FLUX, SD3): the first block's joint attention runs fused as it is; the image tokens are ranked
+    on the image-to-image part of its map (the same queries and keys, formed apart by
+    ``Adapter.image_queries_keys``, text columns left out). Later blocks run with every text token and the
+    kept image tokens at their own rotary positions (per batch element, whose kept positions differ).
+    Text tokens are never pruned. A span does not cross from FLUX's double to its single blocks, nor
+    survive extra inputs added between blocks (ControlNet residuals).
     """
 
     name = "atedm"
@@ -106,6 +129,8 @@ class ATEDM(TokenMethod):
         "early_ratio": Param(float, 0.0, 0.0, 1.0, help="DSAP: pruning ratio in the early steps"),
         "iterations": Param(int, 3, 1, 100, help="weighted-PageRank power iterations"),
         "max_downsample": Param(int, 1, 1, 64, help="U-Net: only blocks at downsample <= this (1 = full res)"),
+        "span": Param(int, 4, 1, 1000, help="DiT/MMDiT: consecutive blocks a pruning lasts (U-Net: one attention "
+                                            "block)"),
     }
 
     def __init__(self, **values: Any) -> None:
@@ -114,22 +139,83 @@ class ATEDM(TokenMethod):
             if self.values[key] >= 1.0:
                 raise RecipeError(f"{self.name}: {key} {self.values[key]:g} would prune every token; it must be < 1")
 
-    def install(self, index: int, block: TokenBlock) -> None:
-        module = block.module
-        attn = module.attn1
-        processor = type(getattr(attn, "processor", None)).__name__
-        unsupported = (processor not in PLAIN_PROCESSORS or attn.spatial_norm is not None
-                       or attn.group_norm is not None or attn.residual_connection
-                       or attn.rescale_output_factor != 1.0 or getattr(attn, "only_cross_attention", False))
-        if unsupported:
-            raise refuse(self.name, f"{block.name}.attn1 uses {processor} with options whose attention map it "
-                                    "cannot reproduce; it needs a plain self-attention")
-        state: dict[str, Any] = {}
-        self.wrap_block(block, state)
-        self.patch(attn, lambda inner: self._ranking(block, state, inner))
-        for name in ("attn2", "ff"):
-            if getattr(module, name, None) is not None:
-                self.patch(getattr(module, name), lambda inner: self.through_map(state, inner))
+    def install_all(self, blocks: list[TokenBlock]) -> None:
+        self.spans = self.spans_of(blocks)
+        for span in self.spans:
+            state: dict[str, Any] = {}
+            first, *rest = span
+            self.install_ranker(first, state, alone=not rest)
+            for position, block in enumerate(rest, start=1):
+                self.patch(block.module, self.follower(block, state, last=position == len(rest)))
+
+    def spans_of(self, blocks: list[TokenBlock]) -> list[list[TokenBlock]]:
+        """U-Nets: the blocks of one attention block (a ``Transformer2DModel``: the ResNet after it needs the whole
+        grid); transformers: runs of ``span`` consecutive blocks of one stream layout."""
+        spans: list[list[TokenBlock]] = []
+        for block in blocks:
+            if self.adapter.kind == "unet":
+                joins = spans and spans[-1][-1].name.rsplit(".", 2)[0] == block.name.rsplit(".", 2)[0]
+            else:
+                joins = spans and len(spans[-1]) < self.values["span"] and spans[-1][-1].streams == block.streams
+            if joins:
+                spans[-1].append(block)
+            else:
+                spans.append([block])
+        return spans
+
+    def install_ranker(self, block: TokenBlock, state: dict[str, Any], alone: bool) -> None:
+        """The span's first block: its first attention ranks the image tokens; its later sub-layers run on the
+        kept ones, recovered inside the block; then (unless the span is this block alone) its output leaves
+        with the kept tokens only, and its whole output is kept as the span's anchor."""
+        (name, attn), *later = block.layers("attn")
+        if block.streams == "single":
+            processor = type(getattr(attn, "processor", None)).__name__
+            unsupported = (processor not in PLAIN_PROCESSORS or attn.spatial_norm is not None
+                           or attn.group_norm is not None or attn.residual_connection
+                           or attn.rescale_output_factor != 1.0 or getattr(block.module, "only_cross_attention", False))
+            if unsupported:
+                raise refuse(self.name, f"{block.name}.{name} uses {processor} with options whose attention map it "
+                                        "cannot reproduce; it needs a plain self-attention")
+        self.patch(attn, lambda inner: self._ranking(block, attn, state, inner))
+        for _, layer in later + block.layers("cross") + block.layers("ff"):
+            self.patch(layer, lambda inner: self.through_map(block, state, inner))
+
+        def make(inner: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                state.clear()
+                out = inner(*args, **kwargs)
+                tmap = state.get("map")
+                if alone or not tmap:
+                    return out
+                state["anchor"] = anchor = block.image_out(out)
+                return block.with_image(out, tmap.reduce(anchor))
+
+            return forward
+
+        self.patch(block.module, make)
+
+    @staticmethod
+    def follower(block: TokenBlock, state: dict[str, Any], last: bool) -> Any:
+        """A later block of a span: runs whole on the kept tokens (fused attention, rotary rows of the kept
+        positions); the span's last block recovers every pruned token as its anchor value plus the change its
+        most similar kept token went through over the span."""
+
+        def make(inner: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                tmap = state.get("map")
+                if not tmap:
+                    return inner(*args, **kwargs)
+                out = call_at_kept_positions(block, tmap, inner, args, kwargs)
+                if not last:
+                    return out
+                kept, anchor = block.image_out(out), state["anchor"]
+                whole = anchor + tmap.expand(kept - tmap.reduce(anchor))
+                whole.view(-1, whole.shape[-1]).index_copy_(0, tmap.keep, kept.reshape(-1, kept.shape[-1]))
+                return block.with_image(out, whole)
+
+            return forward
+
+        return make
 
     def ratio_now(self) -> float:
         """DSAP: the early ratio during the first ``early`` fraction of the steps, ``ratio`` after."""
@@ -137,16 +223,30 @@ class ATEDM(TokenMethod):
         early = ctx.total_steps > 0 and ctx.step_index < self.values["early"] * ctx.total_steps
         return self.values["early_ratio"] if early else self.values["ratio"]
 
-    def _ranking(self, block: TokenBlock, state: dict[str, Any], inner: Any) -> Any:
-        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            tokens = hidden_states.shape[1]
+    def _ranking(self, block: TokenBlock, attn: nn.Module, state: dict[str, Any], inner: Any) -> Any:
+        """The block's first attention, ranking the image tokens. A plain self-attention (U-Net, PixArt, DiT) is
+        computed with its map written out; a joint attention (MMDiT) runs as it is (fused) and its image-to-image
+        map is formed apart from the same queries and keys, text columns left out."""
+
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            tokens = self.image_tokens(block)
+            text = hidden_states.shape[1] - tokens  # a concat block's text prefix
             pruned = int(tokens * self.ratio_now())
-            plain = not args and all(kwargs.get(k) is None for k in ("encoder_hidden_states", "attention_mask"))
-            if not pruned or not plain or set(kwargs) - {"encoder_hidden_states", "attention_mask"}:
+            if block.streams == "single":
+                plain = not args and all(kwargs.get(k) is None for k in ("encoder_hidden_states", "attention_mask"))
+                plain = plain and not set(kwargs) - {"encoder_hidden_states", "attention_mask"}
+            else:
+                plain = kwargs.get("attention_mask") is None
+            if not pruned or not plain:
                 state["map"] = False
                 return inner(hidden_states, *args, **kwargs)
-            self.grid(block, tokens)  # checks the block sees the token grid it should
-            out, probs = attention_with_map(block.module.attn1, hidden_states)
+            if block.streams == "single":
+                self.grid(block, hidden_states.shape[1])  # checks the block sees the token grid it should
+                out, probs = attention_with_map(attn, hidden_states)
+            else:
+                out = inner(hidden_states, *args, **kwargs)
+                image = hidden_states[:, text:]
+                probs = attention_map(*self.adapter.image_queries_keys(block, attn, image, kwargs))
             scores = weighted_pagerank(probs, self.values["iterations"])
             state["map"] = prune_map(probs, scores, tokens - pruned)
             self.reduced_calls += 1

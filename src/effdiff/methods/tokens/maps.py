@@ -44,6 +44,11 @@ class TokenMap:
             view[:, self.merged_from:].mul_(self.scale.to(out.dtype))
         return out.view(self.batch, self.kept, x.shape[-1])
 
+    def positions(self) -> torch.Tensor:
+        """(B, M): the original position of every reduced row (a merge destination's for merged rows)."""
+        offsets = _offsets(self.batch, self.tokens, self.keep.device)
+        return self.keep.view(self.batch, self.kept) - offsets
+
     def expand(self, y: torch.Tensor) -> torch.Tensor:
         """(B, M, C) -> (B, N, C): every original token reads its reduced row."""
         flat = y.reshape(self.batch * self.kept, y.shape[-1])

@@ -15,7 +15,7 @@ TOME = Paper("Token Merging for Fast Stable Diffusion", "2303.17604", "CVPR 2023
 
 
 class ToMe(TokenMethod):
-    """Token Merging for Stable Diffusion, on U-Net and DiT/PixArt transformer blocks.
+    """Token Merging for Stable Diffusion, on U-Net, DiT/PixArt and FLUX/SD3 transformer blocks.
 
     Paper: Bolya, Hoffman, "Token Merging for Fast Stable Diffusion" (arXiv 2303.17604, CVPR 2023 ECV
     workshop). The token grid is split into sx×sy cells with one *dst* token per cell (at a random place
@@ -33,12 +33,18 @@ class ToMe(TokenMethod):
     batched or as separate calls, and every call is reproducible. ``ratio`` is never capped: above
     ``1 - 1/(sx·sy)`` (each cell keeps its dst) it is refused, and a token grid smaller than the
     stride is an error naming the block. ``ratio=0`` runs the blocks unchanged (bit-identical).
+
+    MMDiTs (FLUX, SD3): only image tokens merge, matched on the block's image-stream input; the joint
+    attention keeps every text query and key, FLUX's single blocks pass their text prefix whole, and a
+    merged token attends at its destination's rotary position (FLUX runs such calls per batch element,
+    whose kept positions differ). ``merge_mlp`` merges before the image feed-forward (FLUX single blocks:
+    ``proj_mlp``); there is no cross-attention to merge before.
     """
 
     name = "tome"
     examples = {"noop": "tome:ratio=0", "skips": "tome:ratio=0.5"}
     paper = TOME
-    summary = "merge similar tokens before attention, copy them back after (U-Net and DiT)"
+    summary = "merge similar tokens before attention, copy them back after (U-Net, DiT, MMDiT image tokens)"
     params = {
         "ratio": Param(float, 0.5, 0.0, 1.0, help="fraction of a block's tokens merged away"),
         "max_downsample": Param(int, 1, 1, 64, help="U-Net: only blocks at downsample <= this (1 = full res)"),
@@ -65,17 +71,17 @@ class ToMe(TokenMethod):
     def install(self, index: int, block: TokenBlock) -> None:
         state: dict[str, Any] = {}
         self.wrap_block(block, state)
-        module = block.module
-        layers = [name for name, on in (("attn1", self.values["merge_attn"]), ("attn2", self.values["merge_crossattn"]),
-                                         ("ff", self.values["merge_mlp"])) if on and getattr(module, name, None)]
-        if "ff" in layers and getattr(module, "_chunk_size", None) is not None:
+        roles = [role for role, on in (("attn", self.values["merge_attn"]), ("cross", self.values["merge_crossattn"]),
+                                       ("ff", self.values["merge_mlp"])) if on]
+        layers = [layer for role in roles for _, layer in block.layers(role)]
+        if "ff" in roles and getattr(block.module, "_chunk_size", None) is not None:
             raise refuse(self.name, f"{block.name} runs its feed-forward in chunks; merge_mlp needs it whole")
 
         def build(hidden: torch.Tensor, kwargs: dict) -> TokenMap | bool:
             return self.match(block, index, state["input"], kwargs)
 
-        for name in layers:
-            self.patch(getattr(module, name), lambda inner: self.through_map(state, inner, build))
+        for layer in layers:
+            self.patch(layer, lambda inner: self.through_map(block, state, inner, build))
 
     def match(self, block: TokenBlock, index: int, hidden: torch.Tensor, kwargs: dict) -> TokenMap | bool:
         """This block call's merge map from the block's input tokens; ``False`` when there is nothing to merge."""
