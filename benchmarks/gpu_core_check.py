@@ -3,8 +3,10 @@
 1. FLUX.1-dev configuration (random weights, bf16, 1024 px, 28 steps, guidance 3.5) through a stock
    ``FluxPipeline`` fed random prompt embeddings (no text encoders needed): baseline; diffusers'
    ``TaylorSeerCacheConfig()`` vs effdiff ``taylorseer`` at the same schedule (interval 5, first 3 steps
-   computed, order 1); diffusers' ``FirstBlockCacheConfig(threshold=0.05)`` vs effdiff
-   ``fbcache:threshold=0.05,warmup=0`` (the same rule: outputs compared for bit-identity).
+   computed, order 1; with diffusers' unit, attention outputs, and variable, the step index, outputs compared
+   for bit-identity) and at effdiff's default (attention and MLP outputs, before their gates); diffusers'
+   ``FirstBlockCacheConfig(threshold=0.05)`` vs effdiff ``fbcache:threshold=0.05,warmup=0`` (the same rule:
+   outputs compared for bit-identity); effdiff ``tome`` / ``atedm`` on the MMDiT's image tokens.
 2. SD 1.5 twin U-Net (fp16, 512 px, DDIM 50, CFG 7.5) through a stock ``StableDiffusionPipeline`` fed random
    prompt embeddings: each cache eager and on ``unet.compile()`` (Inductor), speed-up over the eager and over
    the *compiled* baseline, and the retained fraction (the issue's target: >= 0.85).
@@ -35,6 +37,7 @@ FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_la
 FLUX_TINY = {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,
              "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16, "guidance_embeds": True,
              "axes_dims_rope": (4, 4, 8)}
+TAYLOR_MATCH = "taylorseer:interval=5,warmup=3,order=1,position=step,layers=attention"  # diffusers' defaults
 SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
              "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768, "attention_head_dim": 8,
              "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -157,16 +160,23 @@ def flux_checks(args: argparse.Namespace, device: str) -> dict[str, Any]:
     pipe, run = flux_case(args, device)
     variants = {
         "diffusers TaylorSeerCacheConfig()": diffusers_variant(pipe.transformer, TaylorSeerCacheConfig()),
-        "effdiff taylorseer:interval=5,warmup=3,order=1": effdiff_variant(pipe, "taylorseer:interval=5,warmup=3"),
+        TAYLOR_MATCH: effdiff_variant(pipe, TAYLOR_MATCH),
+        "taylorseer": effdiff_variant(pipe, "taylorseer"),
         "diffusers FirstBlockCacheConfig(threshold=0.05)": diffusers_variant(pipe.transformer,
                                                                               FirstBlockCacheConfig(threshold=0.05)),
         "effdiff fbcache:threshold=0.05,warmup=0": effdiff_variant(pipe, "fbcache:threshold=0.05,warmup=0"),
+        "tome:ratio=0.5": effdiff_variant(pipe, "tome:ratio=0.5"),
+        "atedm:ratio=0.5": effdiff_variant(pipe, "atedm:ratio=0.5"),
     }
     results = measure(run, variants, args.reps, device)
     a = results["diffusers FirstBlockCacheConfig(threshold=0.05)"]["image"]
     b = results["effdiff fbcache:threshold=0.05,warmup=0"]["image"]
+    c = results["diffusers TaylorSeerCacheConfig()"]["image"]
+    d = results[TAYLOR_MATCH]["image"]
     return {"results": results, "fbcache_identical_to_diffusers": bool(torch.equal(a, b)),
-            "fbcache_max_abs_diff_to_diffusers": float((a - b).abs().max())}
+            "fbcache_max_abs_diff_to_diffusers": float((a - b).abs().max()),
+            "taylorseer_identical_to_diffusers": bool(torch.equal(c, d)),
+            "taylorseer_max_abs_diff_to_diffusers": float((c - d).abs().max())}
 
 
 def compile_checks(args: argparse.Namespace, device: str) -> dict[str, Any]:
@@ -189,6 +199,7 @@ def table(report: dict[str, Any]) -> str:
                          f"{row['first_call_s']:.1f} | {row.get('max_abs_diff_vs_baseline', 0.0):.3g} |")
     lines.append("")
     lines.append(f"fbcache bit-identical to diffusers' FirstBlockCache: {report['fbcache_identical_to_diffusers']}")
+    lines.append(f"taylorseer bit-identical to diffusers' TaylorSeer: {report['taylorseer_identical_to_diffusers']}")
     retained = ", ".join(f"{k} {v:.2f}" for k, v in report["retained"].items())
     lines.append(f"retained over the compiled baseline: {retained}")
     return "\n".join(lines)
@@ -209,6 +220,8 @@ def main() -> None:
               "tiny": args.tiny, "flux": strip(flux["results"]),
               "fbcache_identical_to_diffusers": flux["fbcache_identical_to_diffusers"],
               "fbcache_max_abs_diff_to_diffusers": flux["fbcache_max_abs_diff_to_diffusers"],
+              "taylorseer_identical_to_diffusers": flux["taylorseer_identical_to_diffusers"],
+              "taylorseer_max_abs_diff_to_diffusers": flux["taylorseer_max_abs_diff_to_diffusers"],
               "sd_eager": strip(sd["eager"]), "sd_compiled": strip(sd["compiled"]), "retained": sd["retained"],
               "compiled_baseline_over_eager": sd["compiled_baseline_over_eager"]}
     out = Path(args.out)

@@ -53,7 +53,8 @@ REFUSALS = [
     ("flux", "dpmpp2m:steps=3+fora:interval=2", "rectified flow"),
     ("dit", "euler:steps=3", "never scales its initial noise"),
     ("dit", "heun:steps=3+fora", "never scales its initial noise"),
-    ("sd", "taylorseer+fbcache", "cannot be stacked"),
+    ("sd", "taylorseer-blocks+fbcache", "cannot be stacked"),
+    ("sd", "taylorseer+fora", "cannot be stacked"),
 ]
 
 

@@ -153,6 +153,16 @@ class TokenBlock:
         return [(n, getattr(self.module, n)) for n in getattr(self, role) if getattr(self.module, n, None) is not None]
 
 
+@dataclass
+class CacheLayer:
+    """A layer whose output a layer cache (FORA, TaylorSeer) may serve at cached steps, and the layers that only
+    feed it (``feeds``): while it is served their work would be thrown away, so they need not run."""
+
+    name: str
+    module: nn.Module
+    feeds: tuple[nn.Module, ...] = ()
+
+
 def basic_transformer_blocks(ref: BlockRef, stride: int, level: int = 1) -> list[TokenBlock]:
     """diffusers' ``BasicTransformerBlock``s in a block (SD U-Nets' ``Transformer2DModel``, PixArt, DiT)."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -212,6 +222,14 @@ class Adapter:
     def modulated_input(self, ref: BlockRef, args: tuple, kwargs: dict) -> torch.Tensor:
         """The block's timestep-modulated input (TeaCache's change signal) for one call of the block."""
         return ref.hidden_in(args, kwargs)
+
+    def cache_layers(self) -> list[CacheLayer]:
+        """Every attention and feed-forward layer (diffusers' ``FeedForward``): what the blocks gate and add to
+        their residual stream, so a cached output re-enters through the current step's modulation."""
+        from diffusers.models.attention import FeedForward
+
+        layers = [CacheLayer(n, m) for n, m in self.attention()]
+        return layers + [CacheLayer(n, m) for n, m in self.model.named_modules() if isinstance(m, FeedForward)]
 
     def token_blocks(self) -> list[TokenBlock]:
         """The blocks token methods work in, in execution order (``BasicTransformerBlock``s by default)."""

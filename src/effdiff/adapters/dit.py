@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from effdiff.adapters.base import Adapter, BlockRef, TokenBlock
+from effdiff.adapters.base import Adapter, BlockRef, CacheLayer, TokenBlock
 
 
 class DiTAdapter(Adapter):
@@ -83,6 +83,14 @@ class FluxAdapter(_MMDiTAdapter):
         return [TokenBlock(ref.name, ref.module, 1, streams=ref.streams, attn=("attn",), cross=(),
                            ff=("ff",) if ref.streams == "joint" else ("proj_mlp",), rope="image_rotary_emb")
                 for ref in self.blocks()]
+
+    def cache_layers(self) -> list[CacheLayer]:
+        """Double blocks: the joint attention, the image and text feed-forwards. Single blocks: ``proj_out``, the
+        projection of attention and MLP together (what the block gates), fed only by ``attn`` and ``proj_mlp``."""
+        double = [layer for layer in super().cache_layers() if layer.name.startswith("transformer_blocks.")]
+        single = [CacheLayer(f"single_transformer_blocks.{i}.proj_out", block.proj_out, (block.attn, block.proj_mlp))
+                  for i, block in enumerate(self.model.single_transformer_blocks)]
+        return double + single
 
     def token_grid(self, args: tuple, kwargs: dict) -> tuple[int, int]:
         """The packed latent's token grid, from the image position ids (rows, cols in columns 1 and 2)."""

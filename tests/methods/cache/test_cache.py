@@ -6,17 +6,21 @@ import effdiff
 from effdiff import RecipeError
 from effdiff.api import is_accelerated
 from effdiff.methods.cache.deepcache import refresh_steps
-from effdiff.methods.cache.dynamic import TaylorSeer
+from effdiff.methods.cache.dynamic import TaylorSeerBlocks
+from effdiff.methods.cache.taylorseer import TaylorSeer
 from effdiff.registry import all_methods
 
 STEPS = 6
 
 # Each block-cache method's declared examples (the conformance tester runs them on the stock pipelines), plus
 # parameter variants that only these bundled models exercise, on every backbone the method declares.
-BLOCK_CACHES = ("deepcache", "fbcache", "taylorseer", "fora", "deltadit")
-VARIANTS = {"noop": ["deepcache:interval=1,branch=3,schedule=quadratic", "taylorseer:interval=1,front=1,order=2"],
-            "skips": ["deepcache:interval=2,branch=2", "deepcache:schedule=quadratic", "taylorseer:interval=3,warmup=1",
-                      "taylorseer:interval=3,warmup=1,front=1,order=2", "fora:interval=3"]}
+BLOCK_CACHES = ("deepcache", "fbcache", "taylorseer", "taylorseer-blocks", "fora", "deltadit")
+VARIANTS = {"noop": ["deepcache:interval=1,branch=3,schedule=quadratic", "taylorseer-blocks:interval=1,front=0,order=2",
+                     "taylorseer:interval=1,order=2,position=step"],
+            "skips": ["deepcache:interval=2,branch=2", "deepcache:schedule=quadratic",
+                      "taylorseer-blocks:interval=3,warmup=1,front=0", "taylorseer-blocks:interval=3,warmup=1,order=2",
+                      "taylorseer:interval=3,warmup=1,order=2,position=step", "taylorseer:interval=2,layers=attention",
+                      "fora:interval=3"]}
 
 
 def _table(kind: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -123,20 +127,32 @@ def test_quadratic_schedule_crowds_around_the_center():
     assert near > sum(1 for s in uniform if abs(s - 15) <= 7)
 
 
-def test_taylor_forecast_exact_on_lines_and_closer_with_order():
+class _Ctx:
+    timestep = None
+    step_index = 0
+
+
+def _forecast_blocks(order, feature):
+    method, state, ctx = TaylorSeerBlocks(order=order), {}, _Ctx()
+    for t in (900.0, 800.0, 700.0):
+        ctx.timestep = t
+        method.store(state, ctx, feature(t))
+    ctx.timestep = 640.0
+    return method.estimate(state, ctx)
+
+
+def _forecast_layer(order, feature):
+    method, entry, ctx = TaylorSeer(order=order), {}, _Ctx()
+    for t in (900.0, 800.0, 700.0):
+        ctx.timestep = t
+        method.store(entry, feature(t), ctx)
+    ctx.timestep = 640.0
+    return method.serve(entry, ctx)
+
+
+@pytest.mark.parametrize("forecast", [_forecast_blocks, _forecast_layer])
+def test_taylor_forecast_exact_on_lines_and_closer_with_order(forecast):
     """The paper's finite-difference Taylor series: exact for linear features, better with order on curves."""
-
-    class Ctx:
-        timestep = None
-        step_index = 0
-
-    def forecast(order, feature):
-        method, state, ctx = TaylorSeer(order=order), {}, Ctx()
-        for t in (900.0, 800.0, 700.0):
-            ctx.timestep = t
-            method.store(state, ctx, feature(t))
-        ctx.timestep = 640.0
-        return method.estimate(state, ctx)
 
     def line(t):
         return torch.full((2,), 3.0 - 0.5 * t, dtype=torch.float64)
@@ -235,7 +251,7 @@ def test_a_block_cache_and_a_layer_cache_stack(kind):
 
 
 def test_registry_declarations():
-    for name in ("deepcache", "fbcache", "taylorseer", "fora", "deltadit"):
+    for name in BLOCK_CACHES:
         cls = effdiff.get_method(name)
         assert cls.family == "cache" and cls.paper is not None and cls.paper.title
         assert cls.__doc__ and "arXiv" in cls.__doc__

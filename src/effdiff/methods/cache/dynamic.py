@@ -1,4 +1,4 @@
-"""Segment caches for U-Nets and DiTs: First-Block Cache, TaylorSeer, Δ-DiT."""
+"""Segment caches for U-Nets and DiTs: First-Block Cache, TaylorSeer over blocks, Δ-DiT."""
 
 from __future__ import annotations
 
@@ -89,26 +89,31 @@ class FirstBlockCache(_FrontBack):
         super().setup(pipe)
 
 
-class TaylorSeer(_FrontBack):
-    """Full computation every ``interval`` steps; in between, forecast the cached features by Taylor series.
+class TaylorSeerBlocks(_FrontBack):
+    """Full computation every ``interval`` steps; in between, forecast a span of blocks by Taylor series.
 
-    Paper: Liu et al., "From Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers"
-    (arXiv 2503.06923, ICCV 2025). At each full step the segment's residual (DiT; the whole U-Net with
-    ``front=0``) or deep feature (U-Net, ``front>0``) updates finite-difference derivatives up to ``order``
-    (in the timestep, so Heun's two calls and uneven schedules are handled); skipped steps evaluate
-    ``sum_i D_i (t - t_k)^i / i!``. The forecast is linear in the features, so forecasting the span's total
-    residual equals forecasting every block's. ``interval=1`` computes every step: bit-identical.
+    After TaylorSeer (Liu et al., "From Reusing to Forecasting: Accelerating Diffusion Models with
+    TaylorSeers", arXiv 2503.06923, ICCV 2025) applied at block level, as cache-dit's DBCache with its
+    TaylorSeer calibrator (Fn/Bn = ``front``/``back``) and diffusers' "lite" mode (``front=0``) do; the
+    paper's own unit, each module's output before its gate, is ``taylorseer``. At each full step the
+    segment's residual (DiT; the whole U-Net with ``front=0``) or deep feature (U-Net, ``front>0``) updates
+    finite-difference derivatives up to ``order`` (in the timestep, so Heun's two calls and uneven
+    schedules are handled); skipped steps evaluate ``sum_i D_i (t - t_k)^i / i!``. The forecast is linear
+    in the features, so forecasting the span's total residual equals forecasting every block's. ``front``
+    defaults to 1 (cache-dit's F1B0; on a U-Net the outermost down block and its mirror always run, as in
+    DeepCache), so the whole network is not extrapolated unless asked.
+    ``interval=1`` computes every step: bit-identical.
     """
 
-    name = "taylorseer"
-    examples = {"noop": "taylorseer:interval=1", "skips": "taylorseer:interval=2,warmup=1"}
+    name = "taylorseer-blocks"
+    examples = {"noop": "taylorseer-blocks:interval=1", "skips": "taylorseer-blocks:interval=2,warmup=1"}
     paper = TAYLORSEER
-    summary = "forecast skipped steps' features with a Taylor expansion of cached ones (U-Net and DiT)"
+    summary = "forecast a span of blocks' residual by Taylor series (cache-dit's Fn/Bn + TaylorSeer)"
     params = {
         "interval": Param(int, 4, 1, 1000, help="a full computation every `interval` steps"),
         "order": Param(int, 1, 0, 4, help="Taylor order (0 = plain reuse)"),
         "warmup": Param(int, 2, 0, 10000, help="first steps always computed (they seed the derivatives)"),
-        "front": Param(int, 0, 0, 256, help=_FRONT_HELP),
+        "front": Param(int, 1, 0, 256, help=_FRONT_HELP),
         "back": Param(int, 0, 0, 256, help=_BACK_HELP),
     }
 
