@@ -28,6 +28,14 @@ def _spy(module: torch.nn.Module, seen: list) -> None:
     module.forward = forward
 
 
+def _record_tokens(module: torch.nn.Module) -> list:
+    """Token counts a module really computes on: an instance forward beneath any method's patch."""
+    seen: list = []
+    inner = module.forward
+    module.forward = lambda x: (seen.append(x.shape[1]), inner(x))[1]
+    return seen
+
+
 def _permutation(batch: int, tokens: int, seed: int):
     """A pure permutation map, a different one per batch element: reduce + expand loses nothing."""
     generator = torch.Generator().manual_seed(seed)
@@ -112,10 +120,7 @@ def test_tome_on_flux_with_two_images_per_prompt():
 
 def test_atedm_on_flux_prunes_after_the_joint_attention():
     pipe = build("flux")
-    seen: list = []
-    ff = pipe.transformer.transformer_blocks[0].ff
-    inner = ff.forward
-    ff.forward = lambda x: (seen.append(x.shape[1]), inner(x))[1]
+    seen = _record_tokens(pipe.transformer.transformer_blocks[0].ff)
     generate("flux", pipe, steps=2)
     tokens = seen[0]
     effdiff.accelerate(pipe, "atedm:ratio=0.5,early=0")
@@ -129,10 +134,8 @@ def test_atedm_on_flux_prunes_after_the_joint_attention():
 def test_toca_recomputes_the_text_prefix_of_flux_single_blocks():
     """At cached steps the concat MLP input carries every text token plus the chosen image tokens."""
     pipe = build("flux")
-    seen: list = []
     proj = pipe.transformer.single_transformer_blocks[0].proj_mlp
-    inner = proj.forward
-    proj.forward = lambda x: (seen.append(x.shape[1]), inner(x))[1]
+    seen = _record_tokens(proj)
     effdiff.accelerate(pipe, "toca:interval=2,ratio=0.5,time=0")
     generate("flux", pipe, steps=2)
     full, cached = seen
