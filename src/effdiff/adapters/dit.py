@@ -97,5 +97,6 @@ class FluxAdapter(_MMDiTAdapter):
         ids = kwargs.get("img_ids")
         if ids is None:
             raise ValueError("FluxTransformer2DModel was called without img_ids; the token grid is unknown")
-        ids = ids.reshape(-1, ids.shape[-1])
-        return int(ids[:, 1].max()) + 1 - int(ids[:, 1].min()), int(ids[:, 2].max()) + 1 - int(ids[:, 2].min())
+        low, high = torch.aminmax(ids.reshape(-1, ids.shape[-1])[:, 1:3], dim=0)
+        rows, cols = (high - low + 1).tolist()  # one host sync per denoiser call
+        return int(rows), int(cols)

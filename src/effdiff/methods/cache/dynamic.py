@@ -8,7 +8,9 @@ from typing import Any
 from effdiff.adapters import Streams
 from effdiff.context import StepContext
 from effdiff.methods.cache.base import DELTADIT, FBCACHE, TAYLORSEER, refuse, relative_l1
+from effdiff.methods.cache.layers import parts, rebuild
 from effdiff.methods.cache.segment import SegmentCache
+from effdiff.methods.cache.taylorseer import taylor_factors, taylor_forecast
 from effdiff.registry import Param
 
 
@@ -126,20 +128,12 @@ class TaylorSeerBlocks(_FrontBack):
 
     def store(self, state: dict[str, Any], ctx: StepContext, feature: Streams) -> None:
         t = self._position(ctx)
-        old, t_old = state.get("derivatives", []), state.get("t")
-        new = [feature]
-        if t_old is not None and t != t_old:
-            for i in range(min(self.values["order"], len(old))):
-                new.append((new[i] - old[i]) / (t - t_old))
-        state["derivatives"], state["t"], state["feature"] = new, t, feature
+        state["derivatives"] = taylor_factors(parts(feature), t, state.get("derivatives", []), state.get("t"),
+                                              self.values["order"])
+        state["t"], state["feature"] = t, feature
 
     def estimate(self, state: dict[str, Any], ctx: StepContext) -> Streams:
-        derivatives = state["derivatives"]
-        dt = self._position(ctx) - state["t"]
-        out = derivatives[0]
-        for i in range(1, len(derivatives)):
-            out = out + derivatives[i] * (dt**i / math.factorial(i))
-        return out
+        return rebuild(taylor_forecast(state["derivatives"], self._position(ctx) - state["t"]), state["feature"])
 
 
 class DeltaDiT(SegmentCache):

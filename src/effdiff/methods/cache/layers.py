@@ -91,5 +91,7 @@ def parts(out: Any) -> tuple[torch.Tensor | None, ...]:
 
 
 def rebuild(values: tuple[torch.Tensor | None, ...], like: Any) -> Any:
-    """``values`` in the structure of ``like`` (a tensor or a tuple)."""
-    return values[0] if isinstance(like, torch.Tensor) else values
+    """``values`` in the structure of ``like``: a tensor, a tuple, or a named tuple (a block's ``Streams``)."""
+    if isinstance(like, torch.Tensor):
+        return values[0]
+    return type(like)(*values) if hasattr(like, "_fields") else tuple(values)

@@ -5,11 +5,39 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from effdiff.adapters.base import CacheLayer
 from effdiff.context import StepContext
 from effdiff.methods.cache.base import TAYLORSEER
 from effdiff.methods.cache.layers import LayerCache, parts, rebuild
 from effdiff.registry import Param
+
+Parts = tuple[torch.Tensor | None, ...]  # a feature as its tensors: a layer's output parts, a block's streams
+
+
+def taylor_factors(feature: Parts, x: float, old: list[Parts], x_old: float | None, order: int) -> list[Parts]:
+    """``[feature, D1, D2, ...]``: divided differences ``D_{i+1} = (D_i - D_i_prev) / (x - x_prev)`` against the
+    factors ``old`` taken at ``x_old``, up to ``order``; a part whose shape changed restarts from order 0."""
+    factors = [feature]
+    if x_old is None or x == x_old:
+        return factors
+    for i in range(min(order, len(old))):
+        pairs = list(zip(factors[i], old[i], strict=False))
+        if len(factors[i]) != len(old[i]) or any(
+                new is not None and (prev is None or new.shape != prev.shape) for new, prev in pairs):
+            break
+        factors.append(tuple(None if new is None else (new - prev) / (x - x_old) for new, prev in pairs))
+    return factors
+
+
+def taylor_forecast(factors: list[Parts], dx: float) -> Parts:
+    """``sum_i D_i dx^i / i!``, part by part (``None`` stays ``None``)."""
+    out = factors[0]
+    for i in range(1, len(factors)):
+        coeff = dx**i / math.factorial(i)
+        out = tuple(None if a is None else a + d * coeff for a, d in zip(out, factors[i], strict=True))
+    return out
 
 
 class TaylorSeer(LayerCache):
@@ -58,23 +86,10 @@ class TaylorSeer(LayerCache):
         return float(ctx.step_index)
 
     def store(self, entry: dict[str, Any], out: Any, ctx: StepContext) -> None:
-        x, factors = self._position(ctx), [parts(out)]
-        old, x_old = entry.get("factors", []), entry.get("x")
-        if x_old is not None and x != x_old:
-            for i in range(min(self.values["order"], len(old))):
-                factors.append(tuple(None if new is None or prev is None or new.shape != prev.shape
-                                     else (new - prev) / (x - x_old) for new, prev in zip(factors[i], old[i],
-                                                                                            strict=True)))
-                if None in factors[-1] and None not in factors[0]:
-                    factors.pop()  # a shape changed: restart the expansion from order 0
-                    break
-        entry.update(factors=factors, x=x, like=out)
+        x = self._position(ctx)
+        entry["factors"] = taylor_factors(parts(out), x, entry.get("factors", []), entry.get("x"),
+                                          self.values["order"])
+        entry.update(x=x, like=out)
 
     def serve(self, entry: dict[str, Any], ctx: StepContext) -> Any:
-        dx = self._position(ctx) - entry["x"]
-        factors = entry["factors"]
-        out = factors[0]
-        for i in range(1, len(factors)):
-            coeff = dx**i / math.factorial(i)
-            out = tuple(None if a is None else a + d * coeff for a, d in zip(out, factors[i], strict=True))
-        return rebuild(out, entry["like"])
+        return rebuild(taylor_forecast(entry["factors"], self._position(ctx) - entry["x"]), entry["like"])

@@ -24,18 +24,12 @@ from torch import nn
 from effdiff.adapters.base import TokenBlock
 from effdiff.context import StepContext
 from effdiff.methods.cache.base import Forward, refuse, refuse_chunked_feed_forward
-from effdiff.methods.tokens.atedm import PLAIN_PROCESSORS, attention_with_map
+from effdiff.methods.tokens.atedm import attention_with_map, plain_attention, plain_call
 from effdiff.methods.tokens.base import TokenMethod
 from effdiff.registry import Paper, Param
 
 TOCA = Paper("Accelerating Diffusion Transformers with Token-wise Feature Caching", "2410.05317", "ICLR 2025")
 FACTORS = {"attn": "attn", "cross": "cross", "ff": "mlp"}  # sub-layer role -> the param holding its type factor
-
-
-def plain_attention(attn: nn.Module) -> bool:
-    """Whether ``attn`` computes what ``attend_queries`` / ``cross_attention_entropy`` reproduce."""
-    return (type(getattr(attn, "processor", None)).__name__ in PLAIN_PROCESSORS and attn.spatial_norm is None
-            and attn.group_norm is None and not attn.residual_connection and attn.rescale_output_factor == 1.0)
 
 
 def attend_queries(attn: nn.Module, x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -265,20 +259,13 @@ class ToCa(TokenMethod):
 
         return forward
 
-    @staticmethod
-    def _plain_call(role: str, args: tuple, kwargs: dict) -> bool:
-        """A call the explicit attention functions reproduce (no self-attention mask, no extra arguments)."""
-        if args or set(kwargs) - {"encoder_hidden_states", "attention_mask"}:
-            return False
-        return role == "cross" or (kwargs.get("encoder_hidden_states") is None and kwargs.get("attention_mask") is None)
-
     def _full(self, role: str, attn: nn.Module, layer: dict[Any, Any], inner: Forward, x: torch.Tensor,
               args: tuple, kwargs: dict) -> Any:
-        if role == "attn" and self.scored["influence"] and self._plain_call(role, args, kwargs):
+        if role == "attn" and self.scored["influence"] and plain_call(role, args, kwargs):
             out, probs = attention_with_map(attn, x)
             layer["influence"] = probs.sum(1)
             return out
-        if role == "cross" and self.scored["entropy"] and self._plain_call(role, args, kwargs):
+        if role == "cross" and self.scored["entropy"] and plain_call(role, args, kwargs):
             out, layer["entropy"] = cross_attention_entropy(attn, x, kwargs["encoder_hidden_states"],
                                                             kwargs.get("attention_mask"))
             return out
@@ -290,11 +277,11 @@ class ToCa(TokenMethod):
         batch, tokens, channels = x.shape
         chosen = x.reshape(batch * tokens, channels).index_select(0, rows).view(batch, idx.shape[1], channels)
         if role == "attn":
-            if self._plain_call(role, args, kwargs):
+            if plain_call(role, args, kwargs):
                 return attend_queries(attn, x, chosen)
             full = inner(x, *args, **kwargs)  # a masked or customised self-attention: compute it all, keep the rows
             return full.reshape(batch * tokens, -1).index_select(0, rows)
-        if role == "cross" and "entropy" in layer and self._plain_call(role, args, kwargs):
+        if role == "cross" and "entropy" in layer and plain_call(role, args, kwargs):
             out, entropy = cross_attention_entropy(attn, chosen, kwargs["encoder_hidden_states"],
                                                    kwargs.get("attention_mask"))
             layer["entropy"].view(-1)[rows] = entropy.flatten()

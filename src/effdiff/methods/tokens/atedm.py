@@ -17,6 +17,20 @@ ATEDM = Paper("Attention-Driven Training-Free Efficiency Enhancement of Diffusio
 PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
 
 
+def plain_attention(attn: nn.Module) -> bool:
+    """Whether ``attn`` computes what the explicit attention functions here and in ToCa reproduce."""
+    return (type(getattr(attn, "processor", None)).__name__ in PLAIN_PROCESSORS and attn.spatial_norm is None
+            and attn.group_norm is None and not attn.residual_connection and attn.rescale_output_factor == 1.0)
+
+
+def plain_call(role: str, args: tuple, kwargs: dict) -> bool:
+    """A call of a plain attention those functions reproduce: no extra arguments, and for a self-attention
+    (``role`` "attn") no text and no mask."""
+    if args or set(kwargs) - {"encoder_hidden_states", "attention_mask"}:
+        return False
+    return role == "cross" or (kwargs.get("encoder_hidden_states") is None and kwargs.get("attention_mask") is None)
+
+
 def attention_with_map(attn: nn.Module, x: torch.Tensor, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention of ``attn`` on ``x`` (B, N, C), plus its head-averaged probabilities (B, N, N).
 
@@ -168,14 +182,10 @@ class ATEDM(TokenMethod):
         kept ones, recovered inside the block; then (unless the span is this block alone) its output leaves
         with the kept tokens only, and its whole output is kept as the span's anchor."""
         (name, attn), *later = block.layers("attn")
-        if block.streams == "single":
-            processor = type(getattr(attn, "processor", None)).__name__
-            unsupported = (processor not in PLAIN_PROCESSORS or attn.spatial_norm is not None
-                           or attn.group_norm is not None or attn.residual_connection
-                           or attn.rescale_output_factor != 1.0 or getattr(block.module, "only_cross_attention", False))
-            if unsupported:
-                raise refuse(self.name, f"{block.name}.{name} uses {processor} with options whose attention map it "
-                                        "cannot reproduce; it needs a plain self-attention")
+        if block.streams == "single" and (not plain_attention(attn)
+                                          or getattr(block.module, "only_cross_attention", False)):
+            raise refuse(self.name, f"{block.name}.{name} uses {type(attn.processor).__name__} with options whose "
+                                    "attention map it cannot reproduce; it needs a plain self-attention")
         self.patch(attn, lambda inner: self._ranking(block, attn, state, inner))
         for _, layer in later + block.layers("cross") + block.layers("ff"):
             self.patch(layer, lambda inner: self.through_map(block, state, inner))
@@ -233,8 +243,7 @@ class ATEDM(TokenMethod):
             text = hidden_states.shape[1] - tokens  # a concat block's text prefix
             pruned = int(tokens * self.ratio_now())
             if block.streams == "single":
-                plain = not args and all(kwargs.get(k) is None for k in ("encoder_hidden_states", "attention_mask"))
-                plain = plain and not set(kwargs) - {"encoder_hidden_states", "attention_mask"}
+                plain = plain_call("attn", args, kwargs)
             else:
                 plain = kwargs.get("attention_mask") is None
             if not pruned or not plain:
