@@ -207,3 +207,13 @@ def test_the_timestep_factor_recomputes_more_tokens_late():
     tokens, cached = counts[0], counts[1:]
     factors = [1 - 0.4 + 0.8 * (k + 1) / STEPS for k in range(1, STEPS)]
     assert cached == [round(0.25 * f * tokens) for f in factors] and cached[-1] > cached[0]
+
+
+def test_flux_single_block_attention_is_reused_whole_at_cached_steps():
+    """attn=0: the concat attention is not computed at cached steps (its text rows are reused with the rest)."""
+    pipe = build("flux")
+    calls = []
+    pipe.transformer.single_transformer_blocks[0].attn.to_q.register_forward_pre_hook(lambda m, a: calls.append(1))
+    effdiff.accelerate(pipe, "toca:interval=2")
+    generate("flux", pipe, steps=4)
+    assert len(calls) == 2  # steps 0 and 2

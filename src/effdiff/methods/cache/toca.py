@@ -220,8 +220,9 @@ class ToCa(TokenMethod):
     def _sublayer(self, index: int, block: TokenBlock, kind: tuple[str, str], module: nn.Module,
                   inner: Forward) -> Forward:
         """Full at refresh steps; else the cached output with the chosen image tokens recomputed. A concat
-        block's text prefix is recomputed every time (text tokens are never left stale); a sub-layer recomputed
-        by no token (fraction 0: attention reused whole) may return anything, a joint attention's tuple too."""
+        block's feed-forward recomputes its text prefix every time (its text rows are never stale); a sub-layer
+        recomputed by no token (fraction 0: attention reused whole, text rows included) may return anything, a
+        joint attention's tuple too."""
         role = kind[0]
 
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -238,7 +239,7 @@ class ToCa(TokenMethod):
                 self.tokens[0] += batch * tokens
                 return out
             image = layer["stale", kind].shape[1]
-            text = tokens - image
+            text = tokens - image if role == "ff" else 0  # an attention reused whole keeps its text rows too
             count = round(min(self.fractions[index, kind] * self.step_factor(), 1.0) * image)
             stale = layer["stale", kind]
             stale += 1
