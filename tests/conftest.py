@@ -122,22 +122,22 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def fresh_quant_memo():
     """Each test calibrates for itself: the simulated quant methods' in-process memo starts and ends empty."""
-    from effdiff.methods.quant.lowbit import ptq
+    from effdiff.methods.quant.lowbit.base import forget_calibrations
 
-    ptq._MEMO.clear()
+    forget_calibrations()
     yield
-    ptq._MEMO.clear()
+    forget_calibrations()
 
 
 def assert_deterministic_calibration(make_pipe, recipe: str, steps: int | None = None) -> None:
     """Two calibrations from scratch (empty memo, fresh pipeline) store identical tensors in every layer record,
     and, with ``steps``, sample identical images."""
     import effdiff
-    from effdiff.methods.quant.lowbit import ptq
+    from effdiff.methods.quant.lowbit.base import forget_calibrations
 
     records, outputs = [], []
     for _ in range(2):
-        ptq._MEMO.clear()
+        forget_calibrations()
         pipe = make_pipe()
         effdiff.accelerate(pipe, recipe)
         records.append(pipe.effdiff.methods[0].layers)
@@ -159,14 +159,14 @@ def assert_reload_identical(pipe, recipe: str, path, steps: int, before_reload=N
     ``before_reload()`` if given): the reloaded pipeline samples identical images. Returns the saved and the
     reloaded method, with the pipeline left unpatched."""
     import effdiff
-    from effdiff.methods.quant.lowbit import ptq
+    from effdiff.methods.quant.lowbit.base import forget_calibrations
 
     effdiff.accelerate(pipe, recipe)
     method = pipe.effdiff.methods[0]
     quantized = sample(pipe, steps=steps)
     method.save(str(path))
     pipe.effdiff.remove()
-    ptq._MEMO.clear()
+    forget_calibrations()
     if before_reload is not None:
         before_reload()
     effdiff.accelerate(pipe, f"{recipe},calibration={path}")

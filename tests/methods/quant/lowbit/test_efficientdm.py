@@ -7,13 +7,13 @@ import effdiff
 from effdiff import RecipeError
 from effdiff.api import is_accelerated
 from effdiff.context import StepContext
-from effdiff.methods.quant.lowbit import ptq
-from effdiff.methods.quant.lowbit.efficientdm import Trajectory
+from effdiff.methods.quant.lowbit.base import forget_calibrations
 from effdiff.methods.quant.lowbit.fake import Observer, TemporalActivation
 from effdiff.methods.quant.lowbit.observe import calibration_prompts, run_pipeline
 from effdiff.methods.quant.lowbit.packed import unpack
 from effdiff.methods.quant.lowbit.ptq import naive_layer
 from effdiff.methods.quant.lowbit.qat import QALoRALayer
+from effdiff.recording import Trajectory
 
 STEPS = 4
 FAST = "prompts=2,steps=4,batch=2"
@@ -33,7 +33,7 @@ def test_nothing_quantized_is_bit_identical_and_trains_nothing(tiny_pipe):
 def test_distillation_lowers_the_loss_deterministically():
     runs = []
     for _ in range(2):
-        ptq._MEMO.clear()
+        forget_calibrations()
         pipe = make_tiny_dit()
         effdiff.accelerate(pipe, f"efficientdm:wbits=4,abits=4,iters=30,{FAST}")
         runs.append((pipe.effdiff.methods[0], sample(pipe, steps=STEPS)))
@@ -114,7 +114,7 @@ def test_save_reload_identical_and_size_counts_the_table(tiny_sd, tmp_path):
     assert size["bytes"] < 0.5 * size["fp32_bytes"]
     method.save(str(path))
     tiny_sd.effdiff.remove()
-    ptq._MEMO.clear()
+    forget_calibrations()
     effdiff.accelerate(tiny_sd, f"{recipe},calibration={path}")
     assert torch.equal(sample(tiny_sd, steps=STEPS), quantized)
     tiny_sd.effdiff.remove()

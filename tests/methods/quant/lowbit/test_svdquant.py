@@ -5,7 +5,7 @@ from torch import nn
 
 import effdiff
 from effdiff import RecipeError
-from effdiff.methods.quant.lowbit import ptq
+from effdiff.methods.quant.lowbit.base import forget_calibrations
 from effdiff.methods.quant.lowbit.fake import Observer
 from effdiff.methods.quant.lowbit.ptq import naive_layer
 from effdiff.methods.quant.lowbit.svdquant import low_rank_split, smoothing, svd_layer
@@ -75,7 +75,7 @@ def test_save_reload_identical(tiny_sd, tmp_path):
     out = sample(tiny_sd, steps=4)
     tiny_sd.effdiff.methods[0].save(str(path))
     tiny_sd.effdiff.remove()
-    ptq._MEMO.clear()
+    forget_calibrations()
     effdiff.accelerate(tiny_sd, f"svdquant:rank=2,{FAST},calibration={path}")
     assert torch.equal(sample(tiny_sd, steps=4), out)
 

@@ -239,12 +239,12 @@ def test_load_refuses_foreign_files(tiny_sd, tiny_dit, tmp_path):
     effdiff.accelerate(tiny_sd, "int8:min_features=1,min_channels=1,convs=true")
     tiny_sd.effdiff.methods[0].save(path)
     tiny_sd.effdiff.remove()
-    with pytest.raises(RecipeError, match="holds a int8 model"):
+    with pytest.raises(RecipeError, match="was saved by int8"):
         effdiff.accelerate(tiny_sd, f"int8wo:load={path}")
     with pytest.raises(RecipeError, match="does not have|does not match"):
         effdiff.accelerate(tiny_dit, f"int8:load={path}")
     assert all(not isinstance(m, Int8DynamicConv2d) for m in tiny_dit.transformer.modules())
-    with pytest.raises(RecipeError, match="no quantized model"):
+    with pytest.raises(RecipeError, match="no saved quantized model"):
         effdiff.accelerate(tiny_sd, f"int8:load={tmp_path / 'missing.safetensors'}")
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(RecipeError, match="not a readable"):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effdiff.context import StepContext, timestep_of
+from effdiff.context import StepContext
+from effdiff.methods.quant.lowbit.base import QuantMethod
 from effdiff.methods.quant.lowbit.fake import (
     BITS,
     FakeQuantLayer,
@@ -22,73 +22,15 @@ from effdiff.methods.quant.lowbit.fake import (
     levels,
 )
 from effdiff.methods.quant.lowbit.packed import LayerQuant
-from effdiff.methods.quant.lowbit.ptq import QuantMethod, naive_layer
+from effdiff.methods.quant.lowbit.ptq import naive_layer
 from effdiff.methods.quant.lowbit.qat import QALoRALayer
 from effdiff.patches import PatchLog
+from effdiff.recording import Call, Trajectory, first_tensor, tree_map
 from effdiff.registry import Paper, Param
 
 EFFICIENTDM = Paper("EfficientDM: Efficient Quantization-Aware Fine-Tuning of Low-Bit Diffusion Models", "2310.03270",
                     "ICLR 2024")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Call:
-    """One denoiser call of the full-precision sampling run: its inputs and its output (the target)."""
-
-    args: tuple
-    kwargs: dict[str, Any]
-    target: torch.Tensor
-    timestep: float
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out[0]  # tuple or diffusers ModelOutput
-
-
-def _tree(obj: Any, fn: Any) -> Any:
-    """``fn`` on every tensor inside nested tuples / lists / dicts."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_tree(o, fn) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _tree(v, fn) for k, v in obj.items()}
-    return obj
-
-
-class Trajectory:
-    """Records every call of the denoiser while active (inputs cloned, output as the distillation target)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.calls: list[Call] = []
-        self._pending: tuple[tuple, dict[str, Any]] | None = None
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> Trajectory:
-        def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._pending = _tree(args, lambda t: t.detach().clone()), _tree(kwargs, lambda t: t.detach().clone())
-
-        def after(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            assert self._pending is not None
-            saved_args, saved_kwargs = self._pending
-            t = timestep_of(saved_args, saved_kwargs)
-            self.calls.append(Call(saved_args, saved_kwargs, _first_tensor(out).detach().clone(),
-                                   0.0 if t is None else t))
-
-        self._handles = [self.model.register_forward_pre_hook(before, with_kwargs=True),
-                         self.model.register_forward_hook(after, with_kwargs=True)]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def timesteps(self) -> list[float]:
-        """Distinct timesteps in the order first seen."""
-        return list(dict.fromkeys(c.timestep for c in self.calls))
 
 
 def _rows(call: Call, index: torch.Tensor) -> tuple[tuple, dict[str, Any], torch.Tensor]:
@@ -98,7 +40,7 @@ def _rows(call: Call, index: torch.Tensor) -> tuple[tuple, dict[str, Any], torch
     def take(t: torch.Tensor) -> torch.Tensor:
         return t[index] if t.ndim and t.shape[0] == batch else t
 
-    return _tree(call.args, take), _tree(call.kwargs, take), call.target[index]
+    return tree_map(call.args, take), tree_map(call.kwargs, take), call.target[index]
 
 
 class Distiller:
@@ -115,7 +57,7 @@ class Distiller:
             args, kwargs, target = call.args, call.kwargs, call.target
         else:
             args, kwargs, target = _rows(call, index)
-        return F.mse_loss(_first_tensor(self.model(*args, **kwargs)), target)
+        return F.mse_loss(first_tensor(self.model(*args, **kwargs)), target)
 
     @torch.no_grad()
     def loss(self) -> float:

@@ -9,7 +9,6 @@ float32 parameters left unquantized.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from effdiff.methods.quant import packing
+from effdiff.methods.quant import packing, saved
 from effdiff.methods.quant.lowbit.fake import (
     DynamicActivation,
     FakeQuantLayer,
@@ -35,7 +34,6 @@ from effdiff.methods.quant.lowbit.fake import (
 if TYPE_CHECKING:
     from effdiff.context import StepContext
 
-FORMAT = "effdiff-lowbit-1"
 pack = packing.pack
 
 
@@ -143,33 +141,22 @@ class LayerQuant:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
-def save(path: str | Path, layers: dict[str, LayerQuant], info: dict[str, Any]) -> Path:
-    """Write a calibration as safetensors (no pickle); ``info`` (method, settings, fingerprint) as metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save(path: str | Path, layers: dict[str, LayerQuant], info: dict[str, Any]) -> int:
+    """Write a calibration in the quantization packages' one format; ``info`` (method, settings, fingerprint)
+    goes in the header. Returns the file size in bytes."""
     tensors = {f"{name}/{key}": t for name, lq in layers.items() for key, t in lq.tensors().items()}
-    meta = {"format": FORMAT, "info": info, "layers": {name: lq.meta() for name, lq in layers.items()}}
-    save_file(tensors, str(path), metadata={"effdiff": json.dumps(meta)})
-    return path
+    header = {"method": info["method"], "info": info, "layers": {name: lq.meta() for name, lq in layers.items()}}
+    return saved.write(path, tensors, header)
 
 
-def load(path: str | Path) -> tuple[dict[str, LayerQuant], dict[str, Any]]:
-    """Read what ``save`` wrote; a file of another kind is a ValueError naming it."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get("effdiff")
-        meta = json.loads(raw) if raw else {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an effdiff low-bit calibration (format {meta.get('format')!r})")
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iter)
+def load(path: str | Path, method: str) -> tuple[dict[str, LayerQuant], dict[str, Any]]:
+    """Read what ``save`` wrote for ``method``; any other file is a RecipeError saying why."""
+    tensors, header = saved.read(path, method)
     layers = {}
-    for name, fields in meta["layers"].items():
+    for name, fields in header["layers"].items():
         stored = {key: tensors[f"{name}/{key}"] for key in LayerQuant._TENSORS if f"{name}/{key}" in tensors}
         layers[name] = LayerQuant(**fields, **stored)
-    return layers, meta["info"]
+    return layers, header["info"]
 
 
 def model_bytes(model: nn.Module, layers: dict[str, LayerQuant]) -> dict[str, int]:

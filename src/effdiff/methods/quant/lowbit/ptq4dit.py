@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from effdiff.context import StepContext
+from effdiff.methods.quant.lowbit.base import QuantMethod
 from effdiff.methods.quant.lowbit.fake import Observer, channel_axis, is_quantized, to_rows, weight_grid
 from effdiff.methods.quant.lowbit.observe import LayerInputs, calibration_prompts, run_pipeline, target_layers
 from effdiff.methods.quant.lowbit.packed import LayerQuant
-from effdiff.methods.quant.lowbit.ptq import QuantMethod, naive_layer, static_activation
+from effdiff.methods.quant.lowbit.ptq import naive_layer, static_activation
 from effdiff.methods.quant.lowbit.svdquant import smoothing
 from effdiff.registry import Paper, Param, RecipeError
 

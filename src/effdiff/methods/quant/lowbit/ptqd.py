@@ -19,9 +19,10 @@ from torch import nn
 
 from effdiff.context import StepContext
 from effdiff.methods.cache.base import first_tensor
+from effdiff.methods.quant.lowbit.base import QuantMethod
 from effdiff.methods.quant.lowbit.observe import calibration_prompts, run_pipeline
 from effdiff.methods.quant.lowbit.packed import LayerQuant
-from effdiff.methods.quant.lowbit.ptq import PTQ, QDiffusion, QuantMethod
+from effdiff.methods.quant.lowbit.ptq import PTQ, QDiffusion
 from effdiff.patches import PatchLog
 from effdiff.registry import Paper, Param, RecipeError
 

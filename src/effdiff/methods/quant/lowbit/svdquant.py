@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from effdiff.methods.quant.lowbit.base import QuantMethod
 from effdiff.methods.quant.lowbit.fake import is_quantized, weight_grid
 from effdiff.methods.quant.lowbit.packed import LayerQuant
-from effdiff.methods.quant.lowbit.ptq import QuantMethod
 from effdiff.registry import Paper, Param, RecipeError
 
 SVDQUANT = Paper("SVDQuant: Absorbing Outliers by Low-Rank Components for 4-Bit Diffusion Models", "2411.05007",

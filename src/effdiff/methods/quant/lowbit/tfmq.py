@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effdiff.methods.quant.lowbit.efficientdm import Call, Trajectory
 from effdiff.methods.quant.lowbit.fake import (
     Grid,
     Observer,
@@ -31,6 +30,7 @@ from effdiff.methods.quant.lowbit.packed import LayerQuant
 from effdiff.methods.quant.lowbit.ptq import Moments, QDiffusion, adaround, static_activation
 from effdiff.methods.quant.lowbit.tdq import timestep_ranges
 from effdiff.patches import PatchLog
+from effdiff.recording import Call, Trajectory
 from effdiff.registry import Paper, Param, RecipeError
 
 TFMQ = Paper("TFMQ-DM: Temporal Feature Maintenance Quantization for Diffusion Models", "2311.16503", "CVPR 2024")

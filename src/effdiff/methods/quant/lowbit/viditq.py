@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from effdiff.context import StepContext
+from effdiff.methods.quant.lowbit.base import QuantMethod
 from effdiff.methods.quant.lowbit.fake import DynamicActivation, FakeQuantLayer, is_quantized, weight_grid
 from effdiff.methods.quant.lowbit.packed import LayerQuant
-from effdiff.methods.quant.lowbit.ptq import QuantMethod
 from effdiff.methods.quant.lowbit.svdquant import smoothing
 from effdiff.registry import Paper, Param, RecipeError
 

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from effdiff.context import StepContext
+from effdiff.methods.quant.native.base import NativeQuant
 from effdiff.methods.quant.native.kernels import native_float
 from effdiff.methods.quant.native.select import embedding_modules
 from effdiff.patches import PatchLog
-from effdiff.registry import Method, Paper, Param, RecipeError
+from effdiff.registry import Paper, Param, RecipeError
 
 MIXED_PRECISION = Paper("Mixed Precision Training", "1710.03740", "ICLR 2018")
 BFLOAT16 = Paper("A Study of BFLOAT16 for Deep Learning Training", "1905.12322", "arXiv 2019")
@@ -106,12 +107,9 @@ def cast_tensors(module: nn.Module, dtype: torch.dtype, skip: set[int], swaps: P
     return count
 
 
-class CastMethod(Method):
+class CastMethod(NativeQuant):
     """Base of ``bf16`` / ``fp16``."""
 
-    family = "quant"
-    after = ("solver",)
-    before = ("cache", "tokens")
     exclusive = ("float dtype",)  # not "weights": the integer kernels stack on a cast model (bf16+int8)
     dtype: ClassVar[torch.dtype] = torch.float32
     params = {
@@ -167,9 +165,9 @@ class CastMethod(Method):
             self.patches.klass(model, reporting_class(type(model)))
             self.patches.call(lambda: model.__dict__.pop("_effdiff_dtype", None))
 
-    def describe(self) -> str:
+    def report(self) -> str:
         kept = getattr(self, "kept", None)
-        return super().describe() + (f": {len(kept)} modules kept float32" if kept is not None else "")
+        return f"{len(kept)} modules kept float32" if kept is not None else ""
 
 
 class BF16(CastMethod):

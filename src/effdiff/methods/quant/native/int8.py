@@ -16,6 +16,7 @@ from torch import nn
 
 from effdiff.context import StepContext
 from effdiff.methods.quant.native import io, select
+from effdiff.methods.quant.native.base import NativeQuant
 from effdiff.methods.quant.native.kernels import (
     Int8DynamicConv2d,
     Int8DynamicLinear,
@@ -25,7 +26,7 @@ from effdiff.methods.quant.native.kernels import (
     require_int8_engine,
 )
 from effdiff.methods.quant.native.select import Decision, summarize
-from effdiff.registry import Method, Paper, Param, RecipeError
+from effdiff.registry import Paper, Param, RecipeError
 
 INTEGER_ARITHMETIC = Paper("Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only "
                            "Inference", "1712.05877", "CVPR 2018")
@@ -33,16 +34,14 @@ KBIT = Paper("The case for 4-bit precision: k-bit Inference Scaling Laws", "2212
 LOAD = Param(str, "", help="rebuild from a file written by save() instead of quantizing the weights")
 
 
-class KernelQuant(Method):
+class KernelQuant(NativeQuant):
     """Base of the integer-kernel methods: plan, swap, save, load, remove.
 
     They stack on ``bf16`` / ``fp16`` (applied first): the integer layers take the cast model's activations and
     return its dtype, so attention, norms and the layers the rule keeps run in the 16-bit float.
     """
 
-    family = "quant"
     after = ("solver", "bf16", "fp16")
-    before = ("cache", "tokens")
     exclusive = ("weights",)
     convs: ClassVar[bool] = True
 
@@ -88,14 +87,14 @@ class KernelQuant(Method):
         """Write the quantized denoiser to ``path`` (safetensors); returns the file size in bytes."""
         if not getattr(self, "applied", False):
             raise RecipeError(f"{self.name}: save() needs the method applied to a pipeline first")
-        return io.write(Path(path), self.model, self.spec(), self.quantized_layers())
+        return io.write(Path(path), self.model, self.name, self.spec(), self.quantized_layers())
 
     def quantized_layers(self) -> dict[str, nn.Module]:
         return {d.name: self.model.get_submodule(d.name) for d in self.decisions if d.quantize}
 
-    def describe(self) -> str:
+    def report(self) -> str:
         decisions = getattr(self, "decisions", None)
-        return super().describe() + (f": {summarize(decisions)}" if decisions else "")
+        return summarize(decisions) if decisions else ""
 
 
 class Int8(KernelQuant):

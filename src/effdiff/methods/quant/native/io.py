@@ -1,56 +1,36 @@
-"""Save and reload a quantized denoiser: one safetensors file, integer codes stored as integers.
+"""Save and reload a quantized denoiser in the quantization packages' one format (``quant/saved.py``).
 
 The file holds the quantized model's whole state dict (codes, scales and biases of the integer layers; the
-float tensors of every other layer) and, in its metadata, the recipe that made it and each integer layer's
+float tensors of every other layer) and, in its header, the recipe that made it and each integer layer's
 class and constructor arguments. Reloading needs a denoiser of the same architecture (its own weights may be
 anything: every tensor comes from the file) and rebuilds the kernels' packed weights from the codes.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from effdiff.methods.quant import saved
 from effdiff.methods.quant.native.kernels import LAYER_CLASSES
 from effdiff.patches import PatchLog, split_name
 from effdiff.registry import RecipeError
 
-FORMAT = "effdiff-quant-1"
 
-
-def write(path: Path, model: nn.Module, recipe: str, layers: dict[str, nn.Module]) -> int:
+def write(path: Path, model: nn.Module, method: str, recipe: str, layers: dict[str, nn.Module]) -> int:
     """Write ``model``'s state dict and the layer table; returns the file size in bytes."""
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # clone: no shared storage
     table = {name: {"class": type(layer).__name__, "init": layer.init_args()} for name, layer in layers.items()}
-    meta = {"format": FORMAT, "recipe": recipe, "layers": json.dumps(table)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
-    return path.stat().st_size
+    return saved.write(path, model.state_dict(), {"method": method, "recipe": recipe, "layers": table})
 
 
 def read(path: Path, method: str) -> tuple[dict[str, torch.Tensor], dict[str, tuple[type[nn.Module], dict[str, Any]]]]:
     """Tensors and ``{layer name: (class, init args)}`` of a file written by ``write`` for ``method``."""
-    if not path.is_file():
-        raise RecipeError(f"{method}: no quantized model at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-    except Exception as exc:  # a corrupt or foreign file surfaces as several exception types
-        raise RecipeError(f"{method}: {path} is not a readable safetensors file ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise RecipeError(f"{method}: {path} was not written by effdiff's quantization save()")
-    saved = meta["recipe"].partition(":")[0]
-    if saved != method:
-        raise RecipeError(f"{method}: {path} holds a {saved} model; load it with {saved}:load=...")
+    tensors, header = saved.read(path, method)
     layers = {}
-    for name, entry in json.loads(meta["layers"]).items():
+    for name, entry in header["layers"].items():
         init = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["init"].items()}
         layers[name] = (LAYER_CLASSES[entry["class"]], init)
     return tensors, layers
