@@ -4,13 +4,16 @@
     ``--sd15``, on sd15-arch at 256 px / 20 DDIM steps; ``--only pixart``: (b) on pixart-alpha-arch);
 (b) diffusers' built-in cache hooks (FirstBlockCache, TaylorSeer, PyramidAttentionBroadcast) vs effdiff's
     methods on tiny-dit. PixArt needs hand fixes for the hooks; every one is listed in ``HOOK_FIXES``;
-(c) effdiff's default settings of every cache method on tiny-sd and tiny-dit.
+(c) effdiff's default settings of every cache method on tiny-sd and tiny-dit;
+(d) ``--only cache-dit``: the ``cache-dit`` package (DBCache Fn/Bn, its TaylorSeer calibrator) vs effdiff's
+    ``fbcache`` with the same front/back/threshold/warmup on tiny-dit and pixart-alpha-arch.
 
 Timing: ``time_alternating`` (baseline and variant alternate, median of ``--reps``). Fidelity: PSNR/SSIM of
 the variant's images vs the baseline's (same noise). ``flop_ratio`` = baseline FLOPs / variant FLOPs of
 one call (``count_flops``); ``efficiency`` = speed-up / flop_ratio (the issue asks for >= 0.85).
 
     HF_HUB_OFFLINE=1 python benchmarks/cache_peers.py [--reps 3] [--steps 50] [--sd15] [--only pixart --twin-prompts 1]
+    HF_HUB_OFFLINE=1 python benchmarks/cache_peers.py --only cache-dit --twin-prompts 1
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -144,6 +148,45 @@ def diffusers_hook(pipe: Any, kind: str) -> tuple[Callable[[], Any], Callable[[]
     return enter, leave
 
 
+def cachedit_peer(pipe: Any, kind: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """The ``cache-dit`` package on a PixArt-style pipeline: ``F<n>B<m>=<threshold>[,w=<warmup>][+taylorseer]``,
+    or ``dbcache`` for its defaults (F8B0, threshold 0.08, 8 warm-up steps).
+
+    Its ``enable_cache`` patches the pipeline *class*'s ``__call__``: the pipeline gets a private subclass
+    while cached, so other pipelines of the class stay untouched; ``disable_cache`` leaves the transformer's
+    ``forward`` as an instance attribute, removed here (the baseline is checked bit-identical afterwards).
+    """
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
+    import cache_dit
+    from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
+
+    original = type(pipe)
+    spec, _, calibrator = kind.partition("+")
+
+    def config() -> Any:  # fresh per enable: cache-dit writes into the config it is given
+        if spec == "dbcache":
+            return DBCacheConfig()
+        blocks, _, settings = spec.partition("=")
+        threshold, _, warmup = settings.partition(",w=")
+        front, _, back = blocks[1:].partition("B")
+        return DBCacheConfig(Fn_compute_blocks=int(front), Bn_compute_blocks=int(back),
+                             residual_diff_threshold=float(threshold), max_warmup_steps=int(warmup or 1))
+
+    def enter() -> None:
+        pipe.__class__ = type(original.__name__, (original,), {})
+        adapter = BlockAdapter(pipe=pipe, transformer=pipe.transformer, blocks=pipe.transformer.transformer_blocks,
+                               forward_pattern=ForwardPattern.Pattern_3)
+        calibration = TaylorSeerCalibratorConfig(taylorseer_order=1) if calibrator == "taylorseer" else None
+        cache_dit.enable_cache(adapter, cache_config=config(), calibrator_config=calibration)
+
+    def leave() -> None:
+        cache_dit.disable_cache(pipe)
+        vars(pipe.transformer).pop("forward", None)
+        pipe.__class__ = original
+
+    return enter, leave
+
+
 def runner(pipe: Any, steps: int, prompts: list[str], **kwargs: Any) -> Callable[[], torch.Tensor]:
     """One seeded generation of ``prompts`` (a peer's hooks, if installed, reset themselves per generation)."""
     def run() -> torch.Tensor:
@@ -158,7 +201,8 @@ def runner(pipe: Any, steps: int, prompts: list[str], **kwargs: Any) -> Callable
 def section(title: str, model: str, steps: int, variants: list[tuple[str, str]], reps: int,
             call_kwargs: dict[str, Any] | None = None, flops: bool = True,
             only: list[str] | None = None, prompts: list[str] = PROMPTS) -> list[dict[str, Any]]:
-    """variants: (label, spec) where spec is 'effdiff:<recipe>', 'deepcache-pkg' or 'diffusers:<kind>'."""
+    """variants: (label, spec) where spec is 'effdiff:<recipe>', 'deepcache-pkg', 'diffusers:<kind>' or
+    'cache-dit:<kind>'."""
     print(f"\n== {title}: {model}, {steps} DDIM steps, guidance 4, {len(prompts)} prompts, reps {reps}", flush=True)
     pipe = effdiff.load(model)
     pipe.set_progress_bar_config(disable=True)
@@ -178,6 +222,8 @@ def section(title: str, model: str, steps: int, variants: list[tuple[str, str]],
             enter, leave = effdiff_variant(pipe, arg)
         elif source == "deepcache-pkg":
             enter, leave = deepcache_peer(pipe)
+        elif source == "cache-dit":
+            enter, leave = cachedit_peer(pipe, arg)
         else:
             enter, leave = diffusers_hook(pipe, arg)
         try:
@@ -194,7 +240,9 @@ def section(title: str, model: str, steps: int, variants: list[tuple[str, str]],
         print("  WARNING: the baseline changed after the variants were removed", flush=True)
     by_label = {r["variant"]: r for r in rows}
     pairs = [("deepcache package", "effdiff deepcache"), ("diffusers FirstBlockCache", "effdiff fbcache"),
-             ("diffusers TaylorSeer", "effdiff taylorseer"), ("diffusers FirstBlockCache 0.2", "effdiff fbcache 0.2")]
+             ("diffusers TaylorSeer", "effdiff taylorseer"), ("diffusers FirstBlockCache 0.2", "effdiff fbcache 0.2"),
+             ("cache-dit F1B0 0.1", "effdiff fbcache F1B0 0.1"), ("cache-dit F1B0 0.2", "effdiff fbcache F1B0 0.2"),
+             ("cache-dit DBCache (default F8B0 0.08 W8)", "effdiff fbcache F8B0 0.08 W8")]
     for a, b in pairs:
         if a in by_label and b in by_label and "_images" in by_label[a] and "_images" in by_label[b]:
             value = psnr(by_label[b]["_images"], by_label[a]["_images"])
@@ -228,7 +276,7 @@ def main() -> None:
     parser.add_argument("--twin-steps", type=int, default=20)
     parser.add_argument("--twin-prompts", type=int, default=len(PROMPTS), choices=range(1, len(PROMPTS) + 1),
                         help="prompts per call on the twins (1 halves the minutes per variant)")
-    parser.add_argument("--only", choices=("sd", "dit", "sd15", "pixart"), default=None)
+    parser.add_argument("--only", choices=("sd", "dit", "sd15", "pixart", "cache-dit"), default=None)
     parser.add_argument("--variants", default="", help="comma-separated substrings: run only matching variants")
     parser.add_argument("--out", default="benchmarks/results/cache_peers.json")
     args = parser.parse_args()
@@ -275,6 +323,21 @@ def main() -> None:
             ("effdiff fbcache 0.2", "effdiff:fbcache:threshold=0.2,warmup=0"),
         ], args.reps, {"height": 256, "width": 256}, flops=False, only=only,
             prompts=PROMPTS[:args.twin_prompts]), started)
+    if args.only == "cache-dit":
+        for model, steps, kwargs, prompts, extra in [
+                ("tiny-dit", args.steps, None, PROMPTS, []),
+                ("pixart-alpha-arch", args.twin_steps, {"height": 256, "width": 256}, PROMPTS[:args.twin_prompts], [
+                    ("cache-dit DBCache (default F8B0 0.08 W8)", "cache-dit:dbcache"),
+                    ("effdiff fbcache F8B0 0.08 W8", "effdiff:fbcache:front=8,back=0,threshold=0.08,warmup=8")])]:
+            result = save(args, section("(d) cache-dit vs effdiff", model, steps, [
+                ("cache-dit F1B0 0.1", "cache-dit:F1B0=0.1"),
+                ("effdiff fbcache F1B0 0.1", "effdiff:fbcache:front=1,back=0,threshold=0.1,warmup=1"),
+                ("cache-dit F1B0 0.2", "cache-dit:F1B0=0.2"),
+                ("effdiff fbcache F1B0 0.2", "effdiff:fbcache:front=1,back=0,threshold=0.2,warmup=1"),
+                ("cache-dit F1B0 0.2 + TaylorSeer calibrator (order 1)", "cache-dit:F1B0=0.2+taylorseer"),
+                ("effdiff taylorseer (default)", "effdiff:taylorseer"),
+                *extra,
+            ], args.reps, kwargs, flops=model == "tiny-dit", only=only, prompts=prompts), started)
     print(f"\n{'model':10s} {'variant':46s} {'speedup':>8s} {'psnr':>7s} {'ssim':>6s} {'flops÷':>7s} {'eff':>5s}")
     for r in result["rows"]:
         if "error" in r:

@@ -20,11 +20,12 @@ from effdiff.bench.report import report
 from effdiff.bench.runner import run_bench
 
 SPACINGS = {"default": "{solver}:steps={n}", "karras": "{solver}:steps={n},karras=true",
-            "ays": "{solver}:steps={n}+ays:steps={n}"}
+            "ays": "{solver}:steps={n}+ays:steps={n}",
+            "ays-trajectory": "{solver}:steps={n}+ays:steps={n},objective=trajectory"}
 
 
-def recipes(solver: str, nfes: list[int]) -> list[str]:
-    return [template.format(solver=solver, n=n) for n in nfes for template in SPACINGS.values()]
+def recipes(solver: str, nfes: list[int], spacings: list[str]) -> list[str]:
+    return [SPACINGS[s].format(solver=solver, n=n) for n in nfes for s in spacings]
 
 
 def loader_for(device: str):
@@ -48,13 +49,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny-sd", "tiny-dit"])
     parser.add_argument("--solver", default="dpmpp2m")
     parser.add_argument("--nfe", nargs="+", type=int, default=[5, 8, 10])
+    parser.add_argument("--spacings", nargs="+", choices=SPACINGS, default=list(SPACINGS))
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/solver-schedules"))
     parser.add_argument("--resume", metavar="RUN_ID")
     args = parser.parse_args()
-    run_id = run_bench(args.models, recipes(args.solver, args.nfe), samples=args.samples, out_dir=args.out,
-                       resume_run_id=args.resume, loader=loader_for(args.device))
+    run_id = run_bench(args.models, recipes(args.solver, args.nfe, args.spacings), samples=args.samples,
+                       out_dir=args.out, resume_run_id=args.resume, loader=loader_for(args.device))
     try:
         print(report(args.out, run_id))
     except ImportError as exc:  # the GPU machine has no matplotlib: report later with `effdiff report`

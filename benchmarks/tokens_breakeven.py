@@ -30,7 +30,7 @@ import torch
 from cache_peers import effdiff_variant
 
 import effdiff
-from effdiff.eval.cost import PeakMemory, _timed
+from effdiff.eval.cost import PeakMemory, timed
 from effdiff.recipe import parse
 
 OUT = Path("benchmarks/results/tokens")
@@ -140,7 +140,7 @@ def round_robin(switch: Switch, run: Callable[[], Any], reps: int, label: str = 
                 with torch.no_grad():
                     if clock is not None:
                         clock.read()
-                    times[name].append(_timed(run))
+                    times[name].append(timed(run))
                     if clock is not None:
                         inside[name].append(clock.read())
             finally:

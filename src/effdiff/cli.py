@@ -160,13 +160,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                           f"{', '.join(tunable_methods())}")
     if args.steps < 3 or args.prompts < 1:
         raise ValueError(f"--steps must be >= 3 and --prompts >= 1, got {args.steps} and {args.prompts}")
-    from effdiff.zoo.data import DIGIT_WORDS, eval_prompt
+    from effdiff.calling import conditions_for
     from effdiff.zoo.load import load
 
     tuner = importlib.import_module(method.tuner)
     pipe = load(args.model)
     pipe.set_progress_bar_config(disable=True)
-    prompts = [eval_prompt((3 + 4 * i) % len(DIGIT_WORDS)) for i in range(args.prompts)]
+    prompts = conditions_for(pipe, args.prompts, "calibration")  # never the evaluation prompts
     print(tuner.run(pipe, args.model, prompts, args.steps, args.guidance, target, args.seed,
                     Path(args.out) if args.out else None))
     return 0

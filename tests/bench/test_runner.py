@@ -143,3 +143,16 @@ def test_a_refusal_inside_the_call_leaves_the_pipeline_clean_for_the_next_recipe
     assert rows["scale:0.5"]["metric_set"] == "refused"
     assert "inside the call" in rows["scale:0.5"]["metrics"]["refused"]
     assert rows["scale:0.9"]["metric_set"] == "full" and rows["scale:0.9"]["metrics"]["psnr"] < 60
+
+
+def test_a_compile_recipe_reports_its_compiling_call_apart_and_is_not_reapplied_per_rep(tmp_path):
+    from effdiff.api import accelerate
+
+    run_id = run_bench(["m"], ["compile:backend=eager", "ddim:steps=2"], samples=2, steps=2, out_dir=tmp_path,
+                       loader=tiny_pipeline, accelerate_fn=accelerate, timing_batch=2, progress=False)
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        rows = {r["recipe"]: r["metrics"] for r in store.rows(run_id)}
+    compiled, plain = rows["compile:backend=eager"], rows["ddim:steps=2"]
+    assert compiled["first_call_s"] > 0 and compiled["compile_seconds"] >= 0
+    assert compiled["timing_mode"] == "adjacent blocks" and plain["timing_mode"] == "alternating"
+    assert plain["first_call_s"] is None and plain["compile_seconds"] is None

@@ -48,6 +48,7 @@ def _fid_delta(m: dict[str, Any], key: str) -> str:
 COLUMNS = (  # (header, metrics key, format string or cell function)
     ("speed-up", "speedup", "{:.2f}×"),
     ("s/image", "time_per_image_s", "{:.3f}"),
+    ("compile s", "compile_seconds", "{:.1f}"),  # the compiling first call minus a steady one (compile rows)
     ("NFE", "nfe", "{:d}"),
     ("GMACs/img", "macs_per_image", "gmac"),
     ("GFLOP/s", "gflops_achieved", "{:.1f}"),

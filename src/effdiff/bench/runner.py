@@ -41,6 +41,7 @@ from effdiff.eval.cost import (
     find_denoiser,
     time_alternating,
     time_call,
+    timed,
 )
 from effdiff.recipe import RecipeError
 
@@ -176,6 +177,11 @@ class RecipeSwitch:
             self.pipe.effdiff.remove()
             self.active = False
 
+    def compiles(self) -> bool:
+        """Whether the active recipe compiles the denoiser: its first call pays the compilation."""
+        methods = getattr(getattr(self.pipe, "effdiff", None), "methods", ())
+        return bool(self.recipe) and any(m.family == "compile" for m in methods)
+
     def describe_and_labels(self) -> tuple[str, list[str]]:
         """What the core says is active, and its honesty labels (simulated / trained)."""
         handle = getattr(self.pipe, "effdiff", None)
@@ -221,7 +227,9 @@ def _cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig, devic
     switch.apply()
     apply_seconds = time.perf_counter() - start
     describe, labels = switch.describe_and_labels()
+    compiles = switch.compiles()
     try:  # FLOPs of the timed batch itself: a dynamic method decides per batch
+        first_call_s = timed(lambda: caller(batch)) if compiles else None  # compilation happens here
         with NFECounter(find_denoiser(pipe)) as nfe, count_flops() as flops:
             caller(batch)
     finally:  # a refusal raised inside the call must not leave the pipeline accelerated for the next recipe
@@ -233,11 +241,11 @@ def _cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig, devic
         if not switch.recipe:
             var_t = time_call(var, reps=config.reps, warmup=1)
             base_t, mode = var_t, "baseline"
-        elif apply_seconds < SLOW_APPLY_S:
+        elif apply_seconds < SLOW_APPLY_S and not compiles:
             base_t, var_t = time_alternating(base, var, reps=config.reps, warmup=1,
                                              enter_variant=switch.apply, exit_variant=switch.remove)
             mode = "alternating"
-        else:  # a calibrating/training recipe: time in adjacent blocks instead of re-applying it each rep
+        else:  # calibrating/training, or compiling: time in adjacent blocks instead of re-applying it each rep
             base_t = time_call(base, reps=config.reps, warmup=1)
             switch.apply()
             try:
@@ -251,6 +259,8 @@ def _cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig, devic
     flags = _noise_labels(spread, load.cores)
     return {
         "describe": describe, "labels": sorted({*labels, *flags}), "apply_seconds": apply_seconds,
+        "first_call_s": first_call_s,  # compile recipes: the compiling call, apart from the steady state
+        "compile_seconds": None if first_call_s is None else max(first_call_s - var_t.median, 0.0),
         "timing_mode": mode, "timing_batch": len(batch), "reps": config.reps, "times_s": var_t.times,
         "baseline_times_s": base_t.times, "time_spread": var_t.spread, "baseline_time_spread": base_t.spread,
         "speedup_reps": ratios, "speedup_spread": spread, "foreign_cores": load.cores, "loadavg": load.loadavg,

@@ -58,7 +58,8 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call, with the device synchronised before and after."""
     _sync()
     start = time.perf_counter()
     fn()
@@ -71,7 +72,7 @@ def time_call(fn: Callable[[], object], reps: int = 3, warmup: int = 1) -> Timin
     _check_reps(reps)
     for _ in range(warmup):
         fn()
-    return Timing([_timed(fn) for _ in range(reps)])
+    return Timing([timed(fn) for _ in range(reps)])
 
 
 def time_alternating(
@@ -99,10 +100,10 @@ def time_alternating(
     leave()
     base_times, var_times = [], []
     for _ in range(reps):
-        base_times.append(_timed(baseline))
+        base_times.append(timed(baseline))
         enter()
         try:
-            var_times.append(_timed(variant))
+            var_times.append(timed(variant))
         finally:
             leave()
     return Timing(base_times), Timing(var_times)

@@ -10,6 +10,7 @@ with a MiniLM encoder, so they subclass ``DiffusionPipeline`` and keep the signa
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,16 @@ class _DigitPipeline(DiffusionPipeline):
         if purpose == "eval":
             return [eval_prompt(d % NUM_CLASSES) for d in range(n)]
         return [captions_for(i % NUM_CLASSES)[1 + (i // NUM_CLASSES) % 7] for i in range(n)]
+
+    def effdiff_calibration(self, method: str) -> dict[str, Any] | None:
+        """The calibration shipped with this bundled model for ``method`` (TeaCache's fitted polynomial and
+        threshold), so a method finds it without importing the zoo; None where nothing was shipped. The method
+        still checks the record's weight fingerprint: retrained weights do not inherit it."""
+        from effdiff.zoo.load import WEIGHTS
+
+        name = str(getattr(self, "effdiff_model_name", "") or "")
+        path = WEIGHTS / name / "calibration" / f"{method}.json"
+        return json.loads(path.read_text()) if name and path.is_file() else None
 
     def _call_denoiser(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

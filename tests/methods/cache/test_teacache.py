@@ -168,3 +168,24 @@ def test_describe_says_when_the_model_is_uncalibrated():
     pipe.effdiff.remove()
     effdiff.accelerate(pipe, "teacache:coefficients=0|2,calibration=none")
     assert "uncalibrated" not in pipe.effdiff.describe()
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-dit"])
+def test_a_bundled_model_uses_its_shipped_calibration(model):
+    pipe = effdiff.load(model)
+    shipped = pipe.effdiff_calibration("teacache")
+    assert shipped is not None and shipped["fingerprint"] == model_fingerprint(find_denoiser(pipe))
+    effdiff.accelerate(pipe, "teacache")
+    method = pipe.effdiff.methods[0]
+    assert method.coefficients == shipped["coefficients"] and method.threshold == shipped["threshold"]
+    assert method.source == f"the calibration shipped with {model}" and method.calibrated
+    assert "uncalibrated" not in pipe.effdiff.describe()
+
+
+def test_a_shipped_calibration_for_other_weights_is_not_used():
+    pipe = make_tiny_dit()  # random weights under a bundled model's name: the shipped record's fingerprint differs
+    pipe.effdiff_model_name = "tiny-dit"
+    assert pipe.effdiff_calibration("teacache") is not None
+    effdiff.accelerate(pipe, "teacache")
+    assert pipe.effdiff.methods[0].source == "parameters"
+    assert "uncalibrated for this model" in pipe.effdiff.describe()

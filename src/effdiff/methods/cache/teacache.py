@@ -134,7 +134,8 @@ class TeaCache(SegmentCache):
             raise refuse(self.name, f"calibration file {path} is not a TeaCache calibration ({exc})") from None
         return record
 
-    def _find_default(self, pipe: Any, fingerprint: str) -> tuple[dict[str, Any] | None, Path | None]:
+    def _find_default(self, pipe: Any, fingerprint: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The user's own calibration (``effdiff calibrate``) first, then one shipped with a bundled model."""
         name = getattr(pipe, "effdiff_model_name", None)
         candidates = [calibration_file(name)] if name else sorted(cache_path().parent.glob("teacache-*.json"))
         for path in candidates:
@@ -145,10 +146,13 @@ class TeaCache(SegmentCache):
             except RecipeError:
                 continue
             if record.get("fingerprint") == fingerprint:
-                return record, path
+                return record, str(path)
             if name:
                 warnings.warn(f"teacache: ignoring {path}: calibrated for other weights (re-run effdiff calibrate)",
                               stacklevel=3)
+        shipped = pipe.effdiff_calibration(self.name) if callable(getattr(pipe, "effdiff_calibration", None)) else None
+        if shipped is not None and shipped.get("fingerprint") == fingerprint:
+            return shipped, f"the calibration shipped with {name}"
         return None, None
 
     # --- the segment: every block -------------------------------------------------------------------

@@ -31,6 +31,7 @@ from effdiff.errors import RecipeError
 from effdiff.recording import Call
 
 GRID = 257  # points of the inverse-CDF grid of one interval (log-spaced)
+DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma per row) -> x0 estimate
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Draws:
                    torch.randn(shape, generator=generator, dtype=torch.float64))
 
 
-def interval_klub(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, lo: float, hi: float, c: float, draws: Draws) -> float:
+def interval_klub(denoiser: DenoiserFn, x0: torch.Tensor, lo: float, hi: float, c: float, draws: Draws) -> float:
     """Importance-sampled KLUB of one solver step from ``hi`` down to ``lo`` (same unit for every interval)."""
     if hi <= lo:
         return 0.0
@@ -129,7 +130,7 @@ def interval_klub(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     return total * float((2 * per_draw / weight).mean())
 
 
-def schedule_klub(denoiser: Denoiser, x0: torch.Tensor, levels: NoiseLevels, schedule: list[int], c: float,
+def schedule_klub(denoiser: DenoiserFn, x0: torch.Tensor, levels: NoiseLevels, schedule: list[int], c: float,
                   samples: int, seed: int) -> float:
     """The whole schedule's bound (its steps down to ``sigma(0)``), for the record."""
     points = [levels.sigma(t) for t in schedule] + [levels.sigma(0)]
@@ -150,7 +151,7 @@ def candidates_between(levels: NoiseLevels, below: int, above: int, current: int
     return sorted(set(picked) | {current})
 
 
-def optimise(denoiser: Denoiser, x0: torch.Tensor, levels: NoiseLevels, schedule: list[int], sweeps: int,
+def optimise(denoiser: DenoiserFn, x0: torch.Tensor, levels: NoiseLevels, schedule: list[int], sweeps: int,
              candidates: int, samples: int, seed: int, budget_s: float,
              checkpoint: Callable[[list[int]], float]) -> dict[str, Any]:
     """Coordinate search on the interior timesteps of ``schedule`` (decreasing; the first stays fixed).
