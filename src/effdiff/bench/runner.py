@@ -221,6 +221,26 @@ class _Instrumented:
                 for k in ("encode", "denoise", "decode", "other")}
 
 
+def _time_recipe(switch: RecipeSwitch, base: _Instrumented, var: _Instrumented, config: BenchConfig,
+                 apply_seconds: float) -> tuple[Timing, Timing, str, ForeignLoad]:
+    """Baseline and variant timings: alternating when the recipe applies quickly, else in adjacent blocks."""
+    with ForeignLoad() as load:
+        if not switch.recipe:
+            var_t = time_call(var, reps=config.reps, warmup=1)
+            return var_t, var_t, "baseline", load
+        if apply_seconds < SLOW_APPLY_S:
+            base_t, var_t = time_alternating(base, var, reps=config.reps, warmup=1,
+                                             enter_variant=switch.apply, exit_variant=switch.remove)
+            return base_t, var_t, "alternating", load
+        base_t = time_call(base, reps=config.reps, warmup=1)  # calibrating/training: not re-applied per rep
+        switch.apply()
+        try:
+            var_t = time_call(var, reps=config.reps, warmup=1)
+        finally:
+            switch.remove()
+        return base_t, var_t, "adjacent blocks", load
+
+
 def _cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig, device: str) -> dict[str, Any]:
     batch = list(range(config.timing_batch))
     start = time.perf_counter()
@@ -228,31 +248,29 @@ def _cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig, devic
     apply_seconds = time.perf_counter() - start
     describe, labels = switch.describe_and_labels()
     compiles = switch.compiles()
-    try:  # FLOPs of the timed batch itself: a dynamic method decides per batch
-        first_call_s = timed(lambda: caller(batch)) if compiles else None  # compilation happens here
-        with NFECounter(find_denoiser(pipe)) as nfe, count_flops() as flops:
-            caller(batch)
-    finally:  # a refusal raised inside the call must not leave the pipeline accelerated for the next recipe
-        switch.remove()
-
     base = _Instrumented(pipe, lambda: caller(batch), device)
     var = _Instrumented(pipe, lambda: caller(batch), device)
-    with ForeignLoad() as load:
-        if not switch.recipe:
-            var_t = time_call(var, reps=config.reps, warmup=1)
-            base_t, mode = var_t, "baseline"
-        elif apply_seconds < SLOW_APPLY_S and not compiles:
-            base_t, var_t = time_alternating(base, var, reps=config.reps, warmup=1,
-                                             enter_variant=switch.apply, exit_variant=switch.remove)
-            mode = "alternating"
-        else:  # calibrating/training, or compiling: time in adjacent blocks instead of re-applying it each rep
+    first_call_s = None
+    if compiles:  # applied once: re-applying recompiles, and counting FLOPs first would time another graph
+        switch.remove()  # nothing has run, so nothing was compiled yet
+        with ForeignLoad() as load:
             base_t = time_call(base, reps=config.reps, warmup=1)
             switch.apply()
             try:
-                var_t = time_call(var, reps=config.reps, warmup=1)
+                first_call_s = timed(lambda: caller(batch))  # the compiling call, reported apart
+                var_t = time_call(var, reps=config.reps, warmup=0)
+                with NFECounter(find_denoiser(pipe)) as nfe, count_flops() as flops:
+                    caller(batch)
             finally:
                 switch.remove()
-            mode = "adjacent blocks"
+        mode = "adjacent blocks, compiled once"
+    else:
+        try:  # FLOPs of the timed batch itself: a dynamic method decides per batch
+            with NFECounter(find_denoiser(pipe)) as nfe, count_flops() as flops:
+                caller(batch)
+        finally:  # a refusal raised inside the call must not leave the pipeline accelerated for the next recipe
+            switch.remove()
+        base_t, var_t, mode, load = _time_recipe(switch, base, var, config, apply_seconds)
     per_image = var_t.median / len(batch)
     ratios = [b / v for b, v in zip(base_t.times, var_t.times, strict=True) if v > 0] if switch.recipe else [1.0]
     spread = (max(ratios) - min(ratios)) / statistics.median(ratios) if switch.recipe else var_t.spread
