@@ -46,3 +46,17 @@ def test_calibrate_cli_refuses_a_method_without_a_tuner(capsys):
 
     assert main(["calibrate", "--model", "tiny-dit", "--method", "deepcache"]) == 2
     assert "deepcache has nothing to calibrate; methods with a tuner: l2c, teacache" in capsys.readouterr().err
+
+
+def test_the_fit_never_turns_down_inside_the_observed_changes():
+    import numpy as np
+
+    from effdiff.tune.teacache import monotone_fit
+
+    x = np.array([0.02, 0.022, 0.024, 0.03, 0.05, 0.08, 0.2])
+    y = np.array([0.03, 0.02, 0.04, 0.03, 0.08, 0.14, 0.42])  # noisy: degree 4 through it wiggles
+    wiggly = np.polyval(np.polyfit(x, y, 4), np.linspace(x.min(), x.max(), 256))
+    assert np.any(np.diff(wiggly) < 0)
+    degree, coefficients = monotone_fit(x, y, 4)
+    values = np.polyval(coefficients[::-1], np.linspace(x.min(), x.max(), 256))
+    assert degree < 4 and np.all(np.diff(values) >= 0) and values[0] >= -1e-6
