@@ -61,3 +61,17 @@ def test_ays_stacks_after_a_timestep_capable_solver(tiny_dit, tmp_path):
     tiny_dit.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
     sample(tiny_dit, steps=3)
     assert len(calls) == 3
+
+
+def test_fingerprint_ignores_where_the_weights_were_loaded_from(tiny_sd):
+    """A checkout in another folder must match the records shipped with the bundled models (CI found it did not)."""
+    from effdiff.adapters import find_denoiser
+    from effdiff.methods.solvers.schedule import model_fingerprint
+
+    unet = find_denoiser(tiny_sd)
+    before = model_fingerprint(unet)
+    unet.register_to_config(_name_or_path="/somewhere/else/unet", _diffusers_version="0.0.0")
+    assert model_fingerprint(unet) == before
+    with torch.no_grad():
+        next(unet.parameters()).flatten()[0] += 1.0
+    assert model_fingerprint(unet) != before

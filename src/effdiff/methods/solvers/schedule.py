@@ -45,11 +45,15 @@ def cache_path(explicit: str = "") -> Path:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Cheap identity of a denoiser's weights: config plus shape and a slice sum of every tensor."""
+    """Cheap identity of a denoiser's weights: config plus shape and a slice sum of every tensor.
+
+    The config's private keys (``_name_or_path``, ``_diffusers_version``…) are left out: they say where and with
+    what the weights were loaded, not what they are, and a checkout in another folder must match the same record."""
     digest = hashlib.sha1(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        public = {key: value for key, value in dict(config).items() if not key.startswith("_")}
+        digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         head = tensor.detach().flatten()[:512].double().sum().item() if tensor.numel() else 0.0
         digest.update(f"{name}:{tuple(tensor.shape)}:{head:.10e}".encode())
