@@ -219,6 +219,13 @@ def _cmd_zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from effdiff.distill.trainer import distill_from_arguments
+
+    print(f"exported {distill_from_arguments(args)}")
+    return 0
+
+
 def _cmd_zoo_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -243,6 +250,7 @@ def _cmd_zoo_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from effdiff.registry import FAMILIES
+    from effdiff.distill.trainer import add_distill_arguments
     from effdiff.zoo.train import add_train_arguments
 
     parser = argparse.ArgumentParser(prog="effdiff", description=__doc__.splitlines()[0])
@@ -296,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--out", help="JSON path (default: teacache-MODEL.json in $EFFDIFF_CACHE_DIR or ~/.cache/effdiff)")
     cal.set_defaults(func=_cmd_calibrate)
+
+    dist = sub.add_parser("distill", help="train a few-step student (LCM-LoRA or full LCM; checkpoints, --resume)")
+    add_distill_arguments(dist)
+    dist.set_defaults(func=_cmd_distill)
 
     methods = sub.add_parser("methods", help="the registry and the catalogue of seed papers")
     methods.add_argument("--family", choices=FAMILIES)

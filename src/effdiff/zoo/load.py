@@ -46,14 +46,25 @@ def _from_folder(folder: Path, kind: str, text_encoder, tokenizer) -> DiffusionP
     model_cls = _denoiser_class(kind)
     try:
         denoiser = model_cls.from_pretrained(sub, torch_dtype=torch.float32).eval()  # scene-* are stored fp16
-        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+        scheduler = _scheduler_class(folder / "scheduler").from_pretrained(folder / "scheduler")
     except Exception as exc:  # corrupt json / safetensors surface as many types
         raise CheckpointError(f"could not read the checkpoint in {sub}: {exc}") from exc
     denoiser.requires_grad_(False)
     pipe = PIPELINE_OF[kind](denoiser, scheduler, text_encoder, tokenizer)
     pipe.set_progress_bar_config(disable=True)
     pipe.effdiff_model_name = kind
+    pipe.effdiff_model_folder = str(folder)  # where its distilled students live (effdiff.distill.store)
     return pipe
+
+
+def _scheduler_class(folder: Path) -> type:
+    """DDIM, or the LCMScheduler a distilled consistency student (``effdiff distill --full``) is saved with."""
+    import json
+
+    from diffusers import LCMScheduler
+
+    name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name")
+    return LCMScheduler if name == "LCMScheduler" else DDIMScheduler
 
 
 def _denoiser_class(kind: str):

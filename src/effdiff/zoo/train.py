@@ -55,13 +55,18 @@ class TrainConfig:
     bf16: bool = False
 
 
+def predict(model: torch.nn.Module, noisy: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor,
+            is_dit: bool) -> torch.Tensor:
+    """One call of a bundled denoiser (U-Net or PixArt-style DiT) on a batch of per-sample timesteps."""
+    if is_dit:
+        return model(noisy, encoder_hidden_states=text, timestep=timesteps,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    return model(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+
+
 def _denoise_loss(model, images, text, timesteps, noise, schedule: DDPMScheduler, is_dit: bool):
     noisy = schedule.add_noise(images, noise, timesteps)
-    if is_dit:
-        pred = model(noisy, encoder_hidden_states=text, timestep=timesteps,
-                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-    else:
-        pred = model(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+    pred = predict(model, noisy, text, timesteps, is_dit)
     target = schedule.get_velocity(images, noise, timesteps)
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
@@ -72,6 +77,23 @@ def _shift(images: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> to
     dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=gen).tolist()
     size = images.shape[-1]
     return padded[..., dy : dy + size, dx : dx + size]
+
+
+def warmup_cosine_lr(lr: float, step: int, warmup: int, steps: int, elapsed: float,
+                     max_minutes: float | None) -> float:
+    """Linear warm-up, then cosine decay to a tenth of ``lr``; a time budget decays by whichever runs out first."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    if max_minutes:
+        progress = max(progress, elapsed / (max_minutes * 60))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def caption_of(labels: torch.Tensor, per_digit: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Caption states for each digit label, one of its caption templates drawn at random per sample."""
+    template = torch.randint(0, per_digit.shape[1], (len(labels),), generator=gen).to(per_digit.device)
+    return per_digit[labels, template]
 
 
 class Trainer:
@@ -144,12 +166,7 @@ class Trainer:
 
     def _lr(self) -> float:
         c = self.config
-        if self.step < c.warmup:
-            return c.lr * (self.step + 1) / c.warmup
-        progress = (self.step - c.warmup) / max(1, c.steps - c.warmup)
-        if c.max_minutes:  # a time budget decays the rate by whichever runs out first
-            progress = max(progress, self.elapsed / (c.max_minutes * 60))
-        return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        return warmup_cosine_lr(c.lr, self.step, c.warmup, c.steps, self.elapsed, c.max_minutes)
 
     def _batch_loss(self) -> torch.Tensor:
         c = self.config
@@ -159,8 +176,7 @@ class Trainer:
         images, labels = self.images[idx], self.labels[idx]
         if self.is_classifier:
             return torch.nn.functional.cross_entropy(self.model(_shift(images, self.gen)), labels)
-        template = torch.randint(0, self.per_digit.shape[1], (c.batch_size,), generator=self.gen).to(self.device)
-        text = self.per_digit[labels, template]
+        text = caption_of(labels, self.per_digit, self.gen)
         drop = (torch.rand(c.batch_size, generator=self.gen) < c.caption_dropout).to(self.device)
         text = torch.where(drop[:, None, None], self.uncond.expand_as(text), text)
         return self._generator_loss(images, text)

@@ -1,0 +1,49 @@
+"""Where distilled students live, and the command that makes one.
+
+Beside the model: ``<model folder>/distill/<method>-lora/`` for a LoRA, ``<model folder>/distill/<method>/``
+for a fully trained student. A bundled model's folder is the package's ``zoo/weights/<name>``, so the students
+committed there ship with effdiff; a local model folder carries its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+RECORD = "effdiff_distill.json"
+
+
+def student_folder(method: str, form: str) -> str:
+    return f"{method}-lora" if form == "lora" else method
+
+
+def default_output(model: str, folder: str) -> Path:
+    """Beside the model: the bundled weights folder for a bundled name, else ``<model folder>/distill``."""
+    from effdiff.zoo.load import BUNDLED, WEIGHTS
+
+    base = WEIGHTS / model if model in BUNDLED else Path(model).expanduser()
+    return base / "distill" / folder
+
+
+def model_folder(pipe: Any) -> Path | None:
+    """The folder a pipeline was loaded from (bundled or local effdiff model), if effdiff loaded it."""
+    folder = getattr(pipe, "effdiff_model_folder", None)
+    return Path(folder) if folder else None
+
+
+def find_student(pipe: Any, method: str, form: str) -> Path | None:
+    folder = model_folder(pipe)
+    if folder is None:
+        return None
+    found = folder / "distill" / student_folder(method, form)
+    return found if found.is_dir() else None
+
+
+def make_command(pipe: Any, method: str, form: str) -> str:
+    """The ``effdiff distill`` command that trains the missing student for this pipeline."""
+    from effdiff.zoo.load import WEIGHTS
+
+    name = getattr(pipe, "effdiff_model_name", "") or "MODEL"
+    folder = model_folder(pipe)
+    model = name if folder is None or folder.parent == WEIGHTS else str(folder)
+    return f"effdiff distill {model} --method {method}" + (" --full" if form == "full" else "")

