@@ -16,7 +16,8 @@ def tiny_teacher(kind: str = "sd", seed: int = 0):
     if kind == "sd":
         unet = UNet2DConditionModel(
             sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=4)
         pipe = TinySDPipeline(unet.eval(), default_scheduler(), *load_text_encoder())
     else:

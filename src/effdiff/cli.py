@@ -249,8 +249,8 @@ def _cmd_zoo_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from effdiff.registry import FAMILIES
     from effdiff.distill.trainer import add_distill_arguments
+    from effdiff.registry import FAMILIES
     from effdiff.zoo.train import add_train_arguments
 
     parser = argparse.ArgumentParser(prog="effdiff", description=__doc__.splitlines()[0])

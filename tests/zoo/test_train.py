@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from _tensors import assert_same, exported_tensors
 
 from effdiff.zoo import load
 from effdiff.zoo.checkpoints import load_classifier, read_record
@@ -20,18 +20,6 @@ from effdiff.zoo.train import TrainConfig, Trainer, add_train_arguments, train, 
 def config(model: str = "tiny-sd", **overrides) -> TrainConfig:
     """A few steps of a tiny batch: the whole code path (captions, dropout, EMA, checkpoint, export), in a second."""
     return TrainConfig(**{"model": model, "steps": 3, "batch_size": 4, "checkpoint_every": 2, **overrides})
-
-
-def weights(export: Path) -> dict[str, torch.Tensor]:
-    files = list(export.rglob("*.safetensors"))
-    assert len(files) == 1, files
-    return load_file(str(files[0]))
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def checkpoint(out: Path) -> dict:
@@ -46,16 +34,16 @@ def sd_export(tmp_path_factory) -> Path:
 
 def test_seeded_generator_training_is_deterministic(sd_export, tmp_path):
     again = train(config(steps=2), tmp_path / "again")
-    assert_same(weights(sd_export), weights(again))
+    assert_same(exported_tensors(sd_export), exported_tensors(again))
     first, second = checkpoint(sd_export.parent), checkpoint(tmp_path / "again")
     assert_same(first["model"], second["model"])
     assert first["losses"] == second["losses"] and len(first["losses"]) == 2
 
 
 def test_seeded_classifier_training_is_deterministic(tmp_path):
-    a = weights(train(config("mnist-features"), tmp_path / "a"))
-    b = weights(train(config("mnist-features"), tmp_path / "b"))
-    c = weights(train(config("mnist-features", seed=1), tmp_path / "c"))
+    a = exported_tensors(train(config("mnist-features"), tmp_path / "a"))
+    b = exported_tensors(train(config("mnist-features"), tmp_path / "b"))
+    c = exported_tensors(train(config("mnist-features", seed=1), tmp_path / "c"))
     assert_same(a, b)
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
@@ -103,7 +91,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, monkeypatch, model):
     assert not (tmp_path / "resumed" / "export").exists()
     resumed = train(cfg, tmp_path / "resumed", resume=True)
 
-    assert_same(weights(whole), weights(resumed))
+    assert_same(exported_tensors(whole), exported_tensors(resumed))
     final_whole, final_resumed = checkpoint(tmp_path / "whole"), checkpoint(tmp_path / "resumed")
     for part in ("model", "ema"):
         assert_same(final_whole[part], final_resumed[part])
@@ -150,7 +138,7 @@ def test_command_line_resume(tmp_path, monkeypatch, capsys):
     export = train_from_arguments(args)
     printed = json.loads(capsys.readouterr().out.splitlines()[0])
     assert printed == {**asdict(cfg), "steps": 4}
-    assert_same(weights(whole), weights(export))
+    assert_same(exported_tensors(whole), exported_tensors(export))
 
     monkeypatch.chdir(tmp_path)  # without --out the run goes to runs/MODEL
     args = parser.parse_args(["mnist-features", "--steps", "1", "--batch-size", "2", "--seed", "3", "--lr", "0.01"])

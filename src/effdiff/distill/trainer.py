@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from effdiff.distill import lora
 from effdiff.distill.consistency import ConsistencyObjective
 from effdiff.distill.store import RECORD, default_output, student_folder
-from effdiff.zoo.train import caption_of, predict, warmup_cosine_lr
+from effdiff.zoo.train import SteppedTraining, caption_of, predict
 
 FORMS = ("lora", "full")
 DISTILLABLE = ("tiny-sd", "tiny-dit")
@@ -56,11 +55,24 @@ class DistillConfig:
     device: str = "cpu"
 
 
+def _teacher_pipeline(model: str) -> Any:
+    """The bundled model, or a local folder of one (a retrained tiny-sd, say); anything else is refused before a
+    twin or a hub model is built."""
+    from effdiff.zoo.checkpoints import read_record
+    from effdiff.zoo.load import load
+
+    folder = Path(model).expanduser()
+    if model not in DISTILLABLE and not (folder.is_dir() and read_record(folder).get("name") in DISTILLABLE):
+        raise ValueError(f"distill trains students of {', '.join(DISTILLABLE)} (bundled, or a local folder of one "
+                         f"with its effdiff_model.json), not {model!r}")
+    return load(model)
+
+
 def _denoiser_call(model: torch.nn.Module, is_dit: bool):
     return lambda x, t, text: predict(model, x, text, t, is_dit)
 
 
-class DistillTrainer:
+class DistillTrainer(SteppedTraining):
     """One student's training to ``config.iterations``; checkpoints in ``run``, the export in ``out``."""
 
     def __init__(self, config: DistillConfig, run: Path, out: Path, pipe: Any = None) -> None:
@@ -68,10 +80,9 @@ class DistillTrainer:
         from effdiff.methods.solvers.schedule import model_fingerprint
         from effdiff.zoo.captions import caption_bank, caption_states
         from effdiff.zoo.data import load_digits
-        from effdiff.zoo.load import load
 
-        if pipe is None and config.model not in DISTILLABLE:
-            raise ValueError(f"distill trains students of {', '.join(DISTILLABLE)}, not {config.model!r}")
+        if pipe is None:
+            pipe = _teacher_pipeline(config.model)
         if config.form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {config.form!r}")
         self.config, self.run_dir, self.out = config, Path(run), Path(out)
@@ -79,7 +90,7 @@ class DistillTrainer:
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
-        self.pipe = pipe if pipe is not None else load(config.model)
+        self.pipe = pipe
         teacher = self.pipe.denoiser.to(self.device).eval()
         self.fingerprint = model_fingerprint(teacher)
         self.is_dit = self.pipe.denoiser_name == "transformer"
@@ -145,7 +156,14 @@ class DistillTrainer:
         idx = torch.randint(0, len(self.images), (self.config.batch_size,), generator=self.gen).to(self.device)
         return self.images[idx], caption_of(self.labels[idx], self.per_digit, self.gen)
 
-    def _update_averages(self) -> None:
+    def loop_settings(self) -> tuple[int, float, int, int, float | None]:
+        c = self.config
+        return c.iterations, c.lr, c.warmup, c.checkpoint_every, c.max_minutes
+
+    def step_loss(self) -> torch.Tensor:
+        return self.objective(*self._batch(), self.uncond, self.gen)
+
+    def after_step(self) -> None:
         c = self.config
         decay = min(c.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
@@ -157,29 +175,7 @@ class DistillTrainer:
 
     def train(self) -> None:
         c = self.config
-        start = time.perf_counter() - self.elapsed
-        bar = tqdm(total=c.iterations, initial=self.step, desc=f"distill {c.model} {c.method}-{c.form}")
-        trainable = [p for p in self.trained.parameters() if p.requires_grad]
-        while self.step < c.iterations:
-            for group in self.opt.param_groups:
-                group["lr"] = warmup_cosine_lr(c.lr, self.step, c.warmup, c.iterations, self.elapsed, c.max_minutes)
-            loss = self.objective(*self._batch(), self.uncond, self.gen)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            self.opt.step()
-            self._update_averages()
-            self.step += 1
-            self.losses.append(round(loss.item(), 6))
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(self.losses[-100:]) / len(self.losses[-100:]):.5f}")
-            self.elapsed = time.perf_counter() - start
-            if self.step % c.checkpoint_every == 0:
-                self.save_checkpoint()
-            if c.max_minutes is not None and self.elapsed > c.max_minutes * 60:
-                break
-        bar.close()
-        self.save_checkpoint()
+        self.run_steps(f"distill {c.model} {c.method}-{c.form}")
 
     def record(self) -> dict[str, Any]:
         c = self.config
@@ -230,7 +226,7 @@ def distill(config: DistillConfig, run: Path | None = None, out: Path | None = N
 
 def add_distill_arguments(parser) -> None:
     """The flags of ``effdiff distill`` (also ``python -m effdiff.distill.trainer`` on a GPU machine)."""
-    parser.add_argument("model", choices=DISTILLABLE)
+    parser.add_argument("model", help=f"{', '.join(DISTILLABLE)}, or a local folder of one")
     parser.add_argument("--method", default="lcm", choices=("lcm",))
     parser.add_argument("--full", action="store_true", help="train every weight (default: an LCM-LoRA)")
     parser.add_argument("--steps", type=int, default=DistillConfig.eval_steps,

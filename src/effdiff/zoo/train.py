@@ -96,7 +96,57 @@ def caption_of(labels: torch.Tensor, per_digit: torch.Tensor, gen: torch.Generat
     return per_digit[labels, template]
 
 
-class Trainer:
+class SteppedTraining:
+    """The optimisation loop both trainers share (the bundled models', ``effdiff distill``'s): learning-rate
+    schedule, clipped step, averages, progress bar, checkpoints and the wall-clock budget. A subclass gives the
+    loss, what to average after each step, its checkpoint, and the (total steps, lr, warm-up, checkpoint
+    interval, minutes) in ``loop_settings``."""
+
+    opt: torch.optim.Optimizer
+    step: int
+    elapsed: float
+    losses: list[float]
+
+    def loop_settings(self) -> tuple[int, float, int, int, float | None]:
+        raise NotImplementedError
+
+    def step_loss(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Update the averaged weights (EMA) after the optimiser step."""
+
+    def save_checkpoint(self) -> None:
+        raise NotImplementedError
+
+    def run_steps(self, desc: str) -> None:
+        total, lr, warmup, checkpoint_every, max_minutes = self.loop_settings()
+        start = time.perf_counter() - self.elapsed
+        bar = tqdm(total=total, initial=self.step, desc=desc)
+        trainable = [p for group in self.opt.param_groups for p in group["params"]]
+        while self.step < total:
+            for group in self.opt.param_groups:
+                group["lr"] = warmup_cosine_lr(lr, self.step, warmup, total, self.elapsed, max_minutes)
+            loss = self.step_loss()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            self.opt.step()
+            self.after_step()
+            self.step += 1
+            self.losses.append(round(loss.item(), 6))
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(self.losses[-100:]) / len(self.losses[-100:]):.5f}")
+            self.elapsed = time.perf_counter() - start
+            if self.step % checkpoint_every == 0:
+                self.save_checkpoint()
+            if max_minutes is not None and self.elapsed > max_minutes * 60:
+                break
+        bar.close()
+        self.save_checkpoint()
+
+
+class Trainer(SteppedTraining):
     """Runs one model's training to ``config.steps`` and writes checkpoints and final weights to ``out``."""
 
     def __init__(self, config: TrainConfig, out: Path) -> None:
@@ -164,9 +214,19 @@ class Trainer:
         torch.save(state, tmp)
         tmp.replace(self.checkpoint_path)
 
-    def _lr(self) -> float:
+    def loop_settings(self) -> tuple[int, float, int, int, float | None]:
         c = self.config
-        return warmup_cosine_lr(c.lr, self.step, c.warmup, c.steps, self.elapsed, c.max_minutes)
+        return c.steps, c.lr, c.warmup, c.checkpoint_every, c.max_minutes
+
+    def step_loss(self) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            return self._batch_loss()
+
+    def after_step(self) -> None:
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
 
     def _batch_loss(self) -> torch.Tensor:
         c = self.config
@@ -196,33 +256,7 @@ class Trainer:
         return self._generator_loss(*self.scenes.caption_batch(c.batch_size, self.gen, c.caption_dropout))
 
     def run(self) -> None:
-        c = self.config
-        start = time.perf_counter() - self.elapsed
-        bar = tqdm(total=c.steps, initial=self.step, desc=f"train {c.model}")
-        while self.step < c.steps:
-            for group in self.opt.param_groups:
-                group["lr"] = self._lr()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
-                loss = self._batch_loss()
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.opt.step()
-            decay = min(c.ema_decay, (1 + self.step) / (10 + self.step))
-            with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                    e.lerp_(p, 1 - decay)
-            self.step += 1
-            self.losses.append(round(loss.item(), 5))
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(self.losses[-100:]) / len(self.losses[-100:]):.4f}")
-            self.elapsed = time.perf_counter() - start
-            if self.step % c.checkpoint_every == 0:
-                self.save_checkpoint()
-            if c.max_minutes is not None and self.elapsed > c.max_minutes * 60:
-                break
-        bar.close()
-        self.save_checkpoint()
+        self.run_steps(f"train {self.config.model}")
         self.export()
 
     def export(self) -> None:

