@@ -22,6 +22,8 @@ DEFAULT = (
     "taylorseer",
     "bf16",
     "dpmpp2m:steps=20+deepcache:interval=3",
+    "lcm:steps=4",  # the bundled models ship their LCM-LoRAs (effdiff distill)
+    "lcm:steps=4+int8",
 )
 # Token merging is --full only: on the 32-px bundled models it never pays (0.90× on tiny-sd, 0.78× on tiny-dit,
 # run 20261204-181735-bce64c) while its 50-step samples make it the default run's most expensive row (3.4 min).
