@@ -79,6 +79,8 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def _local(path: Path) -> DiffusionPipeline:
+    if (path / "lora.safetensors").is_file():
+        return _with_lora(path)
     record = read_record(path)
     if record.get("name") in BUNDLED:
         from effdiff.zoo.text import load_text_encoder
@@ -93,6 +95,23 @@ def _local(path: Path) -> DiffusionPipeline:
         return DiffusionPipeline.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise CheckpointError(f"could not load the diffusers checkpoint in {path}: {exc}") from exc
+
+
+def _with_lora(folder: Path) -> DiffusionPipeline:
+    """A LoRA folder written by ``effdiff distill``: its teacher, with the LoRA applied as the ``lcm`` method (so
+    ``pipe.effdiff.remove()`` gives the teacher back)."""
+    import json
+
+    from effdiff.api import accelerate
+    from effdiff.distill.store import RECORD
+
+    record_path = folder / RECORD
+    teacher = json.loads(record_path.read_text()).get("teacher") if record_path.is_file() else None
+    if not teacher:
+        raise CheckpointError(f"{folder} has a lora.safetensors but no {RECORD} naming its teacher model")
+    pipe = load(teacher)
+    accelerate(pipe, f"lcm:path={folder}")
+    return pipe
 
 
 def _hub_reachable(timeout: float = 1.5) -> bool:

@@ -3,6 +3,7 @@ cannot use with the command that makes it, stacks, and ``remove()`` gives the te
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from _teacher import tiny_teacher
 
 import effdiff
+from effdiff.distill.store import RECORD
 from effdiff.distill.trainer import DistillConfig, distill
 from effdiff.registry import RecipeError
 from effdiff.zoo.load import WEIGHTS
@@ -109,3 +111,25 @@ def test_it_stacks_with_int8_and_refuses_a_second_scheduler(model_folder):
     assert torch.equal(generate(pipe, num_inference_steps=4), baseline)
     with pytest.raises(RecipeError, match="scheduler"):
         effdiff.accelerate(pipe, "dpmpp2m+lcm")
+
+
+def test_a_lora_folder_loads_onto_its_teacher_and_is_checked_against_it(model_folder):
+    """The test LoRA names "tiny-sd" as its teacher but was distilled from a random model: refused by fingerprint."""
+    with pytest.raises(RecipeError, match="distilled from other weights"):
+        effdiff.load(str(model_folder / "distill" / "lcm-lora"))
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-dit"])
+def test_the_shipped_lora_is_small_applies_and_removes_bit_identically(model):
+    folder = WEIGHTS / model / "distill" / "lcm-lora"
+    record = json.loads((folder / RECORD).read_text())
+    assert record["file_fraction_of_model"] <= 0.10 and record["teacher"] == model
+    pipe = effdiff.load(model)
+    baseline = generate(pipe, num_inference_steps=2, guidance_scale=1.0)
+    effdiff.accelerate(pipe, "lcm:steps=2")
+    student = generate(pipe)
+    assert torch.isfinite(student).all() and not torch.equal(student, baseline)
+    pipe.effdiff.remove()
+    assert torch.equal(generate(pipe, num_inference_steps=2, guidance_scale=1.0), baseline)
+    loaded = effdiff.load(str(folder))
+    assert loaded.effdiff.methods[0].name == "lcm" and torch.equal(generate(loaded), student)
