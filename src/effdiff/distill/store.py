@@ -40,10 +40,7 @@ def find_student(pipe: Any, method: str, form: str) -> Path | None:
 
 
 def make_command(pipe: Any, method: str, form: str) -> str:
-    """The ``effdiff distill`` command that trains the missing student for this pipeline."""
-    from effdiff.zoo.load import WEIGHTS
-
-    name = getattr(pipe, "effdiff_model_name", "") or "MODEL"
-    folder = model_folder(pipe)
-    model = name if folder is None or folder.parent == WEIGHTS else str(folder)
+    """The ``effdiff distill`` command that trains the missing student for this pipeline (named as ``effdiff.load``
+    takes it: a bundled model by name, a local one by folder)."""
+    model = getattr(pipe, "effdiff_model_ref", None) or getattr(pipe, "effdiff_model_name", None) or "MODEL"
     return f"effdiff distill {model} --method {method}" + (" --full" if form == "full" else "")

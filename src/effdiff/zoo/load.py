@@ -33,7 +33,9 @@ def _bundled(name: str) -> DiffusionPipeline:
             f"{name!r} is a bundled model whose weights are not trained yet: expected {WEIGHTS / name}. "
             "They come from one GPU run of tools/train_scenes_gpu.sh (see the zoo README, 'Digit scenes')"
         )
-    return _from_folder(WEIGHTS / name, name, *load_text_encoder())
+    pipe = _from_folder(WEIGHTS / name, name, *load_text_encoder())
+    pipe.effdiff_model_ref = name
+    return pipe
 
 
 def _from_folder(folder: Path, kind: str, text_encoder, tokenizer) -> DiffusionPipeline:
@@ -54,6 +56,7 @@ def _from_folder(folder: Path, kind: str, text_encoder, tokenizer) -> DiffusionP
     pipe.set_progress_bar_config(disable=True)
     pipe.effdiff_model_name = kind
     pipe.effdiff_model_folder = str(folder)  # where its distilled students live (effdiff.distill.store)
+    pipe.effdiff_model_ref = str(folder)  # what `effdiff.load` takes to load it again (a bundled one: its name)
     return pipe
 
 

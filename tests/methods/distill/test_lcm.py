@@ -33,6 +33,7 @@ def model_folder(tmp_path_factory) -> Path:
 def teacher_at(folder: Path, seed: int = 0):
     pipe = tiny_teacher(seed=seed)
     pipe.effdiff_model_name, pipe.effdiff_model_folder = "tiny-sd", str(folder)
+    pipe.effdiff_model_ref = str(folder)
     return pipe
 
 
@@ -78,7 +79,7 @@ def test_a_missing_student_is_refused_with_the_command_that_makes_it(tmp_path):
     pipe = teacher_at(tmp_path)  # a local model folder: the command names the folder
     with pytest.raises(RecipeError, match=rf"no LCM-LoRA yet; make one with `effdiff distill {tmp_path} --method lcm`"):
         effdiff.accelerate(pipe, "lcm")
-    pipe.effdiff_model_folder = str(WEIGHTS / "tiny-sd")  # the bundled one: the command names the model
+    pipe.effdiff_model_ref = "tiny-sd"  # loaded by name: the command names the model
     with pytest.raises(RecipeError, match=r"`effdiff distill tiny-sd --method lcm --full`"):
         effdiff.accelerate(pipe, "lcm:form=full")
     with pytest.raises(RecipeError, match="is not a folder"):
