@@ -120,7 +120,13 @@ def test_a_lora_folder_loads_onto_its_teacher_and_is_checked_against_it(model_fo
         effdiff.load(str(model_folder / "distill" / "lcm-lora"))
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-dit"])
+def test_a_bundled_model_without_a_student_names_the_command_by_model_name():
+    pipe = effdiff.load("tiny-dit")  # its LoRA run diverged and was not shipped (README, "Timestep distillation")
+    with pytest.raises(RecipeError, match="`effdiff distill tiny-dit --method lcm`"):
+        effdiff.accelerate(pipe, "lcm")
+
+
+@pytest.mark.parametrize("model", ["tiny-sd"])
 def test_the_shipped_lora_is_small_applies_and_removes_bit_identically(model):
     folder = WEIGHTS / model / "distill" / "lcm-lora"
     record = json.loads((folder / RECORD).read_text())
