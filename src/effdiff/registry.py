@@ -116,6 +116,10 @@ class Method:
     # computes without the method (bit for bit); "skips" skips or reduces work within three steps.
     examples: ClassVar[dict[str, str]] = {}
     tuner: ClassVar[str | None] = None  # module with run(...) that calibrates this method (``effdiff calibrate``)
+    # Call arguments the method chooses (in ``prepare_call``) as part of what it is: a caller that compares
+    # recipes (the bench) leaves them out of its calls, or it would override them. A solver's ``steps`` is
+    # declared by its family; a distilled student declares its steps and its guidance.
+    decides: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

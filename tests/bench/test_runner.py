@@ -156,3 +156,31 @@ def test_a_compile_recipe_reports_its_compiling_call_apart_and_is_not_reapplied_
     assert compiled["first_call_s"] > 0 and compiled["compile_seconds"] >= 0
     assert compiled["timing_mode"] == "adjacent blocks, compiled once" and plain["timing_mode"] == "alternating"
     assert plain["first_call_s"] is None and plain["compile_seconds"] is None
+
+
+def test_the_caller_leaves_to_a_recipe_the_arguments_it_decides():
+    """A solver chooses its steps, a distilled student its steps and guidance: an explicit bench argument would
+    override them (the first lcm rows ran at 50 steps with CFG)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from effdiff.bench.runner import Caller
+
+    calls = []
+
+    class Pipe:
+        def __call__(self, prompts, negative_prompt=None, output_type="pt", **kwargs):
+            calls.append(kwargs)
+            return SimpleNamespace(images=torch.zeros(len(prompts), 1, 4, 4))
+
+    config = make_config(["m"], [], samples=2, steps=50, guidance=4.0, seeds=None, quick=False)
+    pipe = Pipe()
+    caller = Caller(pipe, config)
+    for methods in ((), (SimpleNamespace(family="solver", values={"steps": 10}),),
+                    (SimpleNamespace(family="distill", values={"steps": 4},
+                                     decides=frozenset({"num_inference_steps", "guidance_scale"})),)):
+        pipe.effdiff = SimpleNamespace(methods=methods)
+        caller([0, 1])
+    assert [sorted(k for k in c if k != "generator") for c in calls] == [
+        ["guidance_scale", "num_inference_steps"], ["guidance_scale"], []]

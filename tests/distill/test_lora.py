@@ -34,6 +34,7 @@ def test_targets_skip_layers_narrower_than_the_rank():
     net = model()
     assert [name for name, _ in lora.target_layers(net, 4)] == ["0", "3"]
     assert [name for name, _ in lora.target_layers(net, 8)] == ["3"]  # the conv has 8 inputs
+    assert [name for name, _ in lora.target_layers(net, 4, exclude="^3$")] == ["0"]
 
 
 def test_merged_weights_compute_what_the_hooked_layers_compute(tmp_path):

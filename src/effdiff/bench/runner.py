@@ -138,16 +138,23 @@ class Caller:
         self.prompts = [eval_prompt(d) for d in self.digits]
         self.class_conditional = "class_labels" in call_parameters(pipe)
 
-    def _recipe_sets_steps(self) -> bool:
+    def _recipe_decides(self) -> set[str]:
+        """The call arguments the applied recipe chooses itself (an explicit argument would override them)."""
         handle = self.pipe.__dict__.get("effdiff")
         methods = getattr(handle, "methods", ())
+        decided = {name for m in methods for name in getattr(m, "decides", ())}
         # only a solver's steps are its speed-up; another method's `steps` (l2c's router) must match the bench's
-        return any(m.family == "solver" and "steps" in getattr(m, "values", {}) for m in methods)
+        if any(m.family == "solver" and "steps" in getattr(m, "values", {}) for m in methods):
+            decided.add("num_inference_steps")
+        return decided
 
     def __call__(self, indices: Sequence[int]) -> torch.Tensor:
         gens = [torch.Generator().manual_seed(self.seeds[i]) for i in indices]
-        kwargs: dict[str, Any] = {"guidance_scale": self.config.guidance, "generator": gens}
-        if not self._recipe_sets_steps():  # an explicit argument would override a solver's steps
+        decided = self._recipe_decides()
+        kwargs: dict[str, Any] = {"generator": gens}
+        if "guidance_scale" not in decided:
+            kwargs["guidance_scale"] = self.config.guidance
+        if "num_inference_steps" not in decided:
             kwargs["num_inference_steps"] = self.config.steps
         if self.class_conditional:
             out = self.pipe(class_labels=[self.digits[i] for i in indices], output_type="np", **kwargs)

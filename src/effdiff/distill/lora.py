@@ -12,6 +12,7 @@ Paper: LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., arXiv 2106
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,20 +61,22 @@ def weight_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Te
     return (dense * scale).reshape(up.shape[0], *down.shape[1:])
 
 
-def target_layers(model: nn.Module, rank: int) -> list[tuple[str, nn.Module]]:
+def target_layers(model: nn.Module, rank: int, exclude: str = "") -> list[tuple[str, nn.Module]]:
     """Every linear and convolution layer wider than ``rank`` on both sides: a delta of rank ≥ a side would be
-    a dense one (this leaves out the pixel/patch input and output projections, which have 1-4 channels)."""
+    a dense one (this leaves out the pixel/patch input and output projections, which have 1-4 channels).
+    ``exclude``: a regular expression; layers whose name it matches (``re.search``) stay frozen."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
-    return [(name, m) for name, m in layers if min(m.weight.shape[0], m.weight.shape[1]) > rank]
+    return [(name, m) for name, m in layers if min(m.weight.shape[0], m.weight.shape[1]) > rank
+            and not (exclude and re.search(exclude, name))]
 
 
-def attach(model: nn.Module, rank: int, seed: int, alpha: float | None = None) -> nn.ModuleDict:
+def attach(model: nn.Module, rank: int, seed: int, alpha: float | None = None, exclude: str = "") -> nn.ModuleDict:
     """Trainable deltas on ``model``'s target layers, applied by forward hooks; returns them by layer name (dots
     become ``/`` in the ModuleDict). The base weights stay frozen."""
     generator = torch.Generator().manual_seed(seed)
     scale = (alpha if alpha is not None else rank) / rank
     deltas = nn.ModuleDict()
-    for name, layer in target_layers(model, rank):
+    for name, layer in target_layers(model, rank, exclude):
         delta = LowRankDelta(layer, rank, scale, generator)
         deltas[name.replace(".", "/")] = delta
         layer.register_forward_hook(lambda _m, args, out, d=delta: out + d(args[0]))

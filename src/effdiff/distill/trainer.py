@@ -44,6 +44,7 @@ class DistillConfig:
     lr: float = 2e-3
     warmup: int = 50
     rank: int = 4
+    exclude: str = ""  # regex of layer names the LoRA leaves frozen (e.g. "adaln_single" on a DiT)
     guidance: float = 4.0  # the baseline's CFG scale, folded into the student
     ddim_steps: int = 50  # the teacher's solver grid (LCM's skipping step k = 1000 / 50)
     loss: str = "l2"
@@ -96,7 +97,8 @@ class DistillTrainer(SteppedTraining):
         self.is_dit = self.pipe.denoiser_name == "transformer"
         self.student = copy.deepcopy(teacher).requires_grad_(False)
         if config.form == "lora":
-            self.trained: torch.nn.Module = lora.attach(self.student, config.rank, config.seed)
+            self.trained: torch.nn.Module = lora.attach(self.student, config.rank, config.seed,
+                                                        exclude=config.exclude)
             target = self.student  # LCM-LoRA: the online student, without its gradient
         else:
             self.student.requires_grad_(True).train()
@@ -236,6 +238,7 @@ def add_distill_arguments(parser) -> None:
     for field in ("lr", "guidance", "max_minutes"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(DistillConfig, field))
     parser.add_argument("--loss", choices=("l2", "huber"), default=DistillConfig.loss)
+    parser.add_argument("--exclude", default="", help="regex of layer names the LoRA leaves frozen")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--run", type=Path, help="checkpoint folder (default runs/distill/MODEL-FORM)")
     parser.add_argument("--out", type=Path, help="export folder (default: beside the model, distill/lcm-lora)")

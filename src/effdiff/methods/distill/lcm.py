@@ -46,6 +46,7 @@ class LatentConsistency(Method):
     after = ("solver",)
     before = tuple(f for f in FAMILIES if f not in ("solver", "distill"))
     exclusive = ("scheduler", "denoiser weights")
+    decides = frozenset({"num_inference_steps", "guidance_scale"})
 
     def _folder(self, pipe: Any) -> Path:
         form = self.values["form"]
