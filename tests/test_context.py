@@ -56,3 +56,21 @@ def test_img2img_partial_schedule(tiny_sd, recipe):
     assert {s[2] for s in seen} == {5}
     assert len(seen) == 5 * order - (order - 1)
     assert seen[-1][0] == 4
+
+
+
+def test_a_stochastic_scheduler_still_gets_the_callers_generator_under_a_recipe(tiny_sd):
+    """The step wrapper keeps ``scheduler.step``'s signature, which pipelines read to pass ``generator``: without it
+    Euler ancestral (and LCM) drew from the global RNG and a seeded call was not reproducible."""
+    import inspect
+
+    import effdiff
+
+    effdiff.accelerate(tiny_sd, "euler-a:steps=3")
+    try:
+        runs = [tiny_sd("a digit", output_type="pt", generator=torch.Generator().manual_seed(0)).images
+                for _ in range(2)]
+        assert "generator" in inspect.signature(tiny_sd.scheduler.step).parameters
+        assert torch.equal(runs[0], runs[1])
+    finally:
+        tiny_sd.effdiff.remove()

@@ -13,6 +13,7 @@ by the core, and a scheduler swapped between calls is covered without any method
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,10 @@ class ContextHooks:
         inner = scheduler.step
         ctx = self.ctx
 
+        # wraps: pipelines read ``inspect.signature(scheduler.step)`` to decide whether to pass ``generator``
+        # (diffusers' prepare_extra_step_kwargs); a bare (*args, **kwargs) made stochastic schedulers (LCM, Euler
+        # ancestral, SDE-DPM++) draw from the global RNG under any recipe, so a seeded call was not reproducible
+        @functools.wraps(inner)
         def step(*args: Any, **kwargs: Any) -> Any:
             out = ctx.run_step(inner, args, kwargs)
             ctx.first_order = bool(getattr(scheduler, "state_in_first_order", True))

@@ -121,12 +121,12 @@ def test_a_lora_folder_loads_onto_its_teacher_and_is_checked_against_it(model_fo
 
 
 def test_a_bundled_model_without_a_student_names_the_command_by_model_name():
-    pipe = effdiff.load("tiny-dit")  # its LoRA run diverged and was not shipped (README, "Timestep distillation")
-    with pytest.raises(RecipeError, match="`effdiff distill tiny-dit --method lcm`"):
-        effdiff.accelerate(pipe, "lcm")
+    pipe = effdiff.load("tiny-dit")  # it ships an LCM-LoRA, not a fully distilled student
+    with pytest.raises(RecipeError, match="`effdiff distill tiny-dit --method lcm --full`"):
+        effdiff.accelerate(pipe, "lcm:form=full")
 
 
-@pytest.mark.parametrize("model", ["tiny-sd"])
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-dit"])
 def test_the_shipped_lora_is_small_applies_and_removes_bit_identically(model):
     folder = WEIGHTS / model / "distill" / "lcm-lora"
     record = json.loads((folder / RECORD).read_text())
@@ -139,4 +139,4 @@ def test_the_shipped_lora_is_small_applies_and_removes_bit_identically(model):
     pipe.effdiff.remove()
     assert torch.equal(generate(pipe, num_inference_steps=2, guidance_scale=1.0), baseline)
     loaded = effdiff.load(str(folder))
-    assert loaded.effdiff.methods[0].name == "lcm" and torch.equal(generate(loaded), student)
+    assert loaded.effdiff.methods[0].name == "lcm" and torch.equal(generate(loaded, num_inference_steps=2), student)
