@@ -52,7 +52,7 @@ class DistillConfig:
     target_decay: float = 0.95  # full form only: the consistency target is an EMA of the student
     checkpoint_every: int = 200
     max_minutes: float | None = None  # wall-clock budget; then the run is no longer bit-deterministic
-    eval_steps: int = 4  # sampling steps the record's quick check uses
+    eval_steps: int = 4  # the sampling steps the student is meant for: recorded (an LCM student samples any 1-8)
     device: str = "cpu"
 
 
