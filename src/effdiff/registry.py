@@ -220,7 +220,8 @@ class Method:
     def prepare_call(self, arguments: dict[str, Any], explicit: frozenset[str]) -> None:
         """Adjust a call's bound arguments before it runs (e.g. default steps).
 
-        ``explicit`` names what the user passed; a method never overrides those.
+        ``explicit`` names what the user passed; a method never overrides those (one that consumes a value keeps
+        its meaning: ``guidance-distill`` takes the caller's guidance scale as its w and runs one pass).
         """
 
 

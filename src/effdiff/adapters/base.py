@@ -255,6 +255,15 @@ class Adapter:
             q, k = (apply_rotary_emb(t, rows, sequence_dim=1) for t in (q, k))
         return q.transpose(1, 2), k.transpose(1, 2)
 
+    def timestep_embedding(self) -> tuple[str, nn.Module] | None:
+        """(name, module) whose output is the per-sample conditioning vector every block reads (the timestep
+        embedding), where guidance distillation adds its w embedding; None where each block embeds its own."""
+        return None
+
+    def guidance_embedded(self) -> bool:
+        """Whether the model already takes the guidance scale as an input (a guidance-distilled model)."""
+        return bool(getattr(self.model.config, "guidance_embeds", False))
+
     def token_grid(self, args: tuple, kwargs: dict) -> tuple[int, int]:
         """(rows, cols) of the denoiser's input, the grid ``TokenBlock.stride`` divides: its latent's size."""
         sample = hidden_of(args, kwargs)

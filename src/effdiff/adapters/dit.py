@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from effdiff.adapters.base import Adapter, BlockRef, CacheLayer, TokenBlock
 
@@ -39,10 +40,19 @@ class DiTAdapter(Adapter):
 class PixArtAdapter(DiTAdapter):
     model_class = "PixArtTransformer2DModel"
 
+    def timestep_embedding(self) -> tuple[str, nn.Module] | None:
+        """adaLN-single's ``emb``: the timestep (and size) embedding its linear turns into every block's
+        modulation and the output layer's shift and scale."""
+        return "adaln_single.emb", self.model.adaln_single.emb
+
 
 class _MMDiTAdapter(DiTAdapter):
     """Joint blocks ``(hidden, encoder_hidden, temb, ...) -> (encoder_hidden, hidden)``; the modulated input is
     the image stream through the first adaLN-zero (``norm1``), as TeaCache's FLUX code reads it."""
+
+    def timestep_embedding(self) -> tuple[str, nn.Module] | None:
+        """``time_text_embed``: timestep (+ guidance) + pooled text, the ``temb`` every joint block reads."""
+        return "time_text_embed", self.model.time_text_embed
 
     def modulated_input(self, ref: BlockRef, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden = ref.hidden_in(args, kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from effdiff.adapters.base import Adapter, BlockRef, TokenBlock, basic_transformer_blocks
 
@@ -16,6 +17,11 @@ class _UNetAdapter(Adapter):
             mid = self.model.mid_block
             out.append(BlockRef("mid_block", mid, self.model, "mid_block", "mid", "unet_mid"))
         return out + self._list(self.model, "up_blocks", "up", "unet_up")
+
+    def timestep_embedding(self) -> tuple[str, nn.Module] | None:
+        """``time_embedding``: the MLP after the sinusoidal timestep features; its output feeds every ResNet."""
+        module = getattr(self.model, "time_embedding", None)
+        return ("time_embedding", module) if module is not None else None
 
     def skips(self) -> list[tuple[int, int]]:
         """Down block i feeds the up block at the same resolution (the mirror index)."""

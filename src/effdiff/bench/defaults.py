@@ -24,6 +24,8 @@ DEFAULT = (
     "dpmpp2m:steps=20+deepcache:interval=3",
     "lcm:steps=4",  # the bundled models ship their LCM-LoRAs (effdiff distill)
     "lcm:steps=4+int8",
+    "progressive:steps=4",  # and their progressive students (8 → 4 → 2 → 1 steps)
+    "dpmpp2m:steps=20+guidance-distill+deepcache:interval=3",  # the w-conditioned student: one pass per step
 )
 # Token merging is --full only: on the 32-px bundled models it never pays (0.90× on tiny-sd, 0.78× on tiny-dit,
 # run 20261204-181735-bce64c) while its 50-step samples make it the default run's most expensive row (3.4 min).
@@ -38,6 +40,7 @@ FULL_ONLY = (
     # torch.compile is a GPU lever: on the bundled 32-px models it read 1.00x / 0.98x (run 20261205-081244-760c12)
     # and its compilation added two minutes to the default run
     "compile",
+    "guidance-distill",  # 50 DDIM steps at one call each: what guidance distillation alone buys
 )
 
 

@@ -13,14 +13,14 @@ Papers: Consistency Models (Song et al., arXiv 2303.01469); Latent Consistency M
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from effdiff.distill.teacher import Denoiser, clean_and_noise, ddim_step, guided_prediction
+
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, text) -> prediction
 
 
 def boundary_scalings(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,19 +29,6 @@ def boundary_scalings(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
     c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
     return c_skip.float()[:, None, None, None], c_out.float()[:, None, None, None]
-
-
-def clean_and_noise(prediction: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Tensor,
-                    prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̂₀, ε̂) from a model output of any of diffusers' three parameterisations."""
-    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    if prediction_type == "v_prediction":
-        return a * noisy - s * prediction, s * noisy + a * prediction
-    if prediction_type == "epsilon":
-        return (noisy - s * prediction) / a, prediction
-    if prediction_type == "sample":
-        return prediction, (noisy - a * prediction) / s
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected v_prediction, epsilon or sample")
 
 
 def solver_grid(train_timesteps: int, ddim_steps: int) -> tuple[torch.Tensor, int]:
@@ -87,14 +74,8 @@ class ConsistencyObjective:
     def teacher_step(self, noisy: torch.Tensor, start: torch.Tensor, end: torch.Tensor, text: torch.Tensor,
                      uncond: torch.Tensor) -> torch.Tensor:
         """One guided DDIM step of the teacher from ``start`` to ``end`` (both halves of CFG in one batch)."""
-        both = self.teacher(torch.cat([noisy, noisy]), torch.cat([start, start]), torch.cat([uncond, text]))
-        clean, noise = clean_and_noise(both, torch.cat([noisy, noisy]), self._alpha(torch.cat([start, start])),
-                                       self.prediction_type)
-        (clean_u, clean_c), (noise_u, noise_c) = clean.chunk(2), noise.chunk(2)
-        clean = clean_u + self.guidance * (clean_c - clean_u)
-        noise = noise_u + self.guidance * (noise_c - noise_u)
-        alpha_end = self._alpha(end)
-        return alpha_end.sqrt() * clean + (1 - alpha_end).sqrt() * noise
+        guided = guided_prediction(self.teacher, noisy, start, text, uncond, self.guidance)
+        return ddim_step(guided, noisy, self._alpha(start), self._alpha(end), self.prediction_type)
 
     def __call__(self, images: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor:

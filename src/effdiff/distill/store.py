@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 RECORD = "effdiff_distill.json"
+GUIDANCE_FILE = "guidance_embedding.safetensors"  # a guidance-distilled student's w embedding
 
 
 def student_folder(method: str, form: str) -> str:

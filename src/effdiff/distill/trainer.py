@@ -1,15 +1,17 @@
-"""``effdiff distill``: trains a few-step student of a bundled model — seeded, checkpointed, resumable, with EMA.
+"""``effdiff distill``: trains a student of a bundled model — seeded, checkpointed, resumable, with EMA.
 
-Two forms of the consistency student (``consistency.py``): ``lora`` trains low-rank deltas on the frozen teacher
-(LCM-LoRA, Luo et al., arXiv 2311.05556: the target is the online student, as in the paper's recipe), ``full``
-trains every weight of a copy (LCM: the target is an EMA of the student, decay 0.95). Either way the exported
-weights are an EMA of the trained ones. The data are the 4,000 training digits with their captions; the teacher
-supplies every target, so no label beyond the caption is used.
+Methods: ``lcm`` (consistency distillation, ``consistency.py``), ``guidance-distill`` (one pass per step at any
+guidance scale, ``guidance.py``) and ``progressive`` (halving the steps per round, ``progressive.py``). Two forms
+each: ``lora`` trains low-rank deltas on the frozen teacher (for LCM the target is then the online student, as in
+LCM-LoRA's recipe, Luo et al., arXiv 2311.05556), ``full`` trains every weight of a copy (LCM's target is then an
+EMA of the student, decay 0.95). Either way the exported weights are an EMA of the trained ones. The data are the
+4,000 training digits with their captions; the teacher supplies every target, so no label beyond the caption is
+used.
 
-What it writes, beside the model unless ``--out`` says otherwise: ``distill/lcm-lora/lora.safetensors`` (a few
-hundred kB) or ``distill/lcm/`` (a diffusers denoiser folder with an ``LCMScheduler``, loadable with
-``effdiff.load``), each with ``effdiff_distill.json``: teacher and its fingerprint, data, iterations, wall time,
-machine.
+What it writes, beside the model unless ``--out`` says otherwise: ``distill/<method>-lora/lora.safetensors`` (a
+few hundred kB) or ``distill/<method>/`` (a diffusers denoiser folder), a guidance student's
+``guidance_embedding.safetensors``, one ``steps-N`` folder per progressive round; each with
+``effdiff_distill.json``: teacher and its fingerprint, data, iterations, wall time, machine.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from effdiff.distill import lora
 from effdiff.distill.consistency import ConsistencyObjective
-from effdiff.distill.store import RECORD, default_output, student_folder
+from effdiff.distill.guidance import GuidanceEmbedding, GuidanceObjective, embedding_width
+from effdiff.distill.store import GUIDANCE_FILE, RECORD, default_output, student_folder
 from effdiff.zoo.train import SteppedTraining, caption_of, predict
 
 FORMS = ("lora", "full")
+METHODS = ("lcm", "guidance-distill", "progressive")
 DISTILLABLE = ("tiny-sd", "tiny-dit")
 
 
@@ -39,20 +44,23 @@ class DistillConfig:
     method: str = "lcm"
     form: str = "lora"
     seed: int = 0
-    iterations: int = 1200  # about 30 min on 2 CPU cores (1.5 s an iteration at batch 32)
+    iterations: int = 1200  # about 30 min on 2 CPU cores (1.5 s an iteration at batch 32); progressive: all rounds
     batch_size: int = 32
     lr: float = 2e-3
-    warmup: int = 50
+    warmup: int = 50  # progressive: per round
     rank: int = 4
     exclude: str = ""  # regex of layer names the LoRA leaves frozen (e.g. "adaln_single" on a DiT)
-    guidance: float = 4.0  # the baseline's CFG scale, folded into the student
-    ddim_steps: int = 50  # the teacher's solver grid (LCM's skipping step k = 1000 / 50)
+    guidance: float = 4.0  # the baseline's CFG scale, folded into an lcm or progressive student
+    ddim_steps: int = 50  # lcm: the teacher's solver grid (LCM's skipping step k = 1000 / 50)
     loss: str = "l2"
     ema_decay: float = 0.995
-    target_decay: float = 0.95  # full form only: the consistency target is an EMA of the student
+    target_decay: float = 0.95  # lcm full form only: the consistency target is an EMA of the student
+    w_min: float = 1.0  # guidance-distill: the range of guidance scales the student learns
+    w_max: float = 8.0
+    start_steps: int = 8  # progressive: the first student's steps (its teacher samples in twice as many)
     checkpoint_every: int = 200
     max_minutes: float | None = None  # wall-clock budget; then the run is no longer bit-deterministic
-    eval_steps: int = 4  # the sampling steps the student is meant for: recorded (an LCM student samples any 1-8)
+    eval_steps: int = 4  # lcm: recorded (it samples any 1-8); progressive: the last round's steps
     device: str = "cpu"
 
 
@@ -69,12 +77,25 @@ def _teacher_pipeline(model: str) -> Any:
     return load(model)
 
 
-def _denoiser_call(model: torch.nn.Module, is_dit: bool):
+def denoiser_call(model: torch.nn.Module, is_dit: bool):
+    """``(x_t, t, text) -> output`` of a bundled denoiser, the signature the objectives take."""
     return lambda x, t, text: predict(model, x, text, t, is_dit)
 
 
+def machine(device: torch.device) -> str:
+    return (f"{platform.node()} {platform.processor() or platform.machine()} "
+            f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} threads={torch.get_num_threads()}")
+
+
 class DistillTrainer(SteppedTraining):
-    """One student's training to ``config.iterations``; checkpoints in ``run``, the export in ``out``."""
+    """One student's training to ``config.iterations``; checkpoints in ``run``, the export in ``out``.
+
+    ``parts`` holds what is trained: ``weights`` (the LoRA deltas, or the whole student) and, for a guidance
+    student, ``guidance`` (its w embedding); ``ema`` mirrors it.
+    """
+
+    # the settings --resume may change
+    resumable_changes: tuple[str, ...] = ("iterations", "max_minutes", "device", "checkpoint_every")
 
     def __init__(self, config: DistillConfig, run: Path, out: Path, pipe: Any = None) -> None:
         """``pipe``: the teacher pipeline, if not the bundled ``config.model`` (a test's tiny random one)."""
@@ -82,53 +103,79 @@ class DistillTrainer(SteppedTraining):
         from effdiff.zoo.captions import caption_bank, caption_states
         from effdiff.zoo.data import load_digits
 
-        if pipe is None:
-            pipe = _teacher_pipeline(config.model)
         if config.form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {config.form!r}")
+        if config.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+        if pipe is None:
+            pipe = _teacher_pipeline(config.model)
         self.config, self.run_dir, self.out = config, Path(run), Path(out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.pipe = pipe
-        teacher = self.pipe.denoiser.to(self.device).eval()
-        self.fingerprint = model_fingerprint(teacher)
+        self.teacher = self.pipe.denoiser.to(self.device).eval()
+        self.fingerprint = model_fingerprint(self.teacher)
         self.is_dit = self.pipe.denoiser_name == "transformer"
-        self.student = copy.deepcopy(teacher).requires_grad_(False)
+        self.student = copy.deepcopy(self.teacher).requires_grad_(False)
+        self.parts = nn.ModuleDict()
         if config.form == "lora":
-            self.trained: torch.nn.Module = lora.attach(self.student, config.rank, config.seed,
-                                                        exclude=config.exclude)
-            target = self.student  # LCM-LoRA: the online student, without its gradient
+            self.parts["weights"] = lora.attach(self.student, config.rank, config.seed, exclude=config.exclude)
         else:
             self.student.requires_grad_(True).train()
-            self.trained = self.student
-            self.target_model = copy.deepcopy(self.student).requires_grad_(False)
-            target = self.target_model
-        self.ema = copy.deepcopy(self.trained).requires_grad_(False)
-        self.opt = torch.optim.AdamW([p for p in self.trained.parameters() if p.requires_grad], lr=config.lr,
+            self.parts["weights"] = self.student
+        if config.method == "guidance-distill":
+            self.parts["guidance"] = self._guidance_embedding()
+        self.ema = copy.deepcopy(self.parts).requires_grad_(False)
+        self.opt = torch.optim.AdamW([p for p in self.parts.parameters() if p.requires_grad], lr=config.lr,
                                      weight_decay=0.0)
         self.step, self.elapsed, self.losses = 0, 0.0, []
         split = load_digits()
         self.images, self.labels = split.train_images.to(self.device), split.train_labels.to(self.device)
         per_digit, uncond = caption_bank(caption_states())
         self.per_digit, self.uncond = per_digit.to(self.device), uncond.to(self.device)
-        scheduler = self.pipe.scheduler
-        self.objective = ConsistencyObjective(
-            teacher=_denoiser_call(teacher, self.is_dit), student=_denoiser_call(self.student, self.is_dit),
-            target=_denoiser_call(target, self.is_dit), alphas_cumprod=scheduler.alphas_cumprod.float(),
-            prediction_type=scheduler.config.prediction_type, guidance=config.guidance,
-            ddim_steps=config.ddim_steps, loss=config.loss)
+        self.alphas_cumprod = self.pipe.scheduler.alphas_cumprod.float()
+        self.prediction_type = self.pipe.scheduler.config.prediction_type
+        self.objective = self._objective()
+
+    def _guidance_embedding(self) -> GuidanceEmbedding:
+        from effdiff.adapters import adapter_for
+
+        found = adapter_for(self.student).timestep_embedding()
+        if found is None:
+            raise ValueError(f"guidance-distill: {type(self.student).__name__} has no shared timestep embedding "
+                             "to condition on the guidance scale")
+        _, module = found
+        embedding = GuidanceEmbedding(embedding_width(module)).to(self.device)
+        embedding.attach(module)
+        return embedding
+
+    def _objective(self):
+        c = self.config
+        teacher, student = (denoiser_call(m, self.is_dit) for m in (self.teacher, self.student))
+        if c.method == "guidance-distill":
+            return GuidanceObjective(teacher=teacher, student=student, embedding=self.parts["guidance"],
+                                     alphas_cumprod=self.alphas_cumprod, w_min=c.w_min, w_max=c.w_max)
+        if c.form == "lora":
+            target = self.student  # LCM-LoRA: the online student, without its gradient
+        else:
+            self.target_model = copy.deepcopy(self.student).requires_grad_(False)
+            target = self.target_model
+        return ConsistencyObjective(
+            teacher=teacher, student=student, target=denoiser_call(target, self.is_dit),
+            alphas_cumprod=self.alphas_cumprod, prediction_type=self.prediction_type, guidance=c.guidance,
+            ddim_steps=c.ddim_steps, loss=c.loss)
 
     @property
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoint.pt"
 
     def _state(self) -> dict[str, Any]:
-        state = {"trained": self.trained.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+        state = {"parts": self.parts.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                  "step": self.step, "elapsed": self.elapsed, "losses": self.losses, "gen": self.gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "config": asdict(self.config)}
-        if self.config.form == "full":
+        if hasattr(self, "target_model"):
             state["target"] = self.target_model.state_dict()
         return state
 
@@ -137,15 +184,9 @@ class DistillTrainer(SteppedTraining):
         torch.save(self._state(), tmp)
         tmp.replace(self.checkpoint_path)
 
-    def resume(self) -> None:
-        if not self.checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}")
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        saved = {k: v for k, v in state["config"].items() if k not in ("iterations", "max_minutes", "device")}
-        differs = {k: (v, getattr(self.config, k)) for k, v in saved.items() if getattr(self.config, k) != v}
-        if differs:
-            raise ValueError(f"--resume: the checkpoint was made with other settings (saved, now): {differs}")
-        self.trained.load_state_dict(state["trained"])
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Everything ``_state`` saved, back into this trainer (a subclass adds its own keys)."""
+        self.parts.load_state_dict(state["parts"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
         if "target" in state:
@@ -153,6 +194,17 @@ class DistillTrainer(SteppedTraining):
         self.step, self.elapsed, self.losses = state["step"], state["elapsed"], state["losses"]
         self.gen.set_state(state["gen"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
+
+    def resume(self) -> None:
+        if not self.checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}")
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        saved = {k: v for k, v in state["config"].items() if k not in self.resumable_changes}
+        differs = {k: (v, getattr(self.config, k, None)) for k, v in saved.items()
+                   if getattr(self.config, k, None) != v}
+        if differs:
+            raise ValueError(f"--resume: the checkpoint was made with other settings (saved, now): {differs}")
+        self.load_state(state)
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.images), (self.config.batch_size,), generator=self.gen).to(self.device)
@@ -169,9 +221,9 @@ class DistillTrainer(SteppedTraining):
         c = self.config
         decay = min(c.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.trained.parameters(), strict=True):
+            for e, p in zip(self.ema.parameters(), self.parts.parameters(), strict=True):
                 e.lerp_(p, 1 - decay)
-            if c.form == "full":
+            if hasattr(self, "target_model"):
                 for t, p in zip(self.target_model.parameters(), self.student.parameters(), strict=True):
                     t.lerp_(p, 1 - c.target_decay)
 
@@ -181,37 +233,67 @@ class DistillTrainer(SteppedTraining):
 
     def record(self) -> dict[str, Any]:
         c = self.config
-        total = sum(p.numel() for p in self.pipe.denoiser.parameters())
+        total = sum(p.numel() for p in self.teacher.parameters())
         trained = sum(p.numel() for p in self.ema.parameters())
         return {"method": c.method, "form": c.form, "teacher": c.model, "teacher_fingerprint": self.fingerprint,
                 "data": "4,000 training digits (effdiff.zoo.data) with their captions; targets from the teacher",
                 "config": asdict(c), "iterations_done": self.step, "wall_seconds": round(self.elapsed, 1),
-                "machine": f"{platform.node()} {platform.processor() or platform.machine()} "
-                           f"{torch.cuda.get_device_name() if self.device.type == 'cuda' else 'cpu'} "
-                           f"threads={torch.get_num_threads()}",
+                "machine": machine(self.device),
                 "final_loss_avg100": sum(self.losses[-100:]) / max(1, len(self.losses[-100:])),
                 "teacher_parameters": total, "file_parameters": trained,
                 "file_fraction_of_model": round(trained / total, 4), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-    def export(self) -> Path:
-        """Write the EMA weights (LoRA file, or a diffusers folder with an LCMScheduler) and the record."""
+    def scheduler(self) -> Any:
+        """The scheduler a full student is saved with (what it samples with)."""
         from diffusers import LCMScheduler
 
-        record = self.record()
-        self.out.mkdir(parents=True, exist_ok=True)
+        config = self.pipe.scheduler.config
+        return LCMScheduler.from_config(config) if self.config.method == "lcm" else type(
+            self.pipe.scheduler).from_config(config)
+
+    def write_student(self, weights: dict[str, torch.Tensor], out: Path, record: dict[str, Any]) -> Path:
+        """One student (EMA weights of ``parts``) and its record into ``out``."""
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"teacher": self.config.model, "teacher_fingerprint": self.fingerprint, "method": self.config.method}
+        prefix = "weights."
+        own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         if self.config.form == "lora":
-            lora.save(self.ema, self.out / "lora.safetensors",
-                      {"teacher": self.config.model, "teacher_fingerprint": self.fingerprint, "method": "lcm"})
+            deltas = copy.deepcopy(self.ema["weights"])
+            deltas.load_state_dict(own)
+            lora.save(deltas, out / "lora.safetensors", meta)
         else:
             from effdiff.zoo.checkpoints import save_model
 
             student = copy.deepcopy(self.student).cpu()
-            student.load_state_dict({k: v.cpu() for k, v in self.ema.state_dict().items()})
-            save_model(self.config.model, student.eval().requires_grad_(False),
-                       LCMScheduler.from_config(self.pipe.scheduler.config), self.out,
-                       {"distilled": record["method"], "teacher_fingerprint": self.fingerprint})
-        (self.out / RECORD).write_text(json.dumps(record, indent=2))
-        return self.out
+            student.load_state_dict({k: v.cpu() for k, v in own.items()})
+            save_model(self.config.model, student.eval().requires_grad_(False), self.scheduler(), out,
+                       {"distilled": self.config.method, "teacher_fingerprint": self.fingerprint})
+        if "guidance" in self.parts:
+            from safetensors.torch import save_file
+
+            name, _ = self._embedding_site()
+            guidance = {k[len("guidance."):]: v.detach().float().cpu().contiguous() for k, v in weights.items()
+                        if k.startswith("guidance.")}
+            save_file(guidance, str(out / GUIDANCE_FILE), metadata={**meta, "module": name})
+        (out / RECORD).write_text(json.dumps(record, indent=2))
+        return out
+
+    def _embedding_site(self) -> tuple[str, nn.Module]:
+        from effdiff.adapters import adapter_for
+
+        return adapter_for(self.teacher).timestep_embedding()
+
+    def export(self) -> Path:
+        """Write the EMA weights (LoRA file, or a diffusers folder) and the record."""
+        return self.write_student(self.ema.state_dict(), self.out, self.record())
+
+
+def trainer_for(config: DistillConfig, run: Path, out: Path, pipe: Any = None) -> DistillTrainer:
+    if config.method == "progressive":
+        from effdiff.distill.progressive import ProgressiveTrainer
+
+        return ProgressiveTrainer(config, run, out, pipe)
+    return DistillTrainer(config, run, out, pipe)
 
 
 def distill(config: DistillConfig, run: Path | None = None, out: Path | None = None, resume: bool = False,
@@ -219,7 +301,7 @@ def distill(config: DistillConfig, run: Path | None = None, out: Path | None = N
     """Train (or continue) one student; returns the folder it was exported to."""
     out = out or default_output(config.model, student_folder(config.method, config.form))
     run = run or Path("runs") / "distill" / f"{config.model}-{student_folder(config.method, config.form)}"
-    trainer = DistillTrainer(config, run, out, pipe)
+    trainer = trainer_for(config, run, out, pipe)
     if resume:
         trainer.resume()
     trainer.train()
@@ -229,19 +311,19 @@ def distill(config: DistillConfig, run: Path | None = None, out: Path | None = N
 def add_distill_arguments(parser) -> None:
     """The flags of ``effdiff distill`` (also ``python -m effdiff.distill.trainer`` on a GPU machine)."""
     parser.add_argument("model", help=f"{', '.join(DISTILLABLE)}, or a local folder of one")
-    parser.add_argument("--method", default="lcm", choices=("lcm",))
-    parser.add_argument("--full", action="store_true", help="train every weight (default: an LCM-LoRA)")
+    parser.add_argument("--method", default="lcm", choices=METHODS)
+    parser.add_argument("--full", action="store_true", help="train every weight (default: a LoRA)")
     parser.add_argument("--steps", type=int, default=DistillConfig.eval_steps,
-                        help="sampling steps the student is meant for (recorded; LCM samples any 1-8)")
-    for field in ("seed", "iterations", "batch_size", "rank", "checkpoint_every"):
+                        help="lcm: recorded (it samples any 1-8); progressive: the last round's steps")
+    for field in ("seed", "iterations", "batch_size", "rank", "checkpoint_every", "start_steps", "warmup"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(DistillConfig, field))
-    for field in ("lr", "guidance", "max_minutes"):
+    for field in ("lr", "guidance", "max_minutes", "w_min", "w_max"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(DistillConfig, field))
     parser.add_argument("--loss", choices=("l2", "huber"), default=DistillConfig.loss)
     parser.add_argument("--exclude", default="", help="regex of layer names the LoRA leaves frozen")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--run", type=Path, help="checkpoint folder (default runs/distill/MODEL-FORM)")
-    parser.add_argument("--out", type=Path, help="export folder (default: beside the model, distill/lcm-lora)")
+    parser.add_argument("--run", type=Path, help="checkpoint folder (default runs/distill/MODEL-METHOD[-lora])")
+    parser.add_argument("--out", type=Path, help="export folder (default: beside the model, distill/METHOD[-lora])")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
 
 

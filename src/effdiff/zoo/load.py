@@ -82,8 +82,8 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def _local(path: Path) -> DiffusionPipeline:
-    if (path / "lora.safetensors").is_file():
-        return _with_lora(path)
+    if _needs_its_method(path):
+        return _with_student(path)
     record = read_record(path)
     if record.get("name") in BUNDLED:
         from effdiff.zoo.text import load_text_encoder
@@ -100,8 +100,9 @@ def _local(path: Path) -> DiffusionPipeline:
         raise CheckpointError(f"could not load the diffusers checkpoint in {path}: {exc}") from exc
 
 
-def _with_lora(folder: Path) -> DiffusionPipeline:
-    """A LoRA folder written by ``effdiff distill``: its teacher, with the LoRA applied as the ``lcm`` method (so
+def _with_student(folder: Path) -> DiffusionPipeline:
+    """A student folder written by ``effdiff distill`` that needs its method to run (a LoRA, a guidance student's
+    w embedding, a progressive student's grid): its teacher, with the student applied as that method (so
     ``pipe.effdiff.remove()`` gives the teacher back)."""
     import json
 
@@ -109,12 +110,24 @@ def _with_lora(folder: Path) -> DiffusionPipeline:
     from effdiff.distill.store import RECORD
 
     record_path = folder / RECORD
-    teacher = json.loads(record_path.read_text()).get("teacher") if record_path.is_file() else None
-    if not teacher:
-        raise CheckpointError(f"{folder} has a lora.safetensors but no {RECORD} naming its teacher model")
-    pipe = load(teacher)
-    accelerate(pipe, f"lcm:path={folder}")
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if not record.get("teacher"):
+        raise CheckpointError(f"{folder} has a distilled student but no {RECORD} naming its teacher model")
+    pipe = load(record["teacher"])
+    method, form = record.get("method", "lcm"), record.get("form", "lora")
+    steps = f",steps={record['steps']}" if "steps" in record else ""
+    accelerate(pipe, f"{method}:form={form},path={folder}{steps}")
     return pipe
+
+
+def _needs_its_method(path: Path) -> bool:
+    """A LoRA, or a full student whose method adds more than weights and a scheduler (not a full LCM, which
+    loads as the model folder it is)."""
+    from effdiff.distill.store import GUIDANCE_FILE, RECORD
+
+    if (path / "lora.safetensors").is_file() or (path / GUIDANCE_FILE).is_file():
+        return True
+    return (path / RECORD).is_file() and read_record(path).get("distilled") == "progressive"
 
 
 def _hub_reachable(timeout: float = 1.5) -> bool:

@@ -116,17 +116,23 @@ class SteppedTraining:
     def after_step(self) -> None:
         """Update the averaged weights (EMA) after the optimiser step."""
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of ``step``: warm-up and cosine decay over the whole run (a subclass that trains in
+        rounds restarts it per round)."""
+        total, lr, warmup, _, max_minutes = self.loop_settings()
+        return warmup_cosine_lr(lr, step, warmup, total, self.elapsed, max_minutes)
+
     def save_checkpoint(self) -> None:
         raise NotImplementedError
 
     def run_steps(self, desc: str) -> None:
-        total, lr, warmup, checkpoint_every, max_minutes = self.loop_settings()
+        total, _, _, checkpoint_every, max_minutes = self.loop_settings()
         start = time.perf_counter() - self.elapsed
         bar = tqdm(total=total, initial=self.step, desc=desc)
         trainable = [p for group in self.opt.param_groups for p in group["params"]]
         while self.step < total:
             for group in self.opt.param_groups:
-                group["lr"] = warmup_cosine_lr(lr, self.step, warmup, total, self.elapsed, max_minutes)
+                group["lr"] = self.lr_at(self.step)
             loss = self.step_loss()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

