@@ -1,14 +1,17 @@
 """Quality of the distilled students at the zoo's quality bar: FID/KID against the 1,000 held-out digits, prompt
 accuracy, with the quality bar's prompts and seeds (``effdiff zoo eval``), beside what the same teacher does in as
-few steps without distillation.
+many steps without distillation — every row of a model in one run.
 
-Rows per model: ``lcm`` at 4, 2 and 1 steps (guidance folded in, no CFG pass); the teacher with DDIM at 4 steps and
-CFG 4; the teacher with diffusers' ``LCMScheduler`` at 4 steps and CFG 4 but no distillation (what swapping the
-scheduler alone gives); with ``--baseline`` also the teacher's DDIM 50 + CFG 4 (the reference; 100 denoiser calls
-an image, about 40 min per model at 1,000 samples on 2 cores). Speed-ups come from ``effdiff bench``, which times
-each recipe against the baseline in one process.
+Rows per model: ``lcm`` and ``progressive`` at 4, 2 and 1 steps (guidance folded in, no CFG pass); the teacher with
+DDIM at 4 steps and CFG 4, and with diffusers' ``LCMScheduler`` at 4 steps and CFG 4 but no distillation (what
+swapping the scheduler alone gives); ``guidance-distill`` at DDIM 20 (w 4, one pass a step) beside the teacher's
+DDIM 20 + CFG 4; with ``--baseline`` also the teacher's DDIM 50 + CFG 4 (the reference; 100 denoiser calls an image)
+and ``guidance-distill`` at DDIM 50. A row whose student is not shipped is left out and said so. Denoiser calls per
+image are counted, not assumed. Speed-ups come from ``effdiff bench``, which times each recipe against the baseline
+in one process.
 
     HF_HUB_OFFLINE=1 python benchmarks/distill_quality.py [--per-digit 100] [--baseline] [--models tiny-sd tiny-dit]
+        [--only lcm progressive]
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,41 +30,77 @@ from effdiff.distill.store import RECORD
 from effdiff.zoo.evaluate import generate_eval_samples, score_samples
 from effdiff.zoo.load import WEIGHTS
 
-VARIANTS = [  # (label, recipe, steps, guidance, swap the scheduler for LCMScheduler without distillation)
-    ("lcm 4 steps", "lcm:steps=4", 4, 1.0, False),
-    ("lcm 2 steps", "lcm:steps=2", 2, 1.0, False),
-    ("lcm 1 step", "lcm:steps=1", 1, 1.0, False),
-    ("teacher DDIM 4 + CFG 4", "", 4, 4.0, False),
-    ("teacher LCMScheduler 4 + CFG 4, not distilled", "", 4, 4.0, True),
+
+class Variant(NamedTuple):
+    label: str
+    recipe: str
+    steps: int
+    guidance: float  # what the call passes (guidance-distill takes it as its w)
+    swap: bool = False  # swap the scheduler for LCMScheduler without distillation
+    student: str = ""  # the student folder (under <model>/distill) the row needs
+
+
+VARIANTS = [
+    Variant("lcm 4 steps", "lcm:steps=4", 4, 1.0, student="lcm-lora"),
+    Variant("lcm 2 steps", "lcm:steps=2", 2, 1.0, student="lcm-lora"),
+    Variant("lcm 1 step", "lcm:steps=1", 1, 1.0, student="lcm-lora"),
+    Variant("progressive 4 steps", "progressive:steps=4", 4, 1.0, student="progressive-lora/steps-4"),
+    Variant("progressive 2 steps", "progressive:steps=2", 2, 1.0, student="progressive-lora/steps-2"),
+    Variant("progressive 1 step", "progressive:steps=1", 1, 1.0, student="progressive-lora/steps-1"),
+    Variant("teacher DDIM 4 + CFG 4", "", 4, 4.0),
+    Variant("teacher LCMScheduler 4 + CFG 4, not distilled", "", 4, 4.0, swap=True),
+    Variant("guidance-distill DDIM 20, w 4", "guidance-distill", 20, 4.0, student="guidance-distill-lora"),
+    Variant("teacher DDIM 20 + CFG 4", "", 20, 4.0),
 ]
-BASELINE = ("teacher DDIM 50 + CFG 4 (baseline)", "", 50, 4.0, False)
+WITH_BASELINE = [
+    Variant("teacher DDIM 50 + CFG 4 (baseline)", "", 50, 4.0),
+    Variant("guidance-distill DDIM 50, w 4", "guidance-distill", 50, 4.0, student="guidance-distill-lora"),
+]
 
 
-def score(pipe: Any, label: str, recipe: str, steps: int, guidance: float, swap: bool, per_digit: int) -> dict:
+def count_calls(pipe: Any) -> list[int]:
+    """Batch sizes of every denoiser call from now on (a CFG call counts both halves)."""
+    batches: list[int] = []
+    pipe.denoiser.register_forward_pre_hook(lambda _m, args, kwargs: batches.append(len(args[0])), with_kwargs=True)
+    return batches
+
+
+def score(pipe: Any, variant: Variant, per_digit: int, batches: list[int]) -> dict:
     from diffusers import LCMScheduler
 
     original = pipe.scheduler
-    if recipe:
-        effdiff.accelerate(pipe, recipe)
-    if swap:
+    if variant.recipe:
+        effdiff.accelerate(pipe, variant.recipe)
+    if variant.swap:
         pipe.scheduler = LCMScheduler.from_config(original.config)
+    batches.clear()
     started = time.perf_counter()
     try:
-        images, digits = generate_eval_samples(pipe, per_digit=per_digit, steps=steps, guidance=guidance)
+        images, digits = generate_eval_samples(pipe, per_digit=per_digit, steps=variant.steps,
+                                               guidance=variant.guidance)
     finally:
-        if swap:
+        if variant.swap:
             pipe.scheduler = original
-        if recipe:
+        if variant.recipe:
             pipe.effdiff.remove()
     seconds = time.perf_counter() - started
-    calls = steps * (2 if guidance > 1 else 1)
+    calls = sum(batches) / len(images)
     scores = score_samples((images + 1) / 2, digits)
-    row = {"variant": label, "recipe": recipe, "steps": steps, "guidance": guidance, "calls_per_image": calls,
-           "generate_seconds": round(seconds, 1), **{k: round(v, 4) if isinstance(v, float) else v
-                                                     for k, v in scores.items()}}
-    print(f"  {label:48s} FID {row['fid']:.3f}  KID {row['kid']:.4f}  accuracy {row['prompt_accuracy']:.1%}"
-          f"  ({calls} calls/image, {seconds:.0f} s)", flush=True)
+    row = {"variant": variant.label, "recipe": variant.recipe, "steps": variant.steps, "guidance": variant.guidance,
+           "calls_per_image": calls, "generate_seconds": round(seconds, 1),
+           **{k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}}
+    print(f"  {variant.label:48s} FID {row['fid']:.3f}  KID {row['kid']:.4f}  accuracy {row['prompt_accuracy']:.1%}"
+          f"  ({calls:g} calls/image, {seconds:.0f} s)", flush=True)
     return row
+
+
+def training_of(model: str, student: str) -> dict | None:
+    """How the row's student was made (from its record), or None when it is not shipped."""
+    path = WEIGHTS / model / "distill" / student / RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return {k: record[k] for k in ("iterations_done", "wall_seconds", "machine", "file_fraction_of_model")}
 
 
 def main() -> None:
@@ -69,6 +108,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny-sd", "tiny-dit"])
     parser.add_argument("--per-digit", type=int, default=100)
     parser.add_argument("--baseline", action="store_true", help="also score DDIM 50 + CFG 4 (slow)")
+    parser.add_argument("--only", nargs="+", default=[], help="rows whose label contains one of these words")
     parser.add_argument("--out", default="benchmarks/results/distill_quality.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -77,16 +117,16 @@ def main() -> None:
     for model in args.models:
         print(f"== {model}: {10 * args.per_digit} samples", flush=True)
         pipe = effdiff.load(model)
-        record_path = WEIGHTS / model / "distill" / "lcm-lora" / RECORD
-        record = json.loads(record_path.read_text()) if record_path.is_file() else None
-        if record is None:
-            print(f"  no LCM-LoRA shipped for {model}: only the teacher rows", flush=True)
-        for variant in ([BASELINE] if args.baseline else []) + VARIANTS:
-            if variant[1].startswith("lcm") and record is None:
+        batches = count_calls(pipe)
+        for variant in (WITH_BASELINE if args.baseline else []) + VARIANTS:
+            if args.only and not any(word in variant.label for word in args.only):
                 continue
-            training = {k: record[k] for k in ("iterations_done", "wall_seconds", "machine",
-                                               "file_fraction_of_model")} if record else None
-            rows.append({"model": model, **score(pipe, *variant, args.per_digit), "student_training": training})
+            training = training_of(model, variant.student) if variant.student else None
+            if variant.student and training is None:
+                print(f"  {variant.label}: no {variant.student} shipped for {model}; row left out", flush=True)
+                continue
+            rows.append({"model": model, **score(pipe, variant, args.per_digit, batches),
+                         "student_training": training})
     result = {"benchmark": "distill_quality", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
               "torch": torch.__version__, "per_digit": args.per_digit, "seconds": round(time.time() - started, 1),

@@ -107,6 +107,7 @@ class Method:
     before: ClassVar[tuple[str, ...]] = ()
     exclusive: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[Paper | None] = None
+    also: ClassVar[tuple[Paper, ...]] = ()  # further papers it implements (a form, an objective), for the catalogue
     summary: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()  # other names users know it by ("dpm++" for dpmpp2m)
     # False: the method decides per step in Python (caches, token methods); under it a compiled denoiser is
@@ -283,8 +284,9 @@ def implemented_arxiv_ids() -> dict[str, list[str]]:
     """arXiv id -> names of the registered methods implementing it (feeds the catalogue status)."""
     out: dict[str, list[str]] = {}
     for cls in all_methods().values():
-        if cls.paper is not None and cls.paper.arxiv:
-            out.setdefault(cls.paper.arxiv, []).append(cls.name)
+        for paper in (cls.paper, *cls.also):
+            if paper is not None and paper.arxiv:
+                out.setdefault(paper.arxiv, []).append(cls.name)
     return out
 
 

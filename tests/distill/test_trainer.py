@@ -85,3 +85,13 @@ def test_the_command_line_flags_build_the_config():
     add_distill_arguments(parser)
     args = parser.parse_args(["tiny-dit", "--full", "--iterations", "7", "--rank", "2", "--guidance", "3"])
     assert (args.model, args.full, args.iterations, args.rank, args.guidance) == ("tiny-dit", True, 7, 2, 3.0)
+
+
+@pytest.mark.parametrize(("kind", "frozen"), [("dit", "adaln_single"), ("sd", "")])
+def test_a_dits_lora_leaves_adaln_single_frozen_by_default(tmp_path, kind, frozen):
+    trainer = DistillTrainer(config(), tmp_path / "run", tmp_path / "out", tiny_teacher(kind))
+    names = list(trainer.parts["weights"].keys())
+    assert trainer.config.exclude == frozen and names
+    assert not any("adaln_single" in name for name in names)
+    everything = DistillTrainer(config(exclude=""), tmp_path / "run2", tmp_path / "out2", tiny_teacher(kind))
+    assert (len(everything.parts["weights"]) > len(names)) == (kind == "dit")

@@ -114,3 +114,17 @@ def test_the_shipped_student_is_small_and_its_output_moves_monotonically_with_w(
     loaded = effdiff.load(str(folder))
     assert loaded.effdiff.methods[0].name == "guidance-distill"
     assert torch.equal(generate(loaded, guidance_scale=4.0, num_inference_steps=10), at[4.0])
+
+
+def test_a_dit_student_conditions_through_adaln_single(tmp_path):
+    config = DistillConfig(model="tiny-dit", method="guidance-distill", iterations=3, batch_size=4, lr=5e-2,
+                           warmup=1)
+    folder = distill(config, tmp_path / "run", tmp_path / "student", pipe=tiny_teacher("dit"))
+    pipe = tiny_teacher("dit")
+    baseline = generate(pipe, guidance_scale=4.0)
+    batches = call_batches(pipe)
+    effdiff.accelerate(pipe, f"guidance-distill:path={folder}")
+    low, high = generate(pipe, guidance_scale=2.0), generate(pipe, guidance_scale=6.0)
+    assert batches == [1] * 6 and not torch.equal(low, high)
+    pipe.effdiff.remove()
+    assert torch.equal(generate(pipe, guidance_scale=4.0), baseline)

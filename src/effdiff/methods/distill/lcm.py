@@ -16,6 +16,7 @@ from effdiff.registry import Paper, Param
 LCM = Paper("Latent Consistency Models: Synthesizing High-Resolution Images with Few-Step Inference",
             "2310.04378", "arXiv 2023")
 LCM_LORA = Paper("LCM-LoRA: A Universal Stable-Diffusion Acceleration Module", "2311.05556", "arXiv 2023")
+CONSISTENCY = Paper("Consistency Models", "2303.01469", "ICML 2023")
 
 
 class LatentConsistency(StudentMethod):
@@ -27,6 +28,7 @@ class LatentConsistency(StudentMethod):
 
     name = "lcm"
     paper = LCM
+    also = (LCM_LORA, CONSISTENCY)
     summary = "consistency-distilled student (LCM-LoRA or full): 1-8 steps, no CFG pass"
     params = {"steps": Param(int, 4, 1, 50, help="default num_inference_steps (an explicit call wins)"),
               "form": FORM, "path": PATH}
