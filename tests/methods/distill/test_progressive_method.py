@@ -67,3 +67,27 @@ def test_other_step_counts_and_missing_rounds_are_refused(model_folder, tmp_path
         effdiff.accelerate(teacher_at(model_folder), "progressive:steps=8")
     with pytest.raises(RecipeError, match=rf"`effdiff distill {tmp_path} --method progressive`"):
         effdiff.accelerate(teacher_at(tmp_path), "progressive")
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-dit"])
+def test_the_shipped_students_are_small_apply_load_and_remove_bit_identically(model):
+    import json
+
+    from effdiff.distill.store import RECORD
+    from effdiff.zoo.load import WEIGHTS
+
+    folder = WEIGHTS / model / "distill" / "progressive-lora"
+    if not folder.is_dir():
+        pytest.skip(f"no progressive student shipped for {model}")
+    assert sorted(p.name for p in folder.iterdir()) == ["steps-1", "steps-2", "steps-4", "steps-8"]
+    record = json.loads((folder / "steps-2" / RECORD).read_text())
+    assert record["file_fraction_of_model"] <= 0.10 and record["teacher"] == model and record["steps"] == 2
+    pipe = effdiff.load(model)
+    baseline = generate(pipe, num_inference_steps=2, guidance_scale=1.0)
+    effdiff.accelerate(pipe, "progressive:steps=2")
+    student = generate(pipe)
+    assert torch.isfinite(student).all() and not torch.equal(student, baseline)
+    pipe.effdiff.remove()
+    assert torch.equal(generate(pipe, num_inference_steps=2, guidance_scale=1.0), baseline)
+    loaded = effdiff.load(str(folder / "steps-2"))
+    assert loaded.effdiff.methods[0].name == "progressive" and torch.equal(generate(loaded), student)
