@@ -24,7 +24,7 @@ import torch
 
 from effdiff.distill import lora
 from effdiff.distill.teacher import Denoiser, clean_and_noise, ddim_step, guided_prediction
-from effdiff.distill.trainer import DistillConfig, DistillTrainer, denoiser_call
+from effdiff.distill.trainer import DistillConfig, DistillTrainer, denoiser_call, part_state
 
 
 def student_timesteps(steps: int, train_timesteps: int) -> torch.Tensor:
@@ -116,8 +116,7 @@ class ProgressiveTrainer(DistillTrainer):
     def _teacher_from(self, ema_state: dict[str, torch.Tensor]) -> torch.nn.Module:
         """A frozen denoiser with a finished round's EMA weights (a LoRA merged into a copy of the original)."""
         model = copy.deepcopy(self.pipe.denoiser).requires_grad_(False).eval()
-        prefix = "weights."
-        own = {k[len(prefix):]: v for k, v in ema_state.items() if k.startswith(prefix)}
+        own = part_state(ema_state, "weights")
         if self.config.form == "full":
             model.load_state_dict(own)
             return model

@@ -89,6 +89,12 @@ def denoiser_call(model: torch.nn.Module, is_dit: bool):
     return lambda x, t, text: predict(model, x, text, t, is_dit)
 
 
+def part_state(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    """One entry of ``DistillTrainer.parts`` out of a state dict of all of them, its prefix dropped."""
+    prefix = f"{part}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def machine(device: torch.device) -> str:
     return (f"{platform.node()} {platform.processor() or platform.machine()} "
             f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} threads={torch.get_num_threads()}")
@@ -155,7 +161,7 @@ class DistillTrainer(SteppedTraining):
         if found is None:
             raise ValueError(f"guidance-distill: {type(self.student).__name__} has no shared timestep embedding "
                              "to condition on the guidance scale")
-        _, module = found
+        self.embedding_site, module = found
         embedding = GuidanceEmbedding(embedding_width(module)).to(self.device)
         embedding.attach(module)
         return embedding
@@ -264,8 +270,7 @@ class DistillTrainer(SteppedTraining):
         """One student (EMA weights of ``parts``) and its record into ``out``."""
         out.mkdir(parents=True, exist_ok=True)
         meta = {"teacher": self.config.model, "teacher_fingerprint": self.fingerprint, "method": self.config.method}
-        prefix = "weights."
-        own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        own = part_state(weights, "weights")
         if self.config.form == "lora":
             deltas = copy.deepcopy(self.ema["weights"])
             deltas.load_state_dict(own)
@@ -280,17 +285,10 @@ class DistillTrainer(SteppedTraining):
         if "guidance" in self.parts:
             from safetensors.torch import save_file
 
-            name, _ = self._embedding_site()
-            guidance = {k[len("guidance."):]: v.detach().float().cpu().contiguous() for k, v in weights.items()
-                        if k.startswith("guidance.")}
-            save_file(guidance, str(out / GUIDANCE_FILE), metadata={**meta, "module": name})
+            guidance = {k: v.detach().float().cpu().contiguous() for k, v in part_state(weights, "guidance").items()}
+            save_file(guidance, str(out / GUIDANCE_FILE), metadata={**meta, "module": self.embedding_site})
         (out / RECORD).write_text(json.dumps(record, indent=2))
         return out
-
-    def _embedding_site(self) -> tuple[str, nn.Module]:
-        from effdiff.adapters import adapter_for
-
-        return adapter_for(self.teacher).timestep_embedding()
 
     def export(self) -> Path:
         """Write the EMA weights (LoRA file, or a diffusers folder) and the record."""
