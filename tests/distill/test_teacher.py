@@ -1,11 +1,12 @@
-"""The teacher's side of the objectives: the three parameterisations, guided prediction, a DDIM step."""
+"""The teacher's side of the objectives: the three parameterisations, guided prediction, a DDIM step, and a whole
+trailing DDIM trajectory that matches diffusers' scheduler bit for bit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from effdiff.distill.teacher import clean_and_noise, ddim_step, guided_prediction
+from effdiff.distill.teacher import clean_and_noise, ddim_sample, ddim_step, guided_prediction
 
 
 @pytest.mark.parametrize("kind", ["v_prediction", "epsilon", "sample"])
@@ -40,3 +41,32 @@ def test_a_ddim_step_to_the_same_level_is_the_identity_and_to_alpha_one_gives_th
     assert torch.allclose(ddim_step(v, noisy, alpha, torch.ones_like(alpha), "v_prediction"), clean, atol=1e-5)
     with pytest.raises(ValueError, match="unknown prediction_type"):
         ddim_step(v, noisy, alpha, alpha, "velocity")
+
+
+@pytest.mark.parametrize("steps", [1, 3, 12])
+@pytest.mark.parametrize("guided", [False, True])
+def test_ddim_sample_is_the_trailing_ddim_scheduler_bit_for_bit(steps, guided):
+    """12 steps do not divide 1,000: the scheduler's step goes to t − 83 while the next call is at the grid's
+    t − 84, and ddim_sample must do the same."""
+    from diffusers import DDIMScheduler
+
+    from effdiff.zoo.architectures import default_scheduler
+
+    scheduler = DDIMScheduler.from_config(default_scheduler().config, timestep_spacing="trailing")
+    gen = torch.Generator().manual_seed(0)
+    weight, noise = torch.randn(1, 1, 4, 4, generator=gen), torch.randn(3, 1, 4, 4, generator=gen)
+    text, uncond = torch.ones(3, 2), torch.zeros(1, 2)
+
+    def model(x, t, text):
+        return torch.tanh(x * weight) * text[:, :1, None, None] + t[:, None, None, None] / 1000
+
+    scheduler.set_timesteps(steps)
+    sample = noise.clone()
+    for t in scheduler.timesteps:
+        batch = t.expand(3)
+        output = guided_prediction(model, sample, batch, text, uncond, 2.5) if guided else model(sample, batch, text)
+        sample = scheduler.step(output, t, sample).prev_sample
+    ours = ddim_sample(model, noise, text, steps, scheduler.alphas_cumprod.float(),
+                       float(scheduler.final_alpha_cumprod), scheduler.config.prediction_type,
+                       uncond if guided else None, 2.5)
+    assert torch.equal(ours, sample)

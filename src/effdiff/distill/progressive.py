@@ -14,7 +14,6 @@ scheduler unchanged. Every round's student is exported (``steps-8``, ``steps-4``
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +21,16 @@ from typing import Any
 
 import torch
 
-from effdiff.distill import lora
-from effdiff.distill.teacher import Denoiser, clean_and_noise, ddim_step, guided_prediction
-from effdiff.distill.trainer import DistillConfig, DistillTrainer, denoiser_call, part_state
-
-
-def student_timesteps(steps: int, train_timesteps: int) -> torch.Tensor:
-    """The trailing DDIM grid of ``steps`` steps: round(T − i·T/steps) − 1."""
-    return (torch.arange(train_timesteps, 0, -train_timesteps / steps).round() - 1).long()[:steps]
+from effdiff.distill.phased import PhasedTrainer
+from effdiff.distill.teacher import (
+    Denoiser,
+    alpha_at,
+    clean_and_noise,
+    ddim_step,
+    guided_prediction,
+    student_timesteps,
+)
+from effdiff.distill.trainer import DistillConfig, denoiser_call
 
 
 def step_schedule(start_steps: int, last_steps: int) -> list[int]:
@@ -54,9 +55,7 @@ class ProgressiveObjective:
     guidance: float | None = None  # the teacher's CFG scale (first round), None: the teacher is one pass
 
     def _alpha(self, timesteps: torch.Tensor) -> torch.Tensor:
-        table = self.alphas_cumprod.to(timesteps.device)
-        alpha = torch.where(timesteps >= 0, table[timesteps.clamp(min=0)], torch.tensor(self.final_alpha))
-        return alpha[:, None, None, None]
+        return alpha_at(self.alphas_cumprod, timesteps, self.final_alpha)
 
     def _teacher(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
                  uncond: torch.Tensor) -> torch.Tensor:
@@ -87,24 +86,21 @@ class ProgressiveObjective:
         return (weight * (clean.float() - target.float()) ** 2).mean()
 
 
-class ProgressiveTrainer(DistillTrainer):
-    """Rounds of ``iterations / rounds`` steps each, the learning rate warming up and decaying per round; at a
-    round's end its EMA student is kept (checkpointed and exported) and becomes the next round's teacher. The
-    iterations fix where rounds end, so ``--resume`` keeps them."""
-
-    resumable_changes = ("device", "checkpoint_every")
+class ProgressiveTrainer(PhasedTrainer):
+    """One phase per round, ``steps-N``, of ``iterations / rounds`` steps each (the last takes the remainder); a
+    round's EMA student becomes the next round's teacher."""
 
     def __init__(self, config: DistillConfig, run: Path, out: Path, pipe: Any = None) -> None:
         self.schedule = step_schedule(config.start_steps, config.eval_steps)
-        self.rounds: dict[int, dict[str, torch.Tensor]] = {}  # steps -> EMA state of that round's student
         super().__init__(config, run, out, pipe)
 
-    @property
-    def per_round(self) -> int:
-        return max(1, self.config.iterations // len(self.schedule))
-
-    def round_of(self, step: int) -> int:
-        return min(step // self.per_round, len(self.schedule) - 1)
+    def phase_plan(self, config: DistillConfig) -> list[tuple[str, int]]:
+        rounds = len(self.schedule)
+        if config.iterations < rounds:
+            raise ValueError(f"progressive: {rounds} rounds need at least {rounds} iterations")
+        per_round = config.iterations // rounds
+        return [(f"steps-{steps}", per_round if i < rounds - 1 else config.iterations - per_round * i)
+                for i, steps in enumerate(self.schedule)]
 
     def _objective(self) -> ProgressiveObjective:
         scheduler = self.pipe.scheduler
@@ -113,66 +109,13 @@ class ProgressiveTrainer(DistillTrainer):
             alphas_cumprod=self.alphas_cumprod, final_alpha=float(scheduler.final_alpha_cumprod),
             prediction_type=self.prediction_type, steps=self.schedule[0], guidance=self.config.guidance)
 
-    def _teacher_from(self, ema_state: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """A frozen denoiser with a finished round's EMA weights (a LoRA merged into a copy of the original)."""
-        model = copy.deepcopy(self.pipe.denoiser).requires_grad_(False).eval()
-        own = part_state(ema_state, "weights")
-        if self.config.form == "full":
-            model.load_state_dict(own)
-            return model
-        deltas = {key.replace("/", "."): (own[f"{key}.down"], own[f"{key}.up"])
-                  for key in {k.rsplit(".", 1)[0] for k in own}}
-        scale = next(iter(self.ema["weights"].values())).scale
-        with torch.no_grad():
-            for module, weight in lora.merged_weights(model, deltas, scale):
-                module.weight.copy_(weight)
-        return model
-
-    def _enter_round(self, index: int) -> None:
-        """Point the objective at round ``index``: its step count, and the previous round's student as teacher."""
+    def enter_phase(self, index: int) -> None:
+        """Round ``index``: its step count, and the previous round's student as teacher (round one keeps the
+        guided original)."""
         self.objective.steps = self.schedule[index]
         if index > 0:
-            teacher = self._teacher_from(self.rounds[self.schedule[index - 1]])
+            teacher = self.frozen_copy(self.kept[self.names[index - 1]])
             self.objective.teacher, self.objective.guidance = denoiser_call(teacher, self.is_dit), None
 
-    def lr_at(self, step: int) -> float:
-        from effdiff.zoo.train import warmup_cosine_lr
-
-        c = self.config
-        return warmup_cosine_lr(c.lr, step % self.per_round, c.warmup, self.per_round, 0.0, None)
-
-    def step_loss(self) -> torch.Tensor:
-        if self.objective.steps != self.schedule[self.round_of(self.step)]:
-            self._enter_round(self.round_of(self.step))
-        return super().step_loss()
-
-    def after_step(self) -> None:
-        super().after_step()
-        index = self.round_of(self.step)
-        if (self.step + 1) % self.per_round == 0 and index < len(self.schedule) - 1:
-            self.rounds[self.schedule[index]] = self._ema_copy()
-
-    def _ema_copy(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.ema.state_dict().items()}
-
-    def _state(self) -> dict[str, Any]:
-        return {**super()._state(), "rounds": self.rounds}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        super().load_state(state)
-        self.rounds = state["rounds"]
-        self.objective.steps = -1  # re-entered (teacher rebuilt from the saved rounds) at the next step
-
-    def train(self) -> None:
-        if self.config.max_minutes is not None:
-            raise ValueError("progressive: --max-minutes would cut a round short; size it with --iterations")
-        super().train()
-
-    def export(self) -> Path:
-        """One folder per finished round, ``steps-N``, each with its record; the last round's is the current EMA."""
-        if self.step and self.round_of(self.step - 1) == len(self.schedule) - 1:
-            self.rounds[self.schedule[-1]] = self._ema_copy()
-        base = self.record()
-        for steps, weights in self.rounds.items():
-            self.write_student(weights, self.out / f"steps-{steps}", {**base, "steps": steps})
-        return self.out
+    def phase_record(self, name: str) -> dict[str, Any]:
+        return {"steps": self.schedule[self.names.index(name)]}

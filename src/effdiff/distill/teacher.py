@@ -44,3 +44,35 @@ def ddim_step(prediction: torch.Tensor, noisy: torch.Tensor, alpha_start: torch.
     """Deterministic DDIM (η = 0) from cumulative alpha ``alpha_start`` to ``alpha_end`` (per-sample tensors)."""
     clean, noise = clean_and_noise(prediction, noisy, alpha_start, prediction_type)
     return alpha_end.sqrt() * clean + (1 - alpha_end).sqrt() * noise
+
+
+def student_timesteps(steps: int, train_timesteps: int) -> torch.Tensor:
+    """The trailing DDIM grid of ``steps`` steps: round(T − i·T/steps) − 1 (DDIMScheduler's
+    ``timestep_spacing="trailing"``: the first step at T − 1, so even one step starts from pure noise)."""
+    return (torch.arange(train_timesteps, 0, -train_timesteps / steps).round() - 1).long()[:steps]
+
+
+def alpha_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final_alpha: float) -> torch.Tensor:
+    """Cumulative alpha per timestep, broadcastable over images; a negative timestep (past the last step) is DDIM's
+    ``final_alpha_cumprod``."""
+    table = alphas_cumprod.to(timesteps.device)
+    alpha = torch.where(timesteps >= 0, table[timesteps.clamp(min=0)], torch.tensor(final_alpha))
+    return alpha[:, None, None, None]
+
+
+@torch.no_grad()
+def ddim_sample(model: Denoiser, noise: torch.Tensor, text: torch.Tensor, steps: int, alphas_cumprod: torch.Tensor,
+                final_alpha: float, prediction_type: str, uncond: torch.Tensor | None = None,
+                guidance: float = 1.0) -> torch.Tensor:
+    """Deterministic DDIM from pure noise in ``steps`` trailing steps (guided when ``uncond`` is given): what a
+    pipeline with DDIMScheduler(timestep_spacing="trailing") computes, without the pipeline."""
+    total = len(alphas_cumprod)
+    sample = noise
+    for t in student_timesteps(steps, total).to(noise.device):
+        now = t.expand(len(noise))
+        after = now - total // steps  # DDIMScheduler's previous timestep, even where the grid is uneven
+        prediction = (model(sample, now, text) if uncond is None
+                      else guided_prediction(model, sample, now, text, uncond.expand_as(text), guidance))
+        sample = ddim_step(prediction, sample, alpha_at(alphas_cumprod, now, final_alpha),
+                           alpha_at(alphas_cumprod, after, final_alpha), prediction_type)
+    return sample

@@ -1,16 +1,18 @@
 """``effdiff distill``: trains a student of a bundled model — seeded, checkpointed, resumable, with EMA.
 
 Methods: ``lcm`` (consistency distillation, ``consistency.py``), ``guidance-distill`` (one pass per step at any
-guidance scale, ``guidance.py``) and ``progressive`` (halving the steps per round, ``progressive.py``). Two forms
-each: ``lora`` trains low-rank deltas on the frozen teacher (for LCM the target is then the online student, as in
-LCM-LoRA's recipe, Luo et al., arXiv 2311.05556), ``full`` trains every weight of a copy (LCM's target is then an
-EMA of the student, decay 0.95). Either way the exported weights are an EMA of the trained ones. The data are the
-4,000 training digits with their captions; the teacher supplies every target, so no label beyond the caption is
-used.
+guidance scale, ``guidance.py``), ``progressive`` (halving the steps per round, ``progressive.py``) and
+``rectflow`` (reflow on the teacher's couplings, then one step, ``rectflow.py``; the last two train in phases,
+``phased.py``). Two forms each: ``lora`` trains low-rank deltas on the frozen teacher (for LCM the target is then
+the online student, as in LCM-LoRA's recipe, Luo et al., arXiv 2311.05556), ``full`` trains every weight of a
+copy (LCM's target is then an EMA of the student, decay 0.95). Either way the exported weights are an EMA of the
+trained ones. The data are the 4,000 training digits with their captions (rectflow uses only the captions); the
+teacher supplies every target, so no label beyond the caption is used.
 
 What it writes, beside the model unless ``--out`` says otherwise: ``distill/<method>-lora/lora.safetensors`` (a
 few hundred kB) or ``distill/<method>/`` (a diffusers denoiser folder), a guidance student's
-``guidance_embedding.safetensors``, one ``steps-N`` folder per progressive round; each with
+``guidance_embedding.safetensors``, one folder per phase (progressive's ``steps-N``, rectflow's ``reflow`` and
+``onestep``); each with
 ``effdiff_distill.json``: teacher and its fingerprint, data, iterations, wall time, machine.
 """
 
@@ -34,7 +36,7 @@ from effdiff.distill.store import GUIDANCE_FILE, RECORD, default_output, student
 from effdiff.zoo.train import SteppedTraining, caption_of, predict
 
 FORMS = ("lora", "full")
-METHODS = ("lcm", "guidance-distill", "progressive")
+METHODS = ("lcm", "guidance-distill", "progressive", "rectflow")
 DISTILLABLE = ("tiny-sd", "tiny-dit")
 
 
@@ -58,6 +60,9 @@ class DistillConfig:
     w_min: float = 1.0  # guidance-distill: the range of guidance scales the student learns
     w_max: float = 8.0
     start_steps: int = 8  # progressive: the first student's steps (its teacher samples in twice as many)
+    couplings: int = 1536  # rectflow: noise -> image pairs sampled per phase
+    coupling_steps: int = 12  # rectflow: the DDIM steps that sample them
+    reflow_share: float = 0.67  # rectflow: the reflow phase's part of the iterations (the rest: one step)
     checkpoint_every: int = 200
     max_minutes: float | None = None  # wall-clock budget; then the run is no longer bit-deterministic
     eval_steps: int = 4  # lcm: recorded (it samples any 1-8); progressive: the last round's steps
@@ -300,6 +305,10 @@ def trainer_for(config: DistillConfig, run: Path, out: Path, pipe: Any = None) -
         from effdiff.distill.progressive import ProgressiveTrainer
 
         return ProgressiveTrainer(config, run, out, pipe)
+    if config.method == "rectflow":
+        from effdiff.distill.rectflow import RectflowTrainer
+
+        return RectflowTrainer(config, run, out, pipe)
     return DistillTrainer(config, run, out, pipe)
 
 
@@ -322,9 +331,10 @@ def add_distill_arguments(parser) -> None:
     parser.add_argument("--full", action="store_true", help="train every weight (default: a LoRA)")
     parser.add_argument("--steps", type=int, default=DistillConfig.eval_steps,
                         help="lcm: recorded (it samples any 1-8); progressive: the last round's steps")
-    for field in ("seed", "iterations", "batch_size", "rank", "checkpoint_every", "start_steps", "warmup"):
+    for field in ("seed", "iterations", "batch_size", "rank", "checkpoint_every", "start_steps", "warmup", "couplings",
+                  "coupling_steps"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(DistillConfig, field))
-    for field in ("lr", "guidance", "max_minutes", "w_min", "w_max"):
+    for field in ("lr", "guidance", "max_minutes", "w_min", "w_max", "reflow_share"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(DistillConfig, field))
     parser.add_argument("--loss", choices=("l2", "huber"), default=DistillConfig.loss)
     parser.add_argument("--exclude", default=None,

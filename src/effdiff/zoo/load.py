@@ -102,8 +102,8 @@ def _local(path: Path) -> DiffusionPipeline:
 
 def _with_student(folder: Path) -> DiffusionPipeline:
     """A student folder written by ``effdiff distill`` that needs its method to run (a LoRA, a guidance student's
-    w embedding, a progressive student's grid): its teacher, with the student applied as that method (so
-    ``pipe.effdiff.remove()`` gives the teacher back)."""
+    w embedding, a progressive or rectified-flow student's grid): its teacher, with the student applied as that
+    method (so ``pipe.effdiff.remove()`` gives the teacher back)."""
     import json
 
     from effdiff.api import accelerate
@@ -127,7 +127,7 @@ def _needs_its_method(path: Path) -> bool:
 
     if (path / "lora.safetensors").is_file() or (path / GUIDANCE_FILE).is_file():
         return True
-    return (path / RECORD).is_file() and read_record(path).get("distilled") == "progressive"
+    return (path / RECORD).is_file() and read_record(path).get("distilled") in ("progressive", "rectflow")
 
 
 def _hub_reachable(timeout: float = 1.5) -> bool:

@@ -47,15 +47,12 @@ class ProgressiveDistillation(StudentMethod):
         return chosen
 
     def apply(self, pipe: Any, ctx: Any) -> None:
-        from diffusers import DDIMScheduler
-
         from effdiff.methods.solvers.schedulers import refuse_flow_matching
 
         refuse_flow_matching(self.name, pipe)
         record = self.load_student(self._round_folder(self.student_folder(pipe)))
         self.student_steps = int(record.get("steps", self.values["steps"]))
-        self.patches.attr(pipe, "scheduler", DDIMScheduler.from_config(pipe.scheduler.config,
-                                                                       timestep_spacing="trailing"))
+        self.use_trailing_ddim(pipe)
 
     def prepare_call(self, arguments: dict[str, Any], explicit: frozenset[str]) -> None:
         if "num_inference_steps" in explicit and arguments["num_inference_steps"] != self.student_steps:

@@ -63,6 +63,14 @@ class StudentMethod(Method):
         self.source = str(folder)
         return record
 
+    def use_trailing_ddim(self, pipe: Any) -> None:
+        """DDIMScheduler on the teacher's noise schedule with trailing timesteps (the first step at T − 1, from
+        pure noise): the grid a progressive or rectified-flow student was trained on."""
+        from diffusers import DDIMScheduler
+
+        self.patches.attr(pipe, "scheduler", DDIMScheduler.from_config(pipe.scheduler.config,
+                                                                       timestep_spacing="trailing"))
+
     def _check_teacher(self, folder: Path, record: dict[str, Any]) -> None:
         from effdiff.methods.solvers.schedule import model_fingerprint
 
