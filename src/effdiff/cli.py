@@ -226,6 +226,13 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from effdiff.compress.trainer import compress_from_arguments
+
+    print(f"exported {compress_from_arguments(args)}")
+    return 0
+
+
 def _cmd_zoo_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -249,6 +256,7 @@ def _cmd_zoo_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from effdiff.compress.trainer import add_compress_arguments
     from effdiff.distill.trainer import add_distill_arguments
     from effdiff.registry import FAMILIES
     from effdiff.zoo.train import add_train_arguments
@@ -305,10 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", help="JSON path (default: teacache-MODEL.json in $EFFDIFF_CACHE_DIR or ~/.cache/effdiff)")
     cal.set_defaults(func=_cmd_calibrate)
 
-    dist = sub.add_parser("distill", help="train a student: lcm, guidance-distill or progressive, LoRA or full "
-                                          "(checkpoints, --resume)")
+    dist = sub.add_parser("distill", help="train a student: lcm, guidance-distill, progressive or rectflow, LoRA "
+                                          "or full (checkpoints, --resume)")
     add_distill_arguments(dist)
     dist.set_defaults(func=_cmd_distill)
+
+    comp = sub.add_parser("compress", help="prune a model to a MAC budget and finetune it: diffpruning "
+                                           "(checkpoints, --resume)")
+    add_compress_arguments(comp)
+    comp.set_defaults(func=_cmd_compress)
 
     methods = sub.add_parser("methods", help="the registry and the catalogue of seed papers")
     methods.add_argument("--family", choices=FAMILIES)

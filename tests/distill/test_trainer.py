@@ -65,9 +65,9 @@ def test_a_full_student_loads_with_effdiff_load_and_generates_in_four_steps(tmp_
 
 
 def test_unknown_models_and_forms_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="distill trains students of tiny-sd, tiny-dit"):
+    with pytest.raises(ValueError, match="distill works on tiny-sd, tiny-dit"):
         DistillTrainer(config(model="sd15-arch"), tmp_path / "run", tmp_path / "out")
-    with pytest.raises(ValueError, match="distill trains students of tiny-sd, tiny-dit"):
+    with pytest.raises(ValueError, match="distill works on tiny-sd, tiny-dit"):
         DistillTrainer(config(model=str(tmp_path)), tmp_path / "run", tmp_path / "out")  # not a model folder
     with pytest.raises(ValueError, match="form must be one of"):
         DistillTrainer(config(form="half"), tmp_path / "run", tmp_path / "out", tiny_teacher())

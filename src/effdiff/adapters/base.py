@@ -264,6 +264,29 @@ class Adapter:
         """Whether the model already takes the guidance scale as an input (a guidance-distilled model)."""
         return bool(getattr(self.model.config, "guidance_embeds", False))
 
+    def pruning_kept(self) -> list[nn.Module] | None:
+        """Layers whose output width structural pruning must keep (the output projection, and whatever the
+        model reshapes by a fixed width); None where no pruning plan is known for the architecture."""
+        return None
+
+    def example_call(self, batch: int = 1, text_tokens: int = 8) -> dict[str, Any]:
+        """Keyword arguments of one denoiser call at the model's native size (random tensors), for tracing its
+        layer dependencies and counting its MACs."""
+        raise NotImplementedError(f"no example call for {type(self.model).__name__}")
+
+    def fix_pruned_widths(self, heads: dict[nn.Module, int]) -> None:
+        """After structural pruning changed layer widths in place, set the attributes diffusers' forwards read
+        instead of the weights' shapes: each attention's head count (``heads``: its query projection -> the
+        heads left) and inner width."""
+        for _, attn in self.attention():
+            kept = heads.get(attn.to_q)
+            if kept is None or kept == attn.heads:
+                continue
+            attn.heads = kept
+            for attr, projection in (("inner_dim", attn.to_q), ("inner_kv_dim", attn.to_k)):
+                if isinstance(getattr(attn, attr, None), int):
+                    setattr(attn, attr, projection.out_features)
+
     def token_grid(self, args: tuple, kwargs: dict) -> tuple[int, int]:
         """(rows, cols) of the denoiser's input, the grid ``TokenBlock.stride`` divides: its latent's size."""
         sample = hidden_of(args, kwargs)

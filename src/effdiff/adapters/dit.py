@@ -40,6 +40,22 @@ class DiTAdapter(Adapter):
 class PixArtAdapter(DiTAdapter):
     model_class = "PixArtTransformer2DModel"
 
+    def pruning_kept(self) -> list[nn.Module] | None:
+        """``proj_out`` (the patch's pixels), adaLN-single (its linear is split into six per-block modulations
+        of the hidden width, and the output's shift and scale) and the caption projection (its output is added
+        to attention widths the blocks' ``scale_shift_table`` fixes): so the hidden width stays, and heads and
+        feed-forward widths are what pruning removes."""
+        return [self.model.proj_out, self.model.adaln_single, self.model.caption_projection]
+
+    def example_call(self, batch: int = 1, text_tokens: int = 8) -> dict[str, Any]:
+        config = self.model.config
+        return {"hidden_states": torch.randn(batch, config.in_channels, config.sample_size, config.sample_size,
+                                             device=self.device),
+                "encoder_hidden_states": torch.randn(batch, text_tokens, config.caption_channels,
+                                                     device=self.device),
+                "timestep": torch.full((batch,), 500, device=self.device),
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
     def timestep_embedding(self) -> tuple[str, nn.Module] | None:
         """adaLN-single's ``emb``: the timestep (and size) embedding its linear turns into every block's
         modulation and the output layer's shift and scale."""

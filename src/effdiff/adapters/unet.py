@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -62,6 +64,31 @@ class _UNetAdapter(Adapter):
         if t.shape[1] == h.shape[1]:
             return h + t
         return hidden
+
+
+    def pruning_kept(self) -> list[nn.Module] | None:
+        """``conv_out``: its width is the latent's channels."""
+        return [self.model.conv_out]
+
+    def example_call(self, batch: int = 1, text_tokens: int = 8) -> dict[str, Any]:
+        config = self.model.config
+        size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+        call: dict[str, Any] = {"sample": torch.randn(batch, config.in_channels, size, size, device=self.device),
+                                "timestep": torch.full((batch,), 500, device=self.device)}
+        if getattr(config, "cross_attention_dim", None):
+            call["encoder_hidden_states"] = torch.randn(batch, text_tokens, config.cross_attention_dim,
+                                                        device=self.device)
+        return call
+
+    def fix_pruned_widths(self, heads: dict[nn.Module, int]) -> None:
+        """Also the resamplers' ``channels``/``out_channels``, which their forwards assert the input against."""
+        from diffusers.models.downsampling import Downsample2D
+        from diffusers.models.upsampling import Upsample2D
+
+        super().fix_pruned_widths(heads)
+        for module in self.model.modules():
+            if isinstance(module, (Downsample2D, Upsample2D)) and getattr(module, "conv", None) is not None:
+                module.channels, module.out_channels = module.conv.in_channels, module.conv.out_channels
 
 
 class UNet2DConditionAdapter(_UNetAdapter):

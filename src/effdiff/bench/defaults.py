@@ -25,6 +25,7 @@ DEFAULT = (
     "lcm:steps=4",  # the bundled models ship their LCM-LoRAs (effdiff distill)
     "lcm:steps=4+int8",
     "progressive:steps=4",  # and their progressive students (8 → 4 → 2 → 1 steps)
+    "rectflow",  # and their one-step rectified-flow students (InstaFlow)
     "dpmpp2m:steps=20+guidance-distill+deepcache:interval=3",  # the w-conditioned student: one pass per step
 )
 # Token merging is --full only: on the 32-px bundled models it never pays (0.90× on tiny-sd, 0.78× on tiny-dit,

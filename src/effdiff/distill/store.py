@@ -18,12 +18,13 @@ def student_folder(method: str, form: str) -> str:
     return f"{method}-lora" if form == "lora" else method
 
 
-def default_output(model: str, folder: str) -> Path:
-    """Beside the model: the bundled weights folder for a bundled name, else ``<model folder>/distill``."""
+def default_output(model: str, folder: str, kind: str = "distill") -> Path:
+    """Beside the model: ``<bundled weights folder or model folder>/<kind>/<folder>`` (kind: distill or
+    compress)."""
     from effdiff.zoo.load import BUNDLED, WEIGHTS
 
     base = WEIGHTS / model if model in BUNDLED else Path(model).expanduser()
-    return base / "distill" / folder
+    return base / kind / folder
 
 
 def model_folder(pipe: Any) -> Path | None:

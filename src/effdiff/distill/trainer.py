@@ -69,15 +69,16 @@ class DistillConfig:
     device: str = "cpu"
 
 
-def _teacher_pipeline(model: str) -> Any:
+def teacher_pipeline(model: str, command: str = "distill") -> Any:
     """The bundled model, or a local folder of one (a retrained tiny-sd, say); anything else is refused before a
-    twin or a hub model is built."""
+    twin or a hub model is built (``command`` names what refuses: distill trains students, compress finetunes
+    pruned models, both on the bundled data)."""
     from effdiff.zoo.checkpoints import read_record
     from effdiff.zoo.load import load
 
     folder = Path(model).expanduser()
     if model not in DISTILLABLE and not (folder.is_dir() and read_record(folder).get("name") in DISTILLABLE):
-        raise ValueError(f"distill trains students of {', '.join(DISTILLABLE)} (bundled, or a local folder of one "
+        raise ValueError(f"{command} works on {', '.join(DISTILLABLE)} (bundled, or a local folder of one "
                          f"with its effdiff_model.json), not {model!r}")
     return load(model)
 
@@ -126,7 +127,7 @@ class DistillTrainer(SteppedTraining):
         if config.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
         if pipe is None:
-            pipe = _teacher_pipeline(config.model)
+            pipe = teacher_pipeline(config.model)
         if config.exclude is None:
             config = replace(config, exclude=default_exclude(pipe.denoiser_name == "transformer"))
         self.config, self.run_dir, self.out = config, Path(run), Path(out)

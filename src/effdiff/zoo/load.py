@@ -84,6 +84,8 @@ def _looks_like_hub_id(name: str) -> bool:
 def _local(path: Path) -> DiffusionPipeline:
     if _needs_its_method(path):
         return _with_student(path)
+    if _is_compressed(path):
+        return _with_compressed(path)
     record = read_record(path)
     if record.get("name") in BUNDLED:
         from effdiff.zoo.text import load_text_encoder
@@ -128,6 +130,29 @@ def _needs_its_method(path: Path) -> bool:
     if (path / "lora.safetensors").is_file() or (path / GUIDANCE_FILE).is_file():
         return True
     return (path / RECORD).is_file() and read_record(path).get("distilled") in ("progressive", "rectflow")
+
+
+def _is_compressed(path: Path) -> bool:
+    from effdiff.compress.trainer import RECORD
+
+    return (path / RECORD).is_file()
+
+
+def _with_compressed(folder: Path) -> DiffusionPipeline:
+    """A compressed model written by ``effdiff compress``: its teacher with the compressed denoiser put in as its
+    method (``pipe.effdiff.remove()`` gives the teacher back)."""
+    import json
+
+    from effdiff.api import accelerate
+    from effdiff.compress.trainer import RECORD
+
+    record = json.loads((folder / RECORD).read_text())
+    if not record.get("teacher"):
+        raise CheckpointError(f"{folder} has a compressed model but its {RECORD} names no teacher model")
+    pipe = load(record["teacher"])
+    accelerate(pipe, f"{record['method']}:macs={record['macs_target']:g},importance={record['importance']},"
+                     f"path={folder}")
+    return pipe
 
 
 def _hub_reachable(timeout: float = 1.5) -> bool:

@@ -1,0 +1,2 @@
+"""Architecture compression: structural pruning to a MAC budget and finetuning (``effdiff compress``); the recipe
+that swaps a compressed denoiser in is ``effdiff.methods.prune``."""

