@@ -1,0 +1,102 @@
+"""Quality and cost of the compressed (pruned + finetuned) models at the zoo's quality bar, beside their teacher.
+
+Per model and per compressed folder shipped beside it (``zoo/weights/<model>/compress/``): FID/KID against the
+1,000 held-out digits and prompt accuracy (the quality bar's prompts and seeds, ``effdiff zoo eval``) at DDIM 20 +
+CFG 4; parameters and MACs of one denoiser call against the original's; and the denoiser's wall time per call
+(batch 2, the CFG batch) against the original's, alternating in one process (median of 7). With ``--teacher``
+the teacher's own DDIM 20 + CFG 4 row is scored in the same run (the same prompts and seeds gave FID 1.53 on
+tiny-sd and 2.96 on tiny-dit in ``benchmarks/results/distill_quality*.json``). End-to-end speed-ups come from
+``effdiff bench``.
+
+    HF_HUB_OFFLINE=1 python benchmarks/compress_quality.py [--models tiny-sd tiny-dit] [--per-digit 100]
+        [--teacher] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import effdiff
+from effdiff.adapters import adapter_for
+from effdiff.compress.prune import call_macs
+from effdiff.compress.trainer import RECORD
+from effdiff.eval.cost import time_alternating
+from effdiff.zoo.evaluate import generate_eval_samples, score_samples
+from effdiff.zoo.load import WEIGHTS
+
+
+def per_call_seconds(pipe, recipe: str) -> tuple[float, float]:
+    """Median seconds of one denoiser call (batch 2) of the original and with ``recipe``, alternating."""
+    call = adapter_for(pipe.denoiser).example_call(2)
+    with torch.no_grad():
+        original, compressed = time_alternating(
+            lambda: pipe.denoiser(**call), lambda: pipe.denoiser(**call), reps=7, warmup=2,
+            enter_variant=lambda: effdiff.accelerate(pipe, recipe), exit_variant=lambda: pipe.effdiff.remove())
+    return original.median, compressed.median
+
+
+def score(pipe, recipe: str, per_digit: int, steps: int) -> dict:
+    if recipe:
+        effdiff.accelerate(pipe, recipe)
+    started = time.perf_counter()
+    try:
+        images, digits = generate_eval_samples(pipe, per_digit=per_digit, steps=steps, guidance=4.0)
+    finally:
+        if recipe:
+            pipe.effdiff.remove()
+    scores = score_samples((images + 1) / 2, digits)
+    return {"generate_seconds": round(time.perf_counter() - started, 1),
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny-sd", "tiny-dit"])
+    parser.add_argument("--per-digit", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--teacher", action="store_true", help="also score the teacher in this run")
+    parser.add_argument("--out", default="benchmarks/results/compress_quality.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started, rows = time.time(), []
+    for model in args.models:
+        pipe = effdiff.load(model)
+        full_macs = call_macs(pipe.denoiser)
+        full_params = sum(p.numel() for p in pipe.denoiser.parameters())
+        print(f"== {model}: {10 * args.per_digit} samples, DDIM {args.steps} + CFG 4", flush=True)
+        if args.teacher:
+            rows.append({"model": model, "variant": "teacher", "recipe": "", **score(pipe, "", args.per_digit,
+                                                                                     args.steps)})
+            print(f"  teacher  FID {rows[-1]['fid']:.3f}  accuracy {rows[-1]['prompt_accuracy']:.1%}", flush=True)
+        for folder in sorted((WEIGHTS / model / "compress").glob("*/")):
+            record = json.loads((folder / RECORD).read_text())
+            recipe = (f"{record['method']}:macs={record['macs_target']:g},importance={record['importance']}")
+            effdiff.accelerate(pipe, recipe)
+            macs, params = call_macs(pipe.denoiser), sum(p.numel() for p in pipe.denoiser.parameters())
+            pipe.effdiff.remove()
+            original_s, compressed_s = per_call_seconds(pipe, recipe)
+            row = {"model": model, "variant": folder.name, "recipe": recipe, "macs_fraction": macs / full_macs,
+                   "params_fraction": params / full_params, "call_seconds_original": original_s,
+                   "call_seconds_compressed": compressed_s, "call_speedup": original_s / compressed_s,
+                   **score(pipe, recipe, args.per_digit, args.steps),
+                   "training": {k: record[k] for k in ("iterations_done", "wall_seconds", "machine", "ratio")}}
+            rows.append(row)
+            print(f"  {folder.name:32s} MACs {row['macs_fraction']:.1%}  params {row['params_fraction']:.1%}  "
+                  f"call {row['call_speedup']:.2f}x  FID {row['fid']:.3f}  KID {row['kid']:.4f}  "
+                  f"accuracy {row['prompt_accuracy']:.1%}", flush=True)
+    result = {"benchmark": "compress_quality", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+              "torch": torch.__version__, "per_digit": args.per_digit, "steps": args.steps,
+              "seconds": round(time.time() - started, 1), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
