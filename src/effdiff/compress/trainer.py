@@ -26,7 +26,14 @@ import torch
 
 from effdiff.compress.prune import IMPORTANCES
 from effdiff.distill.store import default_output
-from effdiff.zoo.train import SteppedTraining, caption_of
+from effdiff.zoo.train import (
+    SteppedTraining,
+    add_config_flags,
+    add_job_flags,
+    caption_of,
+    config_from_arguments,
+    train_and_export,
+)
 
 RECORD = "effdiff_compress.json"
 WEIGHTS_FILE = "denoiser.safetensors"
@@ -234,11 +241,7 @@ def compress(config: CompressConfig, run: Path | None = None, out: Path | None =
     name = compressed_folder(config.method, config.macs, config.importance)
     out = out or default_output(config.model, name, "compress")
     run = run or Path("runs") / "compress" / f"{config.model}-{name}"
-    trainer = CompressTrainer(config, run, out, pipe)
-    if resume:
-        trainer.resume()
-    trainer.train()
-    return trainer.export()
+    return train_and_export(CompressTrainer(config, run, out, pipe), resume)
 
 
 def add_compress_arguments(parser) -> None:
@@ -251,20 +254,13 @@ def add_compress_arguments(parser) -> None:
                         help="taylor (Diff-Pruning) or magnitude (the naive baseline)")
     parser.add_argument("--macs", type=float, default=CompressConfig.macs,
                         help="the pruned model's MACs per call as a fraction of the original's, in (0, 1)")
-    for field in ("seed", "iterations", "batch_size", "warmup", "stride", "checkpoint_every"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(CompressConfig, field))
-    for field in ("lr", "max_minutes", "teacher_weight", "threshold"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(CompressConfig, field))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--run", type=Path, help="checkpoint folder (default runs/compress/MODEL-FOLDER)")
-    parser.add_argument("--out", type=Path, help="export folder (default: beside the model, compress/FOLDER)")
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    add_config_flags(parser, CompressConfig, ("seed", "iterations", "batch_size", "warmup", "stride",
+                                              "checkpoint_every"), ("lr", "max_minutes", "teacher_weight", "threshold"))
+    add_job_flags(parser, "compress")
 
 
 def compress_from_arguments(args) -> Path:
-    fields = {f: getattr(args, f) for f in CompressConfig.__dataclass_fields__ if hasattr(args, f)}
-    config = CompressConfig(**fields)
-    print(json.dumps(asdict(config)))
+    config = config_from_arguments(CompressConfig, args)
     return compress(config, args.run, args.out, args.resume)
 
 

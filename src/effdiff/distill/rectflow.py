@@ -44,38 +44,45 @@ class Couplings(NamedTuple):
 
 
 @dataclass
-class ReflowObjective:
+class CouplingObjective:
+    """A loss over rows of the couplings; a subclass says what the student must get right about them."""
+
+    student: Denoiser
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+    couplings: Couplings | None = None
+
+    def __call__(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.loss(*(part[index] for part in self.couplings), generator)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor,
+                text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cumulative alpha, x̂₀, ε̂) of the student at ``noisy``."""
+        alpha = alpha_at(self.alphas_cumprod, timesteps, 1.0)
+        return alpha, *clean_and_noise(self.student(noisy, timesteps, text), noisy, alpha, self.prediction_type)
+
+    def loss(self, noise: torch.Tensor, images: torch.Tensor, text: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ReflowObjective(CouplingObjective):
     """Reflow on couplings: the student's velocity ``ε̂ − x̂₀`` at a point between a coupling's ends regresses the
     coupling's ``ε − X₀``."""
 
-    student: Denoiser
-    alphas_cumprod: torch.Tensor
-    prediction_type: str
-    couplings: Couplings | None = None
-
-    def __call__(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        noise, images, text = (part[index] for part in self.couplings)
-        timesteps = torch.randint(0, len(self.alphas_cumprod), (len(index),), generator=generator).to(images.device)
+    def loss(self, noise, images, text, generator):
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (len(images),), generator=generator).to(images.device)
         alpha = alpha_at(self.alphas_cumprod, timesteps, 1.0)
-        noisy = alpha.sqrt() * images + (1 - alpha).sqrt() * noise
-        clean, noise_hat = clean_and_noise(self.student(noisy, timesteps, text), noisy, alpha, self.prediction_type)
+        _, clean, noise_hat = self.predict(alpha.sqrt() * images + (1 - alpha).sqrt() * noise, timesteps, text)
         return ((noise_hat - clean).float() - (noise - images).float()).pow(2).mean()
 
 
-@dataclass
-class OneStepObjective:
+class OneStepObjective(CouplingObjective):
     """One step from pure noise at the last timestep must land on the coupling's image."""
 
-    student: Denoiser
-    alphas_cumprod: torch.Tensor
-    prediction_type: str
-    couplings: Couplings | None = None
-
-    def __call__(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        noise, images, text = (part[index] for part in self.couplings)
-        timesteps = torch.full((len(index),), len(self.alphas_cumprod) - 1, device=images.device)
-        alpha = alpha_at(self.alphas_cumprod, timesteps, 1.0)
-        clean, _ = clean_and_noise(self.student(noise, timesteps, text), noise, alpha, self.prediction_type)
+    def loss(self, noise, images, text, generator):
+        timesteps = torch.full((len(images),), len(self.alphas_cumprod) - 1, device=images.device)
+        _, clean, _ = self.predict(noise, timesteps, text)
         return (clean.float() - images.float()).pow(2).mean()
 
 

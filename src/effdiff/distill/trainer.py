@@ -33,7 +33,15 @@ from effdiff.distill import lora
 from effdiff.distill.consistency import ConsistencyObjective
 from effdiff.distill.guidance import GuidanceEmbedding, GuidanceObjective, embedding_width
 from effdiff.distill.store import GUIDANCE_FILE, RECORD, default_output, student_folder
-from effdiff.zoo.train import SteppedTraining, caption_of, predict
+from effdiff.zoo.train import (
+    SteppedTraining,
+    add_config_flags,
+    add_job_flags,
+    caption_of,
+    config_from_arguments,
+    predict,
+    train_and_export,
+)
 
 FORMS = ("lora", "full")
 METHODS = ("lcm", "guidance-distill", "progressive", "rectflow")
@@ -318,11 +326,7 @@ def distill(config: DistillConfig, run: Path | None = None, out: Path | None = N
     """Train (or continue) one student; returns the folder it was exported to."""
     out = out or default_output(config.model, student_folder(config.method, config.form))
     run = run or Path("runs") / "distill" / f"{config.model}-{student_folder(config.method, config.form)}"
-    trainer = trainer_for(config, run, out, pipe)
-    if resume:
-        trainer.resume()
-    trainer.train()
-    return trainer.export()
+    return train_and_export(trainer_for(config, run, out, pipe), resume)
 
 
 def add_distill_arguments(parser) -> None:
@@ -332,25 +336,18 @@ def add_distill_arguments(parser) -> None:
     parser.add_argument("--full", action="store_true", help="train every weight (default: a LoRA)")
     parser.add_argument("--steps", type=int, default=DistillConfig.eval_steps,
                         help="lcm: recorded (it samples any 1-8); progressive: the last round's steps")
-    for field in ("seed", "iterations", "batch_size", "rank", "checkpoint_every", "start_steps", "warmup", "couplings",
-                  "coupling_steps"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(DistillConfig, field))
-    for field in ("lr", "guidance", "max_minutes", "w_min", "w_max", "reflow_share"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(DistillConfig, field))
+    add_config_flags(parser, DistillConfig, ("seed", "iterations", "batch_size", "rank", "checkpoint_every",
+                                             "start_steps", "warmup", "couplings", "coupling_steps"),
+                     ("lr", "guidance", "max_minutes", "w_min", "w_max", "reflow_share"))
     parser.add_argument("--loss", choices=("l2", "huber"), default=DistillConfig.loss)
     parser.add_argument("--exclude", default=None,
                         help="regex of layer names the LoRA leaves frozen (default: adaln_single on a DiT, none on a "
                              "U-Net; '' trains every layer)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--run", type=Path, help="checkpoint folder (default runs/distill/MODEL-METHOD[-lora])")
-    parser.add_argument("--out", type=Path, help="export folder (default: beside the model, distill/METHOD[-lora])")
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    add_job_flags(parser, "distill")
 
 
 def distill_from_arguments(args) -> Path:
-    fields = {f: getattr(args, f) for f in DistillConfig.__dataclass_fields__ if hasattr(args, f)}
-    config = DistillConfig(**fields, form="full" if args.full else "lora", eval_steps=args.steps)
-    print(json.dumps(asdict(config)))
+    config = config_from_arguments(DistillConfig, args, form="full" if args.full else "lora", eval_steps=args.steps)
     return distill(config, args.run, args.out, args.resume)
 
 

@@ -15,6 +15,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
@@ -293,24 +294,52 @@ def train(config: TrainConfig, out: Path, resume: bool = False) -> Path:
     return trainer.out / "export"
 
 
+def add_config_flags(parser, config: type, ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
+    """``--a-field`` flags for a config dataclass's int and float fields, defaulting to the class's values."""
+    for kind, fields in ((int, ints), (float, floats)):
+        for field in fields:
+            parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=getattr(config, field))
+
+
+def config_from_arguments(config: type, args, **fixed: Any) -> Any:
+    """The config dataclass from the parsed flags it has a field for (the rest keep their defaults), printed as
+    the run's first line so a log says how it was made."""
+    fields = {f: getattr(args, f) for f in config.__dataclass_fields__ if hasattr(args, f) and f not in fixed}
+    made = config(**fields, **fixed)
+    print(json.dumps(asdict(made)))
+    return made
+
+
+def add_job_flags(parser, command: str) -> None:
+    """The flags every training job of a trained-artefact command shares: device, run and export folders,
+    resume."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--run", type=Path, help=f"checkpoint folder (default runs/{command}/MODEL-…)")
+    parser.add_argument("--out", type=Path, help=f"export folder (default: beside the model, {command}/…)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+
+
+def train_and_export(trainer: Any, resume: bool) -> Path:
+    """Continue from the checkpoint if asked, train to the end, export; returns the export folder."""
+    if resume:
+        trainer.resume()
+    trainer.train()
+    return trainer.export()
+
+
 def add_train_arguments(parser) -> None:
     """The training flags, shared by ``effdiff zoo train`` and ``python -m effdiff.zoo.train``."""
     parser.add_argument("model", choices=TRAINABLE)
     parser.add_argument("--out", type=Path, help="run folder (default runs/MODEL)")
-    for field in ("seed", "steps", "batch_size", "checkpoint_every"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(TrainConfig, field))
-    for field in ("lr", "max_minutes"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=getattr(TrainConfig, field))
+    add_config_flags(parser, TrainConfig, ("seed", "steps", "batch_size", "checkpoint_every"),
+                     ("lr", "max_minutes"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
 
 
 def train_from_arguments(args) -> Path:
-    # only the fields that have a flag; the rest (warmup, ema_decay, caption_dropout) keep their defaults
-    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
-    config = TrainConfig(**fields)
-    print(json.dumps(asdict(config)))
+    config = config_from_arguments(TrainConfig, args)
     return train(config, args.out or Path("runs") / config.model, args.resume)
 
 
