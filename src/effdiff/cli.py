@@ -121,7 +121,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     if args.html:
         validate.output_file(args.html, (".html", ".htm"), "--html")
-    print(f"report {report(args.out, args.run, args.html, figures=args.figure)}")
+    print(f"report {report(args.out, args.run, args.html, figures=args.figure, tables=args.table)}")
     return 0
 
 
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--html", help="HTML path (default: OUT/report-RUN.html)")
     rep.add_argument("--figure", action="append", default=[], metavar="PNG",
                      help="also embed this plot (e.g. a benchmark script's); repeatable")
+    rep.add_argument("--table", action="append", default=[], metavar="JSON",
+                     help="also show this benchmark result's rows (e.g. benchmarks/results/distill_quality.json); "
+                          "repeatable")
     rep.set_defaults(func=_cmd_report)
 
     gen = sub.add_parser("generate", help="generate an image grid with a recipe")

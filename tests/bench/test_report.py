@@ -41,6 +41,25 @@ def test_benchmark_figures_are_embedded_and_bad_ones_refused(tmp_path):
     assert not (tmp_path / "other.html").exists()  # refused before anything is written
 
 
+def test_benchmark_tables_show_their_scalar_columns_and_bad_ones_are_refused(tmp_path):
+    import json
+
+    rows = [_row("", 1.0, 5.0)]
+    table = tmp_path / "distill_quality.json"
+    table.write_text(json.dumps({"benchmark": "distill_quality", "when": "2026-12-06", "machine": "x", "rows": [
+        {"model": "tiny-sd", "variant": "rectflow one-step", "fid": 2.2003, "student_training": {"wall": 1}},
+        {"model": "tiny-dit", "variant": "lcm 4 steps", "fid": 3.47, "prompt_accuracy": 1.0}]}))
+    html = write_html(rows, "run", tmp_path, tables=[table]).read_text()
+    assert "Benchmark tables" in html and "distill_quality · 2026-12-06 · x" in html
+    assert "<th>prompt_accuracy</th>" in html and "<td>2.2</td>" in html and "student_training" not in html
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json is not a benchmark result"):
+        write_html(rows, "run", tmp_path, tmp_path / "other.html", tables=[tmp_path / "bad.json"])
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        write_html(rows, "run", tmp_path, tmp_path / "other.html", tables=[tmp_path / "missing.json"])
+    assert not (tmp_path / "other.html").exists()
+
+
 def test_pareto_plot_absent_without_quality():
     row = _row("", 1.0, None)
     row["metrics"]["psnr"] = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -313,14 +314,46 @@ def _figures_html(figures: Sequence[str | Path]) -> str:
     return "<h2>Benchmark figures</h2>" + "".join(parts) if parts else ""
 
 
+def _scalar_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key holding a number, string or bool in any row, in first-seen order (nested records left out)."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update((k, None) for k, v in row.items() if isinstance(v, (int, float, str, bool)))
+    return list(columns)
+
+
+def _tables_html(tables: Sequence[str | Path]) -> str:
+    """Result files of the benchmark scripts (a JSON object with ``rows``: the distilled students' and the
+    compressed models' quality tables), each as an HTML table under its benchmark name, date and machine."""
+    parts = []
+    for table in map(Path, tables):
+        if not table.is_file():
+            raise FileNotFoundError(f"table {table} does not exist")
+        try:
+            result = json.loads(table.read_text())
+            rows = result["rows"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"table {table} is not a benchmark result (a JSON object with rows)") from None
+        columns = _scalar_columns(rows)
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c), '{:.4g}'))}</td>" for c in columns)
+                       + "</tr>" for row in rows)
+        about = " · ".join(html.escape(str(result[k])) for k in ("benchmark", "when", "machine") if k in result)
+        parts.append(f"<h3>{html.escape(table.name)}</h3><p class='env'>{about}</p>"
+                     f"<table><tr>{head}</tr>{body}</table>")
+    return "<h2>Benchmark tables</h2>" + "".join(parts) if parts else ""
+
+
 def write_html(
     rows: list[dict[str, Any]], run_id: str, out_dir: str | Path, path: str | Path | None = None,
-    figures: Sequence[str | Path] = (),
+    figures: Sequence[str | Path] = (), tables: Sequence[str | Path] = (),
 ) -> Path:
-    """One self-contained HTML file: table, per-model Pareto plot, per-recipe image grids, extra figures."""
+    """One self-contained HTML file: table, per-model Pareto plot, per-recipe image grids, extra figures and
+    tables."""
     out_dir = Path(out_dir)
     path = Path(path) if path is not None else out_dir / f"report-{run_id}.html"
-    figures_html = _figures_html(figures)  # a bad figure fails before anything is written
+    figures_html = _figures_html(figures)  # a bad figure or table fails before anything is written
+    tables_html = _tables_html(tables)
     warnings = "".join(f"<p class='warn'>{html.escape(note)}</p>" for note in run_warnings(rows))
     parts = [f"<h1>effdiff bench — run {html.escape(run_id)}</h1>", _env_html(rows), warnings,
              "<p>Speed-ups are ratios against the baseline (DDIM, CFG, same steps) timed in the same process "
@@ -344,6 +377,7 @@ def write_html(
                 parts.append(f"<figure class='grid'><img alt='grid {label}' src='{src}'>"
                              f"<figcaption>{label}</figcaption></figure>")
     parts.append(figures_html)
+    parts.append(tables_html)
     parts.append(_catalogue_html(rows))
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
@@ -358,8 +392,8 @@ def write_html(
 
 
 def report(out_dir: str | Path, run_id: str | None = None, html_path: str | Path | None = None,
-           console=None, figures: Sequence[str | Path] = ()) -> Path:
+           console=None, figures: Sequence[str | Path] = (), tables: Sequence[str | Path] = ()) -> Path:
     """Print the table of a stored run and write its HTML report; returns the HTML path."""
     run_id, rows = load_rows(out_dir, run_id)
     print_table(rows, console)
-    return write_html(rows, run_id, out_dir, html_path, figures)
+    return write_html(rows, run_id, out_dir, html_path, figures, tables)
