@@ -1,5 +1,6 @@
-"""``effdiff compress``: the export holds the pruned EMA weights and their widths (rebuilt, they compute what the
-trainer's model computes), an interrupted run resumes to the same bits, and bad settings are refused."""
+"""``effdiff compress`` (both methods): the export holds the pruned EMA weights with the removed layers and changed
+widths (rebuilt, they compute what the trainer's model computes), an interrupted run resumes to the same bits, and
+bad settings are refused."""
 
 from __future__ import annotations
 
@@ -30,13 +31,19 @@ def kill_at(trainer: CompressTrainer, step: int) -> None:
 
 
 @pytest.mark.parametrize("kind", ["sd", "dit"])
-def test_the_export_rebuilds_to_the_trained_model(tmp_path, kind):
-    trainer = CompressTrainer(config(iterations=2), tmp_path / "run", tmp_path / "out", tiny_teacher(kind))
+@pytest.mark.parametrize("method", ["diffpruning", "laptop"])
+def test_the_export_rebuilds_to_the_trained_model(tmp_path, kind, method):
+    macs = 0.5 if method == "diffpruning" else 0.8
+    trainer = CompressTrainer(config(iterations=2, method=method, macs=macs), tmp_path / "run", tmp_path / "out",
+                              tiny_teacher(kind))
     trainer.train()
     out = trainer.export()
     record = json.loads((out / RECORD).read_text())
-    assert record["macs_fraction"] <= 0.5 and record["widths"] and record["iterations_done"] == 2
-    assert record["informative_timesteps"][0] == 0
+    assert record["macs_fraction"] <= macs and record["iterations_done"] == 2
+    if method == "diffpruning":
+        assert record["widths"] and not record["removed"] and record["informative_timesteps"][0] == 0
+    else:
+        assert record["removed"] and not record["widths"] and set(record["removed"]) <= set(record["scores"])
     rebuilt = trainer.rebuild(load_file(str(out / WEIGHTS_FILE))).eval()
     call = adapter_for(rebuilt).example_call(2)
     with torch.no_grad():
@@ -44,23 +51,28 @@ def test_the_export_rebuilds_to_the_trained_model(tmp_path, kind):
     assert sum(p.numel() for p in rebuilt.parameters()) < sum(p.numel() for p in trainer.teacher.parameters())
 
 
-def test_an_interrupted_run_resumes_to_the_same_bits_and_refuses_other_settings(tmp_path, monkeypatch):
-    whole = compress(config(), tmp_path / "a", tmp_path / "a-out", pipe=tiny_teacher())
-    killed = CompressTrainer(config(checkpoint_every=3), tmp_path / "c", tmp_path / "c-out", tiny_teacher())
+@pytest.mark.parametrize("method", ["diffpruning", "laptop"])
+def test_an_interrupted_run_resumes_to_the_same_bits_and_refuses_other_settings(tmp_path, monkeypatch, method):
+    whole = compress(config(method=method), tmp_path / "a", tmp_path / "a-out", pipe=tiny_teacher())
+    killed = CompressTrainer(config(method=method, checkpoint_every=3), tmp_path / "c", tmp_path / "c-out",
+                             tiny_teacher())
     monkeypatch.setattr(killed, "after_step", lambda: kill_at(killed, 5))
     with pytest.raises(KeyboardInterrupt):
         killed.train()
     with pytest.raises(ValueError, match="other settings.*macs"):
-        compress(config(macs=0.4), tmp_path / "c", tmp_path / "c-out", resume=True, pipe=tiny_teacher())
-    resumed = compress(config(), tmp_path / "c", tmp_path / "c-out", resume=True, pipe=tiny_teacher())
+        compress(config(method=method, macs=0.4), tmp_path / "c", tmp_path / "c-out", resume=True,
+                 pipe=tiny_teacher())
+    resumed = compress(config(method=method), tmp_path / "c", tmp_path / "c-out", resume=True, pipe=tiny_teacher())
     assert_same(load_file(str(whole / WEIGHTS_FILE)), load_file(str(resumed / WEIGHTS_FILE)))
 
 
 def test_bad_settings_and_other_models_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"--macs is a fraction of the original's MACs in \(0, 1\), got 1.2"):
         CompressTrainer(config(macs=1.2), tmp_path, tmp_path, tiny_teacher())
-    with pytest.raises(ValueError, match="importance must be one of taylor, magnitude"):
+    with pytest.raises(ValueError, match="diffpruning: importance must be one of taylor, magnitude"):
         CompressTrainer(config(importance="random"), tmp_path, tmp_path, tiny_teacher())
+    with pytest.raises(ValueError, match="laptop: importance must be one of output, random"):
+        CompressTrainer(config(method="laptop", importance="taylor"), tmp_path, tmp_path, tiny_teacher())
     with pytest.raises(ValueError, match="compress works on tiny-sd, tiny-dit"):
         CompressTrainer(config(model="sd15-arch"), tmp_path, tmp_path)
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):

@@ -274,6 +274,12 @@ class Adapter:
         layer dependencies and counting its MACs."""
         raise NotImplementedError(f"no example call for {type(self.model).__name__}")
 
+    def removable_layers(self) -> list[tuple[str, nn.Module]]:
+        """Layers whose output has its input's shape, so the model still runs when one is skipped (its input
+        passed on unchanged): depth pruning's candidates. By default the single-stream transformer blocks (a
+        joint block returns two streams, which a skipped layer cannot stand in for)."""
+        return [(ref.name, ref.module) for ref in self.blocks() if ref.streams == "single"]
+
     def fix_pruned_widths(self, heads: dict[nn.Module, int]) -> None:
         """After structural pruning changed layer widths in place, set the attributes diffusers' forwards read
         instead of the weights' shapes: each attention's head count (``heads``: its query projection -> the

@@ -80,6 +80,18 @@ class _UNetAdapter(Adapter):
                                                         device=self.device)
         return call
 
+    def removable_layers(self) -> list[tuple[str, nn.Module]]:
+        """Every ResNet whose input and output widths agree (no shortcut convolution, no resampling), and every
+        attention block (``Transformer2DModel``): skipping one keeps the skip connections' count and widths,
+        which removing a whole U-Net stage would not."""
+        from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        return [(name, module) for name, module in self.model.named_modules()
+                if isinstance(module, Transformer2DModel) or (
+                    isinstance(module, ResnetBlock2D) and module.conv_shortcut is None
+                    and module.in_channels == module.out_channels and not module.up and not module.down)]
+
     def fix_pruned_widths(self, heads: dict[nn.Module, int]) -> None:
         """Also the resamplers' ``channels``/``out_channels``, which their forwards assert the input against."""
         from diffusers.models.downsampling import Downsample2D

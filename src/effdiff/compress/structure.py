@@ -1,5 +1,6 @@
-"""A pruned denoiser as a difference from its original: the tensors whose shape changed and the width attributes
-diffusers' forwards read (an attention's ``heads``, a resampler's ``channels``, a layer's ``in_features``).
+"""A pruned denoiser as a difference from its original: the layers removed (depth pruning), the tensors whose shape
+changed and the width attributes diffusers' forwards read (an attention's ``heads``, a resampler's ``channels``, a
+layer's ``in_features``).
 
 That difference is what a compressed model is saved as, and how it is put back: into the original denoiser
 object, in place, through an undo log, so the adapter, the hooks and the pipeline keep pointing at one module and
@@ -55,3 +56,17 @@ def put_structure(patches: PatchLog, model: nn.Module, weights: dict[str, torch.
         module = model.get_submodule(name)
         for attr, value in attributes.items():
             patches.attr(module, attr, tuple(value) if isinstance(value, list) else value)
+
+
+class SkippedLayer(nn.Module):
+    """Stands where a removed layer was: passes its first input on unchanged, in the form the caller unpacks (a
+    one-tuple when called with ``return_dict=False``, as diffusers' blocks call their attention models)."""
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (hidden,) if kwargs.get("return_dict", True) is False else hidden
+
+
+def remove_layers(patches: PatchLog, model: nn.Module, names: list[str]) -> None:
+    """Put a ``SkippedLayer`` where each named layer was, through ``patches``."""
+    for name in names:
+        patches.module(model, name, SkippedLayer())

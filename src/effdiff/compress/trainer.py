@@ -1,16 +1,20 @@
 """``effdiff compress``: prune a bundled model to a MAC budget, then finetune it — seeded, checkpointed, resumable.
 
-Diff-Pruning (Fang et al., arXiv 2305.10924): Taylor importance over the informative timesteps (``importance.py``),
-structural pruning through torch-pruning to ``--macs`` of the original's MACs (``prune.py``), then finetuning. The
-paper finetunes on the plain denoising loss for 100k+ steps; on a 20-minute CPU budget we add the teacher's output
-as a second target (``--teacher-weight``, BK-SDM's output-level distillation, arXiv 2305.15798), a denser signal
-for a model that starts from its teacher's weights. Captions are dropped 10 % of the time, as the bundled models
-were trained, so classifier-free guidance keeps working. ``--importance magnitude`` is the naive baseline.
+Two methods. ``diffpruning`` (Fang et al., arXiv 2305.10924): Taylor importance over the informative timesteps
+(``importance.py``), structural pruning of channels and heads through torch-pruning (``prune.py``);
+``--importance magnitude`` is the naive baseline. ``laptop`` (Zhang et al., arXiv 2404.11098): whole layers
+removed, those whose removal changes the output least first (``layers.py``), then LAPTOP-Diff's normalized
+feature distillation — each block's output matched to the teacher's, the error divided by the teacher feature's
+energy so every block counts alike; ``--importance random`` is the baseline. Both prune to ``--macs`` of the
+original's MACs per call and then finetune on the denoising loss plus the teacher's output (``--teacher-weight``:
+Diff-Pruning finetunes on the plain loss for 100k+ steps; on a 20-minute CPU budget the teacher's output is a
+denser signal, as BK-SDM, arXiv 2305.15798, uses it). Captions are dropped 10 % of the time, as the bundled models
+were trained, so classifier-free guidance keeps working.
 
-What it writes, beside the model unless ``--out`` says otherwise: ``compress/diffpruning-macs<M>[-magnitude]/``
-with ``denoiser.safetensors`` (the EMA of the finetuned weights) and ``effdiff_compress.json`` — the changed
-widths (``structure.py``), MACs and parameters against the original, the pruning ratio and timesteps, the teacher
-and its fingerprint, iterations, wall time and machine.
+What it writes, beside the model unless ``--out`` says otherwise: ``compress/<method>-macs<M>[-<baseline>]/``
+with ``denoiser.safetensors`` (the EMA of the finetuned weights) and ``effdiff_compress.json`` — the layers
+removed and the changed widths (``structure.py``), MACs and parameters against the original, how they were
+chosen, the teacher and its fingerprint, iterations, wall time and machine.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from effdiff.compress.layers import ORDERS
 from effdiff.compress.prune import IMPORTANCES
 from effdiff.distill.store import default_output
 from effdiff.zoo.train import (
@@ -37,18 +42,19 @@ from effdiff.zoo.train import (
 
 RECORD = "effdiff_compress.json"
 WEIGHTS_FILE = "denoiser.safetensors"
-METHODS = ("diffpruning",)
+IMPORTANCE_OF = {"diffpruning": IMPORTANCES, "laptop": ORDERS}  # each method's rules, its own first
+METHODS = tuple(IMPORTANCE_OF)
 
 
 def compressed_folder(method: str, macs: float, importance: str) -> str:
-    return f"{method}-macs{macs:g}" + ("" if importance == "taylor" else f"-{importance}")
+    return f"{method}-macs{macs:g}" + ("" if importance == IMPORTANCE_OF[method][0] else f"-{importance}")
 
 
 @dataclass
 class CompressConfig:
     model: str
     method: str = "diffpruning"
-    importance: str = "taylor"
+    importance: str | None = None  # None: the method's own (taylor, output)
     macs: float = 0.5  # the pruned model's MACs per call, as a fraction of the original's
     seed: int = 0
     iterations: int = 2000
@@ -58,11 +64,40 @@ class CompressConfig:
     warmup: int = 50
     ema_decay: float = 0.995
     teacher_weight: float = 1.0  # the teacher's output as a second target (0: the paper's plain loss)
+    feature_weight: float = 1.0  # laptop: normalized feature distillation (LAPTOP-Diff)
     caption_dropout: float = 0.1
     threshold: float = 0.05  # Diff-Pruning's informative-timestep rule
     stride: int = 10  # every stride-th timestep is visited for the importance
     checkpoint_every: int = 200
     device: str = "cpu"
+
+
+class BlockOutputs:
+    """Within ``with``, collects the output feature map of every block of ``model`` (the adapter's blocks, in
+    call order); with ``model`` None it collects nothing."""
+
+    def __init__(self, model: torch.nn.Module | None) -> None:
+        self.model, self.outputs, self.handles = model, [], []
+
+    def __enter__(self) -> BlockOutputs:
+        if self.model is not None:
+            from effdiff.adapters import adapter_for
+
+            for ref in adapter_for(self.model).blocks():
+                self.handles.append(ref.module.register_forward_hook(
+                    lambda _m, _a, out, ref=ref: self.outputs.append(ref.hidden_out(out))))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def normalized_feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """LAPTOP-Diff's normalized feature distillation: the mean over blocks of ‖f_s − f_t‖² / ‖f_t‖², so a block
+    with large activations does not drown the others."""
+    terms = [(s - t).pow(2).sum() / t.pow(2).sum().clamp(min=1e-8) for s, t in zip(student, teacher, strict=True)]
+    return torch.stack(terms).mean()
 
 
 class CompressTrainer(SteppedTraining):
@@ -78,8 +113,11 @@ class CompressTrainer(SteppedTraining):
 
         if config.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
-        if config.importance not in IMPORTANCES:
-            raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {config.importance!r}")
+        if config.importance is None:
+            config = replace(config, importance=IMPORTANCE_OF[config.method][0])
+        if config.importance not in IMPORTANCE_OF[config.method]:
+            raise ValueError(f"{config.method}: importance must be one of {', '.join(IMPORTANCE_OF[config.method])},"
+                             f" got {config.importance!r}")
         if not 0.0 < config.macs < 1.0:
             raise ValueError(f"--macs is a fraction of the original's MACs in (0, 1), got {config.macs}")
         self.config, self.run_dir, self.out = config, Path(run), Path(out)
@@ -99,18 +137,24 @@ class CompressTrainer(SteppedTraining):
         self.alphas_cumprod = self.pipe.scheduler.alphas_cumprod.float()
         self.prediction_type = self.pipe.scheduler.config.prediction_type
         self.student: torch.nn.Module | None = None
+        self.removed: list[str] = []
         self.step, self.elapsed, self.losses = 0, 0.0, []
 
     # ---------------------------------------------------------------- pruning
 
     def prepare(self) -> None:
         """Importance, then pruning to the MAC budget; the pruned model is what finetuning starts from."""
+        started = time.perf_counter()
+        pruned = self._prune_depth() if self.config.method == "laptop" else self._prune_width()
+        self.elapsed += time.perf_counter() - started
+        self._start(pruned)
+
+    def _prune_width(self) -> torch.nn.Module:
         from effdiff.compress.importance import accumulate_taylor_gradients
         from effdiff.compress.prune import prune_to_macs
         from effdiff.compress.structure import changed_widths
 
         c = self.config
-        started = time.perf_counter()
         model = copy.deepcopy(self.teacher)
         images, text = self._batch(dropout=0.0)
         self.timesteps = (accumulate_taylor_gradients(model, self.call(model), images, text, self.alphas_cumprod,
@@ -118,8 +162,23 @@ class CompressTrainer(SteppedTraining):
                           if c.importance == "taylor" else [])
         pruned, self.facts = prune_to_macs(model, c.macs, c.importance)
         self.widths = changed_widths(self.teacher, pruned)
-        self.elapsed += time.perf_counter() - started
-        self._start(pruned)
+        return pruned
+
+    def _prune_depth(self) -> torch.nn.Module:
+        from effdiff.adapters import adapter_for
+        from effdiff.compress.layers import layers_for_budget, output_loss_scores, removal_order
+
+        c = self.config
+        model = copy.deepcopy(self.teacher)
+        candidates = [name for name, _ in adapter_for(model).removable_layers()]
+        images, text = self._batch(dropout=0.0)
+        scores = (output_loss_scores(model, self.call(model), candidates, images, text, self.alphas_cumprod,
+                                     generator=self.gen)
+                  if c.importance == "output" else dict.fromkeys(candidates, 0.0))
+        self.removed, self.facts = layers_for_budget(model, removal_order(scores, c.importance, c.seed), c.macs)
+        self.facts["scores"] = scores
+        self.timesteps, self.widths = [], {}
+        return self.rebuild({})
 
     def _start(self, student: torch.nn.Module) -> None:
         self.student = student.requires_grad_(True).train()
@@ -127,12 +186,15 @@ class CompressTrainer(SteppedTraining):
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=self.config.lr, weight_decay=0.0)
 
     def rebuild(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """The pruned model from its weights and ``self.widths``: a copy of the teacher, reshaped in place."""
-        from effdiff.compress.structure import put_structure
+        """The pruned model from its weights, ``self.removed`` and ``self.widths``: a copy of the teacher, its
+        layers removed and reshaped in place."""
+        from effdiff.compress.structure import put_structure, remove_layers
         from effdiff.patches import PatchLog
 
         model = copy.deepcopy(self.teacher)
-        put_structure(PatchLog(), model, weights, self.widths)  # a throwaway log: the copy stays pruned
+        log = PatchLog()  # thrown away: the copy stays pruned
+        remove_layers(log, model, self.removed)
+        put_structure(log, model, weights, self.widths)
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return model
@@ -145,8 +207,8 @@ class CompressTrainer(SteppedTraining):
 
     def save_checkpoint(self) -> None:
         state = {"student": self.student.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                 "widths": self.widths, "facts": self.facts, "timesteps": self.timesteps, "step": self.step,
-                 "elapsed": self.elapsed, "losses": self.losses, "gen": self.gen.get_state(),
+                 "widths": self.widths, "removed": self.removed, "facts": self.facts, "timesteps": self.timesteps,
+                 "step": self.step, "elapsed": self.elapsed, "losses": self.losses, "gen": self.gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "config": asdict(self.config)}
         tmp = self.checkpoint_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -161,6 +223,7 @@ class CompressTrainer(SteppedTraining):
         if differs:
             raise ValueError(f"--resume: the checkpoint was made with other settings (saved, now): {differs}")
         self.widths, self.facts, self.timesteps = state["widths"], state["facts"], state["timesteps"]
+        self.removed = state["removed"]
         self._start(self.rebuild(state["student"]))
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
@@ -190,12 +253,18 @@ class CompressTrainer(SteppedTraining):
         noisy = alpha.sqrt() * images + (1 - alpha).sqrt() * noise
         target = {"v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * images, "epsilon": noise,
                   "sample": images}[self.prediction_type]
-        output = self.call(self.student)(noisy, timesteps, text)
+        c = self.config
+        features = c.feature_weight and self.removed
+        with BlockOutputs(self.student if features else None) as student_features:
+            output = self.call(self.student)(noisy, timesteps, text)
         loss = (output - target).pow(2).mean()
-        if self.config.teacher_weight:
-            with torch.no_grad():
+        if c.teacher_weight or features:
+            with torch.no_grad(), BlockOutputs(self.teacher if features else None) as teacher_features:
                 taught = self.call(self.teacher)(noisy, timesteps, text)
-            loss = loss + self.config.teacher_weight * (output - taught).pow(2).mean()
+            loss = loss + c.teacher_weight * (output - taught).pow(2).mean()
+        if features:
+            loss = loss + c.feature_weight * normalized_feature_loss(student_features.outputs,
+                                                                     teacher_features.outputs)
         return loss
 
     def after_step(self) -> None:
@@ -217,7 +286,8 @@ class CompressTrainer(SteppedTraining):
 
         c = self.config
         return {"method": c.method, "importance": c.importance, "macs_target": c.macs, **self.facts,
-                "informative_timesteps": self.timesteps, "widths": self.widths, "teacher": c.model,
+                "informative_timesteps": self.timesteps, "removed": self.removed, "widths": self.widths,
+                "teacher": c.model,
                 "teacher_fingerprint": self.fingerprint, "config": asdict(c), "iterations_done": self.step,
                 "wall_seconds": round(self.elapsed, 1), "machine": machine(self.device),
                 "data": "4,000 training digits (effdiff.zoo.data) with their captions, the teacher's outputs",
@@ -250,12 +320,14 @@ def add_compress_arguments(parser) -> None:
 
     parser.add_argument("model", help=f"{', '.join(DISTILLABLE)}, or a local folder of one")
     parser.add_argument("--method", default="diffpruning", choices=METHODS)
-    parser.add_argument("--importance", default="taylor", choices=IMPORTANCES,
-                        help="taylor (Diff-Pruning) or magnitude (the naive baseline)")
+    parser.add_argument("--importance", default=None, choices=sorted({i for v in IMPORTANCE_OF.values() for i in v}),
+                        help="diffpruning: taylor (default) or magnitude (the naive baseline); laptop: output "
+                             "(default) or random")
     parser.add_argument("--macs", type=float, default=CompressConfig.macs,
                         help="the pruned model's MACs per call as a fraction of the original's, in (0, 1)")
     add_config_flags(parser, CompressConfig, ("seed", "iterations", "batch_size", "warmup", "stride",
-                                              "checkpoint_every"), ("lr", "max_minutes", "teacher_weight", "threshold"))
+                                              "checkpoint_every"),
+                     ("lr", "max_minutes", "teacher_weight", "feature_weight", "threshold"))
     add_job_flags(parser, "compress")
 
 

