@@ -51,6 +51,19 @@ def test_the_importance_decides_which_channels_stay_and_is_deterministic():
     assert not torch.equal(kept["taylor"][0], kept["magnitude"][0])
 
 
+def test_the_bundled_unet_keeps_its_attention_pooled_text_embedding_whole():
+    """tiny-sd adds a text embedding pooled by attention (``add_embedding``), which reshapes by a fixed head
+    width: pruned, it broke the forward until the adapter kept it."""
+    import effdiff
+
+    model = effdiff.load("tiny-sd").denoiser
+    pruned, facts = prune_to_macs(model, 0.6, "magnitude", trials=3)
+    assert facts["macs_fraction"] <= 0.6
+    assert pruned.add_embedding.state_dict().keys() == model.add_embedding.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(pruned.add_embedding.state_dict().values(),
+                                                 model.add_embedding.state_dict().values(), strict=True))
+
+
 def test_regrouping_keeps_channels_per_group():
     assert _largest_grouping(32, 1) == 32 and _largest_grouping(33, 2) == 11 and _largest_grouping(1, 2) == 1
 

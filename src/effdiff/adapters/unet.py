@@ -67,8 +67,11 @@ class _UNetAdapter(Adapter):
 
 
     def pruning_kept(self) -> list[nn.Module] | None:
-        """``conv_out``: its width is the latent's channels."""
-        return [self.model.conv_out]
+        """``conv_out`` (its width is the latent's channels) and the extra conditioning embeddings that reshape by
+        a fixed head width (SD-XL-style ``add_embedding``, e.g. a text embedding pooled by attention, as tiny-sd
+        has; ``encoder_hid_proj``)."""
+        extra = [getattr(self.model, name, None) for name in ("add_embedding", "encoder_hid_proj")]
+        return [self.model.conv_out, *(module for module in extra if module is not None)]
 
     def example_call(self, batch: int = 1, text_tokens: int = 8) -> dict[str, Any]:
         config = self.model.config
