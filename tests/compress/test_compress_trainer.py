@@ -66,6 +66,15 @@ def test_an_interrupted_run_resumes_to_the_same_bits_and_refuses_other_settings(
     assert_same(load_file(str(whole / WEIGHTS_FILE)), load_file(str(resumed / WEIGHTS_FILE)))
 
 
+def test_the_default_export_folder_names_the_methods_own_importance(tmp_path, monkeypatch):
+    import effdiff.compress.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "default_output", lambda model, name, kind: tmp_path / kind / name)
+    out = compress(config(method="laptop", macs=0.8, iterations=1), tmp_path / "run", pipe=tiny_teacher())
+    assert out == tmp_path / "compress" / "laptop-macs0.8"
+    assert json.loads((out / RECORD).read_text())["importance"] == "output"
+
+
 def test_bad_settings_and_other_models_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"--macs is a fraction of the original's MACs in \(0, 1\), got 1.2"):
         CompressTrainer(config(macs=1.2), tmp_path, tmp_path, tiny_teacher())
@@ -75,5 +84,7 @@ def test_bad_settings_and_other_models_are_refused(tmp_path):
         CompressTrainer(config(method="laptop", importance="taylor"), tmp_path, tmp_path, tiny_teacher())
     with pytest.raises(ValueError, match="compress works on tiny-sd, tiny-dit"):
         CompressTrainer(config(model="sd15-arch"), tmp_path, tmp_path)
+    with pytest.raises(ValueError, match="method must be one of diffpruning, laptop, got 'bksdm'"):
+        compress(config(method="bksdm"), tmp_path / "x", pipe=tiny_teacher())
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
         compress(config(), tmp_path / "none", tmp_path / "out", resume=True, pipe=tiny_teacher())

@@ -72,6 +72,13 @@ class CompressConfig:
     device: str = "cpu"
 
 
+def resolved(config: CompressConfig) -> CompressConfig:
+    """``config`` with its method's own importance rule where none was given; an unknown method is refused."""
+    if config.method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    return config if config.importance is not None else replace(config, importance=IMPORTANCE_OF[config.method][0])
+
+
 class BlockOutputs:
     """Within ``with``, collects the output feature map of every block of ``model`` (the adapter's blocks, in
     call order); with ``model`` None it collects nothing."""
@@ -111,10 +118,7 @@ class CompressTrainer(SteppedTraining):
         from effdiff.zoo.captions import caption_bank, caption_states
         from effdiff.zoo.data import load_digits
 
-        if config.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
-        if config.importance is None:
-            config = replace(config, importance=IMPORTANCE_OF[config.method][0])
+        config = resolved(config)
         if config.importance not in IMPORTANCE_OF[config.method]:
             raise ValueError(f"{config.method}: importance must be one of {', '.join(IMPORTANCE_OF[config.method])},"
                              f" got {config.importance!r}")
@@ -308,6 +312,7 @@ class CompressTrainer(SteppedTraining):
 def compress(config: CompressConfig, run: Path | None = None, out: Path | None = None, resume: bool = False,
              pipe: Any = None) -> Path:
     """Prune and finetune (or continue) one compressed model; returns the folder it was exported to."""
+    config = resolved(config)
     name = compressed_folder(config.method, config.macs, config.importance)
     out = out or default_output(config.model, name, "compress")
     run = run or Path("runs") / "compress" / f"{config.model}-{name}"
