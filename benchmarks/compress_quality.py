@@ -9,7 +9,7 @@ tiny-sd and 2.96 on tiny-dit in ``benchmarks/results/distill_quality*.json``). E
 ``effdiff bench``.
 
     HF_HUB_OFFLINE=1 python benchmarks/compress_quality.py [--models tiny-sd tiny-dit] [--per-digit 100]
-        [--teacher] [--steps 20]
+        [--teacher] [--steps 20] [--only FOLDER ...]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--per-digit", type=int, default=100)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--teacher", action="store_true", help="also score the teacher in this run")
+    parser.add_argument("--only", nargs="+", default=[], help="these compressed folders (exact names) only")
     parser.add_argument("--out", default="benchmarks/results/compress_quality.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -75,6 +76,8 @@ def main() -> None:
                                                                                      args.steps)})
             print(f"  teacher  FID {rows[-1]['fid']:.3f}  accuracy {rows[-1]['prompt_accuracy']:.1%}", flush=True)
         for folder in sorted((WEIGHTS / model / "compress").glob("*/")):
+            if args.only and folder.name not in args.only:
+                continue
             record = json.loads((folder / RECORD).read_text())
             recipe = (f"{record['method']}:macs={record['macs_target']:g},importance={record['importance']}")
             effdiff.accelerate(pipe, recipe)
@@ -85,7 +88,8 @@ def main() -> None:
                    "params_fraction": params / full_params, "call_seconds_original": original_s,
                    "call_seconds_compressed": compressed_s, "call_speedup": original_s / compressed_s,
                    **score(pipe, recipe, args.per_digit, args.steps),
-                   "training": {k: record[k] for k in ("iterations_done", "wall_seconds", "machine", "ratio")}}
+                   "training": {k: record.get(k) for k in ("iterations_done", "wall_seconds", "machine", "ratio",
+                                                           "removed")}}
             rows.append(row)
             print(f"  {folder.name:32s} MACs {row['macs_fraction']:.1%}  params {row['params_fraction']:.1%}  "
                   f"call {row['call_speedup']:.2f}x  FID {row['fid']:.3f}  KID {row['kid']:.4f}  "

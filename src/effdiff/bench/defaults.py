@@ -26,6 +26,7 @@ DEFAULT = (
     "lcm:steps=4+int8",
     "progressive:steps=4",  # and their progressive students (8 → 4 → 2 → 1 steps)
     "rectflow",  # and their one-step rectified-flow students (InstaFlow)
+    "dpmpp2m:steps=20+diffpruning+deepcache:interval=3",  # the shipped pruned denoiser (effdiff compress) stacked
     "dpmpp2m:steps=20+guidance-distill+deepcache:interval=3",  # the w-conditioned student: one pass per step
 )
 # Token merging is --full only: on the 32-px bundled models it never pays (0.90× on tiny-sd, 0.78× on tiny-dit,
@@ -42,6 +43,8 @@ FULL_ONLY = (
     # and its compilation added two minutes to the default run
     "compile",
     "guidance-distill",  # 50 DDIM steps at one call each: what guidance distillation alone buys
+    "diffpruning",  # the pruned denoiser alone (50 % of the MACs)
+    "laptop",  # tiny-sd's layer-pruned denoiser (70 % of the MACs; none shipped for tiny-dit)
 )
 
 
