@@ -113,10 +113,8 @@ class CompressTrainer(SteppedTraining):
     resumable_changes = ("iterations", "max_minutes", "device", "checkpoint_every")
 
     def __init__(self, config: CompressConfig, run: Path, out: Path, pipe: Any = None) -> None:
-        from effdiff.distill.trainer import denoiser_call, teacher_pipeline
+        from effdiff.distill.trainer import denoiser_call, teacher_pipeline, training_data
         from effdiff.methods.solvers.schedule import model_fingerprint
-        from effdiff.zoo.captions import caption_bank, caption_states
-        from effdiff.zoo.data import load_digits
 
         config = resolved(config)
         if config.importance not in IMPORTANCE_OF[config.method]:
@@ -134,10 +132,7 @@ class CompressTrainer(SteppedTraining):
         self.teacher = self.pipe.denoiser.to(self.device).eval().requires_grad_(False)
         self.fingerprint = model_fingerprint(self.teacher)
         self.call = lambda model: denoiser_call(model, self.is_dit)
-        split = load_digits()
-        self.images, self.labels = split.train_images.to(self.device), split.train_labels.to(self.device)
-        per_digit, uncond = caption_bank(caption_states())
-        self.per_digit, self.uncond = per_digit.to(self.device), uncond.to(self.device)
+        self.images, self.labels, self.per_digit, self.uncond = training_data(self.device)
         self.alphas_cumprod = self.pipe.scheduler.alphas_cumprod.float()
         self.prediction_type = self.pipe.scheduler.config.prediction_type
         self.student: torch.nn.Module | None = None

@@ -109,6 +109,18 @@ def part_state(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Ten
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def training_data(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the 4,000 training digits, their labels, per-digit caption states, the unconditional states) on
+    ``device``: what every trainer of a bundled model's derivative draws its batches from."""
+    from effdiff.zoo.captions import caption_bank, caption_states
+    from effdiff.zoo.data import load_digits
+
+    split = load_digits()
+    per_digit, uncond = caption_bank(caption_states())
+    return (split.train_images.to(device), split.train_labels.to(device), per_digit.to(device),
+            uncond.to(device))
+
+
 def machine(device: torch.device) -> str:
     return (f"{platform.node()} {platform.processor() or platform.machine()} "
             f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} threads={torch.get_num_threads()}")
@@ -127,8 +139,6 @@ class DistillTrainer(SteppedTraining):
     def __init__(self, config: DistillConfig, run: Path, out: Path, pipe: Any = None) -> None:
         """``pipe``: the teacher pipeline, if not the bundled ``config.model`` (a test's tiny random one)."""
         from effdiff.methods.solvers.schedule import model_fingerprint
-        from effdiff.zoo.captions import caption_bank, caption_states
-        from effdiff.zoo.data import load_digits
 
         if config.form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {config.form!r}")
@@ -160,10 +170,7 @@ class DistillTrainer(SteppedTraining):
         self.opt = torch.optim.AdamW([p for p in self.parts.parameters() if p.requires_grad], lr=config.lr,
                                      weight_decay=0.0)
         self.step, self.elapsed, self.losses = 0, 0.0, []
-        split = load_digits()
-        self.images, self.labels = split.train_images.to(self.device), split.train_labels.to(self.device)
-        per_digit, uncond = caption_bank(caption_states())
-        self.per_digit, self.uncond = per_digit.to(self.device), uncond.to(self.device)
+        self.images, self.labels, self.per_digit, self.uncond = training_data(self.device)
         self.alphas_cumprod = self.pipe.scheduler.alphas_cumprod.float()
         self.prediction_type = self.pipe.scheduler.config.prediction_type
         self.objective = self._objective()

@@ -118,7 +118,8 @@ def _with_student(folder: Path) -> DiffusionPipeline:
     pipe = load(record["teacher"])
     method, form = record.get("method", "lcm"), record.get("form", "lora")
     steps = f",steps={record['steps']}" if "steps" in record else ""
-    accelerate(pipe, f"{method}:form={form},path={folder}{steps}")
+    stage = f",stage={record['phase']}" if "phase" in record else ""  # a rectified-flow student's
+    accelerate(pipe, f"{method}:form={form},path={folder}{steps}{stage}")
     return pipe
 
 

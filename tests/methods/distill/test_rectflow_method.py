@@ -85,4 +85,4 @@ def test_the_shipped_students_are_small_apply_load_and_remove_bit_identically(mo
         pytest.skip(f"no rectified-flow student shipped for {model}")
     assert sorted(p.name for p in folder.iterdir()) == ["onestep", "reflow"]
     assert_shipped_student_round_trips(model, folder / "onestep", "rectflow")
-    assert_shipped_student_round_trips(model, folder / "reflow", "rectflow:steps=4")
+    assert_shipped_student_round_trips(model, folder / "reflow", "rectflow:steps=4", num_inference_steps=4)
