@@ -41,8 +41,24 @@ def find_student(pipe: Any, method: str, form: str) -> Path | None:
     return found if found.is_dir() else None
 
 
+def model_reference(pipe: Any) -> str:
+    """The pipeline's model as ``effdiff.load`` takes it (a bundled model by name, a local one by folder), for the
+    command a refusal suggests."""
+    return getattr(pipe, "effdiff_model_ref", None) or getattr(pipe, "effdiff_model_name", None) or "MODEL"
+
+
+def given_folder(method: str, path: str, command: str) -> Path | None:
+    """A recipe's ``path=`` as a folder (None when not given); refused when it is not one."""
+    from effdiff.errors import RecipeError
+
+    if not path:
+        return None
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise RecipeError(f"{method}: path {str(folder)!r} is not a folder (one written by effdiff {command})")
+    return folder
+
+
 def make_command(pipe: Any, method: str, form: str) -> str:
-    """The ``effdiff distill`` command that trains the missing student for this pipeline (named as ``effdiff.load``
-    takes it: a bundled model by name, a local one by folder)."""
-    model = getattr(pipe, "effdiff_model_ref", None) or getattr(pipe, "effdiff_model_name", None) or "MODEL"
-    return f"effdiff distill {model} --method {method}" + (" --full" if form == "full" else "")
+    """The ``effdiff distill`` command that trains the missing student for this pipeline."""
+    return f"effdiff distill {model_reference(pipe)} --method {method}" + (" --full" if form == "full" else "")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from effdiff.distill import lora
-from effdiff.distill.store import RECORD, find_student, make_command
+from effdiff.distill.store import RECORD, find_student, given_folder, make_command
 from effdiff.patches import split_name
 from effdiff.registry import FAMILIES, Method, Param, RecipeError
 
@@ -33,11 +33,8 @@ class StudentMethod(Method):
         """The folder of this recipe's student: ``path=``, else the one beside the model (refused, with the
         command that trains it, when there is none)."""
         form = self.values["form"]
-        if self.values["path"]:
-            folder = Path(self.values["path"]).expanduser()
-            if not folder.is_dir():
-                raise RecipeError(f"{self.name}: path {str(folder)!r} is not a folder (one written by effdiff "
-                                  "distill)")
+        folder = given_folder(self.name, self.values["path"], "distill")
+        if folder is not None:
             return folder
         found = find_student(pipe, self.name, form)
         if found is None:

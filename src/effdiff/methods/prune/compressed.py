@@ -26,23 +26,19 @@ class CompressedMethod(Method):
 
     def folder(self, pipe: Any) -> Path:
         from effdiff.compress.trainer import compressed_folder
-        from effdiff.distill.store import model_folder
+        from effdiff.distill.store import given_folder, model_folder, model_reference
 
-        if self.values["path"]:
-            folder = Path(self.values["path"]).expanduser()
-            if not folder.is_dir():
-                raise RecipeError(f"{self.name}: path {str(folder)!r} is not a folder (one written by effdiff "
-                                  "compress)")
+        folder = given_folder(self.name, self.values["path"], "compress")
+        if folder is not None:
             return folder
         name = compressed_folder(self.name, self.values["macs"], self.values["importance"])
         base = model_folder(pipe)
         if base is None or not (base / "compress" / name).is_dir():
-            model = getattr(pipe, "effdiff_model_ref", None) or getattr(pipe, "effdiff_model_name", None) or "MODEL"
             flags = f" --method {self.name} --macs {self.values['macs']:g}" + (
                 "" if self.values["importance"] == self.importances[0]
                 else f" --importance {self.values['importance']}")
             raise RecipeError(f"{self.name}: this model has no compressed denoiser {name!r} yet; make one with "
-                              f"`effdiff compress {model}{flags}` (or pass path=FOLDER)")
+                              f"`effdiff compress {model_reference(pipe)}{flags}` (or pass path=FOLDER)")
         return base / "compress" / name
 
     def apply(self, pipe: Any, ctx: Any) -> None:
