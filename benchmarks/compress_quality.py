@@ -25,7 +25,7 @@ import torch
 import effdiff
 from effdiff.adapters import adapter_for
 from effdiff.compress.prune import call_macs
-from effdiff.compress.trainer import RECORD
+from effdiff.compress.trainer import RECORD, recipe_of
 from effdiff.eval.cost import time_alternating
 from effdiff.zoo.evaluate import generate_eval_samples, score_samples
 from effdiff.zoo.load import WEIGHTS
@@ -79,7 +79,7 @@ def main() -> None:
             if args.only and folder.name not in args.only:
                 continue
             record = json.loads((folder / RECORD).read_text())
-            recipe = (f"{record['method']}:macs={record['macs_target']:g},importance={record['importance']}")
+            recipe = recipe_of(record)
             effdiff.accelerate(pipe, recipe)
             macs, params = call_macs(pipe.denoiser), sum(p.numel() for p in pipe.denoiser.parameters())
             pipe.effdiff.remove()
@@ -89,7 +89,7 @@ def main() -> None:
                    "call_seconds_compressed": compressed_s, "call_speedup": original_s / compressed_s,
                    **score(pipe, recipe, args.per_digit, args.steps),
                    "training": {k: record.get(k) for k in ("iterations_done", "wall_seconds", "machine", "ratio",
-                                                           "removed")}}
+                                                           "width_ratio", "removed", "blocks", "kept")}}
             rows.append(row)
             print(f"  {folder.name:32s} MACs {row['macs_fraction']:.1%}  params {row['params_fraction']:.1%}  "
                   f"call {row['call_speedup']:.2f}x  FID {row['fid']:.3f}  KID {row['kid']:.4f}  "

@@ -23,10 +23,11 @@ def model_folder_with(folder: Path, method: str, **settings) -> Path:
     return folder
 
 
-def teacher_at(folder: Path, seed: int = 0):
-    """The tiny teacher, as if ``effdiff.load`` had loaded it from ``folder``."""
-    pipe = tiny_teacher(seed=seed)
-    pipe.effdiff_model_name, pipe.effdiff_model_folder, pipe.effdiff_model_ref = "tiny-sd", str(folder), str(folder)
+def teacher_at(folder: Path, seed: int = 0, kind: str = "sd"):
+    """The tiny teacher (``kind`` as ``tiny_teacher``), as if ``effdiff.load`` had loaded it from ``folder``."""
+    pipe = tiny_teacher(kind, seed=seed)
+    name = "tiny-dit" if kind == "dit" else "tiny-sd"
+    pipe.effdiff_model_name, pipe.effdiff_model_folder, pipe.effdiff_model_ref = name, str(folder), str(folder)
     return pipe
 
 

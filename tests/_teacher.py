@@ -20,6 +20,13 @@ def tiny_teacher(kind: str = "sd", seed: int = 0):
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=4)
         pipe = TinySDPipeline(unet.eval(), default_scheduler(), *load_text_encoder())
+    elif kind == "sd-stages":  # SD 1.5's layout in miniature: two pairs per stage, an innermost DownBlock2D
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=4)
+        pipe = TinySDPipeline(unet.eval(), default_scheduler(), *load_text_encoder())
     else:
         transformer = PixArtTransformer2DModel(
             sample_size=32, patch_size=4, in_channels=1, out_channels=1, num_layers=2, num_attention_heads=2,

@@ -63,3 +63,42 @@ def test_unsupported():
         adapter_for(torch.nn.Conv2d(1, 1, 1))
     with pytest.raises(UnsupportedBackboneError, match="no denoiser"):
         adapter_for(object())
+
+
+def test_bksdm_block_removal_keeps_the_unet_running_at_every_variant_and_refuses_what_it_cannot_remove():
+    """SD 1.5's layout in miniature: base halves each stage's pairs (up stages keep their first and last), small
+    also drops the mid-block, tiny also the innermost stage; each runs, smaller each time, and undoes exactly."""
+    from _teacher import tiny_teacher
+
+    from effdiff.compress.structure import apply_block_plan
+    from effdiff.patches import PatchLog
+
+    unet = tiny_teacher("sd-stages").denoiser
+    adapter = adapter_for(unet)
+    call = adapter.example_call(2)
+    with torch.no_grad():
+        before = unet(**call).sample
+    sizes = [sum(p.numel() for p in unet.parameters())]
+    for variant in ("base", "small", "tiny"):
+        plan = adapter.block_removal(variant)
+        log = PatchLog()
+        apply_block_plan(log, unet, plan)
+        with torch.no_grad():
+            assert unet(**call).sample.shape == before.shape
+        sizes.append(sum(p.numel() for p in unet.parameters()))
+        assert [len(b.resnets) for b in unet.down_blocks][:2] == [1, 1]
+        assert all(len(b.resnets) == 2 for b in unet.up_blocks)
+        for teacher_name, student_name in plan.features:
+            assert unet.get_submodule(student_name) is not None and teacher_name.split(".")[0] in ("down_blocks",
+                                                                                                 "up_blocks")
+        log.restore()
+        with torch.no_grad():
+            assert torch.equal(unet(**call).sample, before)
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
+    with pytest.raises(ValueError, match="base, small or tiny"):
+        adapter.block_removal("huge")
+    narrow = adapter_for(tiny_teacher("sd").denoiser)  # stages of 8 and 16 channels, one pair each
+    with pytest.raises(ValueError, match="one pair per down stage already"):
+        narrow.block_removal("base")
+    with pytest.raises(ValueError, match=r"needs a stage above it of the same width.*\[8, 16\]"):
+        narrow.block_removal("tiny")

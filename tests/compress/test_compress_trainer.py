@@ -1,4 +1,4 @@
-"""``effdiff compress`` (both methods): the export holds the pruned EMA weights with the removed layers and changed
+"""``effdiff compress`` (every method): the export holds the pruned EMA weights with the removed layers and changed
 widths (rebuilt, they compute what the trainer's model computes), an interrupted run resumes to the same bits, and
 bad settings are refused."""
 
@@ -30,20 +30,26 @@ def kill_at(trainer: CompressTrainer, step: int) -> None:
         raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("kind", ["sd", "dit"])
-@pytest.mark.parametrize("method", ["diffpruning", "laptop"])
+@pytest.mark.parametrize(("kind", "method"), [("sd", "diffpruning"), ("dit", "diffpruning"), ("sd", "laptop"),
+                                              ("dit", "laptop"), ("sd-stages", "bksdm"), ("dit", "ditprune")])
 def test_the_export_rebuilds_to_the_trained_model(tmp_path, kind, method):
-    macs = 0.5 if method == "diffpruning" else 0.8
-    trainer = CompressTrainer(config(iterations=2, method=method, macs=macs), tmp_path / "run", tmp_path / "out",
-                              tiny_teacher(kind))
+    macs = {"diffpruning": 0.5, "laptop": 0.8, "bksdm": 0.9, "ditprune": 0.5}[method]
+    trainer = CompressTrainer(config(iterations=2, method=method, macs=macs, variant="tiny", mask_iterations=2),
+                              tmp_path / "run", tmp_path / "out", tiny_teacher(kind))
     trainer.train()
     out = trainer.export()
     record = json.loads((out / RECORD).read_text())
     assert record["macs_fraction"] <= macs and record["iterations_done"] == 2
     if method == "diffpruning":
         assert record["widths"] and not record["removed"] and record["informative_timesteps"][0] == 0
-    else:
+    elif method == "laptop":
         assert record["removed"] and not record["widths"] and set(record["removed"]) <= set(record["scores"])
+    elif method == "bksdm":
+        assert record["blocks"]["dropped"] == ["mid_block", "down_blocks.1.downsamplers"] and not record["widths"]
+        assert record["blocks"]["kept"]["up_blocks"] == [1, 2] and record["variant"] == "tiny"
+    else:  # 1 of 2 blocks kept by the learned mask, then heads pruned to reach the budget
+        assert record["blocks"]["kept"] == {"transformer_blocks": record["kept"]} and len(record["kept"]) == 1
+        assert len(record["mask_probabilities"]) == 1 and record["widths"]
     rebuilt = trainer.rebuild(load_file(str(out / WEIGHTS_FILE))).eval()
     call = adapter_for(rebuilt).example_call(2)
     with torch.no_grad():
@@ -51,18 +57,20 @@ def test_the_export_rebuilds_to_the_trained_model(tmp_path, kind, method):
     assert sum(p.numel() for p in rebuilt.parameters()) < sum(p.numel() for p in trainer.teacher.parameters())
 
 
-@pytest.mark.parametrize("method", ["diffpruning", "laptop"])
-def test_an_interrupted_run_resumes_to_the_same_bits_and_refuses_other_settings(tmp_path, monkeypatch, method):
-    whole = compress(config(method=method), tmp_path / "a", tmp_path / "a-out", pipe=tiny_teacher())
-    killed = CompressTrainer(config(method=method, checkpoint_every=3), tmp_path / "c", tmp_path / "c-out",
-                             tiny_teacher())
+@pytest.mark.parametrize(("method", "kind"), [("diffpruning", "sd"), ("laptop", "sd"), ("bksdm", "sd-stages"),
+                                              ("ditprune", "dit")])
+def test_an_interrupted_run_resumes_to_the_same_bits_and_refuses_other_settings(tmp_path, monkeypatch, method, kind):
+    settings = {"method": method, "mask_iterations": 2}
+    whole = compress(config(**settings), tmp_path / "a", tmp_path / "a-out", pipe=tiny_teacher(kind))
+    killed = CompressTrainer(config(**settings, checkpoint_every=3), tmp_path / "c", tmp_path / "c-out",
+                             tiny_teacher(kind))
     monkeypatch.setattr(killed, "after_step", lambda: kill_at(killed, 5))
     with pytest.raises(KeyboardInterrupt):
         killed.train()
     with pytest.raises(ValueError, match="other settings.*macs"):
-        compress(config(method=method, macs=0.4), tmp_path / "c", tmp_path / "c-out", resume=True,
-                 pipe=tiny_teacher())
-    resumed = compress(config(method=method), tmp_path / "c", tmp_path / "c-out", resume=True, pipe=tiny_teacher())
+        compress(config(**settings, macs=0.4), tmp_path / "c", tmp_path / "c-out", resume=True,
+                 pipe=tiny_teacher(kind))
+    resumed = compress(config(**settings), tmp_path / "c", tmp_path / "c-out", resume=True, pipe=tiny_teacher(kind))
     assert_same(load_file(str(whole / WEIGHTS_FILE)), load_file(str(resumed / WEIGHTS_FILE)))
 
 
@@ -84,7 +92,15 @@ def test_bad_settings_and_other_models_are_refused(tmp_path):
         CompressTrainer(config(method="laptop", importance="taylor"), tmp_path, tmp_path, tiny_teacher())
     with pytest.raises(ValueError, match="compress works on tiny-sd, tiny-dit"):
         CompressTrainer(config(model="sd15-arch"), tmp_path, tmp_path)
-    with pytest.raises(ValueError, match="method must be one of diffpruning, laptop, got 'bksdm'"):
-        compress(config(method="bksdm"), tmp_path / "x", pipe=tiny_teacher())
+    with pytest.raises(ValueError, match="method must be one of diffpruning, laptop, bksdm, ditprune, got 'slim'"):
+        compress(config(method="slim"), tmp_path / "x", pipe=tiny_teacher())
+    with pytest.raises(ValueError, match="--variant is one of base, small, tiny, got 'huge'"):
+        CompressTrainer(config(method="bksdm", variant="huge"), tmp_path, tmp_path, tiny_teacher())
+    with pytest.raises(ValueError, match="has one pair per down stage already"):
+        compress(config(method="bksdm", variant="base"), tmp_path / "y", pipe=tiny_teacher())
+    with pytest.raises(ValueError, match="ditprune removes blocks of one transformer block list"):
+        compress(config(method="ditprune"), tmp_path / "z", pipe=tiny_teacher())
+    with pytest.raises(ValueError, match="pattern '1:3': needs 0 < N < M and M dividing the 2 blocks"):
+        compress(config(method="ditprune", pattern="1:3"), tmp_path / "w", pipe=tiny_teacher("dit"))
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
         compress(config(), tmp_path / "none", tmp_path / "out", resume=True, pipe=tiny_teacher())

@@ -4,12 +4,13 @@ weights and widths into the original object reproduces the pruned model's output
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import pytest
 import torch
 from torch import nn
 
-from effdiff.compress.structure import changed_widths, put_structure
+from effdiff.compress.structure import BlockPlan, apply_block_plan, changed_widths, put_structure
 from effdiff.patches import PatchLog
 
 
@@ -54,3 +55,46 @@ def test_weights_of_another_architecture_are_refused_by_name():
     with pytest.raises(ValueError, match=r"3 tensors this model does not have \(first: 'extra.bias'\)"):
         put_structure(PatchLog(), two_layers(), {"extra.weight": torch.ones(1), "extra.bias": torch.ones(1),
                                                  "more.weight": torch.ones(1)}, {})
+
+
+def stages() -> nn.Module:
+    """A root with a list of stages, each with a list of layers, and an optional middle layer."""
+    torch.manual_seed(0)
+    root = nn.Module()
+    root.stages = nn.ModuleList([nn.Module() for _ in range(3)])
+    for stage in root.stages:
+        stage.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+    root.middle = nn.Linear(4, 4)
+    root.depth = 3
+    return root
+
+
+def test_a_block_plan_renames_what_follows_a_removed_child():
+    plan = BlockPlan(kept={"stages": [1, 2], "stages.2.layers": [0, 2]})
+    assert plan.renamed("stages.2.layers.2") == "stages.1.layers.1"
+    assert plan.renamed("stages.1.layers.0") == "stages.0.layers.0"
+    assert plan.renamed("middle") == "middle"
+    assert BlockPlan.of(None) == BlockPlan() and BlockPlan.of(asdict(plan)) == plan
+
+
+def test_a_block_plan_shrinks_nested_lists_by_original_names_and_undoes_exactly():
+    root = stages()
+    keep_layer = root.stages[2].layers[2]
+    plan = BlockPlan(kept={"stages": [1, 2], "stages.2.layers": [0, 2]}, dropped=["middle"],
+                     settings={"": {"depth": 2}})
+    log = PatchLog()
+    apply_block_plan(log, root, plan)
+    assert len(root.stages) == 2 and len(root.stages[1].layers) == 2 and root.middle is None and root.depth == 2
+    assert root.get_submodule(plan.renamed("stages.2.layers.2")) is keep_layer
+    assert "stages.1.layers.1.weight" in dict(root.named_parameters())
+    log.restore()
+    fresh = stages()
+    assert len(root.stages) == 3 and root.depth == 3 and isinstance(root.middle, nn.Linear)
+    assert all(torch.equal(a, b) for a, b in zip(root.state_dict().values(), fresh.state_dict().values(), strict=True))
+
+
+def test_a_block_plan_for_another_structure_is_refused():
+    with pytest.raises(ValueError, match="names a module this model does not have"):
+        apply_block_plan(PatchLog(), stages(), BlockPlan(dropped=["nowhere"]))
+    with pytest.raises(ValueError, match=r"keeps \[0, 5\] of 'stages', which has no such children"):
+        apply_block_plan(PatchLog(), stages(), BlockPlan(kept={"stages": [0, 5]}))

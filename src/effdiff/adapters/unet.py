@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from effdiff.adapters.base import Adapter, BlockRef, TokenBlock, basic_transformer_blocks
+
+if TYPE_CHECKING:
+    from effdiff.compress.structure import BlockPlan
 
 
 class _UNetAdapter(Adapter):
@@ -94,6 +97,71 @@ class _UNetAdapter(Adapter):
                 if isinstance(module, Transformer2DModel) or (
                     isinstance(module, ResnetBlock2D) and module.conv_shortcut is None
                     and module.in_channels == module.out_channels and not module.up and not module.down)]
+
+    def block_removal(self, variant: str) -> BlockPlan:
+        """BK-SDM's block removal (Kim et al., arXiv 2305.15798) for this U-Net. ``base``: each down stage keeps the
+        first half of its ResNet/attention pairs (at least one) and each up stage its first and last pair plus as
+        many between as the down stage kept — the skips they read keep their widths; ``small``: base without the
+        mid-block; ``tiny``: small without the innermost stage (its down and up block; the stage above becomes the
+        last, so its downsampler goes too). Refused where a variant removes nothing or would break a width."""
+        from effdiff.compress.structure import BlockPlan
+
+        if variant not in ("base", "small", "tiny"):
+            raise ValueError(f"the BK-SDM variant is base, small or tiny, got {variant!r}")
+        model, plan = self.model, BlockPlan()
+        downs, ups = list(model.down_blocks), list(model.up_blocks)
+        for i, down in enumerate(downs):
+            layers = len(down.resnets)
+            kept = (layers + 1) // 2
+            if kept == layers:
+                continue
+            up_name, up = f"up_blocks.{len(ups) - 1 - i}", ups[len(ups) - 1 - i]
+            plan.kept.update(self._pairs(f"down_blocks.{i}", down, list(range(kept))))
+            plan.kept.update(self._pairs(up_name, up, [*range(kept), len(up.resnets) - 1]))
+        if variant == "base" and not plan.kept:
+            raise ValueError(f"BK-SDM base removes the second half of each stage's pairs; this "
+                             f"{type(model).__name__} has one pair per down stage already (base is the model itself): "
+                             "use small or tiny")
+        if variant in ("small", "tiny"):
+            if model.mid_block is None:
+                raise ValueError(f"{type(model).__name__} has no mid-block to remove")
+            plan.dropped.append("mid_block")
+        if variant == "tiny":
+            if len(downs) < 2 or downs[-1].resnets[-1].out_channels != downs[-2].resnets[-1].out_channels:
+                raise ValueError("BK-SDM tiny removes the innermost stage, which needs a stage above it of the "
+                                 f"same width; this {type(model).__name__}'s stages are "
+                                 f"{[d.resnets[-1].out_channels for d in downs]}")
+            plan.kept["down_blocks"] = list(range(len(downs) - 1))
+            plan.kept["up_blocks"] = list(range(1, len(ups)))
+            plan.dropped.append(f"down_blocks.{len(downs) - 2}.downsamplers")
+            plan.settings[""] = {"num_upsamplers": model.num_upsamplers - 1}
+        plan.features = [(name, plan.renamed(name)) for name in self._stage_outputs(plan)]
+        return plan
+
+    @staticmethod
+    def _pairs(name: str, block: nn.Module, kept: list[int]) -> dict[str, list[int]]:
+        """The kept ResNets of a stage, and its attentions alongside where it has them."""
+        out = {f"{name}.resnets": kept}
+        if getattr(block, "attentions", None) is not None:
+            out[f"{name}.attentions"] = kept
+        return out
+
+    def _stage_outputs(self, plan: BlockPlan) -> list[str]:
+        """Each remaining stage's last layer before its resampler (its attention where it has one): the
+        features BK-SDM distils, stage by stage."""
+        removed_down = set(range(len(self.model.down_blocks))) - set(plan.kept.get("down_blocks",
+                                                                                   range(len(self.model.down_blocks))))
+        removed_up = set(range(len(self.model.up_blocks))) - set(plan.kept.get("up_blocks",
+                                                                               range(len(self.model.up_blocks))))
+        names = []
+        for kind, removed in (("down_blocks", removed_down), ("up_blocks", removed_up)):
+            for i, block in enumerate(getattr(self.model, kind)):
+                if i in removed:
+                    continue
+                part = "attentions" if getattr(block, "attentions", None) is not None else "resnets"
+                kept = plan.kept.get(f"{kind}.{i}.{part}", list(range(len(getattr(block, part)))))
+                names.append(f"{kind}.{i}.{part}.{kept[-1]}")
+        return names
 
     def fix_pruned_widths(self, heads: dict[nn.Module, int]) -> None:
         """Also the resamplers' ``channels``/``out_channels``, which their forwards assert the input against."""

@@ -10,6 +10,7 @@ object, in place, through an undo log, so the adapter, the hooks and the pipelin
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -70,3 +71,59 @@ def remove_layers(patches: PatchLog, model: nn.Module, names: list[str]) -> None
     """Put a ``SkippedLayer`` where each named layer was, through ``patches``."""
     for name in names:
         patches.module(model, name, SkippedLayer())
+
+
+@dataclass
+class BlockPlan:
+    """Whole blocks removed from a denoiser, in the original's module names (BK-SDM's stages and pairs, a DiT's
+    transformer blocks): each ``ModuleList`` in ``kept`` shrinks to the listed children, in order; each name in
+    ``dropped`` becomes ``None`` (diffusers' forwards skip a missing mid-block or resampler); ``settings`` are
+    attributes the forward reads to know the new structure (a U-Net's ``num_upsamplers``). ``features`` pairs a
+    teacher layer with the student layer that stands where it stood, for feature distillation.
+
+    Shrinking the containers, rather than leaving pass-through layers, renames what follows (the student's
+    ``up_blocks.0`` is the teacher's ``up_blocks.1``) — the layout a model built at the smaller config has, so
+    weights load by name and nothing skipped is still called."""
+
+    kept: dict[str, list[int]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    features: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, record: dict[str, Any] | None) -> BlockPlan:
+        """The plan a compress record holds (none: an empty plan)."""
+        record = record or {}
+        return cls({k: list(v) for k, v in record.get("kept", {}).items()}, list(record.get("dropped", [])),
+                   dict(record.get("settings", {})), [tuple(pair) for pair in record.get("features", [])])
+
+    def renamed(self, name: str) -> str:
+        """``name`` (a module of the original) as it is called once the containers in ``kept`` have shrunk."""
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            kept = self.kept.get(".".join(parts[:i]))
+            if kept is not None and parts[i].isdigit():
+                parts[i] = str(kept.index(int(parts[i])))
+        return ".".join(parts)
+
+
+def apply_block_plan(patches: PatchLog, model: nn.Module, plan: BlockPlan) -> None:
+    """Make ``model`` the block-removed one, through ``patches``. Every name is looked up before anything
+    changes, so nested edits (a stage's pairs, the stage list itself) do not disturb each other."""
+    try:
+        lists = [(name, split_name(model, name), model.get_submodule(name), kept) for name, kept in plan.kept.items()]
+        dropped = [(*split_name(model, name), model.get_submodule(name)) for name in plan.dropped]
+        settings = [(model.get_submodule(name) if name else model, values) for name, values in plan.settings.items()]
+    except AttributeError as exc:
+        raise ValueError(f"the block plan names a module this model does not have ({exc})") from None
+    for name, _, container, kept in lists:
+        if not isinstance(container, nn.ModuleList) or any(not 0 <= i < len(container) for i in kept):
+            raise ValueError(f"the block plan keeps {kept} of {name!r}, which has no such children")
+    for _, (parent, attr), container, kept in lists:
+        patches.module(parent, attr, nn.ModuleList([container[i] for i in kept]))
+    for parent, attr, old in dropped:
+        parent.register_module(attr, None)
+        patches.call(lambda parent=parent, attr=attr, old=old: parent.register_module(attr, old))
+    for module, values in settings:
+        for attr, value in values.items():
+            patches.attr(module, attr, value)

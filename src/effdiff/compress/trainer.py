@@ -1,20 +1,25 @@
 """``effdiff compress``: prune a bundled model to a MAC budget, then finetune it — seeded, checkpointed, resumable.
 
-Two methods. ``diffpruning`` (Fang et al., arXiv 2305.10924): Taylor importance over the informative timesteps
+Four methods. ``diffpruning`` (Fang et al., arXiv 2305.10924): Taylor importance over the informative timesteps
 (``importance.py``), structural pruning of channels and heads through torch-pruning (``prune.py``);
 ``--importance magnitude`` is the naive baseline. ``laptop`` (Zhang et al., arXiv 2404.11098): whole layers
 removed, those whose removal changes the output least first (``layers.py``), then LAPTOP-Diff's normalized
 feature distillation — each block's output matched to the teacher's, the error divided by the teacher feature's
-energy so every block counts alike; ``--importance random`` is the baseline. Both prune to ``--macs`` of the
-original's MACs per call and then finetune on the denoising loss plus the teacher's output (``--teacher-weight``:
-Diff-Pruning finetunes on the plain loss for 100k+ steps; on a 20-minute CPU budget the teacher's output is a
-denser signal, as BK-SDM, arXiv 2305.15798, uses it). Captions are dropped 10 % of the time, as the bundled models
-were trained, so classifier-free guidance keeps working.
+energy so every block counts alike; ``--importance random`` is the baseline. ``bksdm`` (Kim et al., arXiv
+2305.15798): BK-SDM's hand-chosen U-Net blocks removed (``--variant base|small|tiny``, ``Adapter.block_removal``),
+then its distillation — the stage outputs matched to the teacher's (plain MSE). ``ditprune`` (TinyFusion, Fang
+et al., arXiv 2412.01199): N of every M DiT blocks kept by a mask learned with a LoRA (``depth.py``; ``--importance
+random`` is the baseline), heads and widths pruned further if the budget asks, then TinyFusion's masked feature
+distillation. diffpruning, laptop and ditprune prune to ``--macs`` of the original's MACs per call; all finetune
+on the denoising loss plus the teacher's output (``--teacher-weight``: Diff-Pruning finetunes on the plain loss for
+100k+ steps; on a 20-minute CPU budget the teacher's output is a denser signal, as BK-SDM uses it). Captions are
+dropped 10 % of the time, as the bundled models were trained, so classifier-free guidance keeps working.
 
 What it writes, beside the model unless ``--out`` says otherwise: ``compress/<method>-macs<M>[-<baseline>]/``
-with ``denoiser.safetensors`` (the EMA of the finetuned weights) and ``effdiff_compress.json`` — the layers
-removed and the changed widths (``structure.py``), MACs and parameters against the original, how they were
-chosen, the teacher and its fingerprint, iterations, wall time and machine.
+(``bksdm-<variant>/``) with ``denoiser.safetensors`` (the EMA of the finetuned weights) and
+``effdiff_compress.json`` — the layers and blocks removed and the changed widths (``structure.py``), MACs and
+parameters against the original, how they were chosen, the teacher and its fingerprint, iterations, wall time and
+machine.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 
 import torch
 
+from effdiff.compress.depth import DEPTH_IMPORTANCES
 from effdiff.compress.layers import ORDERS
 from effdiff.compress.prune import IMPORTANCES
 from effdiff.distill.store import default_output
@@ -42,12 +48,28 @@ from effdiff.zoo.train import (
 
 RECORD = "effdiff_compress.json"
 WEIGHTS_FILE = "denoiser.safetensors"
-IMPORTANCE_OF = {"diffpruning": IMPORTANCES, "laptop": ORDERS}  # each method's rules, its own first
+# each method's rules for what to remove, its own first (bksdm's blocks are chosen by hand, by variant)
+IMPORTANCE_OF = {"diffpruning": IMPORTANCES, "laptop": ORDERS, "bksdm": ("handpicked",),
+                 "ditprune": DEPTH_IMPORTANCES}
 METHODS = tuple(IMPORTANCE_OF)
+VARIANTS = ("base", "small", "tiny")  # BK-SDM's
+# ditprune: a block pattern whose MACs exceed the target by at most this share of the original's meets it (the
+# embeddings and output layer, which no pattern removes, put 1:2 of a DiT just above one half); the alternative,
+# pruning a whole head more for that sliver, costs far more quality than it saves
+DEPTH_TOLERANCE = 0.01
 
 
-def compressed_folder(method: str, macs: float, importance: str) -> str:
+def compressed_folder(method: str, macs: float, importance: str, variant: str = "small") -> str:
+    if method == "bksdm":
+        return f"bksdm-{variant}"
     return f"{method}-macs{macs:g}" + ("" if importance == IMPORTANCE_OF[method][0] else f"-{importance}")
+
+
+def recipe_of(record: dict[str, Any], folder: Path | None = None) -> str:
+    """The recipe that applies the compressed model a record describes (from ``folder`` when given)."""
+    values = ([f"variant={record['variant']}"] if record["method"] == "bksdm"
+              else [f"macs={record['macs_target']:g}", f"importance={record['importance']}"])
+    return f"{record['method']}:" + ",".join(values + ([f"path={folder}"] if folder is not None else []))
 
 
 @dataclass
@@ -56,6 +78,9 @@ class CompressConfig:
     method: str = "diffpruning"
     importance: str | None = None  # None: the method's own (taylor, output)
     macs: float = 0.5  # the pruned model's MACs per call, as a fraction of the original's
+    variant: str = "small"  # bksdm: which of BK-SDM's models (base, small, tiny)
+    pattern: str = "1:2"  # ditprune: keep N of every M consecutive blocks (TinyFusion's local groups)
+    mask_iterations: int = 300  # ditprune: iterations learning the mask (with LoRA), before finetuning
     seed: int = 0
     iterations: int = 2000
     max_minutes: float | None = 20.0  # the finetuning budget; whichever of it and the iterations ends first
@@ -79,20 +104,35 @@ def resolved(config: CompressConfig) -> CompressConfig:
     return config if config.importance is not None else replace(config, importance=IMPORTANCE_OF[config.method][0])
 
 
-class BlockOutputs:
-    """Within ``with``, collects the output feature map of every block of ``model`` (the adapter's blocks, in
-    call order); with ``model`` None it collects nothing."""
+def first_tensor(out: Any) -> torch.Tensor:
+    """A layer's output feature map: the tensor itself, a tuple's first, or a diffusers output's ``sample``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0] if isinstance(out, tuple) else out.sample
 
-    def __init__(self, model: torch.nn.Module | None) -> None:
-        self.model, self.outputs, self.handles = model, [], []
 
-    def __enter__(self) -> BlockOutputs:
-        if self.model is not None:
-            from effdiff.adapters import adapter_for
+class FeatureTaps:
+    """Within ``with``, collects the output feature map of each of ``layers`` (module, how to read its output),
+    in call order; with no layers it collects nothing."""
 
-            for ref in adapter_for(self.model).blocks():
-                self.handles.append(ref.module.register_forward_hook(
-                    lambda _m, _a, out, ref=ref: self.outputs.append(ref.hidden_out(out))))
+    def __init__(self, layers: list[tuple[torch.nn.Module, Any]]) -> None:
+        self.layers, self.outputs, self.handles = layers, [], []
+
+    @classmethod
+    def blocks(cls, model: torch.nn.Module) -> FeatureTaps:
+        """Every block of ``model`` (the adapter's, each read as its hidden stream)."""
+        from effdiff.adapters import adapter_for
+
+        return cls([(ref.module, ref.hidden_out) for ref in adapter_for(model).blocks()])
+
+    @classmethod
+    def named(cls, model: torch.nn.Module, names: list[str]) -> FeatureTaps:
+        return cls([(model.get_submodule(name), first_tensor) for name in names])
+
+    def __enter__(self) -> FeatureTaps:
+        for module, read in self.layers:
+            self.handles.append(module.register_forward_hook(
+                lambda _m, _a, out, read=read: self.outputs.append(read(out))))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -104,6 +144,25 @@ def normalized_feature_loss(student: list[torch.Tensor], teacher: list[torch.Ten
     """LAPTOP-Diff's normalized feature distillation: the mean over blocks of ‖f_s − f_t‖² / ‖f_t‖², so a block
     with large activations does not drown the others."""
     terms = [(s - t).pow(2).sum() / t.pow(2).sum().clamp(min=1e-8) for s, t in zip(student, teacher, strict=True)]
+    return torch.stack(terms).mean()
+
+
+def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """BK-SDM's feature distillation: the sum over stages of the mean squared difference."""
+    return torch.stack([(s - t).pow(2).mean() for s, t in zip(student, teacher, strict=True)]).sum()
+
+
+def masked_feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """TinyFusion's masked distillation: features farther than 2 standard deviations from their mean (per
+    example; a DiT's few massive activations) are left out of each side before matching; normalised by the
+    teacher's kept energy, as LAPTOP-Diff's loss is, so one weight serves every method."""
+    def typical(h: torch.Tensor) -> torch.Tensor:
+        flat = h.flatten(1)
+        mean, std = flat.mean(1, keepdim=True), flat.std(1, keepdim=True)
+        return (flat * ((flat - mean).abs() < 2 * std)).view_as(h)
+
+    terms = [(typical(s) - typical(t)).pow(2).sum() / typical(t).pow(2).sum().clamp(min=1e-8)
+             for s, t in zip(student, teacher, strict=True)]
     return torch.stack(terms).mean()
 
 
@@ -122,6 +181,8 @@ class CompressTrainer(SteppedTraining):
                              f" got {config.importance!r}")
         if not 0.0 < config.macs < 1.0:
             raise ValueError(f"--macs is a fraction of the original's MACs in (0, 1), got {config.macs}")
+        if config.variant not in VARIANTS:
+            raise ValueError(f"--variant is one of {', '.join(VARIANTS)}, got {config.variant!r}")
         self.config, self.run_dir, self.out = config, Path(run), Path(out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(config.device)
@@ -137,6 +198,8 @@ class CompressTrainer(SteppedTraining):
         self.prediction_type = self.pipe.scheduler.config.prediction_type
         self.student: torch.nn.Module | None = None
         self.removed: list[str] = []
+        self.blocks: dict[str, Any] = {}  # a BlockPlan (bksdm, ditprune)
+        self.widths: dict[str, Any] = {}
         self.step, self.elapsed, self.losses = 0, 0.0, []
 
     # ---------------------------------------------------------------- pruning
@@ -144,26 +207,90 @@ class CompressTrainer(SteppedTraining):
     def prepare(self) -> None:
         """Importance, then pruning to the MAC budget; the pruned model is what finetuning starts from."""
         started = time.perf_counter()
-        pruned = self._prune_depth() if self.config.method == "laptop" else self._prune_width()
+        prune = {"diffpruning": self._prune_width, "laptop": self._prune_layers, "bksdm": self._prune_blocks,
+                 "ditprune": self._prune_dit_depth}[self.config.method]
+        pruned = prune()
         self.elapsed += time.perf_counter() - started
         self._start(pruned)
 
-    def _prune_width(self) -> torch.nn.Module:
+    def _prune_width(self, start: torch.nn.Module | None = None, importance: str | None = None) -> torch.nn.Module:
+        """Channels and heads pruned from ``start`` (the teacher by default) until a call has ``--macs`` of the
+        teacher's MACs."""
         from effdiff.compress.importance import accumulate_taylor_gradients
-        from effdiff.compress.prune import prune_to_macs
+        from effdiff.compress.prune import call_macs, prune_to_macs
         from effdiff.compress.structure import changed_widths
 
         c = self.config
-        model = copy.deepcopy(self.teacher)
+        importance = importance or c.importance
+        start = start if start is not None else self.teacher
+        model = copy.deepcopy(start)
         images, text = self._batch(dropout=0.0)
         self.timesteps = (accumulate_taylor_gradients(model, self.call(model), images, text, self.alphas_cumprod,
                                                       self.prediction_type, c.threshold, c.stride, self.gen)
-                          if c.importance == "taylor" else [])
-        pruned, self.facts = prune_to_macs(model, c.macs, c.importance)
-        self.widths = changed_widths(self.teacher, pruned)
+                          if importance == "taylor" else [])
+        share = c.macs * call_macs(self.teacher) / call_macs(start)
+        pruned, facts = prune_to_macs(model, share, importance)
+        self.facts = {**getattr(self, "facts", {}), "width_ratio": facts["ratio"]}
+        self.facts.update(self._fractions(pruned))
+        self.widths = changed_widths(start, pruned)
         return pruned
 
-    def _prune_depth(self) -> torch.nn.Module:
+    def _fractions(self, model: torch.nn.Module) -> dict[str, float]:
+        from effdiff.compress.prune import call_macs
+
+        def params(m: torch.nn.Module) -> int:
+            return sum(p.numel() for p in m.parameters())
+
+        return {"macs_fraction": call_macs(model) / call_macs(self.teacher),
+                "params_fraction": params(model) / params(self.teacher)}
+
+    def _prune_blocks(self) -> torch.nn.Module:
+        """BK-SDM: the variant's stages and pairs removed; the rest keeps the teacher's weights."""
+        from effdiff.adapters import adapter_for
+
+        plan = adapter_for(self.teacher).block_removal(self.config.variant)
+        self.blocks, self.timesteps = asdict(plan), []
+        model = self.rebuild({})
+        self.facts = {"variant": self.config.variant, **self._fractions(model)}
+        return model
+
+    def _prune_dit_depth(self) -> torch.nn.Module:
+        """TinyFusion: keep N of every M blocks by a learned (or random) mask; then, if a call still costs more
+        than ``--macs``, prune heads and feed-forward widths (Diff-Pruning's Taylor importance) to it."""
+        from effdiff.adapters import adapter_for
+        from effdiff.compress.depth import learn_kept_blocks, parse_pattern, random_kept
+        from effdiff.compress.structure import BlockPlan
+
+        c = self.config
+        names = [ref.name for ref in adapter_for(self.teacher).blocks()]
+        lists = {name.rpartition(".")[0] for name in names}
+        if len(lists) != 1 or not all(name.rpartition(".")[2].isdigit() for name in names):
+            raise ValueError(f"ditprune removes blocks of one transformer block list; {type(self.teacher).__name__}"
+                             " is not built that way (for a U-Net use bksdm or laptop)")
+        container = lists.pop()
+        keep, group = parse_pattern(c.pattern, len(names))
+        if c.importance == "learned":
+            kept, self.facts = learn_kept_blocks(self.teacher, container, c.pattern, self._masked_loss,
+                                                 c.mask_iterations, c.batch_size, self.gen)
+        else:
+            kept = random_kept(len(names), keep, group, c.seed)
+            self.facts = {"pattern": c.pattern, "kept": kept}
+        ends = [max(i for i in kept if i // group == g) for g in range(len(names) // group)]
+        plan = BlockPlan(kept={container: kept},
+                         features=[(f"{container}.{g * group + group - 1}", f"{container}.{kept.index(end)}")
+                                   for g, end in enumerate(ends)])
+        self.blocks, self.timesteps = asdict(plan), []
+        model = self.rebuild({})
+        self.facts.update(self._fractions(model))
+        if self.facts["macs_fraction"] > c.macs + DEPTH_TOLERANCE:
+            model = self._prune_width(model, "taylor")
+        return model
+
+    def _masked_loss(self, model: torch.nn.Module) -> torch.Tensor:
+        noisy, timesteps, text, target = self._noised()
+        return (self.call(model)(noisy, timesteps, text) - target).pow(2).mean()
+
+    def _prune_layers(self) -> torch.nn.Module:
         from effdiff.adapters import adapter_for
         from effdiff.compress.layers import layers_for_budget, output_loss_scores, removal_order
 
@@ -187,12 +314,13 @@ class CompressTrainer(SteppedTraining):
     def rebuild(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The pruned model from its weights, ``self.removed`` and ``self.widths``: a copy of the teacher, its
         layers removed and reshaped in place."""
-        from effdiff.compress.structure import put_structure, remove_layers
+        from effdiff.compress.structure import BlockPlan, apply_block_plan, put_structure, remove_layers
         from effdiff.patches import PatchLog
 
         model = copy.deepcopy(self.teacher)
         log = PatchLog()  # thrown away: the copy stays pruned
         remove_layers(log, model, self.removed)
+        apply_block_plan(log, model, BlockPlan.of(self.blocks))
         put_structure(log, model, weights, self.widths)
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -206,7 +334,8 @@ class CompressTrainer(SteppedTraining):
 
     def save_checkpoint(self) -> None:
         state = {"student": self.student.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                 "widths": self.widths, "removed": self.removed, "facts": self.facts, "timesteps": self.timesteps,
+                 "widths": self.widths, "removed": self.removed, "blocks": self.blocks, "facts": self.facts,
+                 "timesteps": self.timesteps,
                  "step": self.step, "elapsed": self.elapsed, "losses": self.losses, "gen": self.gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "config": asdict(self.config)}
         tmp = self.checkpoint_path.with_suffix(".tmp")
@@ -222,7 +351,7 @@ class CompressTrainer(SteppedTraining):
         if differs:
             raise ValueError(f"--resume: the checkpoint was made with other settings (saved, now): {differs}")
         self.widths, self.facts, self.timesteps = state["widths"], state["facts"], state["timesteps"]
-        self.removed = state["removed"]
+        self.removed, self.blocks = state["removed"], state["blocks"]
         self._start(self.rebuild(state["student"]))
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
@@ -244,7 +373,8 @@ class CompressTrainer(SteppedTraining):
         c = self.config
         return c.iterations, c.lr, c.warmup, c.checkpoint_every, c.max_minutes
 
-    def step_loss(self) -> torch.Tensor:
+    def _noised(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training batch noised to random timesteps: (noisy, timesteps, text, the denoising target)."""
         images, text = self._batch()
         timesteps = torch.randint(0, len(self.alphas_cumprod), (len(images),), generator=self.gen).to(self.device)
         noise = torch.randn(images.shape, generator=self.gen).to(self.device)
@@ -252,18 +382,36 @@ class CompressTrainer(SteppedTraining):
         noisy = alpha.sqrt() * images + (1 - alpha).sqrt() * noise
         target = {"v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * images, "epsilon": noise,
                   "sample": images}[self.prediction_type]
+        return noisy, timesteps, text, target
+
+    def _feature_taps(self) -> tuple[FeatureTaps, FeatureTaps, Any] | None:
+        """(student taps, teacher taps, loss) of the method's feature distillation; None without one: LAPTOP-Diff's
+        every block, normalized; BK-SDM's stage outputs, plain; TinyFusion's group outputs, masked."""
+        if not self.config.feature_weight:
+            return None
+        if self.removed:
+            return FeatureTaps.blocks(self.student), FeatureTaps.blocks(self.teacher), normalized_feature_loss
+        pairs = self.blocks.get("features")
+        if not pairs:
+            return None
+        loss = masked_feature_loss if self.config.method == "ditprune" else feature_loss
+        return (FeatureTaps.named(self.student, [s for _, s in pairs]),
+                FeatureTaps.named(self.teacher, [t for t, _ in pairs]), loss)
+
+    def step_loss(self) -> torch.Tensor:
+        noisy, timesteps, text, target = self._noised()
         c = self.config
-        features = c.feature_weight and self.removed
-        with BlockOutputs(self.student if features else None) as student_features:
+        taps = self._feature_taps()
+        student_taps, teacher_taps = (taps[0], taps[1]) if taps else (FeatureTaps([]), FeatureTaps([]))
+        with student_taps:
             output = self.call(self.student)(noisy, timesteps, text)
         loss = (output - target).pow(2).mean()
-        if c.teacher_weight or features:
-            with torch.no_grad(), BlockOutputs(self.teacher if features else None) as teacher_features:
+        if c.teacher_weight or taps:
+            with torch.no_grad(), teacher_taps:
                 taught = self.call(self.teacher)(noisy, timesteps, text)
             loss = loss + c.teacher_weight * (output - taught).pow(2).mean()
-        if features:
-            loss = loss + c.feature_weight * normalized_feature_loss(student_features.outputs,
-                                                                     teacher_features.outputs)
+        if taps:
+            loss = loss + c.feature_weight * taps[2](student_taps.outputs, teacher_taps.outputs)
         return loss
 
     def after_step(self) -> None:
@@ -276,7 +424,8 @@ class CompressTrainer(SteppedTraining):
         if self.student is None:
             self.prepare()
         c = self.config
-        self.run_steps(f"compress {c.model} {c.method} macs={c.macs:g} ({c.importance})")
+        what = f"variant={c.variant}" if c.method == "bksdm" else f"macs={c.macs:g} ({c.importance})"
+        self.run_steps(f"compress {c.model} {c.method} {what}")
 
     # ---------------------------------------------------------------- export
 
@@ -285,7 +434,8 @@ class CompressTrainer(SteppedTraining):
 
         c = self.config
         return {"method": c.method, "importance": c.importance, "macs_target": c.macs, **self.facts,
-                "informative_timesteps": self.timesteps, "removed": self.removed, "widths": self.widths,
+                "informative_timesteps": self.timesteps, "removed": self.removed, "blocks": self.blocks,
+                "widths": self.widths,
                 "teacher": c.model,
                 "teacher_fingerprint": self.fingerprint, "config": asdict(c), "iterations_done": self.step,
                 "wall_seconds": round(self.elapsed, 1), "machine": machine(self.device),
@@ -308,7 +458,7 @@ def compress(config: CompressConfig, run: Path | None = None, out: Path | None =
              pipe: Any = None) -> Path:
     """Prune and finetune (or continue) one compressed model; returns the folder it was exported to."""
     config = resolved(config)
-    name = compressed_folder(config.method, config.macs, config.importance)
+    name = compressed_folder(config.method, config.macs, config.importance, config.variant)
     out = out or default_output(config.model, name, "compress")
     run = run or Path("runs") / "compress" / f"{config.model}-{name}"
     return train_and_export(CompressTrainer(config, run, out, pipe), resume)
@@ -322,11 +472,15 @@ def add_compress_arguments(parser) -> None:
     parser.add_argument("--method", default="diffpruning", choices=METHODS)
     parser.add_argument("--importance", default=None, choices=sorted({i for v in IMPORTANCE_OF.values() for i in v}),
                         help="diffpruning: taylor (default) or magnitude (the naive baseline); laptop: output "
-                             "(default) or random")
+                             "(default) or random; ditprune: learned (default) or random")
     parser.add_argument("--macs", type=float, default=CompressConfig.macs,
                         help="the pruned model's MACs per call as a fraction of the original's, in (0, 1)")
+    parser.add_argument("--variant", default=CompressConfig.variant, choices=VARIANTS,
+                        help="bksdm: which of BK-SDM's block removals")
+    parser.add_argument("--pattern", default=CompressConfig.pattern,
+                        help="ditprune: keep N of every M consecutive blocks (N:M)")
     add_config_flags(parser, CompressConfig, ("seed", "iterations", "batch_size", "warmup", "stride",
-                                              "checkpoint_every"),
+                                              "checkpoint_every", "mask_iterations"),
                      ("lr", "max_minutes", "teacher_weight", "feature_weight", "threshold"))
     add_job_flags(parser, "compress")
 

@@ -145,14 +145,13 @@ def _with_compressed(folder: Path) -> DiffusionPipeline:
     import json
 
     from effdiff.api import accelerate
-    from effdiff.compress.trainer import RECORD
+    from effdiff.compress.trainer import RECORD, recipe_of
 
     record = json.loads((folder / RECORD).read_text())
     if not record.get("teacher"):
         raise CheckpointError(f"{folder} has a compressed model but its {RECORD} names no teacher model")
     pipe = load(record["teacher"])
-    accelerate(pipe, f"{record['method']}:macs={record['macs_target']:g},importance={record['importance']},"
-                     f"path={folder}")
+    accelerate(pipe, recipe_of(record, folder))
     return pipe
 
 

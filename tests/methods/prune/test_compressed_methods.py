@@ -1,6 +1,6 @@
-"""``diffpruning`` and ``laptop``: the compressed denoiser goes into the pipeline's own module (smaller, same output
-shape), stacks with a solver and a cache, ``remove()`` gives the original back bit for bit, and a missing, foreign
-or other method's compressed model is refused."""
+"""The compressed-model methods (``diffpruning``, ``laptop``, ``bksdm``, ``ditprune``): the compressed denoiser
+goes into the pipeline's own module (smaller, same output shape), stacks with a solver and a cache, ``remove()``
+gives the original back bit for bit, and a missing, foreign or other method's compressed model is refused."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def model_folder(tmp_path_factory) -> Path:
     magnitude), laptop at 70 %."""
     folder = tmp_path_factory.mktemp("tiny-sd")
     for method, importance, macs in (("diffpruning", "taylor", 0.5), ("diffpruning", "magnitude", 0.5),
-                                     ("laptop", "output", 0.7)):
+                                     ("laptop", "output", 0.7), ("bksdm", "handpicked", 0.5)):
         config = CompressConfig(model="tiny-sd", method=method, importance=importance, macs=macs, iterations=2,
                                 max_minutes=None, batch_size=4, warmup=1, stride=100)
         name = compressed_folder(method, macs, importance)
@@ -33,14 +33,28 @@ def model_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory) -> Path:
+    """A model folder holding ``tiny_teacher("dit")`` depth-pruned by ditprune (its learned mask, 2 iterations)."""
+    folder = tmp_path_factory.mktemp("tiny-dit")
+    config = CompressConfig(model="tiny-dit", method="ditprune", macs=0.5, iterations=2, mask_iterations=2,
+                            max_minutes=None, batch_size=4, warmup=1, stride=100)
+    name = compressed_folder("ditprune", 0.5, "learned")
+    compress(config, folder / "runs" / name, folder / "compress" / name, pipe=tiny_teacher("dit"))
+    return folder
+
+
 def parameters(pipe) -> int:
     return sum(p.numel() for p in pipe.denoiser.parameters())
 
 
-@pytest.mark.parametrize("recipe", ["diffpruning", "diffpruning:importance=magnitude", "laptop",
-                                    "dpmpp2m:steps=3+diffpruning+deepcache:interval=2"])
-def test_the_compressed_denoiser_runs_in_place_and_removes_bit_identically(model_folder, recipe):
-    pipe = teacher_at(model_folder)
+@pytest.mark.parametrize(("kind", "recipe"), [
+    ("sd", "diffpruning"), ("sd", "diffpruning:importance=magnitude"), ("sd", "laptop"),
+    ("sd", "dpmpp2m:steps=3+diffpruning+deepcache:interval=2"), ("sd", "bksdm"),
+    ("sd", "dpmpp2m:steps=3+bksdm+deepcache:interval=2"), ("dit", "ditprune"),
+    ("dit", "dpmpp2m:steps=3+ditprune+fora:interval=2")])
+def test_the_compressed_denoiser_runs_in_place_and_removes_bit_identically(model_folder, dit_folder, kind, recipe):
+    pipe = teacher_at(dit_folder if kind == "dit" else model_folder, kind=kind)
     denoiser, tensors, full = pipe.denoiser, dict(pipe.denoiser.named_parameters()), parameters(pipe)
     baseline = generate(pipe, num_inference_steps=3)
     effdiff.accelerate(pipe, recipe)
@@ -64,21 +78,27 @@ def test_missing_and_foreign_compressed_models_are_refused(model_folder, tmp_pat
         effdiff.accelerate(teacher_at(model_folder, seed=1), "diffpruning")
     with pytest.raises(RecipeError, match="exclusive|denoiser weights"):
         effdiff.accelerate(teacher_at(model_folder), "diffpruning+lcm")
+    with pytest.raises(RecipeError, match=rf"`effdiff compress {tmp_path} --method bksdm --variant tiny`"):
+        effdiff.accelerate(teacher_at(tmp_path), "bksdm:variant=tiny")
+    with pytest.raises(RecipeError, match="ditprune.*(unet|U-Net|backbone)"):
+        effdiff.accelerate(teacher_at(model_folder), "ditprune")
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-dit"])
-def test_the_shipped_compressed_models_load_and_remove_bit_identically(model):
+@pytest.mark.parametrize(("model", "name", "recipe"), [
+    ("tiny-sd", "diffpruning-macs0.5", "diffpruning"), ("tiny-dit", "diffpruning-macs0.5", "diffpruning"),
+    ("tiny-sd", "bksdm-tiny", "bksdm:variant=tiny"), ("tiny-dit", "ditprune-macs0.5", "ditprune")])
+def test_the_shipped_compressed_models_load_and_remove_bit_identically(model, name, recipe):
     from effdiff.zoo.load import WEIGHTS
 
-    folder = WEIGHTS / model / "compress" / "diffpruning-macs0.5"
+    folder = WEIGHTS / model / "compress" / name
     if not folder.is_dir():
-        pytest.skip(f"no compressed model shipped for {model}")
+        pytest.skip(f"no {name} shipped for {model}")
     pipe = effdiff.load(model)
     baseline = generate(pipe, num_inference_steps=2)
-    effdiff.accelerate(pipe, "diffpruning")
+    effdiff.accelerate(pipe, recipe)
     compressed = generate(pipe, num_inference_steps=2)
     pipe.effdiff.remove()
     assert torch.equal(generate(pipe, num_inference_steps=2), baseline)
     loaded = effdiff.load(str(folder))
-    assert loaded.effdiff.methods[0].name == "diffpruning"
+    assert loaded.effdiff.methods[0].name == recipe.split(":")[0]
     assert torch.equal(generate(loaded, num_inference_steps=2), compressed)

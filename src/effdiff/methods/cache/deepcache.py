@@ -60,8 +60,8 @@ class DeepCache(CacheMethod):
     def setup(self, pipe: Any) -> None:
         unet = self.adapter.model
         downs, ups = getattr(unet, "down_blocks", None), getattr(unet, "up_blocks", None)
-        if downs is None or ups is None or getattr(unet, "mid_block", None) is None:
-            raise refuse(self.name, f"{type(unet).__name__} has no down/mid/up blocks")
+        if downs is None or ups is None:
+            raise refuse(self.name, f"{type(unet).__name__} has no down/up blocks")
         branch = self.values["branch"]
         down_units, down_first, r = [], [], 1  # skip feature 0 is conv_in's output
         for block in downs:
@@ -86,8 +86,10 @@ class DeepCache(CacheMethod):
                 up_units += [(resnet, c)] + ([(attentions[k], c)] if k < len(attentions) else [])
                 c -= 1
             up_last.append(c + 1)
-        # whole blocks beyond the branch, plus the mid block, return their kept output ...
-        skipped: list[nn.Module] = [unet.mid_block]
+        # whole blocks beyond the branch, plus the mid block (a U-Net may have none: BK-SDM small), return their
+        # kept output ...
+        mid = getattr(unet, "mid_block", None)
+        skipped: list[nn.Module] = [mid] if mid is not None else []
         skipped += [b for b, first in zip(downs, down_first, strict=True) if first > branch]
         skipped += [b for b, last in zip(ups, up_last, strict=True) if last > branch]
         # ... and so do the layers beyond it inside the blocks the branch cuts through.

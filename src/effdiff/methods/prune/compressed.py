@@ -25,26 +25,33 @@ class CompressedMethod(Method):
     importances: ClassVar[tuple[str, ...]] = ()
 
     def folder(self, pipe: Any) -> Path:
-        from effdiff.compress.trainer import compressed_folder
         from effdiff.distill.store import given_folder, model_folder, model_reference
 
         folder = given_folder(self.name, self.values["path"], "compress")
         if folder is not None:
             return folder
-        name = compressed_folder(self.name, self.values["macs"], self.values["importance"])
+        name = self.folder_name()
         base = model_folder(pipe)
         if base is None or not (base / "compress" / name).is_dir():
-            flags = f" --method {self.name} --macs {self.values['macs']:g}" + (
-                "" if self.values["importance"] == self.importances[0]
-                else f" --importance {self.values['importance']}")
             raise RecipeError(f"{self.name}: this model has no compressed denoiser {name!r} yet; make one with "
-                              f"`effdiff compress {model_reference(pipe)}{flags}` (or pass path=FOLDER)")
+                              f"`effdiff compress {model_reference(pipe)} --method {self.name}{self.command_flags()}` "
+                              "(or pass path=FOLDER)")
         return base / "compress" / name
+
+    def folder_name(self) -> str:
+        from effdiff.compress.trainer import compressed_folder
+
+        return compressed_folder(self.name, self.values["macs"], self.values["importance"])
+
+    def command_flags(self) -> str:
+        """The ``effdiff compress`` flags that make the model this recipe asks for."""
+        return f" --macs {self.values['macs']:g}" + ("" if self.values["importance"] == self.importances[0]
+                                                      else f" --importance {self.values['importance']}")
 
     def apply(self, pipe: Any, ctx: Any) -> None:
         from safetensors.torch import load_file
 
-        from effdiff.compress.structure import put_structure, remove_layers
+        from effdiff.compress.structure import BlockPlan, apply_block_plan, put_structure, remove_layers
         from effdiff.compress.trainer import RECORD, WEIGHTS_FILE
         from effdiff.methods.solvers.schedule import model_fingerprint
 
@@ -60,6 +67,7 @@ class CompressedMethod(Method):
                               f"pipeline's {type(model).__name__} (teacher {record.get('teacher')!r})")
         try:
             remove_layers(self.patches, model, record.get("removed", []))
+            apply_block_plan(self.patches, model, BlockPlan.of(record.get("blocks")))
             put_structure(self.patches, model, load_file(str(folder / WEIGHTS_FILE)), record["widths"])
         except (ValueError, AttributeError) as exc:
             raise RecipeError(f"{self.name}: {exc}") from None
