@@ -13,8 +13,9 @@ RECIPES = {
     "tome": "tome:ratio=0.5,max_downsample=2",
     "tome-all": "tome:ratio=0.7,max_downsample=2,merge_crossattn=true,merge_mlp=true,use_rand=false",
     "atedm": "atedm:ratio=0.5,early=0,max_downsample=2",
+    "todo": "todo:factor=2",
 }
-ZERO = ["tome:ratio=0,max_downsample=2", "atedm:ratio=0,max_downsample=2", "atedm:ratio=0.5,early=1,max_downsample=2"]
+ZERO = ["todo:factor=1", "tome:ratio=0,max_downsample=2", "atedm:ratio=0,max_downsample=2", "atedm:ratio=0.5,early=1,max_downsample=2"]
 
 
 def _pipe(kind):

@@ -274,7 +274,17 @@ def test_bad_recipes_refused(tiny_sd, recipe, match):
 
 
 def test_int8_refused_on_a_device_it_does_not_run_on(tiny_sd):
+    """CUDA takes torchao's int8 kernel (``auto``); effdiff's fbgemm kernels are refused there by name."""
+    from effdiff.methods.quant.native import ao
+    from effdiff.methods.quant.native.int8 import Int8
     from effdiff.recipe import build
 
-    with pytest.raises(RecipeError, match="runs on cpu, not on cuda"):
-        build("int8", "unet", "cuda")
+    with pytest.raises(RecipeError, match="runs on cpu/cuda, not on mps"):
+        build("int8", "unet", "mps")
+    cuda = torch.device("cuda")
+    if ao.available():
+        assert Int8().resolve_backend(cuda) == "torchao"
+    assert Int8(backend="effdiff").resolve_backend(cuda) == "effdiff"
+    assert Int8().resolve_backend(torch.device("cpu")) == "effdiff"
+    with pytest.raises(RecipeError, match="fbgemm CPU kernels; the denoiser is on cuda"):
+        Int8(backend="effdiff").check_device(cuda)

@@ -30,8 +30,16 @@ from effdiff.registry import Paper, Param, RecipeError
 
 INTEGER_ARITHMETIC = Paper("Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only "
                            "Inference", "1712.05877", "CVPR 2018")
+FP8 = Paper("FP8 Formats for Deep Learning", "2209.05433", "arXiv 2022")
 KBIT = Paper("The case for 4-bit precision: k-bit Inference Scaling Laws", "2212.09720", "ICML 2023")
 LOAD = Param(str, "", help="rebuild from a file written by save() instead of quantizing the weights")
+BACKEND = Param(str, "auto", choices=("auto", "effdiff", "torchao"),
+                help="auto: effdiff's kernels on the CPU, torchao's on CUDA")
+SELECT = Param(str, "measured", choices=("measured", "rule"),
+               help="torchao: quantize a layer only where it measured faster on this device, or by the rule alone")
+MIN_SPEEDUP = Param(float, 1.05, 0.0, 100.0, help="torchao, measured: a layer's least speed-up to be quantized")
+MAX_ERROR = Param(float, 0.1, 0.0, 10.0, help="torchao, measured: a layer's largest relative output error")
+TORCHAO = {"backend": BACKEND, "select": SELECT, "min_speedup": MIN_SPEEDUP, "max_error": MAX_ERROR}
 
 
 class KernelQuant(NativeQuant):
@@ -44,15 +52,78 @@ class KernelQuant(NativeQuant):
     after = ("solver", "bf16", "fp16")
     exclusive = ("weights",)
     convs: ClassVar[bool] = True
+    ao_kind: ClassVar[str] = ""  # torchao's kernel for this format ("" where torchao has none)
 
     def apply(self, pipe: Any, ctx: StepContext) -> None:
         self.model: nn.Module = self.adapter.model
         self.decisions: list[Decision] = []
+        self.backend = self.resolve_backend(self.adapter.device)
+        if self.backend == "torchao":
+            self._torchao()
+            return
         self.check_device(self.adapter.device)
         if self.values["load"]:
             self._load(Path(self.values["load"]).expanduser())
         else:
             self._quantize()
+
+    def resolve_backend(self, device: torch.device) -> str:
+        """effdiff's kernels or torchao's: ``auto`` takes torchao's on CUDA (effdiff's are CPU kernels);
+        torchao where its kernel cannot run on ``device`` is refused with the reason."""
+        from effdiff.methods.quant.native import ao
+
+        backend = self.values.get("backend", "effdiff")
+        if backend == "auto":
+            backend = "torchao" if device.type == "cuda" and self.ao_kind else "effdiff"
+        if backend == "torchao":
+            reason = ao.unsupported(self.ao_kind, device)
+            if reason:
+                raise RecipeError(f"{self.name}: {reason}")
+        return backend
+
+    def _torchao(self) -> None:
+        """torchao's kernel on the rule's linear layers: at once (``select=rule``, or the layers a saved plan
+        lists), or on the denoiser's first call, where each is measured on its real input first."""
+        from effdiff.methods.quant.native import ao
+
+        settings = ao.config(self.ao_kind, self.values.get("group", 128))
+        if self.values["load"]:
+            names = io.read_plan(Path(self.values["load"]).expanduser(), self.name, self.model)
+            self._install({name: ao.quantized_copy(self.model.get_submodule(name), settings) for name in names}, {})
+            return
+        rule = self.plan()
+        names = [d.name for d in rule if d.quantize and isinstance(self.model.get_submodule(d.name), nn.Linear)]
+        self.decisions = [d if d.name not in names and not d.quantize else
+                          Decision(d.name, d.layer, False, "torchao quantizes linear layers only")
+                          for d in rule if d.name not in names]
+        if self.values["select"] == "rule":
+            copies, kept = {}, {}
+            for name in names:
+                twin, refusal = ao.kernel_copy(self.model.get_submodule(name), settings)
+                copies.update({name: twin} if twin is not None else {})
+                kept.update({name: refusal} if twin is None else {})
+            self._install(copies, kept)
+            return
+        self.measurements: list[ao.Measured] = []
+        pending = {"names": names}
+
+        @torch.compiler.disable
+        def measure_first(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not pending:
+                return
+            names = pending.pop("names")  # the measuring call below re-enters this hook: nothing is pending then
+            copies, kept, self.measurements = ao.measured_plan(
+                module, names, settings, lambda: module(*args, **kwargs), self.values["min_speedup"],
+                self.values["max_error"])
+            self._install(copies, kept)
+
+        self.patches.hook(self.model.register_forward_pre_hook(measure_first, with_kwargs=True))
+
+    def _install(self, copies: dict[str, nn.Module], kept: dict[str, str]) -> None:
+        for name, twin in copies.items():
+            self.patches.module(self.model, name, twin)
+            self.decisions.append(Decision(name, "linear", True, "quantized"))
+        self.decisions += [Decision(name, "linear", False, reason) for name, reason in kept.items()]
 
     def check_device(self, device: torch.device) -> None:
         """Refuse a device the kernels do not run on (before any weight is touched)."""
@@ -84,9 +155,16 @@ class KernelQuant(NativeQuant):
         io.load_float_tensors(self.model, tensors, set(layers), self.patches, path)
 
     def save(self, path: str | Path) -> int:
-        """Write the quantized denoiser to ``path`` (safetensors); returns the file size in bytes."""
+        """Write the quantized denoiser to ``path`` (safetensors); returns the file size in bytes. With torchao's
+        kernels: the layers chosen (JSON) — dynamic quantization has no calibration, so the weights are
+        re-quantized from the float ones exactly, and the measuring is what a plan saves."""
         if not getattr(self, "applied", False):
             raise RecipeError(f"{self.name}: save() needs the method applied to a pipeline first")
+        if self.backend == "torchao":
+            if not self.decisions:
+                raise RecipeError(f"{self.name}: nothing chosen yet (the layers are measured on the first call)")
+            return io.write_plan(Path(path), self.name, self.spec(), self.decisions,
+                                 getattr(self, "measurements", []))
         return io.write(Path(path), self.model, self.name, self.spec(), self.quantized_layers())
 
     def quantized_layers(self) -> dict[str, nn.Module]:
@@ -108,7 +186,8 @@ class Int8(KernelQuant):
     """
 
     name = "int8"
-    devices = frozenset({"cpu"})
+    devices = frozenset({"cpu", "cuda"})
+    ao_kind = "int8"
     paper = INTEGER_ARITHMETIC
     summary = "int8 weights x dynamic int8 activations on the wide linears (fbgemm) and convs (oneDNN, VNNI CPUs)"
     params = {
@@ -117,6 +196,7 @@ class Int8(KernelQuant):
         "convs": Param(str, "auto", choices=("auto", "true", "false"),
                        help="quantize convs too (oneDNN int8 conv); auto: where the CPU has VNNI, on which it wins"),
         "load": LOAD,
+        **TORCHAO,
     }
 
     def check_device(self, device: torch.device) -> None:
@@ -142,11 +222,13 @@ class Int8WeightOnly(KernelQuant):
 
     name = "int8wo"
     devices = frozenset({"cpu", "cuda"})
+    ao_kind = "int8wo"
     paper = KBIT
     summary = "int8 weight-only (memory and size; compute stays float)"
     params = {
         "min_features": Param(int, 1, 1, 65536, help="layers narrower than this (in or out) stay float"),
         "load": LOAD,
+        **TORCHAO,
     }
 
     def convert(self, layer: nn.Module) -> nn.Module:
@@ -165,14 +247,49 @@ class Int4WeightOnly(KernelQuant):
 
     name = "int4wo"
     devices = frozenset({"cpu", "cuda"})
+    ao_kind = "int4wo"
     paper = KBIT
     summary = "int4 weight-only in groups (memory and size; compute stays float)"
     params = {
         "group": Param(int, 64, choices=(32, 64, 128, 256), help="inputs sharing one scale"),
         "min_features": Param(int, 1, 1, 65536, help="layers narrower than this (in or out) stay float"),
         "load": LOAD,
+        **TORCHAO,
     }
 
     def convert(self, layer: nn.Module) -> nn.Module:
         cls = WeightOnlyLinear if isinstance(layer, nn.Linear) else WeightOnlyConv2d
         return cls.from_float(layer, 4, self.values["group"])
+
+
+class Fp8(KernelQuant):
+    """float8 (e4m3) weights × float8 activations quantized per call, one scale per row of each (torchao's
+    ``Float8DynamicActivationFloat8WeightConfig`` with ``PerRow``): the FP8 tensor cores of Ada/Hopper/Blackwell
+    GPUs run the matmul, so it is a real speed-up, not a simulation. Each linear layer is kept in its 16-bit float
+    where it measured no faster on the device or its output moved more than ``max_error`` (``ao.measured_plan``);
+    timestep embeddings and the first/last layers stay float by rule. Stack it after ``bf16``/``fp16`` and
+    before ``compile`` (torchao's float8 kernels are fastest compiled).
+
+    Paper: Micikevicius et al., "FP8 Formats for Deep Learning" (arXiv 2209.05433).
+    """
+
+    name = "fp8"
+    devices = frozenset({"cuda"})
+    ao_kind = "fp8"
+    paper = FP8
+    summary = "float8 weights x dynamic float8 activations (torchao, FP8 GPUs), kept per layer where it wins"
+    params = {
+        "min_features": Param(int, 256, 1, 65536, help="linears narrower than this (in or out) stay float"),
+        "load": Param(str, "", help="quantize exactly the layers a plan written by save() lists (no measuring)"),
+        "select": SELECT,
+        "min_speedup": MIN_SPEEDUP,
+        "max_error": MAX_ERROR,
+    }
+
+    def resolve_backend(self, device: torch.device) -> str:
+        from effdiff.methods.quant.native import ao
+
+        reason = ao.unsupported(self.ao_kind, device)
+        if reason:
+            raise RecipeError(f"{self.name}: {reason}")
+        return "torchao"

@@ -55,3 +55,36 @@ def load_float_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quant
             raise RecipeError(f"{path} was saved from a {new.dtype} model and this denoiser is {old.dtype}: stack "
                               f"the same cast as when it was saved (e.g. bf16+...:load=...)")
         swaps.tensor(owner, attr, nn.Parameter(new, requires_grad=False) if isinstance(old, nn.Parameter) else new)
+
+
+def write_plan(path: Path, method: str, recipe: str, decisions: list, measurements: list) -> int:
+    """Write the layers torchao's kernel was put on (and every measurement) as JSON; returns the size in bytes."""
+    import json
+    from dataclasses import asdict
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan = {"format": "effdiff torchao plan", "method": method, "recipe": recipe,
+            "layers": [d.name for d in decisions if d.quantize],
+            "kept": {d.name: d.reason for d in decisions if not d.quantize},
+            "measured": [{**asdict(m), "speedup": m.speedup} for m in measurements]}
+    path.write_text(json.dumps(plan, indent=1))
+    return path.stat().st_size
+
+
+def read_plan(path: Path, method: str, model: nn.Module) -> list[str]:
+    """The layer names of a plan written by ``write_plan`` for ``method``; refused for another method, a
+    file of another kind, or a layer this denoiser does not have."""
+    import json
+
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecipeError(f"{method}: {path} is not a torchao plan written by save() ({exc})") from None
+    if plan.get("format") != "effdiff torchao plan" or plan.get("method") != method:
+        raise RecipeError(f"{method}: {path} is not a {method} torchao plan (format {plan.get('format')!r}, method "
+                          f"{plan.get('method')!r})")
+    modules = dict(model.named_modules())
+    unknown = [name for name in plan["layers"] if not isinstance(modules.get(name), nn.Linear)]
+    if unknown:
+        raise RecipeError(f"{method}: {path} quantizes {unknown[0]!r}, which is not a linear layer of this denoiser")
+    return list(plan["layers"])
