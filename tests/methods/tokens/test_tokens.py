@@ -15,7 +15,8 @@ RECIPES = {
     "atedm": "atedm:ratio=0.5,early=0,max_downsample=2",
     "todo": "todo:factor=2",
 }
-ZERO = ["todo:factor=1", "tome:ratio=0,max_downsample=2", "atedm:ratio=0,max_downsample=2", "atedm:ratio=0.5,early=1,max_downsample=2"]
+ZERO = ["todo:factor=1",
+        "tome:ratio=0,max_downsample=2", "atedm:ratio=0,max_downsample=2", "atedm:ratio=0.5,early=1,max_downsample=2"]
 
 
 def _pipe(kind):
