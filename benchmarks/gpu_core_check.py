@@ -97,7 +97,7 @@ def sd_case(args: argparse.Namespace, device: str) -> tuple[Any, Callable[[], An
     generator = torch.Generator("cpu").manual_seed(0)
     width = unet.config.cross_attention_dim
     embeds, negative = (torch.randn(1, 77, width, generator=generator) for _ in range(2))
-    size = 16 if args.tiny else 512
+    size = getattr(args, "size", None) or (16 if args.tiny else 512)
 
     def run() -> Any:
         return pipe(prompt_embeds=embeds.to(device, dtype), negative_prompt_embeds=negative.to(device, dtype),
