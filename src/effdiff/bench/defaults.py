@@ -45,6 +45,9 @@ FULL_ONLY = (
     "guidance-distill",  # 50 DDIM steps at one call each: what guidance distillation alone buys
     "diffpruning",  # the pruned denoiser alone (50 % of the MACs)
     "laptop",  # tiny-sd's layer-pruned denoiser (70 % of the MACs; none shipped for tiny-dit)
+    "bksdm:variant=tiny",  # tiny-sd without its mid-block and innermost stage (BK-SDM; a U-Net method)
+    "ditprune",  # tiny-dit keeping 4 of its 8 blocks by TinyFusion's learned mask (a DiT method)
+    "todo:factor=2",  # ToDo's keys/values downsampled at the first attention level
 )
 
 
