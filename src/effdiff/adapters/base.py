@@ -293,6 +293,16 @@ class Adapter:
                 if isinstance(getattr(attn, attr, None), int):
                     setattr(attn, attr, projection.out_features)
 
+    def native_grid(self) -> tuple[int, int] | None:
+        """(rows, cols) of the denoiser's input at the size it was configured for (``sample_size``), the grid
+        ``token_grid`` reports at that size; None where the config does not say."""
+        size = getattr(getattr(self.model, "config", None), "sample_size", None)
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            return int(size[0]), int(size[1])
+        return None
+
     def token_grid(self, args: tuple, kwargs: dict) -> tuple[int, int]:
         """(rows, cols) of the denoiser's input, the grid ``TokenBlock.stride`` divides: its latent's size."""
         sample = hidden_of(args, kwargs)

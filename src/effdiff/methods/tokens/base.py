@@ -70,6 +70,24 @@ class TokenMethod(CacheMethod):
         self.latent: tuple[int, int] | None = None
         self.reduced_calls = 0
         self.install_all(chosen)
+        self.warn_if_measured_slower()
+
+    def warn_if_measured_slower(self) -> None:
+        """Say (in ``describe`` and as a warning) when this method was measured to slow down a model like this
+        one on this device (``breakeven.py``): the tokens of its first reduced blocks at the model's native size."""
+        import warnings
+
+        from effdiff.methods.tokens.breakeven import notice
+
+        grid = self.adapter.native_grid()
+        if not self.blocks or grid is None:
+            return
+        first = min(self.blocks, key=lambda b: b.stride)
+        tokens = math.ceil(grid[0] / first.stride) * math.ceil(grid[1] / first.stride)
+        message = notice(self.name, self.adapter.device.type, self.adapter.kind, tokens)
+        if message:
+            self.slower = message
+            warnings.warn(message, stacklevel=2)
 
     def install_all(self, blocks: list[TokenBlock]) -> None:
         """Patch the chosen blocks (``install`` each, unless a method works on groups of them)."""
@@ -80,9 +98,11 @@ class TokenMethod(CacheMethod):
         raise NotImplementedError
 
     fallback = ""
+    slower = ""  # a measured slow-down on models like this one (``warn_if_measured_slower``)
 
     def describe(self) -> str:
-        return super().describe() + (f" [{self.fallback}]" if self.fallback else "")
+        notes = [note for note in (self.fallback, self.slower) if note]
+        return super().describe() + "".join(f" [{note}]" for note in notes)
 
     @torch.compiler.disable
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -70,6 +70,7 @@ class ToDo(TokenMethod):
         self.latent: tuple[int, int] | None = None
         self.reduced_calls = 0
         self.install_all(self.blocks)
+        self.warn_if_measured_slower()
 
     def install(self, index: int, block: TokenBlock) -> None:
         factor = self.factors[block.level]
