@@ -125,6 +125,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from effdiff.bench import validate
     from effdiff.bench.generate import generate
@@ -140,6 +153,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from effdiff.zoo import check_model
 
     check_model(args.model)
+    from effdiff.distributed import init_from_env, launched, relaunch
+
+    if args.nproc > 1 or launched():  # torchrun's ranks know their world from the environment
+        from effdiff.registry import get_method
+
+        if not any(get_method(m.name).family == "parallel" for m in parse(args.recipe)):
+            raise ValueError(f"--nproc {args.nproc} needs a parallel method in the recipe (e.g. cfgparallel+...): "
+                             "otherwise every rank would compute the same images")
+        if not launched():
+            return relaunch(args.nproc, _without_flag(sys.argv[1:], "--nproc"))
+        rank, _ = init_from_env("cpu")
+        if rank:
+            generate(args.model, args.recipe, args.prompt, args.n, None, seed=args.seed, steps=args.steps,
+                     guidance=args.guidance)
+            return 0
     path = generate(args.model, args.recipe, args.prompt, args.n, args.out, seed=args.seed, steps=args.steps,
                     guidance=args.guidance)
     print(f"wrote {path}")
@@ -303,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int,
                      help="denoising steps (default: the recipe's solver steps, else the pipeline's 50)")
     gen.add_argument("--guidance", type=float, default=4.0)
+    gen.add_argument("--nproc", type=int, default=1,
+                     help="ranks on this machine (torchrun, gloo on the CPU); the recipe needs a parallel method")
     gen.set_defaults(func=_cmd_generate)
 
     cal = sub.add_parser("calibrate", help="fit a caching method's change model and threshold for a quality target")

@@ -34,8 +34,8 @@ def save_grid(images01: torch.Tensor, path: str | Path, columns: int = 8, scale:
     return path
 
 
-def generate(model: str, recipe: str, prompt: str, n: int, out_png: str | Path, seed: int = 0,
-             steps: int | None = None, guidance: float = 4.0, *, loader=None, accelerate_fn=None) -> Path:
+def generate(model: str, recipe: str, prompt: str, n: int, out_png: str | Path | None, seed: int = 0,
+             steps: int | None = None, guidance: float = 4.0, *, loader=None, accelerate_fn=None) -> Path | None:
     """Generate ``n`` images of ``prompt`` (seeds seed, seed+1, ...) with ``recipe`` and save a grid PNG.
 
     ``steps=None`` leaves the step count to the recipe's solver (or the pipeline's default): an explicit
@@ -51,7 +51,7 @@ def generate(model: str, recipe: str, prompt: str, n: int, out_png: str | Path, 
         validate.steps(steps, "steps")
     validate.guidance(guidance, "guidance")
     validate.seed(seed, "seed")
-    out_png = validate.output_file(out_png)
+    out_png = validate.output_file(out_png) if out_png is not None else None  # None: a rank that writes nothing
     if loader is None:
         from effdiff.zoo import load as loader
     pipe = loader(model)
@@ -72,4 +72,4 @@ def generate(model: str, recipe: str, prompt: str, n: int, out_png: str | Path, 
         out = pipe(class_labels=[label] * n, output_type="np", **kwargs)
     else:
         out = pipe([prompt] * n, output_type="pt", **kwargs)
-    return save_grid(to_images(out), out_png, columns=min(8, n))
+    return save_grid(to_images(out), out_png, columns=min(8, n)) if out_png is not None else None

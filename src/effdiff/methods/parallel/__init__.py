@@ -1,0 +1,1 @@
+"""Parallel inference over ``torch.distributed``: one image's work split between processes (``effdiff.distributed``)."""
