@@ -50,7 +50,7 @@ def _rank(rank: int, store: str, out: str) -> None:
                 batched = sample(pipe, steps=3)
                 denoiser = pipe.unet if kind == "sd" else pipe.transformer
                 inner = denoiser.forward
-                denoiser.forward = lambda *a, **k: halves_in_turn(inner, a, k)
+                denoiser.forward = lambda *a, inner=inner, **k: halves_in_turn(inner, a, k)
                 single = sample(pipe, steps=3)
                 del denoiser.forward
                 if recipe:
