@@ -40,6 +40,20 @@ def test_report_without_runs_is_a_user_error(tmp_path, capsys):
     assert "no bench runs" in capsys.readouterr().err
 
 
+def test_report_reads_a_store_given_by_url(tmp_path, capsys):
+    """``--store URL`` reads (and the bench writes) the rows there instead of OUT/results.sqlite."""
+    from effdiff.bench.store import Environment, ResultsStore
+
+    url = f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"
+    with ResultsStore(url) as store:
+        run_id = store.start_run({"models": ["tiny-sd"], "recipes": [""]})
+        store.write(run_id, "tiny-sd", "", "full", {"speedup": 1.0, "labels": []},
+                    Environment("t", "d", "e", 2, "float32", "cpu", "x"))
+    assert main(["report", "--list", "--out", str(tmp_path / "empty"), "--store", url]) == 0
+    assert run_id in capsys.readouterr().out
+    assert main(["report", "--list", "--out", str(tmp_path)]) == USAGE_ERROR  # the folder holds no store
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["bench", "--steps", "0"], "--steps must be"),
     (["bench", "--steps", "-5"], "--steps must be"),

@@ -139,10 +139,10 @@ def _prepare(root: Path) -> None:
     (root / "afile.txt").write_text("not a folder")
     with ResultsStore(root / "store" / "results.sqlite") as store:
         config = _run_config(STORED)
-        with store._conn:
-            store._conn.execute("INSERT INTO runs (run_id, config_hash, config_json, started, state) "
-                                "VALUES (?, ?, ?, ?, 'complete')",
-                                (RUN_ID, config_hash(config), json.dumps(config), "2026-12-04T12:00:00"))
+        with store.engine.begin() as conn:
+            conn.execute(store.runs_table.insert().values(run_id=RUN_ID, config_hash=config_hash(config),
+                                                          config_json=json.dumps(config),
+                                                          started="2026-12-04T12:00:00", state="complete"))
         store.write(RUN_ID, "tiny-sd", "", "full", {"speedup": 1.0, "labels": []},
                     Environment("t", "d", "e", 2, "float32", "cpu", "x"))
 

@@ -49,10 +49,10 @@ def _bench_settings(args: argparse.Namespace) -> dict:
     validate.output_dir(args.out)
     stored: dict = {}
     if args.resume:
-        from effdiff.bench.runner import STORE_NAME
+        from effdiff.bench.runner import store_location
         from effdiff.bench.store import ResultsStore
 
-        with ResultsStore(Path(args.out) / STORE_NAME, create=False) as store:
+        with ResultsStore(store_location(args.out, args.store), create=False) as store:
             store.check_run(args.resume)
             stored = store.run_config(args.resume)
         stored["recipes"] = [r for r in stored.get("recipes", []) if r]
@@ -69,7 +69,7 @@ def _bench_settings(args: argparse.Namespace) -> dict:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from effdiff.bench.report import report
-    from effdiff.bench.runner import QUICK_SAMPLES, QUICK_STEPS, STORE_NAME, config_dict, make_config, run_bench
+    from effdiff.bench.runner import QUICK_SAMPLES, QUICK_STEPS, config_dict, make_config, run_bench, store_location
     from effdiff.bench.store import ResultsStore
     from effdiff.recipe import parse
 
@@ -79,7 +79,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     config = make_config(settings["models"], settings["recipes"], settings["samples"], settings["steps"],
                          settings["guidance"], None, settings["quick"], settings["timing_batch"])  # checks every value
     if args.resume:
-        with ResultsStore(Path(args.out) / STORE_NAME, create=False) as store:
+        with ResultsStore(store_location(args.out, args.store), create=False) as store:
             store.check_resumable(args.resume, config_dict(config))
     from effdiff.zoo import check_model
 
@@ -92,14 +92,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     def announce(run_id: str) -> None:
         started.append(run_id)
-        print(f"run {run_id}: results go to {Path(args.out) / STORE_NAME}; after an interruption continue it with "
-              f"`effdiff bench --resume {run_id} --out {args.out}`", flush=True)
+        print(f"run {run_id}: results go to {store_location(args.out, args.store)}; after an interruption continue "
+              f"it with `effdiff bench --resume {run_id} --out {args.out}`", flush=True)
 
     try:
         run_id = run_bench(settings["models"], settings["recipes"], samples=settings["samples"],
                            steps=settings["steps"], guidance=settings["guidance"], out_dir=args.out,
                            quick=settings["quick"], resume_run_id=args.resume,
-                           timing_batch=settings["timing_batch"], on_start=announce)
+                           timing_batch=settings["timing_batch"], on_start=announce, store=args.store)
     except KeyboardInterrupt:
         if started:
             print(f"interrupted; the finished rows of run {started[0]} are kept: continue with "
@@ -107,8 +107,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         else:
             print("interrupted before the run started; nothing was stored", file=sys.stderr)
         return 130
-    html = report(args.out, run_id)
-    print(f"run {run_id}: results in {Path(args.out) / STORE_NAME}, report {html}")
+    html = report(args.out, run_id, store=args.store)
+    print(f"run {run_id}: results in {store_location(args.out, args.store)}, report {html}")
     return 0
 
 
@@ -117,11 +117,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from effdiff.bench.report import list_runs, report
 
     if args.list:
-        list_runs(args.out)
+        list_runs(args.out, store=args.store)
         return 0
     if args.html:
         validate.output_file(args.html, (".html", ".htm"), "--html")
-    print(f"report {report(args.out, args.run, args.html, figures=args.figure, tables=args.table)}")
+    print(f"report {report(args.out, args.run, args.html, figures=args.figure, tables=args.table, store=args.store)}")
     return 0
 
 
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images per timed call (default 1: the latency of one image)")
     bench.add_argument("--quick", action="store_true", help="few steps and samples: a smoke run")
     bench.add_argument("--out", default=DEFAULT_OUT, help="results folder (SQLite store, images, report)")
+    bench.add_argument("--store", help="a database URL (postgresql+psycopg://user@host/db) for the rows instead of "
+                                       "OUT/results.sqlite: many machines' runs in one place")
     bench.add_argument("--resume", metavar="RUN_ID",
                        help="continue an interrupted run with its stored settings (its id is printed when it starts; "
                             "`effdiff report --list` lists them)")
@@ -311,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="print a stored run and write its HTML report")
     rep.add_argument("--out", default=DEFAULT_OUT)
+    rep.add_argument("--store", help="read the rows from this database URL instead of OUT/results.sqlite")
     rep.add_argument("--run", help="run id (default: the latest run that stored results)")
     rep.add_argument("--list", action="store_true", help="list the stored runs with their state, then stop")
     rep.add_argument("--html", help="HTML path (default: OUT/report-RUN.html)")

@@ -3,8 +3,17 @@ import sqlite3
 
 import pytest
 
-from effdiff.bench.store import SCHEMA, Environment, ResultsStore, StoreError, config_hash
+from effdiff.bench.store import Environment, ResultsStore, StoreError, config_hash
 
+FIRST_SCHEMA = """
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, config_hash TEXT NOT NULL, config_json TEXT NOT NULL,
+                   started TEXT NOT NULL);
+CREATE TABLE results (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL REFERENCES runs(run_id),
+                      model TEXT NOT NULL, recipe TEXT NOT NULL, metric_set TEXT NOT NULL, torch_version TEXT,
+                      diffusers_version TEXT, effdiff_version TEXT, threads INTEGER, dtype TEXT, device TEXT,
+                      machine TEXT, timestamp TEXT NOT NULL, config_hash TEXT NOT NULL, metrics_json TEXT NOT NULL,
+                      UNIQUE (run_id, model, recipe, metric_set));
+"""  # the schema of the first stores: no state, pid or host
 ENV = Environment("2.x", "0.x", "0.1", 2, "float32", "cpu", "test machine")
 CONFIG = {"models": ["m"], "recipes": ["", "a", "b"], "samples": 4}
 
@@ -47,7 +56,7 @@ def test_reruns_are_history_not_overwrites(tmp_path):
         assert store.runs(CONFIG) == [first, second]
         assert len(store.rows()) == 6 and len(store.rows(second)) == 3
         assert store.latest_run() == second
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(StoreError, match="already has a full row for m a: rows are never overwritten"):
             store.write(first, "m", "a", "full", {}, ENV)
 
 
@@ -88,7 +97,8 @@ def test_summaries_say_how_each_run_stands(tmp_path):
         killed = store.start_run(CONFIG)
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True).stdout.strip()
-        store._conn.execute("UPDATE runs SET pid = ? WHERE run_id = ?", (int(dead), killed))
+        with store.engine.begin() as conn:
+            conn.execute(store.runs_table.update().where(store.runs_table.c.run_id == killed).values(pid=int(dead)))
         live = store.start_run(CONFIG)
         states = {s["run_id"]: (s["state"], s["rows"], s["expected"]) for s in store.summaries()}
     assert states == {done: ("complete", 3, 3), stopped: ("interrupted", 0, 3), killed: ("killed", 0, 3),
@@ -104,7 +114,7 @@ def test_reading_a_missing_store_creates_nothing(tmp_path):
 def test_stores_written_before_run_states_still_open(tmp_path):
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:  # the schema of the first stores: no state, pid or host
-        conn.executescript(SCHEMA.replace(",\n    state TEXT,\n    ended TEXT,\n    pid INTEGER,\n    host TEXT", ""))
+        conn.executescript(FIRST_SCHEMA)
         conn.execute("INSERT INTO runs VALUES ('old', 'h', ?, '2026-01-01')", (json.dumps(CONFIG),))
     with ResultsStore(path) as store:
         assert store.summaries()[0]["state"] == "unknown"
@@ -114,3 +124,90 @@ def test_stores_written_before_run_states_still_open(tmp_path):
 
 def test_config_hash_ignores_key_order():
     assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+
+
+def _writer(location: str, run_id: str, worker: int, count: int) -> None:
+    with ResultsStore(location) as store:
+        for i in range(count):
+            store.write(run_id, f"m{worker}", f"r{i}", "full", {"i": i}, ENV)
+
+
+def _concurrent_writes_lose_nothing(location: str) -> None:
+    import multiprocessing
+
+    with ResultsStore(location) as store:
+        run_id = store.start_run(CONFIG)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_writer, args=(location, run_id, w, 25)) for w in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    with ResultsStore(location) as store:
+        rows = store.rows(run_id)
+    assert len(rows) == 50 and {(r["model"], r["recipe"]) for r in rows} == {
+        (f"m{w}", f"r{i}") for w in range(2) for i in range(25)}
+
+
+def test_two_processes_writing_one_sqlite_store_lose_nothing(tmp_path):
+    _concurrent_writes_lose_nothing(str(tmp_path / "shared.sqlite"))
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A PostgreSQL server started here (Debian's package), on a Unix socket in a temporary folder; skipped with
+    the reason where the server is not installed."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+
+    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin"))  # Debian keeps the server off the PATH
+    path = os.pathsep.join([os.environ.get("PATH", ""), *debian])
+    initdb, pg_ctl = shutil.which("initdb", path=path), shutil.which("pg_ctl", path=path)
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL is not installed (apt install postgresql): the URL store is tested where it is")
+    pytest.importorskip("psycopg")
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="effdiff-pg-"))  # pytest's own folders are closed to other users
+    data, socket_dir = folder / "data", folder / "socket"
+    socket_dir.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        if subprocess.run(["id", "postgres"], capture_output=True).returncode:
+            pytest.skip("running as root and there is no postgres user to start the server as")
+        shutil.chown(folder, "postgres")
+        shutil.chown(socket_dir, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    port = 54329
+    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-w", "-l", str(folder / "log"), "-o",
+                    f"-p {port} -k {socket_dir} -c listen_addresses=''", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@/postgres?host={socket_dir}&port={port}"
+    finally:
+        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_postgresql_store_keeps_runs_resumes_and_takes_concurrent_writers(postgres_url):
+    with ResultsStore(postgres_url) as store:
+        run_id = store.start_run(CONFIG)
+        with pytest.raises(KeyboardInterrupt):
+            _run(store, run_id, stop_after=2)
+        assert store.finished(run_id) == {("m", ""), ("m", "a")}
+        _run(store, run_id)
+        assert [r["metrics"]["speedup"] for r in store.rows(run_id)] == [1.0, 2.0, 3.0]
+        assert store.latest_run() == run_id and store.summaries()[-1]["rows"] == 3
+        with pytest.raises(StoreError, match="rows are never overwritten"):
+            store.write(run_id, "m", "a", "full", {}, ENV)
+    _concurrent_writes_lose_nothing(postgres_url)
+
+
+def test_a_bad_url_is_refused_clearly():
+    with pytest.raises(StoreError, match="cannot open the results store nosuchdb://x"):
+        ResultsStore("nosuchdb://x")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from effdiff.bench.runner import STORE_NAME, image_dir, recipe_slug
+from effdiff.bench.runner import image_dir, recipe_slug, store_location
 from effdiff.bench.store import ResultsStore
 
 
@@ -111,18 +111,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _open(out_dir: str | Path) -> ResultsStore:
-    return ResultsStore(Path(out_dir) / STORE_NAME, create=False)
+def _open(out_dir: str | Path, store: str | None = None) -> ResultsStore:
+    return ResultsStore(store_location(out_dir, store), create=False)
 
 
-def load_rows(out_dir: str | Path, run_id: str | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """(run id, its rows) from ``out_dir``'s store; the latest run that stored rows when no id is given."""
-    with _open(out_dir) as store:
+def load_rows(out_dir: str | Path, run_id: str | None = None,
+              store: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """(run id, its rows) from ``out_dir``'s store (or ``store``); the latest run that stored rows when no id is
+    given."""
+    with _open(out_dir, store) as store:
         if run_id is not None:
             store.check_run(run_id)
         run_id = run_id or store.latest_run()
         if run_id is None:
-            raise ValueError(f"no bench runs with results stored in {Path(out_dir) / STORE_NAME}")
+            raise ValueError(f"no bench runs with results stored in {store.path}")
         rows = store.rows(run_id)
         if not rows:
             raise ValueError(f"run {run_id!r} stored no results yet; `effdiff report --list --out {out_dir}` shows "
@@ -130,14 +132,14 @@ def load_rows(out_dir: str | Path, run_id: str | None = None) -> tuple[str, list
         return run_id, rows
 
 
-def list_runs(out_dir: str | Path, console=None) -> list[dict[str, Any]]:
+def list_runs(out_dir: str | Path, console=None, store: str | None = None) -> list[dict[str, Any]]:
     """Print every stored run: id, start, state, rows stored of expected, models; returns the summaries."""
     from rich.console import Console
     from rich.table import Table
 
-    with _open(out_dir) as store:
-        runs = store.summaries()
-    table = Table(title=f"runs in {Path(out_dir) / STORE_NAME} (resume one with effdiff bench --resume RUN)")
+    with _open(out_dir, store) as opened:
+        runs = opened.summaries()
+    table = Table(title=f"runs in {opened.path} (resume one with effdiff bench --resume RUN)")
     for header in ("run", "started (UTC)", "state", "rows", "models", "quick"):
         table.add_column(header, overflow="fold")
     for run in runs:
@@ -392,8 +394,9 @@ def write_html(
 
 
 def report(out_dir: str | Path, run_id: str | None = None, html_path: str | Path | None = None,
-           console=None, figures: Sequence[str | Path] = (), tables: Sequence[str | Path] = ()) -> Path:
+           console=None, figures: Sequence[str | Path] = (), tables: Sequence[str | Path] = (),
+           store: str | None = None) -> Path:
     """Print the table of a stored run and write its HTML report; returns the HTML path."""
-    run_id, rows = load_rows(out_dir, run_id)
+    run_id, rows = load_rows(out_dir, run_id, store)
     print_table(rows, console)
     return write_html(rows, run_id, out_dir, html_path, figures, tables)

@@ -404,6 +404,12 @@ def image_dir(out_dir: Path, run_id: str, model: str) -> Path:
     return Path(out_dir) / "images" / run_id / recipe_slug(model)
 
 
+def store_location(out_dir: str | Path, store: str | None = None) -> str | Path:
+    """Where a run's rows go: ``store`` (a database URL such as ``postgresql://…``, or a file) when given, else
+    ``out_dir/results.sqlite``."""
+    return store if store else Path(out_dir) / STORE_NAME
+
+
 def run_bench(
     models: Sequence[str],
     recipes: Sequence[str],
@@ -421,8 +427,10 @@ def run_bench(
     reps: int = 3,
     progress: bool = True,
     on_start: Callable[[str], None] | None = None,
+    store: str | None = None,
 ) -> str:
-    """Benchmark ``recipes`` on ``models``; returns the run id (results in ``out_dir/results.sqlite``).
+    """Benchmark ``recipes`` on ``models``; returns the run id (results in ``out_dir/results.sqlite``, or in
+    ``store``, a database URL or file).
 
     Everything is validated (arguments, output folder, model names) before a run is registered;
     ``on_start`` hears the run id as soon as it exists, so an interrupted caller can say what to resume.
@@ -439,7 +447,7 @@ def run_bench(
     if accelerate_fn is None and any(config.recipes):
         from effdiff.api import accelerate as accelerate_fn
     judges = _Judges()
-    with ResultsStore(out_dir / STORE_NAME) as store:
+    with ResultsStore(store_location(out_dir, store)) as store:
         if resume_run_id is not None:
             run_id = store.resume_run(resume_run_id, config_dict(config))
         else:
