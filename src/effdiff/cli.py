@@ -99,7 +99,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         run_id = run_bench(settings["models"], settings["recipes"], samples=settings["samples"],
                            steps=settings["steps"], guidance=settings["guidance"], out_dir=args.out,
                            quick=settings["quick"], resume_run_id=args.resume,
-                           timing_batch=settings["timing_batch"], on_start=announce, store=args.store)
+                           timing_batch=settings["timing_batch"], on_start=announce, store=args.store,
+                           ray_address=args.ray)
     except KeyboardInterrupt:
         if started:
             print(f"interrupted; the finished rows of run {started[0]} are kept: continue with "
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images per timed call (default 1: the latency of one image)")
     bench.add_argument("--quick", action="store_true", help="few steps and samples: a smoke run")
     bench.add_argument("--out", default=DEFAULT_OUT, help="results folder (SQLite store, images, report)")
+    bench.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="run each (model, recipe) as a Ray task: a local Ray by default, or a cluster's address")
     bench.add_argument("--store", help="a database URL (postgresql+psycopg://user@host/db) for the rows instead of "
                                        "OUT/results.sqlite: many machines' runs in one place")
     bench.add_argument("--resume", metavar="RUN_ID",

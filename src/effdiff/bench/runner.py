@@ -428,9 +428,10 @@ def run_bench(
     progress: bool = True,
     on_start: Callable[[str], None] | None = None,
     store: str | None = None,
+    ray_address: str | None = None,
 ) -> str:
     """Benchmark ``recipes`` on ``models``; returns the run id (results in ``out_dir/results.sqlite``, or in
-    ``store``, a database URL or file).
+    ``store``, a database URL or file). ``ray_address``: measure on Ray ("local" starts one on this machine).
 
     Everything is validated (arguments, output folder, model names) before a run is registered;
     ``on_start`` hears the run id as soon as it exists, so an interrupted caller can say what to resume.
@@ -455,7 +456,12 @@ def run_bench(
         if on_start is not None:
             on_start(run_id)
         try:
-            _run_models(config, store, run_id, out_dir, loader, accelerate_fn, judges, progress)
+            if ray_address is not None:  # Ray tasks (local: "local"), each measuring one recipe; rows written here
+                from effdiff.bench.ray_runner import run_on_ray
+
+                run_on_ray(config, store, run_id, out_dir, ray_address, progress=progress)
+            else:
+                _run_models(config, store, run_id, out_dir, loader, accelerate_fn, judges, progress)
         except KeyboardInterrupt:
             store.set_state(run_id, "interrupted")
             raise
@@ -477,9 +483,23 @@ def _run_models(config: BenchConfig, store: ResultsStore, run_id: str, out_dir: 
         for model in config.models:
             recipes_left = [r for m, r in todo if m == model]
             if recipes_left:
-                _bench_model(model, recipes_left, config, loader, accelerate_fn, store, run_id,
-                             out_dir, judges, lambda name: bar.update(task, description=name),
-                             lambda: bar.advance(task))
+                _bench_model(model, recipes_left, config, loader, accelerate_fn, row_writer(store, run_id, model),
+                             stored_baseline_latency(store, run_id, model), image_dir(out_dir, run_id, model), judges,
+                             lambda name: bar.update(task, description=name), lambda: bar.advance(task))
+
+
+Write = Callable[[str, str, dict[str, Any], Environment], None]  # (recipe, metric set, metrics, environment)
+
+
+def row_writer(store: ResultsStore, run_id: str, model: str) -> Write:
+    """A ``Write`` that commits each row of ``model`` to ``store`` at once."""
+    return lambda recipe, metric_set, metrics, env: store.write(run_id, model, recipe, metric_set, metrics, env)
+
+
+def stored_baseline_latency(store: ResultsStore, run_id: str, model: str) -> float | None:
+    """The baseline's seconds per image this run already stored for ``model`` (a resumed run's drift reference)."""
+    row = next((r["metrics"] for r in store.rows(run_id) if r["model"] == model and not r["recipe"]), {})
+    return row.get("time_per_image_s")
 
 
 def config_dict(config: BenchConfig) -> dict[str, Any]:
@@ -496,16 +516,16 @@ def _progress(enabled: bool):
                     disable=not enabled)
 
 
-def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, accelerate_fn,
-                 store: ResultsStore, run_id: str, out_dir: Path, judges: _Judges,
+def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, accelerate_fn, write: Write,
+                 baseline_latency: float | None, folder: Path, judges: _Judges,
                  describe: Callable[[str], None], advance: Callable[[], None]) -> None:
+    """Measure ``recipes`` on ``model`` (its baseline timed beside each), handing each row to ``write``."""
     pipe = loader(model)
     speed_only = bool(getattr(pipe, "effdiff_speed_only", False))
     device = str(getattr(pipe, "device", "cpu"))
     dtype = str(find_denoiser(pipe).dtype).replace("torch.", "")
     env = Environment.current(dtype=dtype, device=device)
     caller = Caller(pipe, config)
-    folder = image_dir(out_dir, run_id, model)
     folder.mkdir(parents=True, exist_ok=True)
     baseline_images = floor = baseline_scores = None
     if not speed_only:
@@ -515,8 +535,6 @@ def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, ac
         floor = judges.judge.matched_floor(split.train_images, split.train_labels, caller.digits)
         baseline_images, baseline_flops = _baseline_images(folder, caller, pipe, accelerate_fn, config)
         baseline_scores = _sample_scores(baseline_images, caller, judges)
-    stored_baseline = next((r["metrics"] for r in store.rows(run_id) if r["model"] == model and not r["recipe"]), {})
-    baseline_latency = stored_baseline.get("time_per_image_s")
     for recipe in recipes:
         describe(f"{model} · {recipe or 'baseline'}: timing")
         switch = RecipeSwitch(pipe, recipe, accelerate_fn)
@@ -526,7 +544,7 @@ def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, ac
             metrics.update(_cost(pipe, caller, switch, config, device))
         except RecipeError as refusal:  # e.g. a U-Net-only method on a DiT: recorded, not fatal
             metrics.update(labels=["refused"], refused=str(refusal))
-            store.write(run_id, model, recipe, "refused", metrics, env)
+            write(recipe, "refused", metrics, env)
             advance()
             continue
         if not recipe:
@@ -545,7 +563,7 @@ def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, ac
             _work_check(metrics, sample_flops)
             _save_images(folder, recipe, images)
             metrics.update(_quality(images, baseline_images, caller, judges, floor, baseline_scores))
-        store.write(run_id, model, recipe, "speed-only" if speed_only else "full", metrics, env)
+        write(recipe, "speed-only" if speed_only else "full", metrics, env)
         advance()
 
 
