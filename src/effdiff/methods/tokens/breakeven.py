@@ -30,6 +30,7 @@ ROWS = (
     Measured("tome", "cpu", "unet", 4096, 1.17, "sd15-arch at 512 px (tokens_breakeven.py)"),
     Measured("tome", "cpu", "dit", 576, 1.24, "pixart-alpha-arch at 384 px (tokens_breakeven.py)"),
     Measured("tome", "cpu", "dit", 1024, 1.32, "pixart-alpha-arch at 512 px (tokens_breakeven.py)"),
+    Measured("todo", "cpu", "unet", 4096, 1.20, "sd15-arch at 512 px, factor 2 (tokens_breakeven.py)"),
     Measured("atedm", "cpu", "unet", 1024, 1.12, "sd15-arch at 256 px (tokens_breakeven.py)"),
     Measured("atedm", "cpu", "unet", 4096, 0.92, "sd15-arch at 512 px (tokens_breakeven.py)"),
     Measured("atedm", "cpu", "dit", 576, 1.54, "pixart-alpha-arch at 384 px (tokens_breakeven.py)"),
