@@ -34,12 +34,9 @@ def measure_task(model: str, recipe: str, config: BenchConfig, folder: str,
     """One (model, recipe) measured in this process; its rows as (recipe, metric set, metrics, environment)."""
     from dataclasses import asdict
 
-    import torch
-
     from effdiff.api import accelerate
     from effdiff.zoo import load
 
-    torch.set_num_threads(max(1, int(__import__("os").environ.get("OMP_NUM_THREADS", "1"))))
     rows: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
     _bench_model(model, [recipe], config, load, accelerate,
                  lambda r, metric_set, metrics, env: rows.append((r, metric_set, metrics, asdict(env))),

@@ -54,6 +54,15 @@ class TokenMethod(CacheMethod):
         if not every:
             raise refuse(self.name, f"{type(self.adapter.model).__name__} has no transformer block to reduce "
                                     "tokens in")
+        self.blocks = self.choose(every)
+        self.latent: tuple[int, int] | None = None
+        self.reduced_calls = 0
+        self.install_all(self.blocks)
+        self.warn_if_measured_slower()
+
+    def choose(self, every: list[TokenBlock]) -> list[TokenBlock]:
+        """The blocks to patch: those at level <= ``max_downsample`` (falling back to the shallowest level that
+        has attention when the default finds none)."""
         limit = self.values.get("max_downsample")
         chosen = [b for b in every if limit is None or b.level <= limit]
         if not chosen and "max_downsample" not in self.given:
@@ -66,11 +75,7 @@ class TokenMethod(CacheMethod):
             raise refuse(self.name, f"no transformer block at downsample <= {limit} in "
                                     f"{type(self.adapter.model).__name__} (its blocks run at downsample {levels}); "
                                     "raise max_downsample")
-        self.blocks = chosen
-        self.latent: tuple[int, int] | None = None
-        self.reduced_calls = 0
-        self.install_all(chosen)
-        self.warn_if_measured_slower()
+        return chosen
 
     def warn_if_measured_slower(self) -> None:
         """Say (in ``describe`` and as a warning) when this method was measured to slow down a model like this

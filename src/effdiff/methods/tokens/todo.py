@@ -59,18 +59,12 @@ class ToDo(TokenMethod):
         "mode": Param(str, "nearest", choices=MODES, help="nearest (the paper), pooling or bilinear"),
     }
 
-    def setup(self, pipe: Any) -> None:
-        every = self.adapter.token_blocks()
-        if not every:
-            raise refuse(self.name, f"{type(self.adapter.model).__name__} has no transformer block")
+    def choose(self, every: list[TokenBlock]) -> list[TokenBlock]:
+        """The blocks of the first two attention levels whose factor downsamples anything."""
         levels = sorted({b.level for b in every})
         self.factors = {level: factor for level, factor in zip(levels, (self.values["factor"],
                                                                           self.values["factor_level2"]), strict=False)}
-        self.blocks = [b for b in every if self.factors.get(b.level, 1) > 1]
-        self.latent: tuple[int, int] | None = None
-        self.reduced_calls = 0
-        self.install_all(self.blocks)
-        self.warn_if_measured_slower()
+        return [b for b in every if self.factors.get(b.level, 1) > 1]
 
     def install(self, index: int, block: TokenBlock) -> None:
         factor = self.factors[block.level]
