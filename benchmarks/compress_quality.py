@@ -89,7 +89,7 @@ def main() -> None:
                    "call_seconds_compressed": compressed_s, "call_speedup": original_s / compressed_s,
                    **score(pipe, recipe, args.per_digit, args.steps),
                    "training": {k: record.get(k) for k in ("iterations_done", "wall_seconds", "machine", "ratio",
-                                                           "width_ratio", "removed", "blocks", "kept")}}
+                                                           "removed", "blocks", "kept")}}
             rows.append(row)
             print(f"  {folder.name:32s} MACs {row['macs_fraction']:.1%}  params {row['params_fraction']:.1%}  "
                   f"call {row['call_speedup']:.2f}x  FID {row['fid']:.3f}  KID {row['kid']:.4f}  "

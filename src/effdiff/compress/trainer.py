@@ -25,6 +25,7 @@ machine.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -199,6 +200,7 @@ class CompressTrainer(SteppedTraining):
         self.student: torch.nn.Module | None = None
         self.removed: list[str] = []
         self.blocks: dict[str, Any] = {}  # a BlockPlan (bksdm, ditprune)
+        self.facts: dict[str, Any] = {}
         self.widths: dict[str, Any] = {}
         self.step, self.elapsed, self.losses = 0, 0.0, []
 
@@ -228,12 +230,18 @@ class CompressTrainer(SteppedTraining):
         self.timesteps = (accumulate_taylor_gradients(model, self.call(model), images, text, self.alphas_cumprod,
                                                       self.prediction_type, c.threshold, c.stride, self.gen)
                           if importance == "taylor" else [])
-        share = c.macs * call_macs(self.teacher) / call_macs(start)
+        share = c.macs * self.teacher_macs / call_macs(start)
         pruned, facts = prune_to_macs(model, share, importance)
-        self.facts = {**getattr(self, "facts", {}), "width_ratio": facts["ratio"]}
-        self.facts.update(self._fractions(pruned))
+        self.facts.update(ratio=facts["ratio"], **self._fractions(pruned))
         self.widths = changed_widths(start, pruned)
         return pruned
+
+    @functools.cached_property
+    def teacher_macs(self) -> float:
+        """MACs of one teacher call (counted once: every budget and fraction is relative to it)."""
+        from effdiff.compress.prune import call_macs
+
+        return call_macs(self.teacher)
 
     def _fractions(self, model: torch.nn.Module) -> dict[str, float]:
         from effdiff.compress.prune import call_macs
@@ -241,7 +249,7 @@ class CompressTrainer(SteppedTraining):
         def params(m: torch.nn.Module) -> int:
             return sum(p.numel() for p in m.parameters())
 
-        return {"macs_fraction": call_macs(model) / call_macs(self.teacher),
+        return {"macs_fraction": call_macs(model) / self.teacher_macs,
                 "params_fraction": params(model) / params(self.teacher)}
 
     def _prune_blocks(self) -> torch.nn.Module:
