@@ -163,6 +163,25 @@ class CacheLayer:
     feeds: tuple[nn.Module, ...] = ()
 
 
+@dataclass(frozen=True)
+class PatchLayout:
+    """How a denoiser's image splits into equal patches, one per rank, for patch parallelism (DistriFusion).
+
+    ``rows``: the input latent splits by rows and every layer sees its rows (U-Nets) — a convolution then needs
+    its neighbours' boundary rows, a GroupNorm the whole image's statistics, a self-attention every row's keys;
+    each patch's height must be a multiple of ``row_multiple`` (the downsampling between the input and the
+    innermost level), so every level splits on whole rows; ``entry`` is the layer that reads the input latent
+    itself (its boundary rows come from the whole latent every rank holds). ``tokens``: the token sequence
+    ``entry`` returns splits and ``exit``'s output is gathered (DiTs: between them each layer is per token except
+    self-attention).
+    """
+
+    split: str
+    row_multiple: int = 1
+    entry: nn.Module | None = None
+    exit: nn.Module | None = None
+
+
 def basic_transformer_blocks(ref: BlockRef, stride: int, level: int = 1) -> list[TokenBlock]:
     """diffusers' ``BasicTransformerBlock``s in a block (SD U-Nets' ``Transformer2DModel``, PixArt, DiT)."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -206,6 +225,16 @@ class Adapter:
 
         kinds = (Attention, AttentionModuleMixin)
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, kinds)]
+
+    def self_attentions(self) -> list[tuple[str, nn.Module]]:
+        """Attention modules whose keys and values come from the image tokens themselves (not the text's, and
+        not a joint text+image sequence): the layers that see the whole image when the image is split."""
+        return [(n, m) for n, m in self.attention()
+                if not getattr(m, "is_cross_attention", False) and getattr(m, "add_k_proj", None) is None]
+
+    def patch_layout(self) -> PatchLayout | None:
+        """How the image splits into patches across ranks; None where the architecture has no known split."""
+        return None
 
     def linears(self) -> list[tuple[str, nn.Linear]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]

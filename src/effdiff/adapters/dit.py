@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from effdiff.adapters.base import Adapter, BlockRef, CacheLayer, TokenBlock
+from effdiff.adapters.base import Adapter, BlockRef, CacheLayer, PatchLayout, TokenBlock
 
 
 class DiTAdapter(Adapter):
@@ -21,6 +21,11 @@ class DiTAdapter(Adapter):
 
     def blocks(self) -> list[BlockRef]:
         return self._list(self.model, "transformer_blocks", "transformer", "hidden")
+
+    def patch_layout(self) -> PatchLayout | None:
+        """Tokens: ``pos_embed`` patchifies the latent and adds positions, the blocks work per token except their
+        self-attention, and the output layer after the last block is per token too."""
+        return PatchLayout("tokens", entry=self.model.pos_embed, exit=self.model.transformer_blocks[-1])
 
     def modulated_input(self, ref: BlockRef, args: tuple, kwargs: dict) -> torch.Tensor:
         """A ``BasicTransformerBlock``'s normalised, timestep-modulated input: PixArt's adaLN-single, DiT's
@@ -65,6 +70,10 @@ class PixArtAdapter(DiTAdapter):
 class _MMDiTAdapter(DiTAdapter):
     """Joint blocks ``(hidden, encoder_hidden, temb, ...) -> (encoder_hidden, hidden)``; the modulated input is
     the image stream through the first adaLN-zero (``norm1``), as TeaCache's FLUX code reads it."""
+
+    def patch_layout(self) -> PatchLayout | None:
+        """None: the joint attention's rotary table and text rows would have to follow the split."""
+        return None
 
     def timestep_embedding(self) -> tuple[str, nn.Module] | None:
         """``time_text_embed``: timestep (+ guidance) + pooled text, the ``temb`` every joint block reads."""

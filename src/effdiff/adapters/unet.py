@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from effdiff.adapters.base import Adapter, BlockRef, TokenBlock, basic_transformer_blocks
+from effdiff.adapters.base import Adapter, BlockRef, PatchLayout, TokenBlock, basic_transformer_blocks
 
 if TYPE_CHECKING:
     from effdiff.compress.structure import BlockPlan
@@ -47,6 +47,17 @@ class _UNetAdapter(Adapter):
             if ref.role == "up" and getattr(ref.module, "upsamplers", None):
                 downsample //= 2
         return out
+
+    def patch_layout(self) -> PatchLayout | None:
+        """Rows of the latent: every layer is a convolution, a GroupNorm or a transformer over the level's
+        pixels, so each rank runs the whole U-Net on its rows; ``conv_in`` reads the latent every rank holds whole
+        (its boundary rows are always fresh). ``center_input_sample`` rescales the input before
+        ``conv_in``, whose boundary rows come from the unscaled latent, so such a model has no split."""
+        if getattr(self.model.config, "center_input_sample", False):
+            return None
+        downsamplers = sum(1 for ref in self.blocks()
+                           if ref.role == "down" and getattr(ref.module, "downsamplers", None))
+        return PatchLayout("rows", row_multiple=2 ** downsamplers, entry=self.model.conv_in)
 
     def modulated_input(self, ref: BlockRef, args: tuple, kwargs: dict) -> torch.Tensor:
         """The block's first resnet's normalised input plus its projection of the time embedding."""

@@ -32,11 +32,21 @@ def rows(value: Any, batch: int, start: int, stop: int) -> Any:
     return value
 
 
-def gathered(part: torch.Tensor, world: int) -> torch.Tensor:
-    """Every rank's ``part``, concatenated along the batch in rank order."""
+def gathered(part: torch.Tensor, world: int, dim: int = 0) -> torch.Tensor:
+    """Every rank's ``part``, concatenated along ``dim`` (the batch by default) in rank order."""
     parts = [torch.empty_like(part) for _ in range(world)]
     dist.all_gather(parts, part.contiguous())
-    return torch.cat(parts)
+    return torch.cat(parts, dim)
+
+
+def with_sample(out: Any, sample: Any) -> Any:
+    """A denoiser's output (a tensor, a tuple or an output object) with its sample replaced by ``sample(old)``."""
+    if isinstance(out, torch.Tensor):
+        return sample(out)
+    if isinstance(out, tuple):
+        return (sample(out[0]), *out[1:])
+    out.sample = sample(out.sample)
+    return out
 
 
 class CfgParallel(Method):
@@ -88,11 +98,6 @@ class CfgParallel(Method):
             start, stop = self.rank * share, (self.rank + 1) * share
             out = inner(*rows(args, batch, start, stop), **rows(kwargs, batch, start, stop))
             self.split_calls += 1
-            if isinstance(out, torch.Tensor):
-                return gathered(out, self.world)
-            if isinstance(out, tuple):
-                return (gathered(out[0], self.world), *out[1:])
-            out.sample = gathered(out.sample, self.world)
-            return out
+            return with_sample(out, lambda part: gathered(part, self.world))
 
         return forward
