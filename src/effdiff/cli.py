@@ -175,6 +175,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from effdiff.bench import validate
+    from effdiff.plan.estimate import estimates, fitted_constants, resolve, table
+
+    validate.at_least(args.devices, 1, "--devices", "devices")
+    validate.steps(args.steps)
+    device, link = resolve(args.device, args.link)
+    constants, errors = fitted_constants()
+    rows = estimates(args.model, args.px, args.devices, device, link, constants, steps=args.steps,
+                     warmup=args.warmup, dtype=args.dtype)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=1))
+        return 0
+    print(f"{args.model} at {args.px} px, {args.steps} steps, {args.dtype}, on {args.devices} × {device.name} "
+          f"linked by {link.name}")
+    print(f"kernel constants fitted to measured single-device steps: {constants.efficiency:.0%} of peak on "
+          f"compute-bound kernels, {constants.floor_us:.1f} µs floor per kernel (fit errors "
+          f"{', '.join(f'{e:+.1%}' for e in errors)}); assumed the same on {device.name}")
+    print(table(rows))
+    return 0
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import importlib
 
@@ -361,6 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(checkpoints, --resume)")
     add_compress_arguments(comp)
     comp.set_defaults(func=_cmd_compress)
+
+    plan = sub.add_parser("plan", help="estimate parallel methods' latency on N devices (a calibrated cost model)")
+    plan.add_argument("--model", default="sdxl-arch", help="sd15-arch, sdxl-arch, pixart-alpha-arch or flux-dev-arch")
+    plan.add_argument("--px", type=int, default=1024, help="image side in pixels (multiple of 64)")
+    plan.add_argument("--devices", type=int, default=8)
+    plan.add_argument("--device", default="a100", help="a100, h100 or h200")
+    plan.add_argument("--link", default="nvlink", help="nvlink (the device's generation), pcie4, pcie5, ethernet")
+    plan.add_argument("--steps", type=int, default=50)
+    plan.add_argument("--warmup", type=int, default=4, help="DistriFusion's synchronous steps after the first")
+    plan.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    plan.add_argument("--json", action="store_true", help="print the estimates as JSON")
+    plan.set_defaults(func=_cmd_plan)
 
     methods = sub.add_parser("methods", help="the registry and the catalogue of seed papers")
     methods.add_argument("--family", choices=FAMILIES)

@@ -211,7 +211,7 @@ class StageTimer:
 # ---------------------------------------------------------------- FLOPs
 
 
-def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """2·B·H·Lq·Lk·D for QKᵀ plus 2·B·H·Lq·Lk·Dv for PV (softmax not counted, as torch does)."""
     *batch, lq, d = query_shape
     lk = key_shape[-2]
@@ -248,7 +248,7 @@ class FlopCount:
 @contextmanager
 def count_flops() -> Iterator[FlopCount]:
     """Count FLOPs of everything run inside; the yielded object is filled in on exit."""
-    mapping = {op: _attention_flops for op in _cpu_attention_ops()}
+    mapping = {op: attention_flops for op in _cpu_attention_ops()}
     result = FlopCount(0, 0)
     mode = FlopCounterMode(display=False, custom_mapping=mapping)
     with mode:

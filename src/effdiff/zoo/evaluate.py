@@ -11,18 +11,24 @@ from effdiff.zoo.data import NUM_CLASSES, eval_prompt
 
 @torch.no_grad()
 def generate_eval_samples(
-    pipe, per_digit: int = 100, steps: int = 50, guidance: float = 4.0, seed: int = 0, batch: int = 200
+    pipe, per_digit: int = 100, steps: int = 50, guidance: float = 4.0, seed: int = 0, batch: int = 200,
+    share: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images in [-1, 1] of shape (N, 1, 32, 32), the digit each was asked for); seed i+seed per image."""
+    """(images in [-1, 1] of shape (N, 1, 32, 32), the digit each was asked for); seed i+seed per image.
+
+    ``share``: (part, parts) — only that contiguous part of the images, with the seeds they have in the whole set
+    (so several processes each make their part of the same samples)."""
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_digit)
+    part, parts = share
+    first, last = part * len(labels) // parts, (part + 1) * len(labels) // parts
     images = []
-    for start in range(0, len(labels), batch):
-        chunk = labels[start : start + batch]
+    for start in range(first, last, batch):
+        chunk = labels[start : min(start + batch, last)]
         generators = [torch.Generator(pipe.device).manual_seed(seed + start + i) for i in range(len(chunk))]
         out = pipe([eval_prompt(int(d)) for d in chunk], num_inference_steps=steps, guidance_scale=guidance,
                    generator=generators, output_type="pt").images
         images.append(out.cpu() * 2 - 1)
-    return torch.cat(images), labels
+    return torch.cat(images), labels[first:last]
 
 
 def score_samples(images01: torch.Tensor, digits: torch.Tensor) -> dict[str, float]:

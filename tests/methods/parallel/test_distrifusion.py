@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _stock import build, generate
-from conftest import make_tiny_dit, make_tiny_sd, sample
+from conftest import denoiser, make_tiny_dit, make_tiny_sd, sample
 from torch import nn
 
 import effdiff
@@ -25,9 +25,15 @@ STEPS = 8
 
 
 def _cases(kind: str, make) -> dict:
+    from effdiff.plan.estimate import distrifusion_parts
+    from effdiff.plan.trace import trace_call
+
     pipe = make()
+    calls = []
+    handle = denoiser(pipe).register_forward_pre_hook(lambda _m, a, k: calls.append((a, k)), with_kwargs=True)
     single = sample(pipe, steps=STEPS)
-    out: dict = {}
+    handle.remove()
+    out: dict = {"planned": STEPS * sum(distrifusion_parts(trace_call(denoiser(pipe), calls[0][1], calls[0][0]), 2))}
     for recipe in ("distrifusion:exchange=sync", "distrifusion:warmup=2", "distrifusion:exchange=none"):
         effdiff.accelerate(pipe, recipe)
         image = sample(pipe, steps=STEPS)
@@ -98,6 +104,7 @@ def test_fresh_exchange_gives_the_single_process_image(ranks, kind):
     row = ranks[0][kind]["distrifusion:exchange=sync"]
     assert row["diff"] < 1e-4
     assert row["sent"] > 0
+    assert row["sent"] == ranks[0][kind]["planned"]  # what `effdiff plan` counts is what the method sends
 
 
 @pytest.mark.parametrize("kind", ["sd", "dit"])

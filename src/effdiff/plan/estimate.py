@@ -1,0 +1,117 @@
+"""Each parallel method's latency on N devices, from one traced denoiser call and the calibrated device:
+
+- one device: every step the whole call;
+- ``cfgparallel`` (2 ranks): each rank the call at batch 1, then the output gathered (synchronous);
+- ``distrifusion`` (N ranks): each rank 1/N of every kernel's work (patches split every layer's work; attention's
+  queries are split and its keys are whole, so its FLOPs divide too) but every kernel's floor stays; per step one
+  all-gather per exchanged layer (keys and values, conv halo rows, GroupNorm statistics) — synchronous and added
+  for the first ``warmup`` + 1 steps, then overlapped with the computation (step = the longer of the two) — and
+  the output gathered synchronously;
+- the naive patch split: DistriFusion without its exchanges (its quality is not the same image).
+
+A ring all-gather of ``m`` bytes a rank costs ``(N − 1) × (m / bandwidth + latency)``. What the model leaves out:
+the kernels' slowdown while NCCL shares the SMs and memory, halo rows' extra convolution work, the text encoder
+and VAE (outside the step loop), and uneven patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from effdiff.plan.denoisers import DENOISERS, build_on_meta
+from effdiff.plan.hardware import CALIBRATION, DEVICES, LINKS, Constants, Device, Link, calibrate, call_seconds
+from effdiff.plan.trace import Trace, trace_call
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    method: str
+    devices: int
+    compute_ms: float  # one rank's denoiser call
+    sent_mb: float  # what one rank receives per step in the exchanges
+    exchange_ms: float
+    step_ms: float  # a step after the warm-up
+    seconds: float  # the whole step loop
+    speedup: float
+    note: str = ""
+
+
+def traced(model: str, px: int, batch: int, dtype: str = "float16") -> Trace:
+    return trace_call(*build_on_meta(model, px, batch, DTYPES[dtype]))
+
+
+def fitted_constants() -> tuple[Constants, list[float]]:
+    """The per-kernel constants fitted to ``CALIBRATION``, and each measurement's relative error under them."""
+    return calibrate([(m, traced(m.model, m.px, m.batch, m.dtype).kernels) for m in CALIBRATION])
+
+
+def all_gather_seconds(part_bytes: Iterable[int], ranks: int, link: Link) -> float:
+    return sum((ranks - 1) * (b / (link.gbps * 1e9) + link.latency_us * 1e-6) for b in part_bytes)
+
+
+def distrifusion_parts(trace: Trace, ranks: int) -> list[int]:
+    """Bytes a rank contributes to each exchange of one step."""
+    return ([b // ranks for b in trace.kv_bytes] + list(trace.halo_bytes_per_edge) + list(trace.norm_bytes))
+
+
+def estimates(model: str, px: int, ranks: int, device: Device, link: Link, constants: Constants, steps: int = 50,
+              warmup: int = 4, dtype: str = "float16") -> list[Estimate]:
+    guided = DENOISERS[model][1]
+    whole = traced(model, px, 2 if guided else 1, dtype)
+    single = call_seconds(whole.kernels, device, constants)
+    baseline = steps * single
+    rows = [Estimate("one device", 1, single * 1e3, 0.0, 0.0, single * 1e3, baseline, 1.0)]
+
+    def row(method: str, used: int, compute: float, parts: list[int], output: int, note: str = "") -> Estimate:
+        exchange = all_gather_seconds(parts, used, link)
+        gather = all_gather_seconds([output // used], used, link)
+        synchronous, overlapped = compute + exchange + gather, max(compute, exchange) + gather
+        warm = min(steps, warmup + 1) if parts else 0
+        seconds = warm * synchronous + (steps - warm) * overlapped
+        received = sum(parts) * (used - 1) / 1e6
+        return Estimate(method, used, compute * 1e3, received, exchange * 1e3, overlapped * 1e3, seconds,
+                        baseline / seconds, note)
+
+    if guided and ranks >= 2:
+        half = traced(model, px, 1, dtype)
+        rows.append(row("cfgparallel", 2, call_seconds(half.kernels, device, constants), [], whole.output_bytes,
+                        "exact; uses 2 of the devices" if ranks > 2 else "exact"))
+    if ranks >= 2:
+        compute = call_seconds(whole.kernels, device, constants, share=ranks)
+        rows.append(row("distrifusion", ranks, compute, distrifusion_parts(whole, ranks), whole.output_bytes,
+                        f"warm-up {warmup} + 1 synchronous steps, then stale activations"))
+        rows.append(row("naive patch (distrifusion:exchange=none)", ranks, compute, [], whole.output_bytes,
+                        "no exchange: not the same image (seams)"))
+        if guided and ranks >= 4 and ranks % 2 == 0:
+            half = traced(model, px, 1, dtype)
+            group = ranks // 2
+            compute = call_seconds(half.kernels, device, constants, share=group)
+            split = row("distrifusion + CFG batch split (paper)", group, compute, distrifusion_parts(half, group),
+                        half.output_bytes, "the paper's option; effdiff does not stack cfgparallel with "
+                        "distrifusion yet")
+            rows.append(Estimate(**{**asdict(split), "devices": ranks}))
+    return rows
+
+
+def resolve(device: str, link: str) -> tuple[Device, Link]:
+    if device not in DEVICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}; got {device!r}")
+    chosen = DEVICES[device]
+    name = chosen.nvlink if link == "nvlink" else link
+    if name not in LINKS:
+        raise ValueError(f"--link must be nvlink or one of {', '.join(LINKS)}; got {link!r}")
+    return chosen, LINKS[name]
+
+
+def table(rows: list[Estimate]) -> str:
+    """The estimates as a Markdown table."""
+    lines = ["| method | devices | compute ms/step/rank | received MB/step/rank | exchange ms/step | step ms | "
+             "seconds | speed-up | note |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.method} | {r.devices} | {r.compute_ms:.1f} | {r.sent_mb:.1f} | {r.exchange_ms:.1f} | "
+              f"{r.step_ms:.1f} | {r.seconds:.2f} | {r.speedup:.2f}× | {r.note} |" for r in rows]
+    return "\n".join(lines)

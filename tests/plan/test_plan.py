@@ -1,0 +1,87 @@
+"""``effdiff plan``'s pieces: the meta-device trace counts what the CPU counter counts, with attention as one fused
+kernel and DistriFusion's exchanges at every layer that has one; the calibration recovers known constants; the
+estimates order as the model says they must; the command prints a table and refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_unet
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from effdiff.eval.cost import count_flops
+from effdiff.plan.estimate import estimates, fitted_constants, resolve
+from effdiff.plan.hardware import DEVICES, Constants, Measured, calibrate, call_seconds
+from effdiff.plan.trace import Kernel, trace_call
+
+
+def _call(batch: int = 2) -> dict:
+    torch.manual_seed(0)
+    return {"sample": torch.randn(batch, 1, 8, 8), "timestep": torch.tensor(10),
+            "encoder_hidden_states": torch.randn(batch, 4, 16)}
+
+
+def test_the_trace_counts_the_flops_torchs_counter_counts():
+    model, call = tiny_unet(), _call()
+    with count_flops() as counted, torch.no_grad():
+        model(**call)
+    assert trace_call(model, call).flops == counted.flops
+
+
+def test_attention_is_one_kernel_and_every_exchange_is_recorded():
+    model = tiny_unet()
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    calls = []
+    for module in attentions:
+        module.register_forward_pre_hook(lambda m, a: calls.append(m))
+    trace = trace_call(model, _call())
+    self_attention = [m for m in calls if not m.is_cross_attention]
+    assert len(trace.kv_bytes) == 2 * len(self_attention)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
+    assert len(trace.halo_bytes_per_edge) == len(convs) - 1  # conv_in reads the latent every rank holds
+    assert len(trace.norm_bytes) == sum(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert trace.output_bytes == 2 * 1 * 8 * 8 * 4
+
+
+def test_calibration_recovers_known_constants():
+    truth = Constants(0.5, 10.0)
+    device = DEVICES["h200"]
+    small = [Kernel(10**9, 10**6)] * 400  # floor-bound
+    large = [Kernel(10**13, 10**9)] * 40  # compute-bound
+    measured = [(Measured(name, 512, 1, "float16", call_seconds(k, device, truth), "h200", ""), k)
+                for name, k in (("small", small), ("large", large))]
+    constants, errors = calibrate(measured)
+    assert constants.efficiency == pytest.approx(0.5)
+    assert constants.floor_us == pytest.approx(10.0, rel=1e-3)
+    assert max(abs(e) for e in errors) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def constants() -> Constants:
+    return fitted_constants()[0]
+
+
+def test_estimates_order_as_the_model_says(constants):
+    device, nvlink = resolve("a100", "nvlink")
+    _, pcie = resolve("a100", "pcie4")
+    fast = {r.method: r for r in estimates("sd15-arch", 1024, 4, device, nvlink, constants)}
+    slow = {r.method: r for r in estimates("sd15-arch", 1024, 4, device, pcie, constants)}
+    assert fast["one device"].speedup == 1.0
+    assert fast["distrifusion"].speedup <= fast["naive patch (distrifusion:exchange=none)"].speedup <= 4
+    assert slow["distrifusion"].seconds >= fast["distrifusion"].seconds
+    assert fast["cfgparallel"].speedup <= 2
+
+
+def test_the_command_prints_estimates_and_refuses_bad_input(tmp_path):
+    base = [sys.executable, "-m", "effdiff.cli", "plan", "--model", "sd15-arch", "--px", "512", "--devices", "2"]
+    out = subprocess.run([*base, "--json"], capture_output=True, text=True, check=True)
+    rows = json.loads(out.stdout)
+    assert [r["method"] for r in rows][:2] == ["one device", "cfgparallel"]
+    for extra, message in ((["--device", "tpu"], "--device must be one of"), (["--px", "500"], "multiple of 64")):
+        refused = subprocess.run([*base, *extra], capture_output=True, text=True)
+        assert refused.returncode != 0 and message in refused.stderr
