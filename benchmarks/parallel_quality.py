@@ -1,6 +1,8 @@
-"""DistriFusion's quality on the bundled models, two gloo ranks on this CPU: each image made with its patches on
+"""Patch-parallel quality on the bundled models, two gloo ranks on this CPU: each image made with its patches on
 two ranks (``distrifusion``, stale activations after the synchronous warm-up) against the same image made in one
 piece, and the naive patch split (``distrifusion:exchange=none``, no interaction between patches) beside it.
+``--rows`` takes any parallel recipes instead (``pipefusion`` on tiny-dit: ``--models tiny-dit --rows pipefusion
+pipefusion:patches=4 --out benchmarks/results/parallel_quality_pipefusion.json``).
 
 The one-piece reference is made by the same two ranks, each making half of the images (data parallel), so its
 wall time is the honest alternative to splitting every image. PSNR per image against the reference (mean and

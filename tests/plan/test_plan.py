@@ -85,3 +85,13 @@ def test_the_command_prints_estimates_and_refuses_bad_input(tmp_path):
     for extra, message in ((["--device", "tpu"], "--device must be one of"), (["--px", "500"], "multiple of 64")):
         refused = subprocess.run([*base, *extra], capture_output=True, text=True)
         assert refused.returncode != 0 and message in refused.stderr
+
+
+def test_patch_methods_appear_only_where_the_model_splits(constants):
+    device, link = resolve("h100", "nvlink")
+    pixart = {r.method: r for r in estimates("pixart-alpha-arch", 1024, 4, device, link, constants)}
+    assert {"distrifusion", "pipefusion"} <= set(pixart)
+    assert 1 < pixart["pipefusion"].speedup < 4
+    assert "pipefusion" not in {r.method for r in estimates("sd15-arch", 512, 4, device, link, constants)}
+    flux = [r.method for r in estimates("flux-dev-arch", 512, 4, device, link, constants)]
+    assert flux == ["one device"]  # no CFG batch, no patch split for the joint blocks

@@ -7,7 +7,11 @@
   all-gather per exchanged layer (keys and values, conv halo rows, GroupNorm statistics) — synchronous and added
   for the first ``warmup`` + 1 steps, then overlapped with the computation (step = the longer of the two) — and
   the output gathered synchronously;
-- the naive patch split: DistriFusion without its exchanges (its quality is not the same image).
+- the naive patch split: DistriFusion without its exchanges (its quality is not the same image);
+- ``pipefusion`` (DiTs, N stages, M patches): each stage runs 1/N of the kernels once per patch on 1/M of the
+  tokens (so M times the floors), the patches fill and drain the pipeline — a step takes M + N − 1 patch-times of a
+  stage; a patch's activations go to the next stage while it computes the next patch; the first step is one patch
+  (N stages in turn, no speed-up); the output is broadcast. No keys or values cross the link.
 
 A ring all-gather of ``m`` bytes a rank costs ``(N − 1) × (m / bandwidth + latency)``. What the model leaves out:
 the kernels' slowdown while NCCL shares the SMs and memory, halo rows' extra convolution work, the text encoder
@@ -60,7 +64,10 @@ def distrifusion_parts(trace: Trace, ranks: int) -> list[int]:
 
 
 def estimates(model: str, px: int, ranks: int, device: Device, link: Link, constants: Constants, steps: int = 50,
-              warmup: int = 4, dtype: str = "float16") -> list[Estimate]:
+              warmup: int = 4, dtype: str = "float16", patches: int | None = None) -> list[Estimate]:
+    """One row per method that applies to the model (patch methods only where its adapter has a patch split);
+    ``patches``: PipeFusion's patch count (default: the device count)."""
+    patches = patches or ranks
     guided = DENOISERS[model][1]
     whole = traced(model, px, 2 if guided else 1, dtype)
     single = call_seconds(whole.kernels, device, constants)
@@ -81,7 +88,7 @@ def estimates(model: str, px: int, ranks: int, device: Device, link: Link, const
         half = traced(model, px, 1, dtype)
         rows.append(row("cfgparallel", 2, call_seconds(half.kernels, device, constants), [], whole.output_bytes,
                         "exact; uses 2 of the devices" if ranks > 2 else "exact"))
-    if ranks >= 2:
+    if ranks >= 2 and whole.split is not None:
         compute = call_seconds(whole.kernels, device, constants, share=ranks)
         rows.append(row("distrifusion", ranks, compute, distrifusion_parts(whole, ranks), whole.output_bytes,
                         f"warm-up {warmup} + 1 synchronous steps, then stale activations"))
@@ -95,7 +102,24 @@ def estimates(model: str, px: int, ranks: int, device: Device, link: Link, const
                         half.output_bytes, "the paper's option; effdiff does not stack cfgparallel with "
                         "distrifusion yet")
             rows.append(Estimate(**{**asdict(split), "devices": ranks}))
+    if ranks >= 2 and whole.split == "tokens":
+        rows.append(pipefusion(whole, ranks, patches, device, link, constants, steps, baseline))
     return rows
+
+
+def pipefusion(whole: Trace, ranks: int, patches: int, device: Device, link: Link, constants: Constants,
+               steps: int, baseline: float) -> Estimate:
+    """PipeFusion's step loop: the first step as one patch through the stages in turn, then ``patches`` patches
+    streamed (``M + N − 1`` patch-times of a stage, a patch-time the longer of its computation and sending it on)."""
+    hidden = whole.kv_bytes[0] if whole.kv_bytes else whole.output_bytes  # a block's activations (keys' width)
+    send = all_gather_seconds([hidden // patches], 2, link)
+    stage = max(call_seconds(whole.kernels, device, constants, share=patches) / ranks, send)
+    broadcast = all_gather_seconds([whole.output_bytes // ranks], ranks, link)
+    first = call_seconds(whole.kernels, device, constants) + (ranks - 1) * all_gather_seconds([hidden], 2, link)
+    streamed = (patches + ranks - 1) * stage + broadcast
+    seconds = min(steps, 1) * (first + broadcast) + max(steps - 1, 0) * streamed
+    return Estimate("pipefusion", ranks, stage * patches * 1e3, hidden / 1e6, send * patches * 1e3, streamed * 1e3,
+                    seconds, baseline / seconds, f"{patches} patches; first step one patch")
 
 
 def resolve(device: str, link: str) -> tuple[Device, Link]:

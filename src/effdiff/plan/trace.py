@@ -34,6 +34,7 @@ class Trace:
     halo_bytes_per_edge: list[int] = field(default_factory=list)
     norm_bytes: list[int] = field(default_factory=list)
     output_bytes: int = 0
+    split: str | None = None  # the adapter's patch layout ("rows", "tokens"), None where it has none
 
     @property
     def flops(self) -> int:
@@ -110,8 +111,10 @@ def trace_call(model: nn.Module, call: dict[str, Any], args: tuple = ()) -> Trac
     """Run ``model(*args, **call)`` (meta tensors, or real ones) recording its kernels and exchanged activations."""
     from effdiff.adapters import adapter_for
 
-    trace = Trace()
-    handles = _exchange_hooks(model, trace, adapter_for(model))
+    adapter = adapter_for(model)
+    layout = adapter.patch_layout()
+    trace = Trace(split=layout.split if layout is not None else None)
+    handles = _exchange_hooks(model, trace, adapter)
     recorder = KernelRecorder()
     try:
         with torch.no_grad(), recorder, FusedAttention(recorder.kernels):
