@@ -88,10 +88,10 @@ def test_the_command_prints_estimates_and_refuses_bad_input(tmp_path):
 
 
 def test_patch_methods_appear_only_where_the_model_splits(constants):
-    device, link = resolve("h100", "nvlink")
-    pixart = {r.method: r for r in estimates("pixart-alpha-arch", 1024, 4, device, link, constants)}
+    device, link = resolve("a100", "nvlink")
+    pixart = {r.method: r for r in estimates("pixart-alpha-arch", 2048, 4, device, link, constants)}
     assert {"distrifusion", "pipefusion"} <= set(pixart)
-    assert 1 < pixart["pipefusion"].speedup < 4
+    assert 1 < pixart["pipefusion"].speedup < 4  # M + N - 1 patch-times a step: short of N
     assert "pipefusion" not in {r.method for r in estimates("sd15-arch", 512, 4, device, link, constants)}
     flux = [r.method for r in estimates("flux-dev-arch", 512, 4, device, link, constants)]
     assert flux == ["one device"]  # no CFG batch, no patch split for the joint blocks

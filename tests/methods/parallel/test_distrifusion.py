@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ranks import on_two_ranks
 from _stock import build, generate
 from conftest import denoiser, make_tiny_dit, make_tiny_sd, sample
 from torch import nn
@@ -33,7 +32,8 @@ def _cases(kind: str, make) -> dict:
     handle = denoiser(pipe).register_forward_pre_hook(lambda _m, a, k: calls.append((a, k)), with_kwargs=True)
     single = sample(pipe, steps=STEPS)
     handle.remove()
-    out: dict = {"planned": STEPS * sum(distrifusion_parts(trace_call(denoiser(pipe), calls[0][1], calls[0][0]), 2))}
+    per_step = sum(distrifusion_parts(trace_call(denoiser(pipe), calls[0][1], calls[0][0]), 2))
+    out: dict = {"planned": (STEPS + 3) * per_step}
     for recipe in ("distrifusion:exchange=sync", "distrifusion:warmup=2", "distrifusion:exchange=none"):
         effdiff.accelerate(pipe, recipe)
         image = sample(pipe, steps=STEPS)
@@ -73,30 +73,22 @@ def _refusals() -> dict:
     return refused
 
 
-def _rank(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        results = {kind: _cases(kind, make) for kind, make in (("sd", make_tiny_sd), ("dit", make_tiny_dit))}
-        stock = {}
-        for name in ("sd", "dit"):
-            pipe = build(name)
-            single = generate(name, pipe)
-            effdiff.accelerate(pipe, "distrifusion:exchange=sync")
-            stock[name] = float((generate(name, pipe) - single).abs().max())
-        results["stock"] = stock
-        results["refused"] = _refusals()
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, out.format(rank=rank))
+def _both_models() -> dict:
+    results = {kind: _cases(kind, make) for kind, make in (("sd", make_tiny_sd), ("dit", make_tiny_dit))}
+    stock = {}
+    for name in ("sd", "dit"):
+        pipe = build(name)
+        single = generate(name, pipe)
+        effdiff.accelerate(pipe, "distrifusion:exchange=sync")
+        stock[name] = float((generate(name, pipe) - single).abs().max())
+    results["stock"] = stock
+    results["refused"] = _refusals()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    folder = tmp_path_factory.mktemp("distrifusion")
-    out = str(folder / "rank{rank}.pt")
-    mp.spawn(_rank, args=(str(folder / "store"), out), nprocs=2, join=True)
-    return [torch.load(out.format(rank=r)) for r in range(2)]
+    return on_two_ranks(_both_models, tmp_path_factory.mktemp("distrifusion"))
 
 
 @pytest.mark.parametrize("kind", ["sd", "dit"])
@@ -104,7 +96,7 @@ def test_fresh_exchange_gives_the_single_process_image(ranks, kind):
     row = ranks[0][kind]["distrifusion:exchange=sync"]
     assert row["diff"] < 1e-4
     assert row["sent"] > 0
-    assert row["sent"] == ranks[0][kind]["planned"]  # what `effdiff plan` counts is what the method sends
+    assert row["sent"] == ranks[0][kind]["planned"]  # what `effdiff plan` counts is what the method sent (11 steps)
 
 
 @pytest.mark.parametrize("kind", ["sd", "dit"])

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ranks import on_two_ranks
 from conftest import make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
@@ -19,46 +18,38 @@ from effdiff import RecipeError
 STEPS = 8
 
 
-def _rank(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+def _runs() -> dict:
     results: dict = {}
-    try:
-        pipe = make_tiny_dit()
-        single = sample(pipe, steps=STEPS)
-        early_single = sample(pipe, steps=2)
-        for recipe in ("pipefusion:patches=1", "pipefusion", "pipefusion:warmup=4", "pipefusion:patches=4"):
-            effdiff.accelerate(pipe, recipe)
-            image = sample(pipe, steps=STEPS)
-            early = sample(pipe, steps=2)
-            results[recipe] = {"diff": float((image - single).abs().max()), "equal": bool(torch.equal(image, single)),
-                               "early": bool(torch.equal(early, early_single)) if recipe == "pipefusion:warmup=4"
-                               else None, "sent": pipe.effdiff.methods[0].sent_bytes, "image": image}
-            pipe.effdiff.remove()
-        results["restored"] = bool(torch.equal(sample(pipe, steps=STEPS), single))
-        refused = {}
-        for name, make, recipe in (("unet", make_tiny_sd, "pipefusion"), ("cache", make_tiny_dit, "pipefusion+fora")):
-            try:
-                effdiff.accelerate(make(), recipe)
-            except RecipeError as exc:
-                refused[name] = str(exc)
-        effdiff.accelerate(pipe, "pipefusion:patches=3")
+    pipe = make_tiny_dit()
+    single = sample(pipe, steps=STEPS)
+    early_single = sample(pipe, steps=2)
+    for recipe in ("pipefusion:patches=1", "pipefusion", "pipefusion:warmup=4", "pipefusion:patches=4"):
+        effdiff.accelerate(pipe, recipe)
+        image = sample(pipe, steps=STEPS)
+        early = sample(pipe, steps=2)
+        results[recipe] = {"diff": float((image - single).abs().max()), "equal": bool(torch.equal(image, single)),
+                           "early": bool(torch.equal(early, early_single)) if recipe == "pipefusion:warmup=4"
+                           else None, "sent": pipe.effdiff.methods[0].sent_bytes, "image": image}
+        pipe.effdiff.remove()
+    results["restored"] = bool(torch.equal(sample(pipe, steps=STEPS), single))
+    refused = {}
+    for name, make, recipe in (("unet", make_tiny_sd, "pipefusion"), ("cache", make_tiny_dit, "pipefusion+fora")):
         try:
-            sample(pipe, steps=3)
+            effdiff.accelerate(make(), recipe)
         except RecipeError as exc:
-            refused["patches"] = str(exc)
-        results["refused"] = refused
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, out.format(rank=rank))
+            refused[name] = str(exc)
+    effdiff.accelerate(pipe, "pipefusion:patches=3")
+    try:
+        sample(pipe, steps=3)
+    except RecipeError as exc:
+        refused["patches"] = str(exc)
+    results["refused"] = refused
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    folder = tmp_path_factory.mktemp("pipefusion")
-    out = str(folder / "rank{rank}.pt")
-    mp.spawn(_rank, args=(str(folder / "store"), out), nprocs=2, join=True)
-    return [torch.load(out.format(rank=r)) for r in range(2)]
+    return on_two_ranks(_runs, tmp_path_factory.mktemp("pipefusion"))
 
 
 def test_one_patch_is_the_single_process_image_bit_for_bit(ranks):

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from effdiff.registry import Method, Paper, RecipeError
+from effdiff.methods.parallel.base import ParallelMethod
+from effdiff.registry import Paper, RecipeError
 
 DISTRIFUSION = Paper("DistriFusion: Distributed Parallel Inference for High-Resolution Diffusion Models", "2402.19481",
                      "CVPR 2024")
@@ -49,7 +50,7 @@ def with_sample(out: Any, sample: Any) -> Any:
     return out
 
 
-class CfgParallel(Method):
+class CfgParallel(ParallelMethod):
     """Classifier-free guidance in parallel: a guided step calls the denoiser on a batch of [unconditional;
     conditional] inputs; with ``N`` ranks each computes its ``1/N`` of that batch and the outputs are all-gathered,
     so every rank continues with the whole output and runs the same scheduler step — exact, and 2× faster per step
@@ -64,23 +65,13 @@ class CfgParallel(Method):
     """
 
     name = "cfgparallel"
-    family = "parallel"
     paper = DISTRIFUSION
     summary = "the CFG batch's halves on two ranks (torch.distributed), outputs all-gathered: exact"
-    exclusive = ("parallel",)
-    after = ("solver", "quant", "prune", "distill")
-    before = ("cache", "tokens", "compile")
-    graph_safe = False
     params: dict = {}
     DYNAMIC = ("fbcache", "teacache", "l2c")
 
     def apply(self, pipe: Any, ctx: Any) -> None:
-        from effdiff.distributed import world
-
-        self.rank, self.world = world()
-        if self.world < 2:
-            raise RecipeError(f"{self.name}: no process group with 2 or more ranks; run under torchrun or "
-                              "`effdiff generate --nproc 2`")
+        self.join_ranks()
         dynamic = [m.name for m in self.recipe if m.name in self.DYNAMIC]
         if dynamic:
             raise RecipeError(f"{self.name}: {', '.join(dynamic)} decides from the features, which each rank sees only "

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from effdiff.methods.parallel.base import ParallelMethod
 from effdiff.methods.parallel.cfg import DISTRIFUSION, gathered, with_sample
 from effdiff.methods.parallel.exchange import Exchange
 from effdiff.methods.parallel.patch_layers import (
@@ -15,10 +16,10 @@ from effdiff.methods.parallel.patch_layers import (
     unsplittable_conv,
     whole_sequence,
 )
-from effdiff.registry import Method, Param, RecipeError
+from effdiff.registry import Param, RecipeError
 
 
-class DistriFusion(Method):
+class DistriFusion(ParallelMethod):
     """Displaced patch parallelism: the image is split into one patch per rank (rows of a U-Net's latent, a
     DiT's token sequence) and each rank runs the whole denoiser on its patch. Where a layer needs the rest of
     the image — a convolution's halo rows, GroupNorm's statistics, self-attention's keys and values — it takes
@@ -37,14 +38,9 @@ class DistriFusion(Method):
     """
 
     name = "distrifusion"
-    family = "parallel"
     paper = DISTRIFUSION
     summary = "one image's patches on several ranks; other patches' activations one step stale, sent asynchronously"
     streams = frozenset({"single"})
-    exclusive = ("parallel",)
-    after = ("solver", "quant", "prune", "distill")
-    before = ("cache", "tokens", "compile")
-    graph_safe = False
     params = {
         "warmup": Param(int, 4, 0, 1000, help="synchronous steps after the first, before activations go stale"),
         "exchange": Param(str, "stale", choices=("stale", "sync", "none"),
@@ -53,14 +49,9 @@ class DistriFusion(Method):
     REFUSED = ("fbcache", "teacache", "l2c", "toca")
 
     def apply(self, pipe: Any, ctx: Any) -> None:
-        from effdiff.distributed import world
-
         self.exchanges: list[Exchange] = []
         self._unregister: Any = lambda: None
-        self.rank, self.world = world()
-        if self.world < 2:
-            raise RecipeError(f"{self.name}: no process group with 2 or more ranks; run under torchrun or "
-                              "`effdiff generate --nproc 2`")
+        self.join_ranks()
         layout = self.adapter.patch_layout()
         if layout is None:
             raise RecipeError(f"{self.name}: {type(self.adapter.model).__name__} has no patch split in effdiff "

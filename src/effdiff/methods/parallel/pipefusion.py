@@ -7,12 +7,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from effdiff.registry import Method, Paper, Param, RecipeError
+from effdiff.methods.parallel.base import ParallelMethod
+from effdiff.registry import Paper, Param, RecipeError
 
 PIPEFUSION = Paper("PipeFusion: Patch-level Pipeline Parallelism for Diffusion Transformers Inference", "2405.14430")
 
 
-class PipeFusion(Method):
+class PipeFusion(ParallelMethod):
     """Patch-level pipeline parallelism for Diffusion Transformers: rank ``r`` holds the ``r``-th of ``N``
     consecutive groups of transformer blocks (a pipeline stage) and the image's token sequence is cut into
     ``patches``; each patch goes through rank 0's blocks, is sent to rank 1 while rank 0 starts the next patch, and
@@ -32,28 +33,19 @@ class PipeFusion(Method):
     """
 
     name = "pipefusion"
-    family = "parallel"
     paper = PIPEFUSION
     summary = "a DiT's blocks as pipeline stages over the ranks, patches streamed through; stale keys per stage"
     backbones = frozenset({"dit"})
     streams = frozenset({"single"})
-    exclusive = ("parallel",)
-    after = ("solver", "quant", "prune", "distill")
     before = ("compile",)
-    graph_safe = False
     params = {
         "patches": Param(int, 2, 1, 64, help="patches of the token sequence streamed through the stages"),
         "warmup": Param(int, 1, 0, 1000, help="first steps run as one patch, every key fresh"),
     }
 
     def apply(self, pipe: Any, ctx: Any) -> None:
-        from effdiff.distributed import world
-
         self._unregister: Any = lambda: None
-        self.rank, self.world = world()
-        if self.world < 2:
-            raise RecipeError(f"{self.name}: no process group with 2 or more ranks; run under torchrun or "
-                              "`effdiff generate --nproc 2`")
+        self.join_ranks()
         layout = self.adapter.patch_layout()
         if layout is None or layout.split != "tokens":
             raise RecipeError(f"{self.name}: {type(self.adapter.model).__name__} has no token split")
