@@ -66,10 +66,14 @@ def _task_workers() -> list[int]:
 
 
 def _stored(path: Path) -> list[tuple]:
+    """The stored rows; none while the store file is being created (its table may not exist yet) or is locked."""
     if not path.exists():
         return []
-    with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT id, model, recipe, metric_set, metrics_json FROM results ORDER BY id").fetchall()
+    try:
+        with sqlite3.connect(path, timeout=30) as conn:
+            return conn.execute("SELECT id, model, recipe, metric_set, metrics_json FROM results ORDER BY id").fetchall()
+    except sqlite3.OperationalError:
+        return []
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds Ray's workers through /proc (Linux)")
