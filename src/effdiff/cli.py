@@ -1,4 +1,4 @@
-"""``effdiff`` command line: bench, report, generate, calibrate, methods, zoo prepare/train/eval.
+"""``effdiff`` command line: bench, report, generate, calibrate, tune, methods, zoo prepare/train/eval.
 
 User errors (bad recipe, unknown model, unreadable path, out-of-range value) print one clear line
 and exit with status 2, never a traceback; argparse's own usage errors also exit 2.
@@ -226,6 +226,34 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_budget(text: str) -> float:
+    """``"30m"``, ``"90s"``, ``"1.5h"`` or plain seconds -> seconds (positive)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive duration such as 30m, 90s or 1h, got {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from effdiff.tune.run import TuneSettings, tune
+
+    settings = TuneSettings(
+        model=args.model, targets=tuple(args.target), budget_s=args.budget, trials=args.trials,
+        proxy_samples=args.proxy_samples, confirm_samples=args.confirm_samples, confirm_top=args.confirm_top,
+        steps=args.steps, guidance=args.guidance, timing_batch=args.timing_batch, sampler=args.sampler,
+        seed=args.seed, include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
+        calibrate=tuple(args.calibrate or ()), device=args.device, out_dir=args.out, storage=args.storage,
+        study=args.study, name=args.name)
+    result = tune(settings)
+    print(f"use it: effdiff.accelerate(pipe, 'tuned:{result.name}')  or  effdiff generate --model {args.model} "
+          f"--recipe tuned:{result.name}")
+    if result.report is not None:
+        print(f"report: {result.report}")
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -386,6 +414,33 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(checkpoints, --resume)")
     add_compress_arguments(comp)
     comp.set_defaults(func=_cmd_compress)
+
+    tune = sub.add_parser("tune", help="find the fastest stack that keeps quality targets on a model (Optuna), "
+                                       "confirm it on many samples, save it as tuned:NAME")
+    tune.add_argument("--model", required=True, help="model name or path")
+    tune.add_argument("--target", action="append", required=True,
+                      help="psnr>=30, ssim>=0.9, fid<=+10%%, kid<=+0.001, acc>=99 or acc>=-1 (repeatable; a sign "
+                           "means relative to the baseline)")
+    tune.add_argument("--budget", type=parse_budget, default=1800.0, help="search time, e.g. 30m (default), 2h")
+    tune.add_argument("--trials", type=int, help="cap on the study's trials over every resume")
+    tune.add_argument("--proxy-samples", type=int, default=8, help="images per trial (default 8)")
+    tune.add_argument("--confirm-samples", type=int, default=1000,
+                      help="images per candidate in the confirmation (default 1000)")
+    tune.add_argument("--confirm-top", type=int, default=4, help="proxy-front stacks confirmed (default 4)")
+    tune.add_argument("--steps", type=int, default=50, help="baseline DDIM steps (default 50)")
+    tune.add_argument("--guidance", type=float, default=4.0)
+    tune.add_argument("--timing-batch", type=int, default=2, help="images per timed call in a trial (default 2)")
+    tune.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--include", action="append", help="a method or family left out by default (compile)")
+    tune.add_argument("--exclude", action="append", help="a method or family not to try")
+    tune.add_argument("--calibrate", action="append", help="run this method's tuner first (teacache, l2c)")
+    tune.add_argument("--device", default="cpu")
+    tune.add_argument("--out", default="effdiff-tune", help="study, confirmation run and report folder")
+    tune.add_argument("--storage", help="Optuna storage: a file (SQLite) or a database URL shared by machines")
+    tune.add_argument("--study", help="study name (default: from the model and settings, so a rerun resumes it)")
+    tune.add_argument("--name", help="save as tuned:NAME (default: the study name)")
+    tune.set_defaults(func=_cmd_tune)
 
     plan = sub.add_parser("plan", help="estimate parallel methods' latency on N devices (a calibrated cost model)")
     plan.add_argument("--model", default="sdxl-arch", help="sd15-arch, sdxl-arch, pixart-alpha-arch or flux-dev-arch")

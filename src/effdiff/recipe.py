@@ -39,6 +39,16 @@ def _parse_one(text: str) -> Method:
     return cls(**values)
 
 
+def _parse_part(text: str) -> list[Method]:
+    """One written part: a method, or ``tuned:NAME`` — the stack ``effdiff tune`` saved under that name."""
+    name, _, rest = text.strip().partition(":")
+    if name.strip().lower() != "tuned":
+        return [_parse_one(text)]
+    from effdiff.tune.saved import load_tuned
+
+    return parse(load_tuned(rest.strip())["recipe"])
+
+
 def parse(recipe: RecipeLike) -> list[Method]:
     """Method objects in the order written; names and parameters validated."""
     if recipe is None:
@@ -48,7 +58,7 @@ def parse(recipe: RecipeLike) -> list[Method]:
     if isinstance(recipe, str):
         if not recipe.strip():
             return []
-        return [_parse_one(part) for part in split(recipe)]
+        return [method for part in split(recipe) for method in _parse_part(part)]
     if isinstance(recipe, Sequence):
         out: list[Method] = []
         for item in recipe:

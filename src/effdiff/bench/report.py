@@ -196,8 +196,13 @@ def _png_b64(data: bytes) -> str:
 UNRELIABLE = ("noisy", "loaded", "cost≠quality")  # "drift" leaves a row's own paired speed-up intact
 
 
-def pareto_png(rows: list[dict[str, Any]], model: str) -> bytes | None:
-    """Speed-up vs FID with 95 % intervals for one model's recipes that have both (PSNR when none has FID).
+AXES = {"fid": "FID (lower is better)", "psnr": "PSNR vs baseline, dB",
+        "prompt_accuracy": "prompt accuracy (higher is better)"}
+
+
+def pareto_png(rows: list[dict[str, Any]], model: str, key: str | None = None) -> bytes | None:
+    """Speed-up vs FID with 95 % intervals for one model's recipes that have both (PSNR when none has FID;
+    ``key="prompt_accuracy"`` for speed-up vs accuracy).
 
     Points are numbered and named in a key beside the plot, so long recipe names never overlap. Rows
     marked noisy, loaded or cost≠quality are drawn hollow and kept off the front: their position is not
@@ -209,7 +214,7 @@ def pareto_png(rows: list[dict[str, Any]], model: str) -> bytes | None:
     import matplotlib.pyplot as plt
 
     mine = [r for r in rows if r["model"] == model and r["metrics"].get("speedup") is not None]
-    key = "fid" if any(r["metrics"].get("fid") is not None for r in mine) else "psnr"
+    key = key or ("fid" if any(r["metrics"].get("fid") is not None for r in mine) else "psnr")
     points = [(r["metrics"]["speedup"], r["metrics"][key], r["recipe"] or "baseline", r["metrics"]) for r in mine
               if r["metrics"].get(key) is not None]
     if not points:
@@ -232,13 +237,13 @@ def pareto_png(rows: list[dict[str, Any]], model: str) -> bytes | None:
     if key == "fid" and floor is not None:
         ax.axhline(floor, color="grey", ls="--", lw=1, label="real-vs-real floor")
     ax.set_xlabel("speed-up vs baseline (×)")
-    ax.set_ylabel("FID (lower is better)" if key == "fid" else "PSNR vs baseline, dB")
+    ax.set_ylabel(AXES.get(key, key))
     ax.set_title(model)
     ax.legend(fontsize=7)
     absent = [r["recipe"] or "baseline" for r in rows if r["model"] == model and r["metrics"].get(key) is None]
     lines = [f"{n}  {name}{' (unreliable)' if set(m.get('labels') or ()) & set(UNRELIABLE) else ''}"
              for n, (_, _, name, m) in enumerate(points, 1)]
-    if key == "fid":
+    if key in ("fid", "prompt_accuracy"):
         lines += ["", "bars: paired 95 % interval of the difference", "to the baseline (same seeds)"]
     lines += ["hollow: noisy, loaded or cost≠quality (off the front)"]
     if absent:
@@ -369,6 +374,10 @@ def write_html(
         plot = pareto_png(rows, model)
         if plot is not None:
             parts.append(f"<img class='plot' alt='Pareto plot {html.escape(model)}' src='{_png_b64(plot)}'>")
+            accuracy = pareto_png(rows, model, "prompt_accuracy")
+            if accuracy is not None:
+                parts.append(f"<img class='plot' alt='Pareto plot {html.escape(model)} accuracy' "
+                             f"src='{_png_b64(accuracy)}'>")
         else:
             parts.append("<p>speed-only model: no quality axis, no Pareto plot.</p>")
         for row in (r for r in rows if r["model"] == model):

@@ -248,7 +248,8 @@ def _time_recipe(switch: RecipeSwitch, base: _Instrumented, var: _Instrumented, 
         return base_t, var_t, "adjacent blocks", load
 
 
-def _cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig, device: str) -> dict[str, Any]:
+def measure_cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig, device: str) -> dict[str, Any]:
+    """FLOPs, NFE and the paired, alternating timing of one recipe against the baseline on the timed batch."""
     batch = list(range(config.timing_batch))
     start = time.perf_counter()
     switch.apply()
@@ -320,7 +321,7 @@ def _denoiser_flops(pipe, flops) -> int:
     return flops.by_root.get(type(find_denoiser(pipe)).__name__, 0)
 
 
-def _samples(caller: Caller, switch: RecipeSwitch, config: BenchConfig) -> tuple[torch.Tensor, float]:
+def quality_samples(caller: Caller, switch: RecipeSwitch, config: BenchConfig) -> tuple[torch.Tensor, float]:
     """All quality samples, and the denoiser FLOPs per image they took (to hold against the timed batch's)."""
     switch.apply()
     try:
@@ -541,7 +542,7 @@ def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, ac
         metrics: dict[str, Any] = {"model": model, "recipe": recipe, "speed_only": speed_only,
                                    "steps": config.steps, "guidance": config.guidance}
         try:
-            metrics.update(_cost(pipe, caller, switch, config, device))
+            metrics.update(measure_cost(pipe, caller, switch, config, device))
         except RecipeError as refusal:  # e.g. a U-Net-only method on a DiT: recorded, not fatal
             metrics.update(labels=["refused"], refused=str(refusal))
             write(recipe, "refused", metrics, env)
@@ -559,7 +560,8 @@ def _bench_model(model: str, recipes: list[str], config: BenchConfig, loader, ac
             _add_labels(metrics, "speed-only")
         else:
             describe(f"{model} · {recipe or 'baseline'}: {config.samples} samples")
-            images, sample_flops = (baseline_images, baseline_flops) if not recipe else _samples(caller, switch, config)
+            images, sample_flops = ((baseline_images, baseline_flops) if not recipe
+                                    else quality_samples(caller, switch, config))
             _work_check(metrics, sample_flops)
             _save_images(folder, recipe, images)
             metrics.update(_quality(images, baseline_images, caller, judges, floor, baseline_scores))
@@ -575,7 +577,7 @@ def _baseline_images(folder: Path, caller: Caller, pipe, accelerate_fn,
         saved = torch.load(path)
         if isinstance(saved, dict) and len(saved["images"]) == config.samples:
             return saved["images"], saved["flops_per_image"]
-    images, flops = _samples(caller, RecipeSwitch(pipe, "", accelerate_fn), config)
+    images, flops = quality_samples(caller, RecipeSwitch(pipe, "", accelerate_fn), config)
     _save_tensor(folder / path.name, {"images": images, "flops_per_image": flops})
     return images, flops
 

@@ -51,9 +51,12 @@ class DeepCache(CacheMethod):
     paper = DEEPCACHE
     summary = "reuse deep U-Net features, recompute the shallow skip branch (static 1:N schedule)"
     params = {
-        "interval": Param(int, 3, 1, 1000, help="a full U-Net pass every `interval` steps"),
-        "branch": Param(int, 0, 0, 64, help="skip branch kept live (0 = shallowest, fastest)"),
-        "schedule": Param(str, "uniform", choices=("uniform", "quadratic"), help="where the refreshes fall"),
+        "interval": Param(int, 3, 1, 1000, help="a full U-Net pass every `interval` steps",
+                             search=(2, 8)),
+        "branch": Param(int, 0, 0, 64, help="skip branch kept live (0 = shallowest, fastest)",
+                           search=(0, 2)),
+        "schedule": Param(str, "uniform", choices=("uniform", "quadratic"), help="where the refreshes fall",
+                           search=("uniform", "quadratic")),
         "center": Param(float, 0.3, 0.0, 1.0, help="quadratic schedule: step fraction where refreshes crowd"),
     }
 

@@ -61,11 +61,12 @@ class FirstBlockCache(_FrontBack):
     min_front = 1
     summary = "dynamic: skip the blocks after the first while its residual barely changes (U-Net and DiT)"
     params = {
-        "threshold": Param(float, 0.1, 0.0, 10.0, help="relative L1 change of the first block's residual"),
+        "threshold": Param(float, 0.1, 0.0, 10.0, help="relative L1 change of the first block's residual",
+                           search=(0.02, 0.6)),
         "front": Param(int, 1, 1, 256, help=_FRONT_HELP),
         "back": Param(int, 0, 0, 256, help=_BACK_HELP),
         "warmup": Param(int, 1, 0, 10000, help="first steps always computed"),
-        "max_skip": Param(int, 0, 0, 10000, help="most consecutive skipped steps (0: no limit)"),
+        "max_skip": Param(int, 0, 0, 10000, help="most consecutive skipped steps (0: no limit)", search=(0, 4)),
     }
 
     def skip(self, state: dict[str, Any], ctx: StepContext, forward: dict[str, Any]) -> bool:
@@ -112,8 +113,8 @@ class TaylorSeerBlocks(_FrontBack):
     paper = TAYLORSEER
     summary = "forecast a span of blocks' residual by Taylor series (cache-dit's Fn/Bn + TaylorSeer)"
     params = {
-        "interval": Param(int, 4, 1, 1000, help="a full computation every `interval` steps"),
-        "order": Param(int, 1, 0, 4, help="Taylor order (0 = plain reuse)"),
+        "interval": Param(int, 4, 1, 1000, help="a full computation every `interval` steps", search=(2, 8)),
+        "order": Param(int, 1, 0, 4, help="Taylor order (0 = plain reuse)", search=(0, 2)),
         "warmup": Param(int, 2, 0, 10000, help="first steps always computed (they seed the derivatives)"),
         "front": Param(int, 1, 0, 256, help=_FRONT_HELP),
         "back": Param(int, 0, 0, 256, help=_BACK_HELP),
@@ -153,7 +154,8 @@ class DeltaDiT(SegmentCache):
     paper = DELTADIT
     summary = "cache the deviation of rear DiT blocks early, front blocks late"
     params = {
-        "interval": Param(int, 2, 1, 1000, help="refresh the cached deviation every `interval` steps"),
+        "interval": Param(int, 2, 1, 1000, help="refresh the cached deviation every `interval` steps",
+                             search=(2, 6)),
         "blocks": Param(int, 0, 0, 256, help="blocks in the cached span (0: half the blocks)"),
         "gate": Param(float, 0.5, 0.0, 1.0, help="fraction of the steps before switching rear -> front"),
     }

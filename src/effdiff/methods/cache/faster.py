@@ -68,7 +68,8 @@ class FasterDiffusion(CacheMethod):
     params = {
         "schedule": Param(str, "nonuniform", choices=("nonuniform", "uniform"),
                           help="key steps: the paper's non-uniform list, or every `interval` steps"),
-        "interval": Param(int, 2, 1, 1000, help="uniform schedule: the encoder runs every `interval` steps"),
+        "interval": Param(int, 2, 1, 1000, help="uniform schedule: the encoder runs every `interval` steps",
+                          search=(2, 5)),
         "keys": Param(str, "", help="explicit key steps, '|'-separated (e.g. 0|1|2|5|10); overrides schedule"),
         "noise": Param(float, 0.0, 0.0, 1.0, help="prior noise injection weight (paper: 0.003; 0 = off)"),
         "noise_below": Param(float, 0.5, 0.0, 1.0, help="inject at timesteps below this fraction of the range"),

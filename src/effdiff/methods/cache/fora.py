@@ -27,8 +27,9 @@ class Fora(LayerCache):
     paper = FORA
     summary = "reuse attention and MLP outputs every N steps (DiT blocks and U-Net transformer blocks)"
     params = {
-        "interval": Param(int, 3, 1, 1000, help="a full computation every `interval` steps"),
-        "warmup": Param(int, 0, 0, 10000, help="first steps always computed"),
+        "interval": Param(int, 3, 1, 1000, help="a full computation every `interval` steps",
+                          search=(2, 6)),
+        "warmup": Param(int, 0, 0, 10000, help="first steps always computed", search=(0, 4)),
     }
 
     def due(self, ctx: StepContext) -> bool:

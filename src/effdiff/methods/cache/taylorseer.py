@@ -64,8 +64,9 @@ class TaylorSeer(LayerCache):
     paper = TAYLORSEER
     summary = "forecast attention and MLP outputs (before their gates) by Taylor series between full steps"
     params = {
-        "interval": Param(int, 5, 1, 1000, help="a full computation every `interval` steps after warmup"),
-        "order": Param(int, 1, 0, 4, help="Taylor order (0 = plain reuse)"),
+        "interval": Param(int, 5, 1, 1000, help="a full computation every `interval` steps after warmup",
+                          search=(2, 8)),
+        "order": Param(int, 1, 0, 4, help="Taylor order (0 = plain reuse)", search=(0, 2)),
         "warmup": Param(int, 3, 0, 10000, help="first steps always computed (they seed the derivatives)"),
         "position": Param(str, "timestep", choices=("timestep", "step"), help="the expansion variable"),
         "layers": Param(str, "all", choices=("all", "attention"), help="forecast attention and MLPs, or attention"),

@@ -80,7 +80,8 @@ class TeaCache(SegmentCache):
     paper = TEACACHE
     summary = "dynamic: skip the denoiser while the accumulated rescaled modulated-input change is small"
     params = {
-        "threshold": Param(float, 0.1, 0.0, 100.0, help="skip while the accumulated estimate stays below this"),
+        "threshold": Param(float, 0.1, 0.0, 100.0, help="skip while the accumulated estimate stays below this",
+                           search=(0.02, 1.0)),
         "warmup": Param(int, 1, 0, 10000, help="first steps always computed"),
         "coefficients": Param(str, "", help="rescaling polynomial c0,c1,... in ascending powers, default 0,1 "
                                             "(in a recipe string separate them with '|': coefficients=0|1)"),

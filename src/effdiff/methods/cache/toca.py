@@ -146,8 +146,10 @@ class ToCa(TokenMethod):
     paper = TOCA
     summary = "token-wise caching: between full steps recompute the highest-scoring fraction of tokens per layer"
     params = {
-        "interval": Param(int, 3, 1, 1000, help="every token computed every `interval` steps"),
-        "ratio": Param(float, 0.3, 0.0, 1.0, help="base fraction of tokens recomputed per sub-layer at cached steps"),
+        "interval": Param(int, 3, 1, 1000, help="every token computed every `interval` steps",
+                          search=(2, 6)),
+        "ratio": Param(float, 0.3, 0.0, 1.0, help="base fraction of tokens recomputed per sub-layer at cached steps",
+                       search=(0.1, 0.9)),
         "depth": Param(float, 0.6, 0.0, 1.0, help="depth schedule: block l recomputes x(1 + depth - 2 depth l/(L-1))"),
         "time": Param(float, 0.4, 0.0, 1.0, help="timestep schedule: x(1 - time + 2 time k/K) at step k of K"),
         "attn": Param(float, 0.0, 0.0, 10.0, help="type factor of self-attention (0: reused whole, as released)"),

@@ -30,7 +30,8 @@ class LatentConsistency(StudentMethod):
     paper = LCM
     also = (LCM_LORA, CONSISTENCY)
     summary = "consistency-distilled student (LCM-LoRA or full): 1-8 steps, no CFG pass"
-    params = {"steps": Param(int, 4, 1, 50, help="default num_inference_steps (an explicit call wins)"),
+    params = {"steps": Param(int, 4, 1, 50, help="default num_inference_steps (an explicit call wins)",
+                           search=(1, 8)),
               "form": FORM, "path": PATH}
     exclusive = ("scheduler", "denoiser weights")
     decides = frozenset({"num_inference_steps", "guidance_scale"})

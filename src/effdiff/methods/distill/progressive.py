@@ -28,7 +28,8 @@ class ProgressiveDistillation(StudentMethod):
     name = "progressive"
     paper = PROGRESSIVE
     summary = "progressively distilled student (steps halved per round): 1-8 DDIM steps, no CFG pass"
-    params = {"steps": Param(int, 4, 1, 64, help="which round's student (its step count)"), "form": FORM,
+    params = {"steps": Param(int, 4, 1, 64, help="which round's student (its step count)",
+                           search=(1, 4)), "form": FORM,
               "path": PATH}
     exclusive = ("scheduler", "denoiser weights")
     decides = frozenset({"num_inference_steps", "guidance_scale"})

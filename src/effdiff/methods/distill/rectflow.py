@@ -33,7 +33,8 @@ class RectifiedFlow(StudentMethod):
     paper = INSTAFLOW
     also = (RECTIFIED_FLOW,)
     summary = "rectified-flow student (InstaFlow): reflowed for few steps, distilled for one; no CFG pass"
-    params = {"steps": Param(int, 1, 1, 64, help="sampling steps (1: the one-step student unless stage=reflow)"),
+    params = {"steps": Param(int, 1, 1, 64, help="sampling steps (1: the one-step student unless stage=reflow)",
+                           search=(1, 4)),
               "stage": Param(str, "auto", choices=("auto", "reflow", "onestep"),
                              help="which student: auto takes onestep at 1 step, reflow above"),
               "form": FORM, "path": PATH}

@@ -24,6 +24,8 @@ class StudentMethod(Method):
     """Base of the ``distill`` family's methods; a subclass names what it calls its student (``student_kind``)
     and applies its scheduler, embedding and call arguments after ``load_student``."""
 
+    tried_by_tune = True  # a trained student: a candidate even where no knob is searched
+
     family = "distill"
     after = ("solver",)
     before = tuple(f for f in FAMILIES if f not in ("solver", "distill"))

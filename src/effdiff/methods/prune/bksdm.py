@@ -22,7 +22,8 @@ class BkSdm(CompressedMethod):
     summary = "block-removed + distilled U-Net (BK-SDM base/small/tiny): pairs, mid-block, innermost stage removed"
     importances = ("handpicked",)
     params = {"variant": Param(str, "small", choices=("base", "small", "tiny"),
-                               help="base: half the pairs; small: also the mid-block; tiny: also the innermost stage"),
+                               help="base: half the pairs; small: also the mid-block; tiny: also the innermost stage",
+                               search=("base", "small", "tiny")),
               "path": PATH}
 
     def folder_name(self) -> str:

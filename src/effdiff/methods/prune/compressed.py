@@ -19,6 +19,8 @@ class CompressedMethod(Method):
     """Base of the ``prune`` family; a subclass names its importance rules (``importances``, the first the
     default)."""
 
+    tried_by_tune = True  # a compressed checkpoint: no knob to search, still a candidate
+
     family = "prune"
     exclusive = ("denoiser weights",)
     before = ("cache", "tokens", "quant", "parallel", "compile")

@@ -138,9 +138,11 @@ class SchedulerMethod(Method):
 
 
 def _make(spec: SchedulerSpec) -> type[SchedulerMethod]:
-    params = {"steps": Param(int, 20, 1, 1000, help="default num_inference_steps (an explicit call wins)")}
+    params = {"steps": Param(int, 20, 1, 1000, help="default num_inference_steps (an explicit call wins)",
+                              search=(4, 50))}
     if supports_karras(spec.scheduler):
-        params["karras"] = Param(bool, False, help="Karras et al. (2022) sigma spacing")
+        params["karras"] = Param(bool, False, help="Karras et al. (2022) sigma spacing",
+                                  search=(False, True))
     doc = (f"{spec.summary}: diffusers ``{spec.scheduler}``.\n\n"
            f"Paper: {spec.paper.title} (arXiv {spec.paper.arxiv}, {spec.paper.venue}).")
     cls_name = "".join(part.capitalize() for part in spec.name.replace("-", "_").split("_")) + "Solver"

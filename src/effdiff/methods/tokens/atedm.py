@@ -138,7 +138,8 @@ class ATEDM(TokenMethod):
     paper = ATEDM
     summary = "prune tokens ranked by attention PageRank, recover by similarity copy, prune less early"
     params = {
-        "ratio": Param(float, 0.5, 0.0, 1.0, help="fraction of a block's tokens pruned after self-attention"),
+        "ratio": Param(float, 0.5, 0.0, 1.0, help="fraction of a block's tokens pruned after self-attention",
+                       search=(0.1, 0.7)),
         "early": Param(float, 0.25, 0.0, 1.0, help="DSAP: fraction of the denoising steps that prune early_ratio"),
         "early_ratio": Param(float, 0.0, 0.0, 1.0, help="DSAP: pruning ratio in the early steps"),
         "iterations": Param(int, 3, 1, 100, help="weighted-PageRank power iterations"),

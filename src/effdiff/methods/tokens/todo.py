@@ -54,7 +54,8 @@ class ToDo(TokenMethod):
     paper = TODO
     summary = "downsample self-attention's keys/values on the token grid, queries whole (fused attention kept)"
     params = {
-        "factor": Param(int, 2, 1, 16, help="keys/values grid shrink per side at the first attention level"),
+        "factor": Param(int, 2, 1, 16, help="keys/values grid shrink per side at the first attention level",
+                         search=(2, 4)),
         "factor_level2": Param(int, 1, 1, 16, help="the same at the next level down (1 = untouched)"),
         "mode": Param(str, "nearest", choices=MODES, help="nearest (the paper), pooling or bilinear"),
     }

@@ -46,7 +46,8 @@ class ToMe(TokenMethod):
     paper = TOME
     summary = "merge similar tokens before attention, copy them back after (U-Net, DiT, MMDiT image tokens)"
     params = {
-        "ratio": Param(float, 0.5, 0.0, 1.0, help="fraction of a block's tokens merged away"),
+        "ratio": Param(float, 0.5, 0.0, 1.0, help="fraction of a block's tokens merged away",
+                       search=(0.1, 0.7)),
         "max_downsample": Param(int, 1, 1, 64, help="U-Net: only blocks at downsample <= this (1 = full res)"),
         "sx": Param(int, 2, 1, 64, help="stride of the dst grid along x"),
         "sy": Param(int, 2, 1, 64, help="stride of the dst grid along y"),

@@ -13,6 +13,8 @@ class NativeQuant(Method):
     low-bit methods have their own base (``lowbit.base.QuantMethod``); both save in ``quant/saved.py``'s format.
     """
 
+    tried_by_tune = True  # a real dtype or kernel swap: no knob to search, still a candidate
+
     family = "quant"
     after: tuple[str, ...] = ("solver",)
     before = ("cache", "tokens")

@@ -1,0 +1,68 @@
+"""The cheap measurements a tuning trial is scored on: a few samples against the baseline, in this process.
+
+Why the bench's own functions: a trial's speed-up is the bench's paired, alternating timing of the recipe against
+the baseline on the same batch (``measure_cost``), and its images come from the bench's caller with fixed
+per-sample seeds, so a proxy number and the confirmation's number describe the same computation. The proxy
+samples use seeds far from the bench's (``PROXY_SEED``): the search never sees the images it is confirmed on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from effdiff.bench.runner import Caller, RecipeSwitch, make_config, measure_cost, quality_samples
+from effdiff.eval.fidelity import fidelity
+
+PROXY_SEED = 1_000_000
+
+
+class ProxyJudge:
+    """Measures recipes on ``samples`` images (seeds from ``PROXY_SEED``) against the baseline computed once."""
+
+    def __init__(self, pipe: Any, samples: int, steps: int, guidance: float, timing_batch: int = 2,
+                 reps: int = 3, accelerate_fn: Any = None, seed: int = PROXY_SEED) -> None:
+        if accelerate_fn is None:
+            from effdiff.api import accelerate as accelerate_fn
+        self.pipe, self.accelerate_fn = pipe, accelerate_fn
+        self.config = make_config(["tune"], [], samples, steps, guidance, list(range(seed, seed + samples)),
+                                  quick=False, timing_batch=timing_batch, reps=reps)
+        self.caller = Caller(pipe, self.config)
+        self.device = str(getattr(pipe, "device", "cpu"))
+        self.speed_only = bool(getattr(pipe, "effdiff_speed_only", False))
+        self.baseline, self.baseline_flops = quality_samples(self.caller, RecipeSwitch(pipe, "", accelerate_fn),
+                                                             self.config)
+        self._classifier = None
+        self.baseline_accuracy = self._accuracy(self.baseline)
+
+    def _accuracy(self, images: torch.Tensor) -> float | None:
+        """Share of samples the bundled digit classifier reads as the asked digit (None for a speed-only twin)."""
+        if self.speed_only:
+            return None
+        from effdiff.eval.accuracy import predict_digits
+
+        if self._classifier is None:
+            from effdiff.eval.distribution import DistributionJudge
+
+            self._classifier = DistributionJudge.bundled().features.classifier
+        digits = torch.as_tensor(self.caller.digits)
+        return float((predict_digits(images, self._classifier) == digits).float().mean())
+
+    def measure(self, recipe: str) -> dict[str, Any]:
+        """Speed-up (paired timing), FLOPs ratio, NFE, PSNR/SSIM vs the baseline and accuracy of ``recipe``.
+
+        Raises RecipeError when a method refuses this pipeline (a missing checkpoint, a kernel the CPU lacks).
+        """
+        switch = RecipeSwitch(self.pipe, recipe, self.accelerate_fn)
+        cost = measure_cost(self.pipe, self.caller, switch, self.config, self.device)
+        images, flops = quality_samples(self.caller, switch, self.config) if recipe else (
+            self.baseline, self.baseline_flops)
+        quality = fidelity(images, self.baseline)
+        return {
+            "speedup": cost["speedup"], "flops_ratio": self.baseline_flops / flops if flops else float("nan"),
+            "nfe": cost["nfe"], "time_per_image_s": cost["time_per_image_s"],
+            "baseline_time_per_image_s": cost["baseline_time_per_image_s"], "labels": cost["labels"],
+            "psnr": min(quality["psnr"], 100.0), "ssim": quality["ssim"],
+            "prompt_accuracy": self._accuracy(images), "baseline_prompt_accuracy": self.baseline_accuracy,
+        }

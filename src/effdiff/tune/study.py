@@ -1,0 +1,192 @@
+"""The search of ``effdiff tune``: an Optuna study over the registry's stacks, scored by cheap proxies.
+
+Why Optuna and not our own search: its multi-objective TPE and NSGA-II samplers handle conditional spaces (a
+method's knobs exist only when the method is chosen) and constraints, and its RDB storage is the resumable,
+shareable record of a search — SQLite by default (every finished trial is committed, so a killed search loses
+only the trial it was in), a database URL to let several machines fill one study.
+
+Objectives: the paired wall-clock speed-up and the PSNR against the baseline's images on the proxy samples, both
+maximised. Targets that proxies can measure (PSNR, SSIM, accuracy) are Optuna constraints; FID/KID are left to the
+confirmation on many samples (``tune/run.py``). The hand-written stacks of the bench are enqueued first, so the
+search starts from what a person would write and can only add to it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from effdiff.errors import RecipeError
+from effdiff.recipe import parse
+from effdiff.registry import all_methods
+from effdiff.tune.proxy import ProxyJudge
+from effdiff.tune.space import NONE, searched, suggest
+from effdiff.tune.targets import Goal
+
+PROXY_METRICS = ("psnr", "ssim", "prompt_accuracy")  # what a handful of samples can check; FID needs many
+
+
+def storage_url(location: str) -> str:
+    """A database URL as given; a file path becomes SQLite (``sqlite:///abs/path``)."""
+    from pathlib import Path
+
+    if "://" in location:
+        return location
+    path = Path(location).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def open_study(name: str, storage: str, sampler: str = "tpe", seed: int = 0, goals: Sequence[Goal] = ()) -> Any:
+    """Create or load the study ``name``; the sampler is seeded past the trials already stored, so a resumed
+    search does not repeat its first suggestions."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # multivariate TPE, constraints
+    rdb = optuna.storages.RDBStorage(storage_url(storage), heartbeat_interval=30, grace_period=90)
+    existing = _stored_trials(rdb, name)
+    constraints = _constraints_of(goals)
+    if sampler == "nsga2":
+        chosen = optuna.samplers.NSGAIISampler(seed=seed + existing, constraints_func=constraints)
+    elif sampler == "tpe":
+        chosen = optuna.samplers.TPESampler(seed=seed + existing, constraints_func=constraints, multivariate=True,
+                                            group=True, n_startup_trials=12)
+    else:
+        raise ValueError(f"--sampler must be tpe or nsga2, got {sampler!r}")
+    return optuna.create_study(study_name=name, storage=rdb, sampler=chosen, load_if_exists=True,
+                               directions=["maximize", "maximize"])
+
+
+def _stored_trials(storage: Any, name: str) -> int:
+    try:
+        return len(storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False))
+    except KeyError:
+        return 0
+
+
+def _constraints_of(goals: Sequence[Goal]) -> Callable[[Any], list[float]]:
+    """Optuna's constraint values of a trial: one per proxy-measurable goal, <= 0 when it is met."""
+    def constraints(trial: Any) -> list[float]:
+        return list(trial.user_attrs.get("constraints") or [1.0] * _proxy_goal_count(goals))
+
+    return constraints
+
+
+def _proxy_goal_count(goals: Sequence[Goal]) -> int:
+    return max(1, sum(goal.metric in PROXY_METRICS for goal in goals))
+
+
+def proxy_violations(goals: Sequence[Goal], metrics: dict[str, Any]) -> list[float]:
+    """Per proxy-measurable goal, how far the proxy metrics miss it (<= 0: met); [0] when none is measurable."""
+    out = []
+    for goal in goals:
+        if goal.metric not in PROXY_METRICS:
+            continue
+        value = metrics.get(goal.metric)
+        if value is None:  # accuracy of a speed-only twin: nothing to hold against
+            out.append(0.0)
+            continue
+        out.append(-goal.margin(value, metrics.get(f"baseline_{goal.metric}", 100.0 if goal.metric == "psnr"
+                                                   else 1.0)))
+    return out or [0.0]
+
+
+def params_of(recipe: str, space: dict[str, list[str]], max_steps: int) -> dict[str, Any] | None:
+    """The trial parameters that make ``suggest`` produce ``recipe`` (to enqueue it), or None when it is not
+    in the space (a method left out, a knob outside its searched range, more steps than the baseline's)."""
+    try:
+        methods = parse(recipe)
+    except RecipeError:
+        return None
+    params: dict[str, Any] = {f"slot:{slot}": NONE for slot in space}
+    for method in methods:
+        slot = next((s for s, names in space.items() if method.name in names), None)
+        if slot is None or params[f"slot:{slot}"] != NONE:
+            return None
+        params[f"slot:{slot}"] = method.name
+        for key, param in searched(all_methods()[method.name]).items():
+            value = method.values[key]
+            search = (param.search[0], min(param.search[1], max_steps)) if key == "steps" else param.search or ()
+            numeric = param.type in (int, float) and param.choices is None and param.type is not bool
+            if numeric and not search[0] <= value <= search[1] or not numeric and value not in search:
+                return None
+            params[f"{method.name}.{key}"] = value
+    return params
+
+
+class Objective:
+    """One trial: suggest a stack, refuse it before compute if the registry does, else measure it by proxy."""
+
+    def __init__(self, judge: ProxyJudge, space: dict[str, list[str]], goals: Sequence[Goal], max_steps: int,
+                 log: Callable[[str], None] = print) -> None:
+        self.judge, self.space, self.goals, self.max_steps, self.log = judge, space, goals, max_steps, log
+        self.measured: dict[str, dict[str, Any]] = {}  # recipe -> metrics, within this process
+
+    def __call__(self, trial: Any) -> tuple[float, float]:
+        try:
+            recipe = suggest(trial, self.space, self.max_steps)
+        except RecipeError as refusal:
+            return self._refused(trial, "", refusal)
+        if not recipe:
+            return self._refused(trial, "", RecipeError("the empty stack is the baseline itself"))
+        trial.set_user_attr("recipe", recipe)
+        metrics = self.measured.get(recipe) or _stored_metrics(trial.study, recipe)
+        if metrics is None:
+            start = time.perf_counter()
+            try:
+                metrics = self.judge.measure(recipe)
+            except RecipeError as refusal:
+                return self._refused(trial, recipe, refusal)
+            metrics["seconds"] = time.perf_counter() - start
+        else:
+            trial.set_user_attr("repeat", True)  # the same stack again: its stored measurement, no new compute
+        self.measured[recipe] = metrics
+        for key, value in metrics.items():
+            trial.set_user_attr(key, value)
+        violations = proxy_violations(self.goals, metrics)
+        trial.set_user_attr("constraints", violations)
+        feasible = all(v <= 0 for v in violations)
+        self.log(f"  trial {trial.number:>3}: {recipe or 'baseline':<58} {metrics['speedup']:5.2f}x  "
+                 f"PSNR {metrics['psnr']:6.2f} dB{'' if feasible else '  (misses a target)'}")
+        return metrics["speedup"], metrics["psnr"]
+
+    def _refused(self, trial: Any, recipe: str, refusal: Exception) -> Any:
+        import optuna
+
+        trial.set_user_attr("recipe", recipe)
+        trial.set_user_attr("refused", str(refusal))
+        trial.set_user_attr("constraints", [1.0] * _proxy_goal_count(self.goals))
+        raise optuna.TrialPruned(str(refusal))
+
+
+def _stored_metrics(study: Any, recipe: str) -> dict[str, Any] | None:
+    """A finished trial's measurement of the same recipe (another process, or before a resume)."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.user_attrs.get("recipe") == recipe and "speedup" in trial.user_attrs:
+            return {k: v for k, v in trial.user_attrs.items() if k not in ("recipe", "constraints", "repeat")}
+    return None
+
+
+def spent_seconds(study: Any) -> float:
+    """Search time already spent on this study (finished trials' durations), over every process and resume."""
+    return sum(t.duration.total_seconds() for t in study.get_trials(deepcopy=False) if t.duration is not None)
+
+
+def front(study: Any) -> list[dict[str, Any]]:
+    """The proxy-feasible Pareto front (speed-up, PSNR), fastest first, one entry per recipe."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if all(v <= 0 for v in t.user_attrs.get("constraints", [1.0]))]
+    points: dict[str, tuple[float, float, Any]] = {}
+    for t in done:
+        points.setdefault(t.user_attrs["recipe"], (t.values[0], t.values[1], t))
+    kept = [(s, q, t) for s, q, t in points.values()
+            if not any(s2 >= s and q2 >= q and (s2, q2) != (s, q) for s2, q2, _ in points.values())]
+    return [{"recipe": t.user_attrs["recipe"], "speedup": s, "psnr": q, "trial": t.number}
+            for s, q, t in sorted(kept, key=lambda p: -p[0])]
