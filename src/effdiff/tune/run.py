@@ -134,7 +134,7 @@ def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, acc
     candidates = front(study)
     if not candidates:
         raise TuneError(_no_front_message(study, goals))
-    chosen = candidates[: settings.confirm_top]
+    chosen = spread(candidates, settings.confirm_top)
     log("proxy front (fastest first): " + "; ".join(f"{c['recipe']} {c['speedup']:.2f}x {c['psnr']:.1f} dB"
                                                      for c in candidates))
     start = time.perf_counter()
@@ -162,6 +162,17 @@ def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, acc
         + f" on {settings.confirm_samples} samples) saved to {path}")
     return TuneResult(name, best["recipe"], path, study.study_name, run_id, best["metrics"], baseline, candidates,
                       report, search_seconds, confirm_seconds)
+
+
+def spread(front: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """``count`` stacks of the proxy front (fastest first), evenly spaced along it with its fastest and its most
+    faithful end included: the proxies rank PSNR, not FID, so the fastest few alone could all miss a FID target."""
+    if len(front) <= count:
+        return list(front)
+    if count == 1:
+        return front[:1]
+    picks = sorted({round(i * (len(front) - 1) / (count - 1)) for i in range(count)})
+    return [front[i] for i in picks]
 
 
 def _calibrate(pipe: Any, settings: TuneSettings, goals: list[Goal], log: Callable[[str], None]) -> None:

@@ -86,7 +86,8 @@ def parse_target(text: str) -> tuple[str, float]:
     """``"psnr>=30"`` -> ``("psnr", 30.0)``: the one target a method's calibration (``effdiff calibrate``) takes."""
     goal = parse_goal(text)
     if goal.metric != "psnr":
-        raise ValueError(f"--target of effdiff calibrate must be psnr>=X (dB vs the baseline images), got {text!r}")
+        raise ValueError(f"--target of effdiff calibrate must be psnr>=X (dB vs the baseline images), got {text!r}; "
+                         "FID, KID and accuracy targets are for effdiff tune")
     return goal.metric, goal.value
 
 
