@@ -71,7 +71,8 @@ def _stored(path: Path) -> list[tuple]:
         return []
     try:
         with sqlite3.connect(path, timeout=30) as conn:
-            return conn.execute("SELECT id, model, recipe, metric_set, metrics_json FROM results ORDER BY id").fetchall()
+            query = "SELECT id, model, recipe, metric_set, metrics_json FROM results ORDER BY id"
+            return conn.execute(query).fetchall()
     except sqlite3.OperationalError:
         return []
 
