@@ -45,14 +45,15 @@ class Param:
     high: float | None = None
     choices: tuple[Any, ...] | None = None
     help: str = ""
-    # What ``effdiff tune`` tries: (low, high) for an int or float, the values to try otherwise. None: the knob is
+    # What ``effdiff tune`` tries: (low, high) for an int or float, or three or more values to try (a step count
+    # with a precomputed schedule each); the values to try for a bool, a string or a choice. None: the knob is
     # not a speed/quality trade-off (a seed, a path, a training budget) and keeps its default while tuning.
     search: tuple[Any, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.search is not None:
-            if self.type in (int, float) and self.choices is None and len(self.search) != 2:
-                raise TypeError(f"search of an {self.type.__name__} parameter is (low, high), got {self.search!r}")
+            if len(self.search) < 2:
+                raise TypeError(f"search needs (low, high) or two or more values, got {self.search!r}")
             for value in self.search:
                 self.coerce(value)  # a search range outside the valid range is a declaration error
 
@@ -131,6 +132,9 @@ class Method:
     # tried as it is only if it says so here (a dtype cast, a shipped checkpoint): a seed-only or simulated method
     # would only cost search time.
     tried_by_tune: ClassVar[bool] = False
+    # Its searched knobs pay a calibration per new value (a schedule search, a router): ``effdiff tune`` tries it
+    # only after ``--calibrate`` ran its tuner, which prepares the values the search then chooses among.
+    tuned_first: ClassVar[bool] = False
     # Call arguments the method chooses (in ``prepare_call``) as part of what it is: a caller that compares
     # recipes (the bench) leaves them out of its calls, or it would override them. A solver's ``steps`` is
     # declared by its family; a distilled student declares its steps and its guidance.

@@ -6,7 +6,7 @@ import pytest
 
 from effdiff.errors import RecipeError
 from effdiff.registry import Param, all_methods
-from effdiff.tune.space import NONE, Target, searched, slots, suggest
+from effdiff.tune.space import NONE, Target, is_range, searched, slots, suggest
 from effdiff.tune.study import params_of
 
 UNET = Target("unet", "cpu", "UNet2DConditionModel", frozenset({"single"}))
@@ -28,14 +28,19 @@ def test_slots_follow_backbone_device_and_resource():
         UNET, exclude=("cache",))
 
 
-def test_every_declared_search_range_is_valid_and_a_method_without_one_is_tried_only_if_it_says_so():
-    for cls in all_methods().values():
-        for key, param in searched(cls).items():
-            assert param.search, (cls.name, key)
+def test_a_search_outside_the_valid_range_is_a_declaration_error():
     with pytest.raises(ValueError, match="expected int in"):
-        Param(int, 3, 1, 10, search=(0, 4))  # outside the valid range: a declaration error
-    with pytest.raises(TypeError, match=r"is \(low, high\)"):
-        Param(float, 0.1, 0.0, 1.0, search=(0.1, 0.2, 0.3))
+        Param(int, 3, 1, 10, search=(0, 4))
+    with pytest.raises(TypeError, match=r"needs \(low, high\) or two or more values"):
+        Param(float, 0.1, 0.0, 1.0, search=(0.1,))
+    assert is_range(Param(int, 3, 1, 10, search=(2, 8))) and not is_range(Param(int, 10, 2, 200, search=(5, 8, 10)))
+
+
+def test_a_method_without_a_searched_knob_is_tried_only_if_it_says_so():
+    unet = set(sum(slots(UNET).values(), []))
+    for name, cls in all_methods().items():
+        if name in unet:
+            assert searched(cls) or cls.tried_by_tune, name
 
 
 def test_suggested_stacks_are_valid_recipes_within_the_baseline_steps():

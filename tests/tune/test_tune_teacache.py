@@ -45,7 +45,7 @@ def test_calibrate_cli_refuses_a_method_without_a_tuner(capsys):
     from effdiff.cli import main
 
     assert main(["calibrate", "--model", "tiny-dit", "--method", "deepcache"]) == 2
-    assert "deepcache has nothing to calibrate; methods with a tuner: l2c, teacache" in capsys.readouterr().err
+    assert "deepcache has nothing to calibrate; methods with a tuner: ays, l2c, teacache" in capsys.readouterr().err
 
 
 def test_the_fit_never_turns_down_inside_the_observed_changes():

@@ -56,7 +56,8 @@ def slots(target: Target, include: tuple[str, ...] = (), exclude: tuple[str, ...
         asked = name in include or cls.family in include
         if name in exclude or cls.family in exclude:
             continue
-        if not asked and (cls.family in LEFT_OUT_FAMILIES or not (cls.tried_by_tune or searched(cls))):
+        if not asked and (cls.family in LEFT_OUT_FAMILIES or cls.tuned_first
+                          or not (cls.tried_by_tune or searched(cls))):
             continue
         try:
             build(name, target.kind, target.device, target.backbone_name, target.streams)
@@ -84,10 +85,18 @@ def suggest(trial: Any, space: dict[str, list[str]], max_steps: int) -> str:
     return to_string(build(methods))
 
 
+def is_range(param: Param) -> bool:
+    """Whether ``param.search`` is a (low, high) range rather than the values to try."""
+    return param.type in (int, float) and param.choices is None and len(param.search or ()) == 2
+
+
 def _suggest_value(trial: Any, label: str, param: Param, cap: int | None) -> Any:
     search = param.search or ()
-    if param.type is bool or param.type is str or param.choices is not None:
-        return trial.suggest_categorical(label, list(search))
+    if not is_range(param):
+        values = list(search)
+        if cap is not None:
+            values = [v for v in values if v <= cap] or [min(values)]
+        return trial.suggest_categorical(label, values)
     low, high = search
     if cap is not None:
         high = max(low, min(high, cap))

@@ -22,7 +22,7 @@ from effdiff.errors import RecipeError
 from effdiff.recipe import parse
 from effdiff.registry import all_methods
 from effdiff.tune.proxy import ProxyJudge
-from effdiff.tune.space import NONE, searched, suggest
+from effdiff.tune.space import NONE, is_range, searched, suggest
 from effdiff.tune.targets import Goal
 
 PROXY_METRICS = ("psnr", "ssim", "prompt_accuracy")  # what a handful of samples can check; FID needs many
@@ -109,9 +109,11 @@ def params_of(recipe: str, space: dict[str, list[str]], max_steps: int) -> dict[
         params[f"slot:{slot}"] = method.name
         for key, param in searched(all_methods()[method.name]).items():
             value = method.values[key]
-            search = (param.search[0], min(param.search[1], max_steps)) if key == "steps" else param.search or ()
-            numeric = param.type in (int, float) and param.choices is None and param.type is not bool
+            numeric = is_range(param)
+            search = (param.search[0], min(param.search[1], max_steps)) if numeric and key == "steps" else param.search
             if numeric and not search[0] <= value <= search[1] or not numeric and value not in search:
+                return None
+            if key == "steps" and value > max_steps:
                 return None
             params[f"{method.name}.{key}"] = value
     return params

@@ -90,13 +90,15 @@ class LearningToCache(CacheMethod):
     name = "l2c"
     exclusive = ("layer outputs",)
     tuner = "effdiff.tune.l2c"
+    tuned_first = True  # each trial would train its own router
     examples = {"noop": "l2c:steps=3,samples=1,epochs=2,fraction=0",
                 "skips": "l2c:steps=3,samples=1,epochs=2,fraction=0.3"}
     paper = L2C
     summary = "learned per-step, per-layer router: which attention/MLP outputs to reuse (trained, saved, reused)"
     params = {
         "fraction": Param(float, 0.4, 0.0, 1.0, help="share of all (step, layer) slots served from cache "
-                                                     "(default: the router file's calibrated value, else 0.4)"),
+                                                     "(default: the router file's calibrated value, else 0.4)",
+                          search=(0.1, 0.7)),
         "steps": Param(int, 50, 2, 1000, help="step count the router is trained for (and the calls run)"),
         "period": Param(int, 2, 2, 100, help="a full step every `period` steps (paper: 2)"),
         "router": Param(str, "", help="router JSON to load, or to write after training (default: per model/steps)"),

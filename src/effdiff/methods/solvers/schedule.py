@@ -185,10 +185,12 @@ class AlignYourSteps(Method):
     after = ("solver",)
     before = tuple(f for f in FAMILIES if f != "solver")
     exclusive = ("step schedule",)
+    tuner = "effdiff.tune.ays"  # `effdiff tune --calibrate ays` optimises the searched step counts' schedules first
+    tuned_first = True
     paper = AYS
     summary = "optimised timesteps for a solver and NFE, cached in a JSON file"
     params = {
-        "steps": Param(int, 10, 2, 200, help="number of steps the schedule is optimised for"),
+        "steps": Param(int, 10, 2, 200, help="number of steps the schedule is optimised for", search=(5, 8, 10)),
         "ref_steps": Param(int, 100, 4, 2000, help="steps of the fine reference trajectory"),
         "seeds": Param(int, 4, 1, 64, help="calibration samples"),
         "objective": Param(str, "klub", choices=("klub", "trajectory"),
