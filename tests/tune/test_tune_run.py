@@ -135,3 +135,16 @@ def test_an_unknown_tuned_name_lists_the_saved_ones(tmp_path, monkeypatch):
         accelerate(make_tiny_sd(), "tuned:other")
     pipe = accelerate(make_tiny_sd(), "ddim:steps=4+tuned:mine")  # a saved stack joins a written one
     assert [m.spec() for m in pipe.effdiff.methods] == ["ddim:steps=4", "fora:interval=2"]
+
+
+def test_a_speed_only_twin_is_tuned_against_its_own_baseline_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    pipe = make_tiny_sd()
+    pipe.effdiff_speed_only = True  # as the random-weight twins of the zoo are
+    with pytest.raises(ValueError, match="speed-only model .* no FID, KID or accuracy to hold fid<=\\+10%"):
+        tune(TuneSettings(targets=("psnr>=18", "fid<=+10%"), out_dir=str(tmp_path), **SETTINGS),
+             loader=lambda _name: pipe, log=quiet)
+    result = tune(TuneSettings(targets=("psnr>=18",), trials=6, out_dir=str(tmp_path), name="twin", **SETTINGS),
+                  loader=lambda _name: pipe, log=quiet)
+    record = json.loads(result.path.read_text())
+    assert result.run_id is None and record["validated"]["psnr"] >= 18  # confirmed on 4 fresh seeds, no bench run

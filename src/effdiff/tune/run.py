@@ -107,6 +107,12 @@ def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, acc
         check_model(settings.model)
         loader = lambda name: load(name).to(settings.device)  # noqa: E731
     pipe = loader(settings.model)
+    speed_only = bool(getattr(pipe, "effdiff_speed_only", False))
+    unmeasurable = [g.text for g in goals if speed_only and g.metric not in ("psnr", "ssim")]
+    if unmeasurable:
+        raise ValueError(f"{settings.model} is a speed-only model (random weights): it has no FID, KID or accuracy "
+                         f"to hold {', '.join(unmeasurable)} against; tune it against psnr>=… or ssim>=… (its "
+                         "baseline's own images)")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     _calibrate(pipe, settings, goals, log)
@@ -138,7 +144,7 @@ def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, acc
     log("proxy front (fastest first): " + "; ".join(f"{c['recipe']} {c['speedup']:.2f}x {c['psnr']:.1f} dB"
                                                      for c in candidates))
     start = time.perf_counter()
-    if getattr(pipe, "effdiff_speed_only", False):
+    if speed_only:
         run_id, rows, baseline = None, _confirm_by_proxy(pipe, chosen, settings, accelerate_fn), {"psnr": 100.0}
     else:
         run_id, rows, baseline = _confirm_by_bench(pipe, chosen, settings, study, accelerate_fn)
