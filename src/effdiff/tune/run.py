@@ -92,10 +92,8 @@ class TuneResult:
 def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, accelerate_fn: Any = None,
          log: Callable[[str], None] = print) -> TuneResult:
     """Search, confirm and save; see the module docstring. ``loader``: model name -> pipeline (default: zoo)."""
-    from effdiff.tune.proxy import ProxyJudge
     from effdiff.tune.saved import check_name, save_tuned
-    from effdiff.tune.space import Target, slots
-    from effdiff.tune.study import Objective, front, open_study, params_of, spent_seconds
+    from effdiff.tune.study import front, spent_seconds
 
     goals = settings.goals()  # malformed targets and names fail before any model loads
     name = check_name(settings.name or settings.study_name())
@@ -116,26 +114,7 @@ def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, acc
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     _calibrate(pipe, settings, goals, log)
-    space = slots(Target.of(pipe), include=(*settings.include, *settings.calibrate), exclude=settings.exclude)
-    if not space:
-        raise RecipeError(f"no registered method applies to {settings.model} with these --include/--exclude")
-    log(f"search space: {', '.join(f'{slot}: {len(names)} methods' for slot, names in space.items())}")
-    study = open_study(settings.study_name(), settings.storage_location(), settings.sampler, settings.seed, goals)
-    if not study.trials:
-        for recipe in _hand_written():
-            params = params_of(recipe, space, settings.steps)
-            if params is not None:
-                study.enqueue_trial(params, user_attrs={"hand_written": True}, skip_if_exists=True)
-    judge = ProxyJudge(pipe, settings.proxy_samples, settings.steps, settings.guidance, settings.timing_batch,
-                       accelerate_fn=accelerate_fn)
-    remaining = settings.budget_s - spent_seconds(study)
-    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-    left = None if settings.trials is None else settings.trials - finished
-    log(f"study {study.study_name} in {settings.storage_location()}: {finished} trials finished, "
-        f"{max(remaining, 0):.0f} s of the {settings.budget_s:.0f} s budget left")
-    if remaining > 0 and (left is None or left > 0):
-        study.optimize(Objective(judge, space, goals, settings.steps, log), n_trials=left, timeout=remaining,
-                       gc_after_trial=False)
+    study = _search(pipe, settings, goals, accelerate_fn, log)
     search_seconds = spent_seconds(study)
     candidates = front(study)
     if not candidates:
@@ -162,12 +141,44 @@ def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, acc
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": asdict(settings),
     }
     path = save_tuned(name, record)
-    report = _write_report(study, run_id, settings, rows, best) if run_id else None
+    (Path(settings.out_dir) / f"tuned-{name}.json").write_text(path.read_text())  # the run's own copy, with its report
+    report = _write_report(study, run_id, settings, best["recipe"]) if run_id else None
     log(f"tuned:{name} = {best['recipe']} ({best['metrics']['speedup']:.2f}x; "
         + ", ".join(f"{g.text}: {_show(g, best['metrics'].get(g.metric), baseline.get(g.metric))}" for g in goals)
         + f" on {settings.confirm_samples} samples) saved to {path}")
     return TuneResult(name, best["recipe"], path, study.study_name, run_id, best["metrics"], baseline, candidates,
                       report, search_seconds, confirm_seconds)
+
+
+def _search(pipe: Any, settings: TuneSettings, goals: list[Goal], accelerate_fn: Any,
+            log: Callable[[str], None]) -> Any:
+    """Open (or resume) the study, enqueue the hand-written stacks on a fresh one, and search for what is left of
+    the budget and the trial cap; returns the study."""
+    from effdiff.tune.proxy import ProxyJudge
+    from effdiff.tune.space import Target, slots
+    from effdiff.tune.study import Objective, open_study, params_of, spent_seconds
+
+    space = slots(Target.of(pipe), include=(*settings.include, *settings.calibrate), exclude=settings.exclude)
+    if not space:
+        raise RecipeError(f"no registered method applies to {settings.model} with these --include/--exclude")
+    log(f"search space: {', '.join(f'{slot}: {len(names)} methods' for slot, names in space.items())}")
+    study = open_study(settings.study_name(), settings.storage_location(), settings.sampler, settings.seed, goals)
+    if not study.trials:
+        for recipe in _hand_written():
+            params = params_of(recipe, space, settings.steps)
+            if params is not None:
+                study.enqueue_trial(params, user_attrs={"hand_written": True}, skip_if_exists=True)
+    remaining = settings.budget_s - spent_seconds(study)
+    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    left = None if settings.trials is None else settings.trials - finished
+    log(f"study {study.study_name} in {settings.storage_location()}: {finished} trials finished, "
+        f"{max(remaining, 0):.0f} s of the {settings.budget_s:.0f} s budget left")
+    if remaining > 0 and (left is None or left > 0):
+        judge = ProxyJudge(pipe, settings.proxy_samples, settings.steps, settings.guidance, settings.timing_batch,
+                           accelerate_fn=accelerate_fn)
+        study.optimize(Objective(judge, space, goals, settings.steps, log), n_trials=left, timeout=remaining,
+                       gc_after_trial=False)
+    return study
 
 
 def spread(front: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
@@ -294,8 +305,7 @@ def _percent(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.0%}"
 
 
-def _write_report(study: Any, run_id: str, settings: TuneSettings, rows: list[dict[str, Any]],
-                  best: dict[str, Any]) -> Path:
+def _write_report(study: Any, run_id: str, settings: TuneSettings, chosen: str) -> Path:
     """The confirmation run's HTML report (Pareto plots of speed-up vs FID and vs accuracy) with the search's
     proxy scatter beside it."""
     from effdiff.bench.report import load_rows, write_html
@@ -303,6 +313,6 @@ def _write_report(study: Any, run_id: str, settings: TuneSettings, rows: list[di
 
     out = Path(settings.out_dir)
     figure = out / f"tune-{study.study_name}.png"
-    figure.write_bytes(search_png(study, best["recipe"]))
+    figure.write_bytes(search_png(study, chosen))
     _, all_rows = load_rows(out, run_id)
     return write_html(all_rows, run_id, out, out / f"tune-{study.study_name}.html", figures=[figure])
