@@ -177,7 +177,10 @@ def _search(pipe: Any, settings: TuneSettings, goals: list[Goal], accelerate_fn:
         judge = ProxyJudge(pipe, settings.proxy_samples, settings.steps, settings.guidance, settings.timing_batch,
                            accelerate_fn=accelerate_fn)
         study.optimize(Objective(judge, space, goals, settings.steps, log), n_trials=left, timeout=remaining,
-                       gc_after_trial=False)
+                       gc_after_trial=False, catch=(Exception,))
+    crashed = sorted({t.user_attrs["recipe"] for t in study.get_trials(deepcopy=False) if "error" in t.user_attrs})
+    if crashed:
+        log(f"{len(crashed)} stacks crashed (kept in the study with their errors): {'; '.join(crashed)}")
     return study
 
 

@@ -44,7 +44,7 @@ def open_study(name: str, storage: str, sampler: str = "tpe", seed: int = 0, goa
     search does not repeat its first suggestions."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial; a crash is logged by Objective
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # multivariate TPE, constraints
     rdb = optuna.storages.RDBStorage(storage_url(storage), heartbeat_interval=30, grace_period=90)
     existing = _stored_trials(rdb, name)
@@ -144,6 +144,10 @@ class Objective:
                     metrics = self.judge.measure(recipe)
             except RecipeError as refusal:
                 return self._refused(trial, recipe, refusal)
+            except Exception as crash:  # a stack that breaks is a finding: recorded, shown, and the search goes on
+                trial.set_user_attr("error", f"{type(crash).__name__}: {crash}")
+                self.log(f"  trial {trial.number:>3}: {recipe} CRASHED: {type(crash).__name__}: {crash}")
+                raise
             metrics["seconds"] = time.perf_counter() - start
         else:
             trial.set_user_attr("repeat", True)  # the same stack again: its stored measurement, no new compute
