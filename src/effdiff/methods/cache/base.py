@@ -143,18 +143,19 @@ class CacheMethod(Method):
         """Replace ``module.forward`` on the instance by ``make(current forward)``, through the undo log."""
         self.patches.forward(module, make)
 
-    def skip_norms(self, keys: dict[int, int], served: Callable[[int], bool]) -> None:
+    def skip_norms(self, keys: dict[int, int], served: Served) -> None:
         """Skip each norm of ``feeding_norms`` whose layer (``id`` -> key in ``keys``) is ``served`` from cache
-        this call: the norm then returns its input, which only the skipped layer would have read."""
+        this call: the norm then returns its input, which only the skipped layer would have read. ``served``
+        hears the norm's token shape, which is its layer's: both decide alike when a token method changed it."""
         for norm, layer in feeding_norms(self.adapter.model):
             key = keys.get(id(layer))
             if key is not None:
                 self.patch(norm, lambda inner, key=key: self._norm(key, inner, served))
 
     @staticmethod
-    def _norm(key: int, inner: Forward, served: Callable[[int], bool]) -> Forward:
+    def _norm(key: int, inner: Forward, served: Served) -> Forward:
         def forward(hidden: torch.Tensor) -> torch.Tensor:
-            return hidden if served(key) else inner(hidden)
+            return hidden if served(key, token_shape((hidden,), {})) else inner(hidden)
 
         return forward
 
@@ -166,6 +167,17 @@ class CacheMethod(Method):
 
     def remove(self) -> None:
         self.current = {}
+
+
+Served = Callable[[int, "tuple[int, ...] | None"], bool]  # (layer key, its input's token shape) -> reuse it?
+
+
+def token_shape(args: tuple, kwargs: dict[str, Any]) -> tuple[int, ...] | None:
+    """Batch and token dimensions of a layer's input (all but the channels). A token method earlier in the recipe
+    (AT-EDM prunes more after its early steps) changes them between steps: an output kept at another count
+    cannot be served, so a layer cache compares them before it does."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    return tuple(hidden.shape[:-1]) if isinstance(hidden, torch.Tensor) else None
 
 
 def refuse(method: str, why: str) -> RecipeError:

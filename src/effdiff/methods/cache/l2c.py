@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from effdiff.context import StepContext
-from effdiff.methods.cache.base import CacheMethod, Forward, first_tensor, refuse, refuse_chunked_feed_forward
+from effdiff.methods.cache.base import (
+    CacheMethod,
+    Forward,
+    first_tensor,
+    refuse,
+    refuse_chunked_feed_forward,
+    token_shape,
+)
 from effdiff.methods.cache.teacache import calibration_file
 from effdiff.methods.solvers.schedule import model_fingerprint, sample
 from effdiff.registry import Paper, Param, RecipeError
@@ -198,8 +205,12 @@ class LearningToCache(CacheMethod):
             state["outputs"] = {}
         self.count(bool(state["reuse"]))
 
-    def _served(self, key: int) -> bool:
-        return self._mode is None and key in self.current.get("reuse", ())
+    def _served(self, key: int, tokens: tuple[int, ...] | None = None) -> bool:
+        """Routed to reuse this step, kept, and (when known) kept at the same token count."""
+        state = self.current
+        kept = state.get("outputs", {}).get(key)
+        return (self._mode is None and key in state.get("reuse", ()) and kept is not None
+                and (tokens is None or kept[1] == tokens))
 
     def _layer(self, key: int, inner: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -210,11 +221,12 @@ class LearningToCache(CacheMethod):
                     return out
                 return _blend(self._beta[key], out, self._kept[key])
             state = self.current
-            if key in state.get("reuse", ()):
-                return state["outputs"][key]
+            tokens = token_shape(args, kwargs)
+            if self._served(key, tokens):
+                return state["outputs"][key][0]
             out = inner(*args, **kwargs)
             if state.get("keep"):
-                state["outputs"][key] = out
+                state["outputs"][key] = (out, tokens)
             return out
 
         return forward

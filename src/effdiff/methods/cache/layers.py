@@ -19,7 +19,7 @@ import torch
 
 from effdiff.adapters.base import CacheLayer
 from effdiff.context import StepContext
-from effdiff.methods.cache.base import CacheMethod, Forward, refuse, refuse_chunked_feed_forward
+from effdiff.methods.cache.base import CacheMethod, Forward, refuse, refuse_chunked_feed_forward, token_shape
 
 
 class LayerCache(CacheMethod):
@@ -60,16 +60,25 @@ class LayerCache(CacheMethod):
         state.setdefault("outputs", {})
         self.count(not state["refresh"])
 
-    def _served(self, key: int) -> bool:
+    def _served(self, key: int, tokens: tuple[int, ...] | None = None) -> bool:
+        """Whether this call reuses layer ``key``: a cached step, an entry, and (when known) the same tokens."""
         state = self.current
-        return not state.get("refresh", True) and key in state.get("outputs", {})
+        entry = state.get("outputs", {}).get(key)
+        return (not state.get("refresh", True) and entry is not None
+                and (tokens is None or entry.get("tokens") in (None, tokens)))
 
     def _layer(self, key: int, inner: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if self._served(key):
+            tokens = token_shape(args, kwargs)
+            if self._served(key, tokens):
                 return self.serve(self.current["outputs"][key], self._ctx)
             out = inner(*args, **kwargs)
-            self.store(self.current.setdefault("outputs", {}).setdefault(key, {}), out, self._ctx)
+            outputs = self.current.setdefault("outputs", {})
+            if outputs.get(key, {}).get("tokens", tokens) != tokens:
+                del outputs[key]  # kept at another token count: its history (TaylorSeer's differences) restarts
+            entry = outputs.setdefault(key, {})
+            entry["tokens"] = tokens
+            self.store(entry, out, self._ctx)
             return out
 
         return forward
@@ -77,7 +86,7 @@ class LayerCache(CacheMethod):
     def _feeder(self, key: int, feeder: tuple[int, int], inner: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
             last = self.current.setdefault("feeds", {})
-            if self._served(key) and feeder in last:
+            if self._served(key, token_shape(args, kwargs)) and feeder in last:
                 return last[feeder]  # only the served layer reads it, and it does not
             out = last[feeder] = inner(*args, **kwargs)
             return out

@@ -233,6 +233,12 @@ class ToCa(TokenMethod):
             batch, tokens = hidden_states.shape[:2]
             cache = layer.get(kind)
             self.tokens[1] += batch * tokens
+            if block.streams == "single" and tokens != self.image_tokens(block):
+                # a token method before ToCa (AT-EDM, ToMe) merged or pruned tokens: they no longer sit on the
+                # grid its scores and cache rows are laid out on, so this call runs whole
+                self.fallback = "tokens merged or pruned by an earlier method: those sub-layer calls run whole"
+                self.tokens[0] += batch * tokens
+                return inner(hidden_states, *args, **kwargs)
             if state["refresh"] or cache is None or layer["shape", kind] != (batch, tokens):
                 out = self._full(role, module, layer, inner, hidden_states, args, kwargs)
                 out = out.contiguous() if isinstance(out, torch.Tensor) else out
