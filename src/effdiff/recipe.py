@@ -44,7 +44,7 @@ def _parse_part(text: str) -> list[Method]:
     name, _, rest = text.strip().partition(":")
     if name.strip().lower() != "tuned":
         return [_parse_one(text)]
-    from effdiff.tune.saved import load_tuned
+    from effdiff.tuned import load_tuned
 
     return parse(load_tuned(rest.strip())["recipe"])
 

@@ -127,7 +127,7 @@ def test_the_cli_refuses_bad_arguments_before_loading_a_model(capsys):
 
 def test_an_unknown_tuned_name_lists_the_saved_ones(tmp_path, monkeypatch):
     from effdiff.errors import RecipeError
-    from effdiff.tune.saved import save_tuned
+    from effdiff.tuned import save_tuned
 
     monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path))
     save_tuned("mine", {"recipe": "fora:interval=2"})

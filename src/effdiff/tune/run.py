@@ -92,8 +92,8 @@ class TuneResult:
 def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, accelerate_fn: Any = None,
          log: Callable[[str], None] = print) -> TuneResult:
     """Search, confirm and save; see the module docstring. ``loader``: model name -> pipeline (default: zoo)."""
-    from effdiff.tune.saved import check_name, save_tuned
     from effdiff.tune.study import front, spent_seconds
+    from effdiff.tuned import check_name, save_tuned
 
     goals = settings.goals()  # malformed targets and names fail before any model loads
     name = check_name(settings.name or settings.study_name())

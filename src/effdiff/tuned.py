@@ -3,6 +3,7 @@
 A saved record keeps the recipe with what it was validated against — the model, the targets, the confirmation
 run's numbers and its baseline's — so a reader of ``tuned:NAME`` can see why it was chosen. The records live in
 effdiff's cache folder (``EFFDIFF_CACHE_DIR``, as the TeaCache calibrations the user makes), one JSON per name.
+Core, not ``tune/``: ``recipe.parse`` reads them, and the core never imports what sits above the methods.
 """
 
 from __future__ import annotations
