@@ -125,18 +125,6 @@ def test_the_cli_refuses_bad_arguments_before_loading_a_model(capsys):
     assert "a tuned recipe's name is letters" in capsys.readouterr().err
 
 
-def test_an_unknown_tuned_name_lists_the_saved_ones(tmp_path, monkeypatch):
-    from effdiff.errors import RecipeError
-    from effdiff.tuned import save_tuned
-
-    monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path))
-    save_tuned("mine", {"recipe": "fora:interval=2"})
-    with pytest.raises(RecipeError, match=r"no tuned recipe 'other' \(saved: mine\)"):
-        accelerate(make_tiny_sd(), "tuned:other")
-    pipe = accelerate(make_tiny_sd(), "ddim:steps=4+tuned:mine")  # a saved stack joins a written one
-    assert [m.spec() for m in pipe.effdiff.methods] == ["ddim:steps=4", "fora:interval=2"]
-
-
 def test_a_speed_only_twin_is_tuned_against_its_own_baseline_images(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path / "cache"))
     pipe = make_tiny_sd()
