@@ -60,6 +60,15 @@ def test_benchmark_tables_show_their_scalar_columns_and_bad_ones_are_refused(tmp
     assert not (tmp_path / "other.html").exists()
 
 
+def test_accuracy_gets_its_own_pareto_plot_where_rows_have_it(tmp_path):
+    rows = [_row("", 1.0, 5.0), _row("a", 2.0, 6.0)]
+    assert "alt='Pareto plot m accuracy'" not in write_html(rows, "run", tmp_path).read_text()
+    for row, accuracy in zip(rows, (1.0, 0.97), strict=True):
+        row["metrics"]["prompt_accuracy"] = accuracy
+    assert pareto_png(rows, "m", "prompt_accuracy").startswith(b"\x89PNG")
+    assert "alt='Pareto plot m accuracy'" in write_html(rows, "run", tmp_path).read_text()
+
+
 def test_pareto_plot_absent_without_quality():
     row = _row("", 1.0, None)
     row["metrics"]["psnr"] = None
