@@ -206,3 +206,43 @@ def sample(pipe, steps: int = 4, seed: int = 0, **kwargs) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return pipe("a handwritten seven", num_inference_steps=steps, generator=generator, output_type="pt",
                 **kwargs).images
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server started here (Debian's package), on a Unix socket in a temporary folder; skipped with
+    the reason where the server is not installed."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+
+    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin"))  # Debian keeps the server off the PATH
+    path = os.pathsep.join([os.environ.get("PATH", ""), *debian])
+    initdb, pg_ctl = shutil.which("initdb", path=path), shutil.which("pg_ctl", path=path)
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL is not installed (apt install postgresql): the URL store is tested where it is")
+    pytest.importorskip("psycopg")
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="effdiff-pg-"))  # pytest's own folders are closed to other users
+    data, socket_dir = folder / "data", folder / "socket"
+    socket_dir.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        if subprocess.run(["id", "postgres"], capture_output=True).returncode:
+            pytest.skip("running as root and there is no postgres user to start the server as")
+        shutil.chown(folder, "postgres")
+        shutil.chown(socket_dir, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    port = 54329
+    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-w", "-l", str(folder / "log"), "-o",
+                    f"-p {port} -k {socket_dir} -c listen_addresses=''", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@/postgres?host={socket_dir}&port={port}"
+    finally:
+        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)

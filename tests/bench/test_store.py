@@ -154,46 +154,6 @@ def test_two_processes_writing_one_sqlite_store_lose_nothing(tmp_path):
     _concurrent_writes_lose_nothing(str(tmp_path / "shared.sqlite"))
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A PostgreSQL server started here (Debian's package), on a Unix socket in a temporary folder; skipped with
-    the reason where the server is not installed."""
-    import glob
-    import os
-    import shutil
-    import subprocess
-
-    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin"))  # Debian keeps the server off the PATH
-    path = os.pathsep.join([os.environ.get("PATH", ""), *debian])
-    initdb, pg_ctl = shutil.which("initdb", path=path), shutil.which("pg_ctl", path=path)
-    if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL is not installed (apt install postgresql): the URL store is tested where it is")
-    pytest.importorskip("psycopg")
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(tempfile.mkdtemp(prefix="effdiff-pg-"))  # pytest's own folders are closed to other users
-    data, socket_dir = folder / "data", folder / "socket"
-    socket_dir.mkdir()
-    run_as: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        if subprocess.run(["id", "postgres"], capture_output=True).returncode:
-            pytest.skip("running as root and there is no postgres user to start the server as")
-        shutil.chown(folder, "postgres")
-        shutil.chown(socket_dir, "postgres")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
-                   capture_output=True)
-    port = 54329
-    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-w", "-l", str(folder / "log"), "-o",
-                    f"-p {port} -k {socket_dir} -c listen_addresses=''", "start"], check=True, capture_output=True)
-    try:
-        yield f"postgresql+psycopg://postgres@/postgres?host={socket_dir}&port={port}"
-    finally:
-        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def test_a_postgresql_store_keeps_runs_resumes_and_takes_concurrent_writers(postgres_url):
     with ResultsStore(postgres_url) as store:
         run_id = store.start_run(CONFIG)

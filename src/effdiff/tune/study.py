@@ -13,6 +13,7 @@ search starts from what a person would write and can only add to it.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,23 +42,38 @@ def storage_url(location: str) -> str:
 
 def open_study(name: str, storage: str, sampler: str = "tpe", seed: int = 0, goals: Sequence[Goal] = ()) -> Any:
     """Create or load the study ``name``; the sampler is seeded past the trials already stored, so a resumed
-    search does not repeat its first suggestions."""
+    search does not repeat its first suggestions, and, in a database several machines share, by process too, so
+    two searchers starting together do not suggest the same stacks."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial; a crash is logged by Objective
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # multivariate TPE, constraints
-    rdb = optuna.storages.RDBStorage(storage_url(storage), heartbeat_interval=30, grace_period=90)
-    existing = _stored_trials(rdb, name)
+    rdb = _storage(storage_url(storage))
+    offset = _stored_trials(rdb, name) + (0 if rdb.url.startswith("sqlite") else os.getpid())
     constraints = _constraints_of(goals)
     if sampler == "nsga2":
-        chosen = optuna.samplers.NSGAIISampler(seed=seed + existing, constraints_func=constraints)
+        chosen = optuna.samplers.NSGAIISampler(seed=seed + offset, constraints_func=constraints)
     elif sampler == "tpe":
-        chosen = optuna.samplers.TPESampler(seed=seed + existing, constraints_func=constraints, multivariate=True,
+        chosen = optuna.samplers.TPESampler(seed=seed + offset, constraints_func=constraints, multivariate=True,
                                             group=True, n_startup_trials=12)
     else:
         raise ValueError(f"--sampler must be tpe or nsga2, got {sampler!r}")
     return optuna.create_study(study_name=name, storage=rdb, sampler=chosen, load_if_exists=True,
                                directions=["maximize", "maximize"])
+
+
+def _storage(url: str, attempts: int = 5) -> Any:
+    """Optuna's RDB storage of ``url``, with heartbeats (a killed searcher's trial is failed, not left running).
+    Searchers starting together on an empty database race to create its tables: the loser retries."""
+    import optuna
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(attempts - 1):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
+        except DBAPIError:
+            time.sleep(0.5 * (attempt + 1))
+    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
 
 
 def _stored_trials(storage: Any, name: str) -> int:
@@ -70,13 +86,9 @@ def _stored_trials(storage: Any, name: str) -> int:
 def _constraints_of(goals: Sequence[Goal]) -> Callable[[Any], list[float]]:
     """Optuna's constraint values of a trial: one per proxy-measurable goal, <= 0 when it is met."""
     def constraints(trial: Any) -> list[float]:
-        return list(trial.user_attrs.get("constraints") or [1.0] * _proxy_goal_count(goals))
+        return list(trial.user_attrs["constraints"])
 
     return constraints
-
-
-def _proxy_goal_count(goals: Sequence[Goal]) -> int:
-    return max(1, sum(goal.metric in PROXY_METRICS for goal in goals))
 
 
 def proxy_violations(goals: Sequence[Goal], metrics: dict[str, Any]) -> list[float]:
@@ -117,6 +129,10 @@ def params_of(recipe: str, space: dict[str, list[str]], max_steps: int) -> dict[
                 return None
             params[f"{method.name}.{key}"] = value
     return params
+
+
+class Refused(RecipeError):
+    """A trial's stack was refused before it computed anything (the study catches it: the search goes on)."""
 
 
 class Objective:
@@ -162,12 +178,11 @@ class Objective:
         return metrics["speedup"], metrics["psnr"]
 
     def _refused(self, trial: Any, recipe: str, refusal: Exception) -> Any:
-        import optuna
-
+        """A stack the registry or a method refused: a failed trial with its reason. Failed, not pruned: Optuna's
+        multi-objective TPE reads a pruned trial's (absent) values and breaks on them."""
         trial.set_user_attr("recipe", recipe)
         trial.set_user_attr("refused", str(refusal))
-        trial.set_user_attr("constraints", [1.0] * _proxy_goal_count(self.goals))
-        raise optuna.TrialPruned(str(refusal))
+        raise Refused(str(refusal))
 
 
 def _stored_metrics(study: Any, recipe: str) -> dict[str, Any] | None:
