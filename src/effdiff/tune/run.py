@@ -116,7 +116,7 @@ def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, acc
     _calibrate(pipe, settings, goals, log)
     study = _search(pipe, settings, goals, accelerate_fn, log)
     search_seconds = spent_seconds(study)
-    candidates = front(study)
+    candidates = [c for c in front(study) if c["speedup"] > 1.0]  # a stack no faster than the baseline is no answer
     if not candidates:
         raise TuneError(_no_front_message(study, goals))
     chosen = spread(candidates, settings.confirm_top)
@@ -299,9 +299,10 @@ def _no_front_message(study: Any, goals: list[Goal]) -> str:
     if not done:
         return "no stack could be measured within the budget (every trial was refused or failed); give more --budget"
     best = min(done, key=lambda t: (max(t.user_attrs["constraints"]), -t.values[0]))  # least missed, then fastest
-    return (f"no stack met {', '.join(g.text for g in goals)} on the proxy samples; the closest was "
-            f"{best.user_attrs['recipe']} ({best.values[0]:.2f}x, PSNR {best.user_attrs['psnr']:.1f} dB, "
-            f"accuracy {_percent(best.user_attrs.get('prompt_accuracy'))}). Loosen the target")
+    return (f"no stack faster than the baseline met {', '.join(g.text for g in goals)} on the proxy samples; "
+            f"the closest was {best.user_attrs['recipe']} ({best.values[0]:.2f}x, "
+            f"PSNR {best.user_attrs['psnr']:.1f} dB, accuracy {_percent(best.user_attrs.get('prompt_accuracy'))})"
+            ". Loosen the target")
 
 
 def _percent(value: float | None) -> str:
