@@ -243,7 +243,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         model=args.model, targets=tuple(args.target), budget_s=args.budget, trials=args.trials,
         proxy_samples=args.proxy_samples, confirm_samples=args.confirm_samples, confirm_top=args.confirm_top,
         steps=args.steps, guidance=args.guidance, timing_batch=args.timing_batch, sampler=args.sampler,
-        seed=args.seed, include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
+        speed=args.speed, seed=args.seed, include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
         calibrate=tuple(args.calibrate or ()), device=args.device, out_dir=args.out, storage=args.storage,
         study=args.study, name=args.name)
     result = tune(settings)
@@ -426,11 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--proxy-samples", type=int, default=8, help="images per trial (default 8)")
     tune.add_argument("--confirm-samples", type=int, default=1000,
                       help="images per candidate in the confirmation (default 1000)")
-    tune.add_argument("--confirm-top", type=int, default=4, help="proxy-front stacks confirmed (default 4)")
+    tune.add_argument("--confirm-top", type=int, default=8,
+                      help="at most this many proxy-front stacks confirmed, fastest first, until one meets the "
+                           "targets (default 8)")
     tune.add_argument("--steps", type=int, default=50, help="baseline DDIM steps (default 50)")
     tune.add_argument("--guidance", type=float, default=4.0)
     tune.add_argument("--timing-batch", type=int, default=2, help="images per timed call in a trial (default 2)")
     tune.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe")
+    tune.add_argument("--speed", choices=("time", "flops"), default="time",
+                      help="the search's speed objective: paired wall clock (default) or the denoiser's FLOPs ratio "
+                           "(no timing noise; the confirmation always times)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--include", action="append", help="a method or family left out by default (compile)")
     tune.add_argument("--exclude", action="append", help="a method or family not to try")

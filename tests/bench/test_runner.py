@@ -136,6 +136,21 @@ def test_refused_recipe_is_recorded_and_the_run_goes_on(tmp_path):
     assert rows["ddim:steps=3"]["metrics"]["nfe"] == 3  # the recipe's steps, not the baseline's 2
 
 
+def test_until_ends_the_run_after_the_row_it_accepts(tmp_path):
+    heard = []
+
+    def enough(model, recipe, metrics):
+        heard.append((model, recipe, "psnr" in metrics))
+        return recipe == "scale:0.5"
+
+    run_id = run_bench(["m"], ["scale:0.5", "scale:0.9"], samples=2, steps=2, out_dir=tmp_path, loader=tiny_pipeline,
+                       accelerate_fn=FakeAccelerate(), timing_batch=2, progress=False, until=enough)
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        assert [r["recipe"] for r in store.rows(run_id)] == ["", "scale:0.5"]  # scale:0.9 never generated
+        assert next(r for r in store.summaries() if r["run_id"] == run_id)["state"] == "complete"
+    assert heard == [("m", "", True), ("m", "scale:0.5", True)]
+
+
 def test_a_refusal_inside_the_call_leaves_the_pipeline_clean_for_the_next_recipe(tmp_path):
     run_id = _run(tmp_path, FakeAccelerate(refuse_in_call={"scale:0.5"}))
     with ResultsStore(tmp_path / "results.sqlite") as store:

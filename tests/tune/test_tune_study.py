@@ -19,7 +19,7 @@ class FakeJudge:
     def __init__(self) -> None:
         self.measured: list[str] = []
 
-    def measure(self, recipe: str) -> dict:
+    def measure(self, recipe: str, timed: bool = True) -> dict:
         self.measured.append(recipe)
         parts = recipe.count("+") + 1
         return {"speedup": 1.0 + parts + len(recipe) % 7 / 10, "psnr": 40.0 - 6 * parts, "ssim": 0.9,

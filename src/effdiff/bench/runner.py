@@ -430,12 +430,15 @@ def run_bench(
     on_start: Callable[[str], None] | None = None,
     store: str | None = None,
     ray_address: str | None = None,
+    until: Callable[[str, str, dict[str, Any]], bool] | None = None,
 ) -> str:
     """Benchmark ``recipes`` on ``models``; returns the run id (results in ``out_dir/results.sqlite``, or in
     ``store``, a database URL or file). ``ray_address``: measure on Ray ("local" starts one on this machine).
 
     Everything is validated (arguments, output folder, model names) before a run is registered;
     ``on_start`` hears the run id as soon as it exists, so an interrupted caller can say what to resume.
+    ``until(model, recipe, metrics)``: after each stored row; True ends the run there, complete (``effdiff tune``
+    confirms its candidates fastest first and stops at the first that meets its targets). Not with Ray.
     A run that fails before storing a row is deleted; otherwise it is left interrupted or failed.
     """
     config = make_config(models, recipes, samples, steps, guidance, seeds, quick, timing_batch, reps)
@@ -462,7 +465,9 @@ def run_bench(
 
                 run_on_ray(config, store, run_id, out_dir, ray_address, progress=progress)
             else:
-                _run_models(config, store, run_id, out_dir, loader, accelerate_fn, judges, progress)
+                _run_models(config, store, run_id, out_dir, loader, accelerate_fn, judges, progress, until)
+        except _Enough:
+            pass  # ``until`` was satisfied: the recipes after it were not needed
         except KeyboardInterrupt:
             store.set_state(run_id, "interrupted")
             raise
@@ -474,8 +479,12 @@ def run_bench(
     return run_id
 
 
+class _Enough(Exception):
+    """Raised after a stored row that ``until`` accepted: the run ends there."""
+
+
 def _run_models(config: BenchConfig, store: ResultsStore, run_id: str, out_dir: Path, loader, accelerate_fn,
-                judges: _Judges, progress: bool) -> None:
+                judges: _Judges, progress: bool, until: Callable[[str, str, dict[str, Any]], bool] | None) -> None:
     done = store.finished(run_id)
     todo = [(m, r) for m in config.models for r in config.recipes if (m, r) not in done]
     with _progress(progress) as bar:
@@ -484,7 +493,10 @@ def _run_models(config: BenchConfig, store: ResultsStore, run_id: str, out_dir: 
         for model in config.models:
             recipes_left = [r for m, r in todo if m == model]
             if recipes_left:
-                _bench_model(model, recipes_left, config, loader, accelerate_fn, row_writer(store, run_id, model),
+                write = row_writer(store, run_id, model)
+                if until is not None:
+                    write = _stopping(write, model, until)
+                _bench_model(model, recipes_left, config, loader, accelerate_fn, write,
                              stored_baseline_latency(store, run_id, model), image_dir(out_dir, run_id, model), judges,
                              lambda name: bar.update(task, description=name), lambda: bar.advance(task))
 
@@ -495,6 +507,16 @@ Write = Callable[[str, str, dict[str, Any], Environment], None]  # (recipe, metr
 def row_writer(store: ResultsStore, run_id: str, model: str) -> Write:
     """A ``Write`` that commits each row of ``model`` to ``store`` at once."""
     return lambda recipe, metric_set, metrics, env: store.write(run_id, model, recipe, metric_set, metrics, env)
+
+
+def _stopping(write: Write, model: str, until: Callable[[str, str, dict[str, Any]], bool]) -> Write:
+    """``write``, then end the run (``_Enough``) when ``until`` accepts the row just stored."""
+    def write_then_check(recipe: str, metric_set: str, metrics: dict[str, Any], env: Environment) -> None:
+        write(recipe, metric_set, metrics, env)
+        if until(model, recipe, metrics):
+            raise _Enough
+
+    return write_then_check
 
 
 def stored_baseline_latency(store: ResultsStore, run_id: str, model: str) -> float | None:

@@ -49,20 +49,21 @@ class ProxyJudge:
         digits = torch.as_tensor(self.caller.digits)
         return float((predict_digits(images, self._classifier) == digits).float().mean())
 
-    def measure(self, recipe: str) -> dict[str, Any]:
-        """Speed-up (paired timing), FLOPs ratio, NFE, PSNR/SSIM vs the baseline and accuracy of ``recipe``.
+    def measure(self, recipe: str, timed: bool = True) -> dict[str, Any]:
+        """Speed-up (paired timing; skipped when not ``timed``), FLOPs ratio, PSNR/SSIM vs the baseline and
+        accuracy of ``recipe``.
 
         Raises RecipeError when a method refuses this pipeline (a missing checkpoint, a kernel the CPU lacks).
         """
         switch = RecipeSwitch(self.pipe, recipe, self.accelerate_fn)
-        cost = measure_cost(self.pipe, self.caller, switch, self.config, self.device)
+        cost = measure_cost(self.pipe, self.caller, switch, self.config, self.device) if timed else {}
         images, flops = quality_samples(self.caller, switch, self.config) if recipe else (
             self.baseline, self.baseline_flops)
         quality = fidelity(images, self.baseline)
         return {
-            "speedup": cost["speedup"], "flops_ratio": self.baseline_flops / flops if flops else float("nan"),
-            "nfe": cost["nfe"], "time_per_image_s": cost["time_per_image_s"],
-            "baseline_time_per_image_s": cost["baseline_time_per_image_s"], "labels": cost["labels"],
+            "speedup": cost.get("speedup"), "flops_ratio": self.baseline_flops / flops if flops else float("nan"),
+            "nfe": cost.get("nfe"), "time_per_image_s": cost.get("time_per_image_s"),
+            "baseline_time_per_image_s": cost.get("baseline_time_per_image_s"), "labels": cost.get("labels", []),
             "psnr": min(quality["psnr"], 100.0), "ssim": quality["ssim"],
             "prompt_accuracy": self._accuracy(images), "baseline_prompt_accuracy": self.baseline_accuracy,
         }

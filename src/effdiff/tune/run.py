@@ -41,11 +41,12 @@ class TuneSettings:
     trials: int | None = None  # a cap on the study's trials (over every resume); the budget still applies
     proxy_samples: int = 8
     confirm_samples: int = 1000
-    confirm_top: int = 4
+    confirm_top: int = 8
     steps: int = 50
     guidance: float = 4.0
     timing_batch: int = 2
     sampler: str = "tpe"
+    speed: str = "time"  # the search's speed objective: "time" (paired wall clock) or "flops" (denoiser FLOPs ratio)
     seed: int = 0
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -65,8 +66,8 @@ class TuneSettings:
         if self.study:
             return self.study
         keyed = {k: getattr(self, k) for k in ("model", "targets", "proxy_samples", "steps", "guidance",
-                                               "timing_batch", "sampler", "seed", "include", "exclude", "calibrate",
-                                               "device")}
+                                               "timing_batch", "sampler", "speed", "seed", "include", "exclude",
+                                               "calibrate", "device")}
         digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=list).encode()).hexdigest()[:8]
         return f"{self.model.replace('/', '--')}-{digest}"
 
@@ -119,14 +120,15 @@ def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, acc
     candidates = [c for c in front(study) if c["speedup"] > 1.0]  # a stack no faster than the baseline is no answer
     if not candidates:
         raise TuneError(_no_front_message(study, goals))
-    chosen = spread(candidates, settings.confirm_top)
+    chosen = candidates[: settings.confirm_top]
     log("proxy front (fastest first): " + "; ".join(f"{c['recipe']} {c['speedup']:.2f}x {c['psnr']:.1f} dB"
                                                      for c in candidates))
     start = time.perf_counter()
     if speed_only:
-        run_id, rows, baseline = None, _confirm_by_proxy(pipe, chosen, settings, accelerate_fn), {"psnr": 100.0}
+        run_id, baseline = None, {"psnr": 100.0, "ssim": 1.0}
+        rows = _confirm_by_proxy(pipe, chosen, settings, accelerate_fn, goals, baseline)
     else:
-        run_id, rows, baseline = _confirm_by_bench(pipe, chosen, settings, study, accelerate_fn)
+        run_id, rows, baseline = _confirm_by_bench(pipe, chosen, settings, study, accelerate_fn, goals)
     confirm_seconds = time.perf_counter() - start
     best = _choose(rows, baseline, goals)
     if best is None:
@@ -176,23 +178,13 @@ def _search(pipe: Any, settings: TuneSettings, goals: list[Goal], accelerate_fn:
     if remaining > 0 and (left is None or left > 0):
         judge = ProxyJudge(pipe, settings.proxy_samples, settings.steps, settings.guidance, settings.timing_batch,
                            accelerate_fn=accelerate_fn)
-        study.optimize(Objective(judge, space, goals, settings.steps, log), n_trials=left, timeout=remaining,
+        objective = Objective(judge, space, goals, settings.steps, log, settings.speed)
+        study.optimize(objective, n_trials=left, timeout=remaining,
                        gc_after_trial=False, catch=(Exception,))
     crashed = sorted({t.user_attrs["recipe"] for t in study.get_trials(deepcopy=False) if "error" in t.user_attrs})
     if crashed:
         log(f"{len(crashed)} stacks crashed (kept in the study with their errors): {'; '.join(crashed)}")
     return study
-
-
-def spread(front: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """``count`` stacks of the proxy front (fastest first), evenly spaced along it with its fastest and its most
-    faithful end included: the proxies rank PSNR, not FID, so the fastest few alone could all miss a FID target."""
-    if len(front) <= count:
-        return list(front)
-    if count == 1:
-        return front[:1]
-    picks = sorted({round(i * (len(front) - 1) / (count - 1)) for i in range(count)})
-    return [front[i] for i in picks]
 
 
 def _calibrate(pipe: Any, settings: TuneSettings, goals: list[Goal], log: Callable[[str], None]) -> None:
@@ -218,8 +210,10 @@ def _hand_written() -> list[str]:
 
 
 def _confirm_by_bench(pipe: Any, chosen: list[dict[str, Any]], settings: TuneSettings, study: Any,
-                      accelerate_fn: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
-    """The candidates through ``effdiff bench`` on many samples (resuming this study's earlier confirmation)."""
+                      accelerate_fn: Any, goals: list[Goal]) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+    """The candidates through ``effdiff bench`` on many samples, fastest first, until one meets every goal: the
+    fast ones cost least to confirm, and the first that passes is the answer, so the slower ones are never
+    generated. Resumes this study's earlier confirmation."""
     from effdiff.bench.runner import run_bench
     from effdiff.bench.store import ResultsStore
 
@@ -230,19 +224,28 @@ def _confirm_by_bench(pipe: Any, chosen: list[dict[str, Any]], settings: TuneSet
     def remember(run_id: str) -> None:
         study.set_user_attr("confirm", {"run_id": run_id, "recipes": recipes})
 
+    baseline: dict[str, Any] = {}
+
+    def enough(_model: str, recipe: str, metrics: dict[str, Any]) -> bool:
+        if not recipe:
+            baseline.update(metrics, psnr=100.0, ssim=1.0)
+            return False
+        return _choose([{"recipe": recipe, "metrics": metrics}], baseline, goals) is not None
+
     run_id = run_bench([settings.model], recipes, samples=settings.confirm_samples, steps=settings.steps,
                        guidance=settings.guidance, out_dir=settings.out_dir, resume_run_id=resume,
                        loader=lambda _name: pipe, accelerate_fn=accelerate_fn, on_start=remember,
-                       progress=False)
+                       progress=False, until=enough)
     with ResultsStore(Path(settings.out_dir) / "results.sqlite") as store:
         rows = store.rows(run_id)
     baseline = next(r["metrics"] for r in rows if not r["recipe"])
     return run_id, [r for r in rows if r["recipe"]], {**baseline, "psnr": 100.0, "ssim": 1.0}
 
 
-def _confirm_by_proxy(pipe: Any, chosen: list[dict[str, Any]], settings: TuneSettings,
-                      accelerate_fn: Any) -> list[dict[str, Any]]:
-    """A speed-only twin has no FID: PSNR/SSIM against its own baseline on fresh seeds, many samples."""
+def _confirm_by_proxy(pipe: Any, chosen: list[dict[str, Any]], settings: TuneSettings, accelerate_fn: Any,
+                      goals: list[Goal], baseline: dict[str, Any]) -> list[dict[str, Any]]:
+    """A speed-only twin has no FID: PSNR/SSIM against its own baseline on fresh seeds, many samples, fastest
+    candidate first, until one meets every goal."""
     from effdiff.tune.proxy import ProxyJudge
 
     judge = ProxyJudge(pipe, settings.confirm_samples, settings.steps, settings.guidance, settings.timing_batch,
@@ -253,6 +256,8 @@ def _confirm_by_proxy(pipe: Any, chosen: list[dict[str, Any]], settings: TuneSet
             rows.append({"recipe": candidate["recipe"], "metrics": judge.measure(candidate["recipe"])})
         except RecipeError as refusal:
             rows.append({"recipe": candidate["recipe"], "metrics": {"labels": ["refused"], "refused": str(refusal)}})
+        if _choose(rows[-1:], baseline, goals) is not None:
+            break
     return rows
 
 

@@ -5,10 +5,11 @@ method's knobs exist only when the method is chosen) and constraints, and its RD
 shareable record of a search — SQLite by default (every finished trial is committed, so a killed search loses
 only the trial it was in), a database URL to let several machines fill one study.
 
-Objectives: the paired wall-clock speed-up and the PSNR against the baseline's images on the proxy samples, both
-maximised. Targets that proxies can measure (PSNR, SSIM, accuracy) are Optuna constraints; FID/KID are left to the
-confirmation on many samples (``tune/run.py``). The hand-written stacks of the bench are enqueued first, so the
-search starts from what a person would write and can only add to it.
+Objectives: the paired wall-clock speed-up (or, with ``speed="flops"``, the ratio of the denoiser's FLOPs: free of
+timing noise and machine-independent, blind to overheads) and the PSNR against the baseline's images on the proxy
+samples, both maximised. Targets that proxies can measure (PSNR, SSIM, accuracy) are Optuna constraints;
+FID/KID are left to the confirmation on many samples (``tune/run.py``). The hand-written stacks of the bench are
+enqueued first, so the search starts from what a person would write and can only add to it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from effdiff.tune.space import NONE, is_range, searched, suggest
 from effdiff.tune.targets import Goal
 
 PROXY_METRICS = ("psnr", "ssim", "prompt_accuracy")  # what a handful of samples can check; FID needs many
+SPEEDS = {"time": "speedup", "flops": "flops_ratio"}  # --speed -> the proxy metric the search maximises
 
 
 def storage_url(location: str) -> str:
@@ -139,8 +141,11 @@ class Objective:
     """One trial: suggest a stack, refuse it before compute if the registry does, else measure it by proxy."""
 
     def __init__(self, judge: ProxyJudge, space: dict[str, list[str]], goals: Sequence[Goal], max_steps: int,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, speed: str = "time") -> None:
+        if speed not in SPEEDS:
+            raise ValueError(f"--speed must be one of {', '.join(SPEEDS)}, got {speed!r}")
         self.judge, self.space, self.goals, self.max_steps, self.log = judge, space, goals, max_steps, log
+        self.speed = SPEEDS[speed]
         self.measured: dict[str, dict[str, Any]] = {}  # recipe -> metrics, within this process
 
     def __call__(self, trial: Any) -> tuple[float, float]:
@@ -155,9 +160,10 @@ class Objective:
         if metrics is None:
             start = time.perf_counter()
             try:
-                metrics = self.judge.measure(recipe)
+                timed = self.speed == "speedup"
+                metrics = self.judge.measure(recipe, timed)
                 if "loaded" in metrics["labels"]:  # another process took a core while timing: measure again
-                    metrics = self.judge.measure(recipe)
+                    metrics = self.judge.measure(recipe, timed)
             except RecipeError as refusal:
                 return self._refused(trial, recipe, refusal)
             except Exception as crash:  # a stack that breaks is a finding: recorded, shown, and the search goes on
@@ -173,9 +179,9 @@ class Objective:
         violations = proxy_violations(self.goals, metrics)
         trial.set_user_attr("constraints", violations)
         feasible = all(v <= 0 for v in violations)
-        self.log(f"  trial {trial.number:>3}: {recipe or 'baseline':<58} {metrics['speedup']:5.2f}x  "
+        self.log(f"  trial {trial.number:>3}: {recipe:<58} {metrics[self.speed]:5.2f}x  "
                  f"PSNR {metrics['psnr']:6.2f} dB{'' if feasible else '  (misses a target)'}")
-        return metrics["speedup"], metrics["psnr"]
+        return metrics[self.speed], metrics["psnr"]
 
     def _refused(self, trial: Any, recipe: str, refusal: Exception) -> Any:
         """A stack the registry or a method refused: a failed trial with its reason. Failed, not pruned: Optuna's
@@ -190,7 +196,7 @@ def _stored_metrics(study: Any, recipe: str) -> dict[str, Any] | None:
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if trial.user_attrs.get("recipe") == recipe and "speedup" in trial.user_attrs:
+        if trial.user_attrs.get("recipe") == recipe and "psnr" in trial.user_attrs:
             return {k: v for k, v in trial.user_attrs.items() if k not in ("recipe", "constraints", "repeat")}
     return None
 
