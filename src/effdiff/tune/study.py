@@ -14,7 +14,7 @@ enqueued first, so the search starts from what a person would write and can only
 
 from __future__ import annotations
 
-import os
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,14 +44,15 @@ def storage_url(location: str) -> str:
 
 def open_study(name: str, storage: str, sampler: str = "tpe", seed: int = 0, goals: Sequence[Goal] = ()) -> Any:
     """Create or load the study ``name``; the sampler is seeded past the trials already stored, so a resumed
-    search does not repeat its first suggestions, and, in a database several machines share, by process too, so
+    search does not repeat its first suggestions, and, in a database several machines share, at random, so
     two searchers starting together do not suggest the same stacks."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial; a crash is logged by Objective
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # multivariate TPE, constraints
     rdb = _storage(storage_url(storage))
-    offset = _stored_trials(rdb, name) + (0 if rdb.url.startswith("sqlite") else os.getpid())
+    shared = not rdb.url.startswith("sqlite")  # pid plus trial count could coincide between two searchers: draw
+    offset = secrets.randbelow(2**31) if shared else _stored_trials(rdb, name)
     constraints = _constraints_of(goals)
     if sampler == "nsga2":
         chosen = optuna.samplers.NSGAIISampler(seed=seed + offset, constraints_func=constraints)
