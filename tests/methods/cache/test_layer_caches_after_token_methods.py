@@ -1,7 +1,7 @@
-"""A layer cache stacked after a token method whose token count changes over the steps (AT-EDM prunes nothing
-in its early steps, then ``ratio``): a kept output of another count is recomputed, never served — the stack
-``effdiff tune`` found crashing (``fora+atedm``, ``taylorseer+atedm``, ``toca+atedm``) runs, and each cache still
-reuses work once the count settles."""
+"""A cache stacked after a token method whose token count changes over the steps (AT-EDM prunes nothing in its
+early steps, then ``ratio``): a kept output of another count is recomputed, never served — the stacks ``effdiff
+tune`` found crashing (layer caches ``fora``, ``taylorseer``, ``toca``; segment caches ``deltadit``,
+``taylorseer-blocks`` on a DiT) run, and each cache still reuses work once the count settles."""
 
 import pytest
 import torch
@@ -24,3 +24,12 @@ def test_a_layer_cache_runs_after_a_pruning_schedule(kind, cache):
         assert "merged or pruned by an earlier method" in method.describe()
     else:
         assert method.stats.cached > 0  # still serving from cache where the count held
+
+
+@pytest.mark.parametrize("cache", ["deltadit:interval=2", "taylorseer-blocks:interval=3,warmup=1",
+                                   "fbcache:threshold=0.5"])
+def test_a_segment_cache_runs_after_a_pruning_schedule(cache):
+    pipe = make_tiny("dit")
+    accelerate(pipe, f"{cache}+atedm:ratio=0.5,early=0.5,span=2")
+    assert torch.isfinite(sample(pipe, steps=STEPS)).all()
+    assert next(m for m in pipe.effdiff.methods if m.family == "cache").stats.cached > 0

@@ -102,7 +102,9 @@ class SegmentCache(CacheMethod):
                     fwd["front_out"] = ref.hidden_out(out)
                 return out
             if i == lo:
-                fwd["entry"] = ref.streams_in(args, kwargs)
+                fwd["entry"] = entry = ref.streams_in(args, kwargs)
+                if state.setdefault("entry_shapes", shapes(entry)) != shapes(entry):
+                    restart(state, shapes(entry))
                 fwd["skip"] = self.skip(state, self._ctx, fwd) and "feature" in state
                 self.count(fwd["skip"])
             if not fwd["skip"]:
@@ -120,3 +122,17 @@ class SegmentCache(CacheMethod):
             return ref.pack(fwd["entry"] + estimate if state["residual"] else estimate)
 
         return forward
+
+
+def shapes(streams: Any) -> tuple[tuple[int, ...] | None, ...]:
+    """The shapes of a block's input streams (None for an absent text stream)."""
+    return tuple(None if t is None else tuple(t.shape) for t in streams)
+
+
+def restart(state: dict[str, Any], entry_shapes: tuple[tuple[int, ...] | None, ...]) -> None:
+    """Forget every kept feature and change statistic: a token method earlier in the recipe (AT-EDM prunes more
+    after its early steps) changed the segment's token count, and history of another shape cannot be served or
+    compared with. The segment carries on as at its first step."""
+    for key in [k for k in state if k not in ("span", "fwd")]:
+        del state[key]
+    state["outputs"], state["entry_shapes"] = {}, entry_shapes
