@@ -9,7 +9,6 @@ Core, not ``tune/``: ``recipe.parse`` reads them, and the core never imports wha
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,10 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 def tuned_dir() -> Path:
-    root = os.environ.get("EFFDIFF_CACHE_DIR") or Path.home() / ".cache" / "effdiff"
-    return Path(root) / "tuned"
+    """Beside the user's AYS schedules and TeaCache calibrations: the one place effdiff keeps what it derived."""
+    from effdiff.methods.solvers.schedule import cache_path
+
+    return cache_path().parent / "tuned"
 
 
 def check_name(name: str) -> str:
