@@ -104,8 +104,7 @@ def proxy_violations(goals: Sequence[Goal], metrics: dict[str, Any]) -> list[flo
         if value is None:  # accuracy of a speed-only twin: nothing to hold against
             out.append(0.0)
             continue
-        out.append(-goal.margin(value, metrics.get(f"baseline_{goal.metric}", 100.0 if goal.metric == "psnr"
-                                                   else 1.0)))
+        out.append(-goal.margin(value, metrics.get(f"baseline_{goal.metric}")))  # only accuracy is ever relative
     return out or [0.0]
 
 
@@ -123,12 +122,9 @@ def params_of(recipe: str, space: dict[str, list[str]], max_steps: int) -> dict[
             return None
         params[f"slot:{slot}"] = method.name
         for key, param in searched(all_methods()[method.name]).items():
-            value = method.values[key]
-            numeric = is_range(param)
-            search = (param.search[0], min(param.search[1], max_steps)) if numeric and key == "steps" else param.search
-            if numeric and not search[0] <= value <= search[1] or not numeric and value not in search:
-                return None
-            if key == "steps" and value > max_steps:
+            value, search = method.values[key], param.search or ()
+            outside = not search[0] <= value <= search[1] if is_range(param) else value not in search
+            if outside or key == "steps" and value > max_steps:
                 return None
             params[f"{method.name}.{key}"] = value
     return params
