@@ -31,7 +31,14 @@ from effdiff.methods.cache.base import CacheMethod, Forward, refuse
 
 
 class SegmentCache(CacheMethod):
-    """Base of FBCache, TaylorSeer and Δ-DiT: subclasses choose the segment and when/what to estimate."""
+    """Base of FBCache, TaylorSeer and Δ-DiT: subclasses choose the segment and when/what to estimate.
+
+    Applied after token methods, whatever the written order: a skipped segment then bypasses their block
+    patches as a whole. Inside them it would not: AT-EDM's span (prune in its first block, recover in its
+    last) would see blocks that returned their input unchanged and no ranking, and hand the model's last
+    block a pruned token set (found by ``effdiff tune``: ``fbcache+atedm`` failed, ``atedm+fbcache`` ran)."""
+
+    after = ("solver", "tokens")
 
     def setup(self, pipe: Any) -> None:
         self.refs = self.adapter.blocks()
