@@ -64,11 +64,11 @@ def tiny_unet() -> UNet2DConditionModel:
     ).eval()
 
 
-def tiny_pixart(num_layers: int = 2) -> PixArtTransformer2DModel:
+def tiny_pixart(num_layers: int = 2, heads: int = 2) -> PixArtTransformer2DModel:
     _seeded()
     return PixArtTransformer2DModel(
-        sample_size=8, in_channels=1, out_channels=1, patch_size=2, num_layers=num_layers, num_attention_heads=2,
-        attention_head_dim=4, cross_attention_dim=8, caption_channels=TEXT_DIM,
+        sample_size=8, in_channels=1, out_channels=1, patch_size=2, num_layers=num_layers, num_attention_heads=heads,
+        attention_head_dim=4, cross_attention_dim=4 * heads, caption_channels=TEXT_DIM,
         norm_type="ada_norm_single", num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6,
         use_additional_conditions=False,
     ).eval()
@@ -88,9 +88,9 @@ def make_tiny_sd() -> TinySDPipeline:
     return _finish(TinySDPipeline(tiny_unet(), tiny_scheduler(), TinyTextEncoder(), HashTokenizer()))
 
 
-def make_tiny_dit(num_layers: int = 2) -> TinyDiTPipeline:
+def make_tiny_dit(num_layers: int = 2, heads: int = 2) -> TinyDiTPipeline:
     _seeded(1)
-    return _finish(TinyDiTPipeline(tiny_pixart(num_layers), tiny_scheduler(), TinyTextEncoder(), HashTokenizer()))
+    return _finish(TinyDiTPipeline(tiny_pixart(num_layers, heads), tiny_scheduler(), TinyTextEncoder(), HashTokenizer()))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _ranks import on_two_ranks
+from _ranks import on_ranks
 from _stock import build, generate
 from conftest import denoiser, make_tiny_dit, make_tiny_sd, sample
 from torch import nn
@@ -88,7 +88,7 @@ def _both_models() -> dict:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    return on_two_ranks(_both_models, tmp_path_factory.mktemp("distrifusion"))
+    return on_ranks(_both_models, tmp_path_factory.mktemp("distrifusion"))
 
 
 @pytest.mark.parametrize("kind", ["sd", "dit"])

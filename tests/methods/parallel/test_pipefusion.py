@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _ranks import on_two_ranks
+from _ranks import on_ranks
 from conftest import make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
@@ -49,7 +49,7 @@ def _runs() -> dict:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    return on_two_ranks(_runs, tmp_path_factory.mktemp("pipefusion"))
+    return on_ranks(_runs, tmp_path_factory.mktemp("pipefusion"))
 
 
 def test_one_patch_is_the_single_process_image_bit_for_bit(ranks):

@@ -11,8 +11,10 @@ from effdiff.methods.parallel.base import ParallelMethod
 from effdiff.methods.parallel.cfg import DISTRIFUSION, gathered, with_sample
 from effdiff.methods.parallel.exchange import Exchange
 from effdiff.methods.parallel.patch_layers import (
+    all_tokens,
     conv_with_halo,
     group_norm_over_patches,
+    own_tokens,
     unsplittable_conv,
     whole_sequence,
 )
@@ -66,8 +68,8 @@ class DistriFusion(ParallelMethod):
         if layout.split == "rows":
             self._split_rows(layout)
         else:
-            self.patches.forward(layout.entry, self._keep_own_tokens)
-            self.patches.forward(layout.exit, self._gather_tokens)
+            self.patches.forward(layout.entry, own_tokens(self.name, self.rank, self.world))
+            self.patches.forward(layout.exit, all_tokens(self.world))
         for name, attn in self.adapter.self_attentions():
             if getattr(attn, "fused_projections", False):
                 raise RecipeError(f"{self.name}: {name} has fused q/k/v projections; unfuse them first")
@@ -129,23 +131,6 @@ class DistriFusion(ParallelMethod):
             finally:
                 self.whole = None
             return with_sample(out, lambda part: gathered(part, self.world, dim=-2))
-
-        return forward
-
-    def _keep_own_tokens(self, inner: Any) -> Any:
-        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            tokens = inner(*args, **kwargs)
-            count = tokens.shape[1]
-            if count % self.world:
-                raise RecipeError(f"{self.name}: {count} tokens do not split between {self.world} ranks")
-            share = count // self.world
-            return tokens[:, self.rank * share:(self.rank + 1) * share]
-
-        return forward
-
-    def _gather_tokens(self, inner: Any) -> Any:
-        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            return gathered(inner(*args, **kwargs), self.world, dim=1)
 
         return forward
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effdiff.methods.parallel.cfg import gathered
 from effdiff.methods.parallel.exchange import Exchange
 from effdiff.registry import RecipeError
 
@@ -109,6 +110,35 @@ def whole_sequence(exchange: Exchange, mode: Mode) -> Callable[[Forward], Forwar
             if (current := mode()) == "none":
                 return out
             return torch.cat(exchange.parts(out, current == "sync"), dim=1)
+
+        return forward
+
+    return make
+
+
+def own_tokens(name: str, rank: int, world: int) -> Callable[[Forward], Forward]:
+    """A DiT's token-making layer (``PatchLayout.entry``) returning this rank's contiguous share of the sequence."""
+
+    def make(inner: Forward) -> Forward:
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            tokens = inner(*args, **kwargs)
+            count = tokens.shape[1]
+            if count % world:
+                raise RecipeError(f"{name}: {count} tokens do not split between {world} ranks")
+            share = count // world
+            return tokens[:, rank * share:(rank + 1) * share]
+
+        return forward
+
+    return make
+
+
+def all_tokens(world: int) -> Callable[[Forward], Forward]:
+    """A DiT's last block (``PatchLayout.exit``) returning every rank's tokens in rank order, the whole sequence."""
+
+    def make(inner: Forward) -> Forward:
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            return gathered(inner(*args, **kwargs), world, dim=1)
 
         return forward
 

@@ -1,0 +1,155 @@
+"""``seqparallel``: one image's token sequence split between ranks, attention made whole by Ulysses and ring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from effdiff.methods.parallel.base import ParallelMethod
+from effdiff.methods.parallel.patch_layers import all_tokens, own_tokens
+from effdiff.methods.parallel.sequence import Mesh, make_mesh, sequence_attention
+from effdiff.methods.tokens.atedm import plain_attention
+from effdiff.registry import Paper, Param, RecipeError
+
+USP = Paper("USP: A Unified Sequence Parallelism Approach for Long Context Generative AI", "2405.07719")
+ULYSSES = Paper("DeepSpeed Ulysses: System Optimizations for Enabling Training of Extreme Long Sequence Transformer "
+                "Models", "2309.14509")
+RING = Paper("Ring Attention with Blockwise Transformers for Near-Infinite Context", "2310.01889")
+
+
+class SequenceParallel(ParallelMethod):
+    """Sequence (context) parallelism: each of ``N`` ranks holds ``1/N`` of the image's tokens through every block;
+    everything per token (projections, feed-forward, cross-attention to the text) runs on its share alone, and
+    each self-attention is made whole over the ranks — **exact**, unlike DistriFusion's stale patches:
+
+    - **Ulysses** (DeepSpeed-Ulysses): an all-to-all turns "my tokens, every head" into "every token, my heads",
+      attention runs whole per head, a second all-to-all turns it back. Moves 4 × the local activations per
+      attention whatever the world size; heads need not divide by the ranks (the split is uneven, as diffusers'
+      "Ulysses anything").
+    - **Ring** (Ring Attention): keys and values travel round the ranks one chunk at a time, the next chunk
+      arriving while the current one is computed; partial results merge by their log-sum-exps. No head limit.
+    - ``ring=R`` with ``N = R × U``: USP's hybrid (Ulysses inside groups of ``U`` neighbouring ranks, rings across
+      them) — what xDiT runs.
+
+    Engine: on accelerators, a denoiser that diffusers gives a context-parallel plan (FLUX, Wan, QwenImage, LTX…)
+    runs on diffusers' own ``enable_parallelism(ContextParallelConfig(ring_degree, ulysses_degree))``
+    (``engine=auto``/``diffusers``); diffusers' context parallelism does not run on a CPU (it places ranks by
+    accelerator count) and has no plan for PixArt/DiT, so single-stream DiTs — and every run on a CPU — use effdiff's
+    own (``engine=effdiff``) over gloo or NCCL. xDiT (xfuser) does not install here.
+
+    Stacking: solvers, compressed/quantized/distilled models and fixed-schedule caches (``fora``, ``taylorseer``)
+    stack; caches that decide from the features and token methods would decide on each rank's share differently
+    (and the ranks' collectives would no longer pair up), so they are refused.
+
+    Papers: Fang & Zhao, "USP: A Unified Sequence Parallelism Approach for Long Context Generative AI",
+    arXiv 2405.07719; Jacobs et al., "DeepSpeed Ulysses", arXiv 2309.14509; Liu et al., "Ring Attention with
+    Blockwise Transformers for Near-Infinite Context", arXiv 2310.01889.
+    """
+
+    name = "seqparallel"
+    aliases = ("usp", "context-parallel")
+    paper = USP
+    also = (ULYSSES, RING)
+    summary = "one image's tokens split between ranks; attention whole by Ulysses all-to-all and/or ring: exact"
+    backbones = frozenset({"dit"})
+    streams = frozenset({"single", "joint"})
+    params = {
+        "ring": Param(int, 1, 1, 1024, help="ranks per ring (ring attention); the other factor of the world size "
+                                            "runs Ulysses (1 = Ulysses only, world size = ring only)"),
+        "engine": Param(str, "auto", choices=("auto", "effdiff", "diffusers"),
+                        help="auto: diffusers' context parallelism where it has a plan and an accelerator, "
+                             "else effdiff's"),
+    }
+    REFUSED = ("fbcache", "teacache", "l2c", "toca", "deltadit", "taylorseer-blocks")
+
+    def apply(self, pipe: Any, ctx: Any) -> None:
+        self.join_ranks()
+        if self.world % self["ring"]:
+            raise RecipeError(f"{self.name}: ring={self['ring']} does not divide the world size {self.world}")
+        beside = [m.name for m in self.recipe if m.name in self.REFUSED or m.family == "tokens"]
+        if beside:
+            raise RecipeError(f"{self.name}: {', '.join(beside)} decides from the features or changes the tokens, "
+                              "which each rank holds only its share of; use a fixed-schedule cache (fora, taylorseer)")
+        model = self.adapter.model
+        if self.engine(model) == "diffusers":
+            self._diffusers(model)
+        else:
+            self._effdiff(model)
+
+    def engine(self, model: nn.Module) -> str:
+        """Which implementation runs: diffusers' where asked or (``auto``) where it has a plan for the model and the
+        model is on an accelerator; effdiff's otherwise."""
+        planned = getattr(model, "_cp_plan", None) is not None
+        on_accelerator = self.adapter.device.type != "cpu"
+        if self["engine"] == "diffusers" and not (planned and on_accelerator):
+            why = ("is on the CPU, where diffusers' context parallelism does not run" if planned
+                   else "has no context-parallel plan in diffusers")
+            raise RecipeError(f"{self.name}: {type(model).__name__} {why}; use engine=effdiff")
+        wanted = self["engine"] == "diffusers" or (self["engine"] == "auto" and planned and on_accelerator)
+        return "diffusers" if wanted else "effdiff"
+
+    def _effdiff(self, model: nn.Module) -> None:
+        layout = self.adapter.patch_layout()
+        if layout is None or layout.split != "tokens":
+            raise RecipeError(f"{self.name}: effdiff's sequence split covers single-stream DiTs (PixArt, DiT); "
+                              f"{type(model).__name__} needs diffusers' context parallelism on a GPU (engine=diffusers)")
+        attentions = self.adapter.self_attentions()
+        for name, attn in attentions:
+            if not plain_attention(attn) or getattr(attn, "fused_projections", False):
+                raise RecipeError(f"{self.name}: {name} uses {type(attn.processor).__name__} or fused projections, "
+                                  "whose attention it does not reproduce; it needs a plain self-attention")
+        heads = min(attn.heads for _, attn in attentions)
+        self.mesh = make_mesh(self.world, self.rank, self["ring"])
+        if self.mesh.ulysses > heads:
+            raise RecipeError(f"{self.name}: Ulysses over {self.mesh.ulysses} ranks needs at least as many heads "
+                              f"({heads} here); use ring={self.world}")
+        self.patches.forward(layout.entry, own_tokens(self.name, self.rank, self.world))
+        self.patches.forward(layout.exit, all_tokens(self.world))
+        for _, attn in attentions:
+            self.patches.forward(attn, self._attention(attn))
+
+    def _attention(self, attn: nn.Module) -> Any:
+        mesh: Mesh = self.mesh
+
+        def make(inner: Any) -> Any:
+            def forward(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                        attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+                if encoder_hidden_states is not None or attention_mask is not None or kwargs:
+                    raise RecipeError(f"{self.name}: a self-attention called with text, a mask or extra arguments "
+                                      "is not split by sequence")
+                batch, tokens, _ = hidden_states.shape
+                q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+                dim = q.shape[-1] // attn.heads
+                q, k, v = (t.view(batch, tokens, attn.heads, dim).transpose(1, 2) for t in (q, k, v))
+                if attn.norm_q is not None:
+                    q = attn.norm_q(q)
+                if attn.norm_k is not None:
+                    k = attn.norm_k(k)
+                out = sequence_attention(q, k, v, attn.scale, mesh)
+                out = out.transpose(1, 2).reshape(batch, tokens, attn.heads * dim).to(q.dtype)
+                return attn.to_out[1](attn.to_out[0](out))
+
+            return forward
+
+        return make
+
+    def _diffusers(self, model: nn.Module) -> None:
+        """diffusers' context parallelism, undone through the log: its split/gather hooks removed and the parallel
+        config it records on the model and on each attention processor cleared."""
+        from diffusers import ContextParallelConfig
+        from diffusers.hooks.context_parallel import remove_context_parallel
+
+        ring = self["ring"]
+        model.enable_parallelism(config=ContextParallelConfig(ring_degree=ring, ulysses_degree=self.world // ring))
+        processors = [m.processor for m in model.modules() if hasattr(getattr(m, "processor", None),
+                                                                      "_parallel_config")]
+
+        def undo() -> None:
+            remove_context_parallel(model, model._cp_plan)
+            model._parallel_config = None
+            for processor in processors:
+                processor._parallel_config = None
+
+        self.patches.call(undo)

@@ -1,0 +1,138 @@
+"""Sequence-parallel attention over ranks: Ulysses (heads exchanged all-to-all) and ring (keys and values passed
+around), and their hybrid — the attention of a token sequence split between ranks, exact up to float rounding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@dataclass
+class Mesh:
+    """This rank's place on a ``ring × ulysses`` grid of the world's ranks (rank = ring index × ulysses + ulysses
+    index, as USP lays them out: the all-to-all groups are neighbours, which on a multi-GPU node share the fastest
+    links). ``ulysses_group`` / ``ring_group``: the process groups of this rank's row and column (None for a size
+    of 1, or the default group when it spans the world)."""
+
+    ring: int
+    ulysses: int
+    rank: int
+    ulysses_group: dist.ProcessGroup | None
+    ring_group: dist.ProcessGroup | None
+
+    @property
+    def ulysses_index(self) -> int:
+        return self.rank % self.ulysses
+
+    @property
+    def ring_index(self) -> int:
+        return self.rank // self.ulysses
+
+
+def make_mesh(world: int, rank: int, ring: int) -> Mesh:
+    """The ``ring × (world / ring)`` grid. Every rank creates every group (``new_group`` is collective)."""
+    ulysses = world // ring
+    rows = [list(range(r * ulysses, (r + 1) * ulysses)) for r in range(ring)]
+    columns = [list(range(u, world, ulysses)) for u in range(ulysses)]
+    ulysses_group = ring_group = None
+    for members in rows if 1 < ulysses < world else []:
+        group = dist.new_group(members)
+        ulysses_group = group if rank in members else ulysses_group
+    for members in columns if 1 < ring < world else []:
+        group = dist.new_group(members)
+        ring_group = group if rank in members else ring_group
+    world_group = dist.group.WORLD
+    return Mesh(ring, ulysses, rank, world_group if ulysses == world else ulysses_group,
+                world_group if ring == world else ring_group)
+
+
+def head_counts(heads: int, ranks: int) -> list[int]:
+    """Heads per rank of a Ulysses group: as even as it goes, the first ranks taking one more when ``ranks`` does
+    not divide ``heads`` (DeepSpeed-Ulysses needs it to divide; an uneven all-to-all does not)."""
+    return [heads // ranks + (i < heads % ranks) for i in range(ranks)]
+
+
+def heads_to_ranks(qkv: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """Ulysses' first all-to-all: (S, B, H, n, D) with this rank's ``n`` tokens of every head → (S, B, h, u·n, D)
+    with the Ulysses group's ``u·n`` tokens of this rank's ``h`` heads (``S`` stacks q, k, v so one exchange moves
+    all three)."""
+    stacks, batch, heads, tokens, dim = qkv.shape
+    counts = head_counts(heads, mesh.ulysses)
+    own = counts[mesh.ulysses_index]
+    send = torch.cat([part.reshape(-1) for part in qkv.split(counts, dim=2)])
+    received = torch.empty(mesh.ulysses * stacks * batch * own * tokens * dim, dtype=qkv.dtype, device=qkv.device)
+    dist.all_to_all_single(received, send, [stacks * batch * own * tokens * dim] * mesh.ulysses,
+                           [stacks * batch * c * tokens * dim for c in counts], group=mesh.ulysses_group)
+    parts = received.view(mesh.ulysses, stacks, batch, own, tokens, dim)
+    return torch.cat(list(parts), dim=3)
+
+
+def ranks_to_heads(out: torch.Tensor, heads: int, mesh: Mesh) -> torch.Tensor:
+    """Ulysses' second all-to-all, the inverse: (B, h, u·n, D) of this rank's heads → (B, H, n, D) of its tokens."""
+    batch, own, tokens, dim = out.shape
+    share = tokens // mesh.ulysses
+    counts = head_counts(heads, mesh.ulysses)
+    send = torch.cat([part.reshape(-1) for part in out.split(share, dim=2)])
+    received = torch.empty(batch * heads * share * dim, dtype=out.dtype, device=out.device)
+    dist.all_to_all_single(received, send, [batch * c * share * dim for c in counts],
+                           [batch * own * share * dim] * mesh.ulysses, group=mesh.ulysses_group)
+    parts = received.split([batch * c * share * dim for c in counts])
+    return torch.cat([p.view(batch, c, share, dim) for p, c in zip(parts, counts, strict=True)], dim=1)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``q`` on one chunk of keys, and each query's log-sum-exp over that chunk (B, H, n, 1):
+    what ring attention needs to merge the chunks' partial results exactly. Written out (scores materialised per
+    chunk) so it runs on every device and dtype; the chunk is ``1/ring`` of the sequence."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.matmul(torch.exp(scores - lse).to(v.dtype), v).float(), lse
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mesh: Mesh) -> torch.Tensor:
+    """Ring attention: this rank's queries meet every ring member's keys and values one chunk at a time — the
+    chunk in hand is computed while the next arrives from the previous rank (asynchronous send/receive, so the
+    transfer hides behind the computation) — and the partial results are merged by their log-sum-exps, which
+    gives the whole-sequence softmax exactly (up to float rounding: each rank sums its chunks in its own order)."""
+    group = mesh.ring_group
+    ring_rank = mesh.ring_index
+    after = dist.get_global_rank(group, (ring_rank + 1) % mesh.ring)
+    before = dist.get_global_rank(group, (ring_rank - 1) % mesh.ring)
+    chunk = torch.stack([k, v]).contiguous()
+    out = lse = None
+    for step in range(mesh.ring):
+        requests = []
+        if step < mesh.ring - 1:
+            incoming = torch.empty_like(chunk)
+            requests = [dist.isend(chunk, after, group=group), dist.irecv(incoming, before, group=group)]
+        part, part_lse = attention_with_lse(q, chunk[0], chunk[1], scale)
+        if out is None or lse is None:
+            out, lse = part, part_lse
+        else:
+            merged = torch.logaddexp(lse, part_lse)
+            out = out * torch.exp(lse - merged) + part * torch.exp(part_lse - merged)
+            lse = merged
+        for request in requests:
+            request.wait()
+        if requests:
+            chunk = incoming
+    assert out is not None
+    return out.to(q.dtype)
+
+
+def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mesh: Mesh) -> torch.Tensor:
+    """Attention of this rank's queries (B, H, n, D) on the whole sequence's keys and values, each rank holding
+    ``n`` of the tokens: Ulysses' all-to-all to whole-sequence heads, ring attention across the Ulysses groups, and
+    the inverse all-to-all (USP's hybrid; either part alone when the other's size is 1)."""
+    heads = q.shape[1]
+    if mesh.ulysses > 1:
+        q, k, v = heads_to_ranks(torch.stack([q, k, v]), mesh)
+    if mesh.ring > 1:
+        out = ring_attention(q, k, v, scale, mesh)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return ranks_to_heads(out, heads, mesh) if mesh.ulysses > 1 else out
