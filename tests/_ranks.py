@@ -1,5 +1,5 @@
-"""Gloo ranks (two by default) spawned from a test: each joins the process group, runs ``target()`` and saves what it returns;
-the test reads every rank's results."""
+"""Gloo ranks (two by default) spawned from a test: each joins the process group, runs ``target()`` and saves
+what it returns; the test reads every rank's results."""
 
 from __future__ import annotations
 

@@ -90,7 +90,8 @@ def make_tiny_sd() -> TinySDPipeline:
 
 def make_tiny_dit(num_layers: int = 2, heads: int = 2) -> TinyDiTPipeline:
     _seeded(1)
-    return _finish(TinyDiTPipeline(tiny_pixart(num_layers, heads), tiny_scheduler(), TinyTextEncoder(), HashTokenizer()))
+    transformer = tiny_pixart(num_layers, heads)
+    return _finish(TinyDiTPipeline(transformer, tiny_scheduler(), TinyTextEncoder(), HashTokenizer()))
 
 
 @pytest.fixture

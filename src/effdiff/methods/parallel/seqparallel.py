@@ -94,7 +94,8 @@ class SequenceParallel(ParallelMethod):
         layout = self.adapter.patch_layout()
         if layout is None or layout.split != "tokens":
             raise RecipeError(f"{self.name}: effdiff's sequence split covers single-stream DiTs (PixArt, DiT); "
-                              f"{type(model).__name__} needs diffusers' context parallelism on a GPU (engine=diffusers)")
+                              f"{type(model).__name__} needs diffusers' context parallelism on a GPU "
+                              "(engine=diffusers)")
         attentions = self.adapter.self_attentions()
         for name, attn in attentions:
             if not plain_attention(attn) or getattr(attn, "fused_projections", False):
