@@ -95,3 +95,16 @@ def test_patch_methods_appear_only_where_the_model_splits(constants):
     assert "pipefusion" not in {r.method for r in estimates("sd15-arch", 512, 4, device, link, constants)}
     flux = [r.method for r in estimates("flux-dev-arch", 512, 4, device, link, constants)]
     assert flux == ["one device"]  # no CFG batch, no patch split for the joint blocks
+
+
+def test_sequence_parallel_rows_cost_what_their_collectives_move(constants):
+    device, link = resolve("a100", "nvlink")
+    rows = {r.method: r for r in estimates("pixart-alpha-arch", 1024, 8, device, link, constants)}
+    ulysses, ring = rows["seqparallel (Ulysses)"], rows["seqparallel:ring=8 (ring)"]
+    assert ulysses.compute_ms == ring.compute_ms == rows["distrifusion"].compute_ms  # the same 1/N of the work
+    assert ring.sent_mb == pytest.approx(4 * ulysses.sent_mb)  # 2·(N−1) shares vs 4·(N−1)/N with N = 8
+    assert ulysses.step_ms > ulysses.compute_ms  # all-to-alls are waited for
+    assert 1 < ulysses.speedup < 8 and 1 < ring.speedup < 8
+    pcie = {r.method: r for r in estimates("pixart-alpha-arch", 1024, 8, device, resolve("a100", "pcie4")[1],
+                                           constants)}
+    assert pcie["seqparallel (Ulysses)"].speedup < ulysses.speedup  # a slower link, a longer wait

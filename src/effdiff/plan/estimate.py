@@ -11,7 +11,13 @@
 - ``pipefusion`` (DiTs, N stages, M patches): each stage runs 1/N of the kernels once per patch on 1/M of the
   tokens (so M times the floors), the patches fill and drain the pipeline — a step takes M + N − 1 patch-times of a
   stage; a patch's activations go to the next stage while it computes the next patch; the first step is one patch
-  (N stages in turn, no speed-up); the output is broadcast. No keys or values cross the link.
+  (N stages in turn, no speed-up); the output is broadcast. No keys or values cross the link;
+- ``seqparallel`` (DiTs, N ranks; exact): each rank 1/N of every kernel's work as DistriFusion. Ulysses: per
+  self-attention two all-to-alls (q, k, v of the rank's tokens out, the attention output back: 4 × a rank's share
+  of one of them, of which (N − 1)/N leaves the rank), synchronous — nothing else can run while a layer waits for
+  its heads. Ring: per self-attention the keys and values go round the ring (N − 1 hops of the rank's share),
+  each hop hidden behind the attention of the chunk in hand — counted as overlapping the whole step, which is
+  optimistic where the attention is a small part of it. Both end with the output gathered.
 
 A ring all-gather of ``m`` bytes a rank costs ``(N − 1) × (m / bandwidth + latency)``. What the model leaves out:
 the kernels' slowdown while NCCL shares the SMs and memory, halo rows' extra convolution work, the text encoder
@@ -104,7 +110,31 @@ def estimates(model: str, px: int, ranks: int, device: Device, link: Link, const
             rows.append(Estimate(**{**asdict(split), "devices": ranks}))
     if ranks >= 2 and whole.split == "tokens":
         rows.append(pipefusion(whole, ranks, patches, device, link, constants, steps, baseline))
+        rows.extend(sequence_parallel(whole, ranks, device, link, constants, steps, baseline))
     return rows
+
+
+def sequence_parallel(whole: Trace, ranks: int, device: Device, link: Link, constants: Constants, steps: int,
+                      baseline: float) -> list[Estimate]:
+    """Ulysses' and ring attention's step loops (no warm-up: both are exact from the first step)."""
+    compute = call_seconds(whole.kernels, device, constants, share=ranks)
+    gather = all_gather_seconds([whole.output_bytes // ranks], ranks, link)
+    layers = len(whole.kv_bytes) // 2  # a key and a value projection per self-attention
+    share = sum(whole.kv_bytes) / 2 / ranks  # one of q / k / v / output, every layer, one rank's tokens
+    bandwidth, latency = link.gbps * 1e9, link.latency_us * 1e-6
+    ulysses_bytes = 4 * share * (ranks - 1) / ranks
+    ulysses = ulysses_bytes / bandwidth + 2 * layers * (ranks - 1) * latency
+    ring_bytes = 2 * share * (ranks - 1)
+    ring = ring_bytes / bandwidth + layers * (ranks - 1) * latency
+    out = []
+    for method, received, exchange, step, note in (
+            ("seqparallel (Ulysses)", ulysses_bytes, ulysses, compute + ulysses + gather,
+             "exact; synchronous all-to-alls"),
+            (f"seqparallel:ring={ranks} (ring)", ring_bytes, ring, max(compute, ring) + gather,
+             "exact; hops assumed hidden behind the computation")):
+        out.append(Estimate(method, ranks, compute * 1e3, received / 1e6, exchange * 1e3, step * 1e3, steps * step,
+                            baseline / (steps * step), note))
+    return out
 
 
 def pipefusion(whole: Trace, ranks: int, patches: int, device: Device, link: Link, constants: Constants,
