@@ -2,7 +2,8 @@
 two ranks (``distrifusion``, stale activations after the synchronous warm-up) against the same image made in one
 piece, and the naive patch split (``distrifusion:exchange=none``, no interaction between patches) beside it.
 ``--rows`` takes any parallel recipes instead (``pipefusion`` on tiny-dit: ``--models tiny-dit --rows pipefusion
-pipefusion:patches=4 --out benchmarks/results/parallel_quality_pipefusion.json``).
+pipefusion:patches=4 --out benchmarks/results/parallel_quality_pipefusion.json``; sequence parallelism: ``--rows
+seqparallel seqparallel:ring=2 --out benchmarks/results/parallel_quality_seqparallel.json``).
 
 The one-piece reference is made by the same two ranks, each making half of the images (data parallel), so its
 wall time is the honest alternative to splitting every image. PSNR per image against the reference (mean and
@@ -86,7 +87,8 @@ def main() -> None:
     if rank == 0:
         flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         result = {"command": "HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node=2 benchmarks/parallel_quality.py "
-                             f"--per-digit {args.per_digit} --steps {args.steps}",
+                             f"--per-digit {args.per_digit} --steps {args.steps} --models {' '.join(args.models)} "
+                             f"--rows {' '.join(args.rows)} --out {args.out}",
                   "ranks": world, "threads_per_rank": torch.get_num_threads(), "steps": args.steps,
                   "guidance": 4.0, "machine": platform.processor() or platform.machine(),
                   "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f" {f}" in flags],

@@ -111,6 +111,11 @@ class SequenceParallel(ParallelMethod):
         for _, attn in attentions:
             self.patches.forward(attn, self._attention(attn))
 
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes this rank has sent in its attentions' exchanges (effdiff's engine; measured communication)."""
+        return self.mesh.sent if hasattr(self, "mesh") else 0
+
     def _attention(self, attn: nn.Module) -> Any:
         mesh: Mesh = self.mesh
 

@@ -15,13 +15,15 @@ class Mesh:
     """This rank's place on a ``ring × ulysses`` grid of the world's ranks (rank = ring index × ulysses + ulysses
     index, as USP lays them out: the all-to-all groups are neighbours, which on a multi-GPU node share the fastest
     links). ``ulysses_group`` / ``ring_group``: the process groups of this rank's row and column (None for a size
-    of 1, or the default group when it spans the world)."""
+    of 1, or the default group when it spans the world). ``sent``: bytes this rank has sent to others (measured
+    communication, for the cost model)."""
 
     ring: int
     ulysses: int
     rank: int
     ulysses_group: dist.ProcessGroup | None
     ring_group: dist.ProcessGroup | None
+    sent: int = 0
 
     @property
     def ulysses_index(self) -> int:
@@ -63,6 +65,7 @@ def heads_to_ranks(qkv: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     counts = head_counts(heads, mesh.ulysses)
     own = counts[mesh.ulysses_index]
     send = torch.cat([part.reshape(-1) for part in qkv.split(counts, dim=2)])
+    mesh.sent += (send.numel() - stacks * batch * own * tokens * dim) * send.element_size()
     received = torch.empty(mesh.ulysses * stacks * batch * own * tokens * dim, dtype=qkv.dtype, device=qkv.device)
     dist.all_to_all_single(received, send, [stacks * batch * own * tokens * dim] * mesh.ulysses,
                            [stacks * batch * c * tokens * dim for c in counts], group=mesh.ulysses_group)
@@ -76,6 +79,7 @@ def ranks_to_heads(out: torch.Tensor, heads: int, mesh: Mesh) -> torch.Tensor:
     share = tokens // mesh.ulysses
     counts = head_counts(heads, mesh.ulysses)
     send = torch.cat([part.reshape(-1) for part in out.split(share, dim=2)])
+    mesh.sent += send.numel() * (mesh.ulysses - 1) // mesh.ulysses * send.element_size()
     received = torch.empty(batch * heads * share * dim, dtype=out.dtype, device=out.device)
     dist.all_to_all_single(received, send, [batch * c * share * dim for c in counts],
                            [batch * own * share * dim] * mesh.ulysses, group=mesh.ulysses_group)
@@ -109,6 +113,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         if step < mesh.ring - 1:
             incoming = torch.empty_like(chunk)
             requests = [dist.isend(chunk, after, group=group), dist.irecv(incoming, before, group=group)]
+            mesh.sent += chunk.numel() * chunk.element_size()
         part, part_lse = attention_with_lse(q, chunk[0], chunk[1], scale)
         if out is None or lse is None:
             out, lse = part, part_lse
