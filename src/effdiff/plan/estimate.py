@@ -104,9 +104,8 @@ def estimates(model: str, px: int, ranks: int, device: Device, link: Link, const
             half = traced(model, px, 1, dtype)
             group = ranks // 2
             compute = call_seconds(half.kernels, device, constants, share=group)
-            split = row("distrifusion + CFG batch split (paper)", group, compute, distrifusion_parts(half, group),
-                        half.output_bytes, "the paper's option; effdiff does not stack cfgparallel with "
-                        "distrifusion yet")
+            split = row("cfgparallel+distrifusion (paper)", group, compute, distrifusion_parts(half, group),
+                        half.output_bytes, "CFG halves on 2 groups, patches inside each (the paper's setup)")
             rows.append(Estimate(**{**asdict(split), "devices": ranks}))
     if ranks >= 2 and whole.split == "tokens":
         rows.append(pipefusion(whole, ranks, patches, device, link, constants, steps, baseline))

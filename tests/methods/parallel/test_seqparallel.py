@@ -60,6 +60,7 @@ def _two_ranks() -> dict:
         "ring": _refusal(make_tiny_dit, "seqparallel:ring=3"),
         "unet": _refusal(make_tiny_sd, "seqparallel"),
         "engine": _refusal(make_tiny_dit, "seqparallel:engine=diffusers"),
+        "branches": _refusal(make_tiny_dit, "cfgparallel+seqparallel"),
     }
     return results
 
@@ -112,6 +113,7 @@ def test_refusals_name_the_reason(ranks):
     assert "ring=3 does not divide the world size 2" in refused["ring"]
     assert "seqparallel supports dit backbones" in refused["unet"]
     assert "has no context-parallel plan in diffusers; use engine=effdiff" in refused["engine"]
+    assert "the 2 ranks must split into 2 CFG branches of 2 or more" in refused["branches"]
 
 
 def test_the_usp_hybrid_on_four_ranks(tmp_path):

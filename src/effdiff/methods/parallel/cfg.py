@@ -33,10 +33,11 @@ def rows(value: Any, batch: int, start: int, stop: int) -> Any:
     return value
 
 
-def gathered(part: torch.Tensor, world: int, dim: int = 0) -> torch.Tensor:
-    """Every rank's ``part``, concatenated along ``dim`` (the batch by default) in rank order."""
+def gathered(part: torch.Tensor, world: int, dim: int = 0, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Every rank's ``part`` (of ``group``'s ``world`` ranks; None: all), concatenated along ``dim`` (the batch by
+    default) in rank order."""
     parts = [torch.empty_like(part) for _ in range(world)]
-    dist.all_gather(parts, part.contiguous())
+    dist.all_gather(parts, part.contiguous(), group=group)
     return torch.cat(parts, dim)
 
 
@@ -60,12 +61,19 @@ class CfgParallel(ParallelMethod):
     ``teacache``) would decide per rank on different halves, so they are refused beside it; fixed-schedule caches
     (``deepcache``, ``fora``, ``taylorseer``) stack.
 
+    Beside ``distrifusion``, ``seqparallel`` or ``pipefusion`` on ``2 × P`` ranks it is the outer split, as in
+    DistriFusion's and xDiT's setups: ranks ``0..P−1`` compute the unconditional half, ``P..2P−1`` the conditional
+    one, and the other method splits each half's image between its branch's ``P`` ranks.
+
     Paper: the setting of DistriFusion (Li et al., arXiv 2402.19481), which splits the CFG batch across devices
     before splitting patches.
     """
 
     name = "cfgparallel"
     paper = DISTRIFUSION
+    exclusive = ("parallel-batch",)
+    after = (*ParallelMethod.after, "parallel")  # outermost: the image split inside sees one branch's batch
+    splits_branches = True
     summary = "the CFG batch's halves on two ranks (torch.distributed), outputs all-gathered: exact"
     params: dict = {}
     DYNAMIC = ("fbcache", "teacache", "l2c")
@@ -89,6 +97,6 @@ class CfgParallel(ParallelMethod):
             start, stop = self.rank * share, (self.rank + 1) * share
             out = inner(*rows(args, batch, start, stop), **rows(kwargs, batch, start, stop))
             self.split_calls += 1
-            return with_sample(out, lambda part: gathered(part, self.world))
+            return with_sample(out, lambda part: gathered(part, self.world, group=self.group))
 
         return forward

@@ -69,7 +69,7 @@ class DistriFusion(ParallelMethod):
             self._split_rows(layout)
         else:
             self.patches.forward(layout.entry, own_tokens(self.name, self.rank, self.world))
-            self.patches.forward(layout.exit, all_tokens(self.world))
+            self.patches.forward(layout.exit, all_tokens(self.world, self.group))
         for name, attn in self.adapter.self_attentions():
             if getattr(attn, "fused_projections", False):
                 raise RecipeError(f"{self.name}: {name} has fused q/k/v projections; unfuse them first")
@@ -84,7 +84,7 @@ class DistriFusion(ParallelMethod):
         return self["exchange"]
 
     def _exchange(self) -> Exchange:
-        exchange = Exchange(self.rank, self.world)
+        exchange = Exchange(self.rank, self.world, self.group)
         self.exchanges.append(exchange)
         return exchange
 
@@ -130,7 +130,7 @@ class DistriFusion(ParallelMethod):
                 out = inner(*args, **kwargs)
             finally:
                 self.whole = None
-            return with_sample(out, lambda part: gathered(part, self.world, dim=-2))
+            return with_sample(out, lambda part: gathered(part, self.world, dim=-2, group=self.group))
 
         return forward
 

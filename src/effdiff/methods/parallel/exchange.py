@@ -17,12 +17,13 @@ class Exchange:
       sent without waiting (``async_op``); the next call waits for it, by which time the rest of a step has run.
 
     The first call after ``reset`` (a new image, or a shape change) is always synchronous: there is nothing stale
-    to use. Every rank calls its layers in the same order, so the collectives pair up. ``sent`` counts the bytes
-    this rank contributed (the cost model's communication, measured).
+    to use. ``group``: the ranks sharing one image (None: all). Every rank calls its layers in the same order, so
+    the collectives pair up. ``sent`` counts the bytes this rank contributed (the cost model's communication,
+    measured).
     """
 
-    def __init__(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, group: dist.ProcessGroup | None = None) -> None:
+        self.rank, self.world, self.group = rank, world, group
         self.previous: list[torch.Tensor] | None = None
         self.incoming: list[torch.Tensor] = []
         self.pending: dist.Work | None = None
@@ -35,13 +36,13 @@ class Exchange:
         stale = self.previous is not None and self.previous[0].shape == fresh.shape
         if sync or not stale:
             gathered = [torch.empty_like(fresh) for _ in range(self.world)]
-            dist.all_gather(gathered, fresh)
+            dist.all_gather(gathered, fresh, group=self.group)
             self.previous = gathered
             return gathered
         parts = list(self.previous)  # type: ignore[arg-type]
         parts[self.rank] = fresh
         self.incoming = [torch.empty_like(fresh) for _ in range(self.world)]
-        self.pending = dist.all_gather(self.incoming, fresh, async_op=True)
+        self.pending = dist.all_gather(self.incoming, fresh, group=self.group, async_op=True)
         return parts
 
     def _receive(self) -> None:

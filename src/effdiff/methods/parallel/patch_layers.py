@@ -133,12 +133,13 @@ def own_tokens(name: str, rank: int, world: int) -> Callable[[Forward], Forward]
     return make
 
 
-def all_tokens(world: int) -> Callable[[Forward], Forward]:
-    """A DiT's last block (``PatchLayout.exit``) returning every rank's tokens in rank order, the whole sequence."""
+def all_tokens(world: int, group: Any = None) -> Callable[[Forward], Forward]:
+    """A DiT's last block (``PatchLayout.exit``) returning every rank's tokens (of ``group``; None: all) in rank
+    order, the whole sequence."""
 
     def make(inner: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            return gathered(inner(*args, **kwargs), world, dim=1)
+            return gathered(inner(*args, **kwargs), world, dim=1, group=group)
 
         return forward
 

@@ -95,19 +95,20 @@ class PipeFusion(ParallelMethod):
                 part = hidden[:, self.rows].contiguous()
             else:
                 part = torch.empty_like(hidden[:, self.rows]).contiguous()
-                dist.recv(part, self.rank - 1)
+                dist.recv(part, self.members[self.rank - 1], group=self.group)
             for index in self.stage:
                 part = self.inner[index](part, *args, **kwargs)
             if self.rank < self.world - 1:
                 part = part.contiguous()
-                sends.append((part, dist.isend(part, self.rank + 1)))  # the tensor stays alive until sent
+                after = self.members[self.rank + 1]
+                sends.append((part, dist.isend(part, after, group=self.group)))  # the tensor stays alive until sent
                 self.sent_bytes += part.numel() * part.element_size()
             else:
                 out[:, self.rows] = part
         for _, send in sends:
             send.wait()
         self.rows = slice(None)
-        dist.broadcast(out, self.world - 1)
+        dist.broadcast(out, self.members[-1], group=self.group)
         if self.rank == self.world - 1:
             self.sent_bytes += out.numel() * out.element_size()
         return out

@@ -102,12 +102,12 @@ class SequenceParallel(ParallelMethod):
                 raise RecipeError(f"{self.name}: {name} uses {type(attn.processor).__name__} or fused projections, "
                                   "whose attention it does not reproduce; it needs a plain self-attention")
         heads = min(attn.heads for _, attn in attentions)
-        self.mesh = make_mesh(self.world, self.rank, self["ring"])
+        self.mesh = make_mesh(self.branches, self.global_rank, self["ring"], self.group)
         if self.mesh.ulysses > heads:
             raise RecipeError(f"{self.name}: Ulysses over {self.mesh.ulysses} ranks needs at least as many heads "
                               f"({heads} here); use ring={self.world}")
         self.patches.forward(layout.entry, own_tokens(self.name, self.rank, self.world))
-        self.patches.forward(layout.exit, all_tokens(self.world))
+        self.patches.forward(layout.exit, all_tokens(self.world, self.group))
         for _, attn in attentions:
             self.patches.forward(attn, self._attention(attn))
 

@@ -9,14 +9,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from effdiff.methods.parallel.base import new_groups
+
 
 @dataclass
 class Mesh:
     """This rank's place on a ``ring × ulysses`` grid of the world's ranks (rank = ring index × ulysses + ulysses
     index, as USP lays them out: the all-to-all groups are neighbours, which on a multi-GPU node share the fastest
-    links). ``ulysses_group`` / ``ring_group``: the process groups of this rank's row and column (None for a size
-    of 1, or the default group when it spans the world). ``sent``: bytes this rank has sent to others (measured
-    communication, for the cost model)."""
+    links). ``rank``: this rank's index in its branch; ``ulysses_group`` / ``ring_group``: the process groups of
+    its row and column (the branch's group where one spans the branch; unused for a size of 1). ``sent``: bytes
+    this rank has sent to others (measured communication, for the cost model)."""
 
     ring: int
     ulysses: int
@@ -34,21 +36,19 @@ class Mesh:
         return self.rank // self.ulysses
 
 
-def make_mesh(world: int, rank: int, ring: int) -> Mesh:
-    """The ``ring × (world / ring)`` grid. Every rank creates every group (``new_group`` is collective)."""
-    ulysses = world // ring
-    rows = [list(range(r * ulysses, (r + 1) * ulysses)) for r in range(ring)]
-    columns = [list(range(u, world, ulysses)) for u in range(ulysses)]
-    ulysses_group = ring_group = None
-    for members in rows if 1 < ulysses < world else []:
-        group = dist.new_group(members)
-        ulysses_group = group if rank in members else ulysses_group
-    for members in columns if 1 < ring < world else []:
-        group = dist.new_group(members)
-        ring_group = group if rank in members else ring_group
-    world_group = dist.group.WORLD
-    return Mesh(ring, ulysses, rank, world_group if ulysses == world else ulysses_group,
-                world_group if ring == world else ring_group)
+def make_mesh(branches: list[list[int]], rank: int, ring: int, branch_group: dist.ProcessGroup | None) -> Mesh:
+    """This rank's ``ring × (P / ring)`` grid inside its branch (``branches``: each group of ``P`` global ranks that
+    shares one image — the whole world, or one CFG branch beside ``cfgparallel``; ``branch_group`` the process group
+    of this rank's, None for the whole world). Every rank creates every branch's row and column groups, in the same
+    order (``new_group`` is collective over the world)."""
+    size = len(branches[0])
+    ulysses = size // ring
+    rows = [b[r * ulysses:(r + 1) * ulysses] for b in branches for r in range(ring)]
+    columns = [b[u::ulysses] for b in branches for u in range(ulysses)]
+    ulysses_group = new_groups(rows, rank) if 1 < ulysses < size else branch_group
+    ring_group = new_groups(columns, rank) if 1 < ring < size else branch_group
+    index = next(b for b in branches if rank in b).index(rank)
+    return Mesh(ring, ulysses, index, ulysses_group, ring_group)
 
 
 def head_counts(heads: int, ranks: int) -> list[int]:
@@ -104,8 +104,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     gives the whole-sequence softmax exactly (up to float rounding: each rank sums its chunks in its own order)."""
     group = mesh.ring_group
     ring_rank = mesh.ring_index
-    after = dist.get_global_rank(group, (ring_rank + 1) % mesh.ring)
-    before = dist.get_global_rank(group, (ring_rank - 1) % mesh.ring)
+    after, before = ((i if group is None else dist.get_global_rank(group, i))
+                     for i in ((ring_rank + 1) % mesh.ring, (ring_rank - 1) % mesh.ring))
     chunk = torch.stack([k, v]).contiguous()
     out = lse = None
     for step in range(mesh.ring):
