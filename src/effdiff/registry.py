@@ -227,6 +227,12 @@ class Method:
         """A compiler the core should apply beneath the patches of the methods after this one (``compile``)."""
         return None
 
+    def unavailable(self, pipe: Any) -> str | None:
+        """Why this method, as configured, cannot run on ``pipe`` until something is made for it (a trained student,
+        a compressed checkpoint) — the refusal ``apply`` would give, with the command that makes it; None when
+        nothing is missing. ``effdiff tune`` leaves such methods out rather than spend trials on their refusals."""
+        return None
+
     def remove(self) -> None:
         """Drop what the undo log does not hold (caches, statistics); the patches themselves unwind after."""
 
@@ -338,3 +344,12 @@ def methods_rows() -> list[dict[str, str]]:
             streams=",".join(sorted(cls.streams)), url=paper.url or "",
         ).__dict__)
     return rows
+
+
+def refusal(check: Callable[[], Any]) -> str | None:
+    """The message of the RecipeError ``check()`` raises, None when it raises none (``Method.unavailable``)."""
+    try:
+        check()
+    except RecipeError as exc:
+        return str(exc)
+    return None

@@ -1,12 +1,14 @@
 """The search space comes from the registry's declarations: slots by main resource, knobs by ``Param.search``;
-impossible stacks are refused before compute; a hand-written recipe maps back to the trial that makes it."""
+a method that takes several resources closes the slots of the others, so no two methods on one resource are ever
+proposed; methods that need something made first are left out with the reason; impossible stacks are refused
+before compute; a hand-written recipe maps back to the trial that makes it."""
 
 import optuna
 import pytest
 
 from effdiff.errors import RecipeError
 from effdiff.registry import Param, all_methods
-from effdiff.tune.space import NONE, Target, is_range, searched, slots, suggest
+from effdiff.tune.space import NONE, Target, is_range, resources, searched, slots, suggest, without_unavailable
 from effdiff.tune.study import params_of
 
 UNET = Target("unet", "cpu", "UNet2DConditionModel", frozenset({"single"}))
@@ -83,3 +85,45 @@ def test_a_stack_outside_the_space_is_not_enqueued():
     assert params_of("ptq", space, max_steps=50) is None  # not a candidate
     assert params_of("fora+taylorseer", space, max_steps=50) is None  # two in one slot
     assert params_of("not-a-method", space, max_steps=50) is None
+
+
+@pytest.mark.parametrize("target", [UNET, DIT])
+def test_no_suggested_stack_puts_two_methods_on_one_resource(target):
+    space = slots(target)
+    assert list(space).index("scheduler") < list(space).index("denoiser weights")  # a student's main slot first
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1), directions=["maximize"] * 2)
+    students = 0
+    for _ in range(150):
+        trial = study.ask()
+        try:
+            recipe = suggest(trial, space, max_steps=50)
+        except RecipeError as exc:
+            assert "cannot be stacked" not in str(exc)
+            continue
+        finally:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        from effdiff.recipe import parse
+
+        taken = [r for m in parse(recipe) for r in resources(m.name)]
+        assert len(taken) == len(set(taken)), recipe
+        if any(m.name in ("lcm", "progressive", "rectflow") for m in parse(recipe)):
+            students += 1
+            assert "slot:denoiser weights" not in trial.params  # closed, not suggested
+    assert students > 10
+
+
+def test_a_student_stack_maps_back_without_the_closed_slot():
+    space = slots(UNET)
+    params = params_of("lcm:steps=4+deepcache:interval=3", space, max_steps=50)
+    assert params is not None and "slot:denoiser weights" not in params
+    assert params_of("lcm:steps=4+diffpruning", space, max_steps=50) is None  # both take the denoiser weights
+
+
+def test_methods_that_need_something_made_first_are_left_out_with_the_command(tmp_path):
+    from effdiff.zoo.load import load
+
+    pipe = load("tiny-dit")
+    space, left_out = without_unavailable(slots(DIT), pipe)
+    assert "laptop" in left_out and "effdiff compress tiny-dit --method laptop" in left_out["laptop"]
+    kept = sum(space.values(), [])
+    assert "laptop" not in kept and {"rectflow", "ditprune", "dpmpp2m"} <= set(kept)  # shipped ones stay

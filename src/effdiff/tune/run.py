@@ -157,10 +157,13 @@ def _search(pipe: Any, settings: TuneSettings, goals: list[Goal], accelerate_fn:
     """Open (or resume) the study, enqueue the hand-written stacks on a fresh one, and search for what is left of
     the budget and the trial cap; returns the study."""
     from effdiff.tune.proxy import ProxyJudge
-    from effdiff.tune.space import Target, slots
+    from effdiff.tune.space import Target, slots, without_unavailable
     from effdiff.tune.study import Objective, open_study, params_of, spent_seconds
 
-    space = slots(Target.of(pipe), include=(*settings.include, *settings.calibrate), exclude=settings.exclude)
+    space, left_out = without_unavailable(slots(Target.of(pipe), include=(*settings.include, *settings.calibrate),
+                                                exclude=settings.exclude), pipe)
+    for name, why in left_out.items():
+        log(f"left out {name}: {why}")
     if not space:
         raise RecipeError(f"no registered method applies to {settings.model} with these --include/--exclude")
     log(f"search space: {', '.join(f'{slot}: {len(names)} methods' for slot, names in space.items())}")

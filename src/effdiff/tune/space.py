@@ -3,10 +3,15 @@
 Why slots: two methods that claim the same main resource (``Method.exclusive[0]``: the scheduler, the block
 outputs, the float dtype, …) can never be stacked, so a stack is at most one method per resource. Each slot is an
 Optuna categorical ("none" or a method); each chosen method's searched parameters (``Param.search``) are
-suggested under its own name, so Optuna's conditional (define-by-run) spaces keep their statistics apart. The
-registry's ordering and exclusivity rules (``recipe.build``) then refuse what still cannot run — a refused stack
-is pruned before anything is computed. The families that need several processes (parallel) or pay minutes per
-trial (compile) are left out unless asked for.
+suggested under its own name, so Optuna's conditional (define-by-run) spaces keep their statistics apart. A method
+that takes several resources (a distilled student: the scheduler and the denoiser weights) sits in its main
+resource's slot, which comes first; the slots of the resources it also takes are then not suggested at all in
+that trial — a stack Optuna can propose is one the exclusivity rules allow (the search spent most of its trials on
+such refusals before: Optuna's samplers learn nothing from failed trials). The registry's ordering rules
+(``recipe.build``) then refuse what still cannot run, before anything is computed. Methods that need something
+made first (``Method.unavailable``: a student not trained, a checkpoint not compressed for this model) are left
+out, and so are the families that need several processes (parallel) or pay minutes per trial (compile) unless
+asked for.
 """
 
 from __future__ import annotations
@@ -64,20 +69,42 @@ def slots(target: Target, include: tuple[str, ...] = (), exclude: tuple[str, ...
         except RecipeError:
             continue  # another backbone, device or block layout
         out.setdefault(cls.exclusive[0] if cls.exclusive else cls.family, []).append(name)
-    return out
+    also_taken = {r for names in out.values() for n in names for r in all_methods()[n].exclusive[1:]}
+    return dict(sorted(out.items(), key=lambda item: item[0] in also_taken))  # main-resource slots first
+
+
+def resources(name: str) -> set[str]:
+    """Every resource method ``name`` takes, its main one (its slot) included."""
+    cls = all_methods()[name]
+    return set(cls.exclusive) or {cls.family}
+
+
+def without_unavailable(space: dict[str, list[str]], pipe: Any) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """``space`` without the knob-less methods that cannot run on ``pipe`` until something is made for them (a
+    method with searched knobs stays: another value may find what it needs), and why each was left out."""
+    methods = all_methods()
+    left_out = {name: why for names in space.values() for name in names if not searched(methods[name])
+                and (why := methods[name]().unavailable(pipe))}
+    kept = {slot: [n for n in names if n not in left_out] for slot, names in space.items()}
+    return {slot: names for slot, names in kept.items() if names}, left_out
 
 
 def suggest(trial: Any, space: dict[str, list[str]], max_steps: int) -> str:
     """One stack from ``trial`` (an ``optuna.Trial``): a method or none per slot, then each one's knobs.
 
-    A searched step count never exceeds the baseline's ``max_steps``: more steps than the reference is never
+    A slot whose resource a method chosen before it also takes is skipped. A searched step count never exceeds
+    the baseline's ``max_steps``: more steps than the reference is never
     faster. Raises RecipeError for a stack the registry refuses (the caller prunes the trial).
     """
     methods: list[Method] = []
+    taken: set[str] = set()
     for slot, names in space.items():
+        if slot in taken:
+            continue  # a method chosen in an earlier slot takes this resource too
         name = trial.suggest_categorical(f"slot:{slot}", [NONE, *names])
         if name == NONE:
             continue
+        taken |= resources(name)
         cls = all_methods()[name]
         values = {key: _suggest_value(trial, f"{name}.{key}", p, max_steps if key == "steps" else None)
                   for key, p in searched(cls).items()}

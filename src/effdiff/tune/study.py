@@ -22,9 +22,9 @@ from typing import Any
 
 from effdiff.errors import RecipeError
 from effdiff.recipe import parse
-from effdiff.registry import all_methods
+from effdiff.registry import Method, all_methods
 from effdiff.tune.proxy import ProxyJudge
-from effdiff.tune.space import NONE, is_range, searched, suggest
+from effdiff.tune.space import NONE, is_range, resources, searched, suggest
 from effdiff.tune.targets import Goal
 
 PROXY_METRICS = ("psnr", "ssim", "prompt_accuracy")  # what a handful of samples can check; FID needs many
@@ -115,12 +115,24 @@ def params_of(recipe: str, space: dict[str, list[str]], max_steps: int) -> dict[
         methods = parse(recipe)
     except RecipeError:
         return None
-    params: dict[str, Any] = {f"slot:{slot}": NONE for slot in space}
+    chosen: dict[str, Method] = {}
     for method in methods:
         slot = next((s for s, names in space.items() if method.name in names), None)
-        if slot is None or params[f"slot:{slot}"] != NONE:
+        if slot is None or slot in chosen:
             return None
-        params[f"slot:{slot}"] = method.name
+        chosen[slot] = method
+    params: dict[str, Any] = {}
+    taken: set[str] = set()
+    for slot in space:
+        if slot in taken:
+            if slot in chosen:
+                return None  # two methods on one resource
+            continue
+        method = chosen.get(slot)
+        params[f"slot:{slot}"] = method.name if method else NONE
+        if method is None:
+            continue
+        taken |= resources(method.name)
         for key, param in searched(all_methods()[method.name]).items():
             value, search = method.values[key], param.search or ()
             outside = not search[0] <= value <= search[1] if is_range(param) else value not in search

@@ -14,7 +14,7 @@ from torch import nn
 from effdiff.distill import lora
 from effdiff.distill.store import RECORD, find_student, given_folder, make_command
 from effdiff.patches import split_name
-from effdiff.registry import FAMILIES, Method, Param, RecipeError
+from effdiff.registry import FAMILIES, Method, Param, RecipeError, refusal
 
 FORM = Param(str, "lora", choices=("lora", "full"), help="a LoRA merged into the weights, or a full student")
 PATH = Param(str, "", help="a student folder written by effdiff distill (default: the one beside the model)")
@@ -44,6 +44,9 @@ class StudentMethod(Method):
             raise RecipeError(f"{self.name}: this model has no {what} yet; make one with "
                               f"`{make_command(pipe, self.name, form)}` (or pass path=FOLDER)")
         return found
+
+    def unavailable(self, pipe: Any) -> str | None:
+        return refusal(lambda: self.student_folder(pipe))
 
     def student_record(self, folder: Path) -> dict[str, Any]:
         """The student's record, checked: made by this method, from these weights."""

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from effdiff.registry import Method, Param, RecipeError
+from effdiff.registry import Method, Param, RecipeError, refusal
 
 PATH = Param(str, "", help="a folder written by effdiff compress (default: beside the model)")
 
@@ -39,6 +39,9 @@ class CompressedMethod(Method):
                               f"`effdiff compress {model_reference(pipe)} --method {self.name}{self.command_flags()}` "
                               "(or pass path=FOLDER)")
         return base / "compress" / name
+
+    def unavailable(self, pipe: Any) -> str | None:
+        return refusal(lambda: self.folder(pipe))
 
     def folder_name(self) -> str:
         from effdiff.compress.trainer import compressed_folder
