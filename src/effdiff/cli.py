@@ -242,7 +242,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     settings = TuneSettings(
         model=args.model, targets=tuple(args.target), budget_s=args.budget, trials=args.trials,
         proxy_samples=args.proxy_samples, confirm_samples=args.confirm_samples, confirm_top=args.confirm_top,
-        steps=args.steps, guidance=args.guidance, timing_batch=args.timing_batch, sampler=args.sampler,
+        refine_samples=args.refine_samples, refine_trials=args.refine_trials, steps=args.steps,
+        guidance=args.guidance, timing_batch=args.timing_batch, sampler=args.sampler,
         speed=args.speed, seed=args.seed, include=tuple(args.include or ()), exclude=tuple(args.exclude or ()),
         calibrate=tuple(args.calibrate or ()), device=args.device, out_dir=args.out, storage=args.storage,
         study=args.study, name=args.name)
@@ -429,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--confirm-top", type=int, default=8,
                       help="at most this many proxy-front stacks confirmed, fastest first, until one meets the "
                            "targets (default 8)")
+    tune.add_argument("--refine-samples", type=int, default=0,
+                      help="then search the confirmed stack's knobs with every target (FID/KID too) held on this many "
+                           "samples, and confirm the faster ones (default 0: no refinement; 200 is a good start)")
+    tune.add_argument("--refine-trials", type=int, default=24, help="trials of the refinement (default 24)")
     tune.add_argument("--steps", type=int, default=50, help="baseline DDIM steps (default 50)")
     tune.add_argument("--guidance", type=float, default=4.0)
     tune.add_argument("--timing-batch", type=int, default=2, help="images per timed call in a trial (default 2)")

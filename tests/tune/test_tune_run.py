@@ -132,3 +132,30 @@ def test_a_speed_only_twin_is_tuned_against_its_own_baseline_images(tmp_path, mo
                                exclude=SOLVERS_ONLY, **SETTINGS), loader=lambda _name: pipe, log=quiet)
     record = json.loads(result.path.read_text())
     assert result.run_id is None and record["validated"]["psnr"] >= 5  # confirmed on 4 fresh seeds, no bench run
+
+
+def test_refinement_searches_the_confirmed_stacks_knobs_with_fid_held(tmp_path, monkeypatch):
+    from effdiff.recipe import parse
+
+    monkeypatch.setenv("EFFDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    settings = TuneSettings(targets=("psnr>=5", "fid<=+1000%"), trials=6, out_dir=str(tmp_path), name="refined",
+                            exclude=SOLVERS_ONLY, refine_samples=4, refine_trials=5, **SETTINGS)
+    lines: list[str] = []
+    pipe = make_tiny_sd()
+    result = tune(settings, loader=lambda _name: pipe, log=lines.append)
+    seed = next(line for line in lines if line.startswith("refining ")).split()[1]
+    from effdiff.tune.study import storage_url
+
+    url = storage_url(settings.storage_location())
+    name = next(s.study_name for s in optuna.get_all_study_summaries(url) if "-refine-" in s.study_name)
+    study = optuna.load_study(study_name=name, storage=url)
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(study.trials) == 5 and trials[0].user_attrs["recipe"] == seed  # the seed is tried first
+    names = [m.name for m in parse(seed)]
+    for trial in trials:
+        assert [m.name for m in parse(trial.user_attrs["recipe"])] == names  # only its knobs move
+        assert "fid" in trial.user_attrs and "baseline_fid" in trial.user_attrs
+        assert len(trial.user_attrs["constraints"]) == 2  # PSNR and FID both held on the refinement's samples
+    record = json.loads(result.path.read_text())
+    assert record["validated"]["psnr"] >= 5 and record["validated"]["fid"] is not None
+    assert record["settings"]["refine_samples"] == 4

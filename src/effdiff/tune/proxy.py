@@ -19,10 +19,13 @@ PROXY_SEED = 1_000_000
 
 
 class ProxyJudge:
-    """Measures recipes on ``samples`` images (seeds from ``PROXY_SEED``) against the baseline computed once."""
+    """Measures recipes on ``samples`` images (seeds from ``PROXY_SEED``) against the baseline computed once;
+    with ``distribution`` also FID/KID against the held-out digits (the refinement stage's few hundred samples:
+    noisy in absolute terms, but the baseline is scored on the same seeds, so a relative target compares like
+    with like)."""
 
     def __init__(self, pipe: Any, samples: int, steps: int, guidance: float, timing_batch: int = 2,
-                 reps: int = 3, accelerate_fn: Any = None, seed: int = PROXY_SEED) -> None:
+                 reps: int = 3, accelerate_fn: Any = None, seed: int = PROXY_SEED, distribution: bool = False) -> None:
         if accelerate_fn is None:
             from effdiff.api import accelerate as accelerate_fn
         self.pipe, self.accelerate_fn = pipe, accelerate_fn
@@ -35,6 +38,17 @@ class ProxyJudge:
                                                              self.config)
         self._classifier = None
         self.baseline_accuracy = self._accuracy(self.baseline)
+        self._judge = None
+        self.baseline_distribution = self._distribution(self.baseline) if distribution else {}
+
+    def _distribution(self, images: torch.Tensor) -> dict[str, float]:
+        """FID and KID of ``images`` against the held-out digits."""
+        if self._judge is None:
+            from effdiff.eval.distribution import DistributionJudge
+
+            self._judge = DistributionJudge.bundled()
+        scores = self._judge.score(images)
+        return {"fid": scores["fid"], "kid": scores["kid"]}
 
     def _accuracy(self, images: torch.Tensor) -> float | None:
         """Share of samples the bundled digit classifier reads as the asked digit (None for a speed-only twin)."""
@@ -50,8 +64,8 @@ class ProxyJudge:
         return float((predict_digits(images, self._classifier) == digits).float().mean())
 
     def measure(self, recipe: str, timed: bool = True) -> dict[str, Any]:
-        """Speed-up (paired timing; skipped when not ``timed``), FLOPs ratio, PSNR/SSIM vs the baseline and
-        accuracy of ``recipe``.
+        """Speed-up (paired timing; skipped when not ``timed``), FLOPs ratio, PSNR/SSIM vs the baseline,
+        accuracy and (with ``distribution``) FID/KID of ``recipe``, with the baseline's beside them.
 
         Raises RecipeError when a method refuses this pipeline (a missing checkpoint, a kernel the CPU lacks).
         """
@@ -60,7 +74,12 @@ class ProxyJudge:
         images, flops = quality_samples(self.caller, switch, self.config) if recipe else (
             self.baseline, self.baseline_flops)
         quality = fidelity(images, self.baseline)
+        distribution: dict[str, float] = {}
+        if self.baseline_distribution:
+            distribution = {**self._distribution(images),
+                            **{f"baseline_{k}": v for k, v in self.baseline_distribution.items()}}
         return {
+            **distribution,
             "speedup": cost.get("speedup"), "flops_ratio": self.baseline_flops / flops if flops else float("nan"),
             "nfe": cost.get("nfe"), "time_per_image_s": cost.get("time_per_image_s"),
             "baseline_time_per_image_s": cost.get("baseline_time_per_image_s"), "labels": cost.get("labels", []),

@@ -1,12 +1,16 @@
 """``effdiff tune``: the fastest stack that keeps quality on the user's model, found, confirmed and saved.
 
-Three stages, each resumable. (1) Tuning steps: the tuners of the methods named by ``--calibrate`` (TeaCache's
+Stages, each resumable. (1) Tuning steps: the tuners of the methods named by ``--calibrate`` (TeaCache's
 polynomial, the L2C router) run first, so the search tries calibrated methods. (2) The search (``study.py``):
 Optuna over the registry's stacks, scored by proxies on a few samples, within a time budget summed over every
 process and resume. (3) The confirmation: the proxy front's fastest stacks go through ``effdiff bench`` on many
-samples — FID/KID, prompt accuracy and the paired speed-up against the baseline in one process — and the fastest
-row that meets every target is saved as ``tuned:NAME`` with the numbers it was validated on. A target no row
-meets is a clear error naming the best found; a recipe that violates a target is never chosen.
+samples — FID/KID, prompt accuracy and the paired speed-up against the baseline in one process. (4) Optional
+refinement (``--refine-samples N``): PSNR on a few samples does not track FID (a fast stack can lose 10 dB and
+keep its FID), so the confirmed stack's own knobs (step count, cache interval, threshold…) are searched again
+with every target — FID and KID included — held on N samples against the baseline on the same seeds, and the
+refined front is confirmed on many samples like stage 3. The fastest confirmed row that meets every target is
+saved as ``tuned:NAME`` with the numbers it was validated on. A target no row meets is a clear error naming the
+best found; a recipe that violates a target is never chosen.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from effdiff.errors import RecipeError
 from effdiff.tune.targets import Goal, parse_goal
 
 CONFIRM_SEED = 2_000_000  # a speed-only twin's confirmation: fresh seeds, apart from the proxies'
+REFINE_SEED = 3_000_000  # the refinement's samples: apart from the proxies' and the confirmation's
 UNCHOOSABLE = ("refused", "cost≠quality")  # rows whose numbers are not a measurement of the saved recipe
 
 
@@ -42,6 +47,8 @@ class TuneSettings:
     proxy_samples: int = 8
     confirm_samples: int = 1000
     confirm_top: int = 8
+    refine_samples: int = 0  # 0: no refinement stage
+    refine_trials: int = 24
     steps: int = 50
     guidance: float = 4.0
     timing_batch: int = 2
@@ -98,8 +105,11 @@ def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, acc
 
     goals = settings.goals()  # malformed targets and names fail before any model loads
     name = check_name(settings.name or settings.study_name())
-    if settings.budget_s <= 0 or settings.proxy_samples < 2 or settings.confirm_samples < 2 or settings.confirm_top < 1:
-        raise ValueError("--budget must be > 0, --proxy-samples and --confirm-samples >= 2, --confirm-top >= 1")
+    refine_ok = settings.refine_samples == 0 or settings.refine_samples >= 2
+    if (settings.budget_s <= 0 or settings.proxy_samples < 2 or settings.confirm_samples < 2
+            or settings.confirm_top < 1 or not refine_ok or settings.refine_trials < 1):
+        raise ValueError("--budget must be > 0, --proxy-samples and --confirm-samples >= 2, --confirm-top >= 1, "
+                         "--refine-samples 0 (off) or >= 2, --refine-trials >= 1")
     if loader is None:
         from effdiff.zoo import check_model, load
 
@@ -129,8 +139,14 @@ def tune(settings: TuneSettings, loader: Callable[[str], Any] | None = None, acc
         rows = _confirm_by_proxy(pipe, chosen, settings, accelerate_fn, goals, baseline)
     else:
         run_id, rows, baseline = _confirm_by_bench(pipe, chosen, settings, study, accelerate_fn, goals)
-    confirm_seconds = time.perf_counter() - start
     best = _choose(rows, baseline, goals)
+    if settings.refine_samples and not speed_only:
+        seed = best or _closest(rows, baseline, goals)
+        if seed is not None:
+            refined = _refine(pipe, settings, goals, study, seed, accelerate_fn, log)
+            if refined is not None and (best is None or refined["metrics"]["speedup"] > best["metrics"]["speedup"]):
+                run_id, rows, baseline, best = refined["run_id"], refined["rows"], refined["baseline"], refined
+    confirm_seconds = time.perf_counter() - start
     if best is None:
         raise TuneError(_missed_message(rows, baseline, goals, settings.confirm_samples))
     record = {
@@ -245,6 +261,41 @@ def _confirm_by_bench(pipe: Any, chosen: list[dict[str, Any]], settings: TuneSet
     return run_id, [r for r in rows if r["recipe"]], {**baseline, "psnr": 100.0, "ssim": 1.0}
 
 
+def _refine(pipe: Any, settings: TuneSettings, goals: list[Goal], study: Any, seed: dict[str, Any],
+            accelerate_fn: Any, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Stage 4: search the knobs of ``seed``'s stack with every target held on ``refine_samples`` samples (FID/KID
+    included), then confirm the refined front faster than the seed on many samples. Returns the fastest confirmed
+    row meeting every target (with its run, rows and baseline), or None."""
+    from effdiff.tune.proxy import ProxyJudge
+    from effdiff.tune.space import knob_params, refine
+    from effdiff.tune.study import REFINE_METRICS, Objective, front, open_study
+
+    recipe = seed["recipe"]
+    digest = hashlib.sha1(f"{recipe}|{settings.refine_samples}".encode()).hexdigest()[:8]
+    refined = open_study(f"{study.study_name}-refine-{digest}", settings.storage_location(), settings.sampler,
+                         settings.seed, goals)
+    if not refined.trials and (params := knob_params(recipe, settings.steps)) is not None:
+        refined.enqueue_trial(params)
+    left = settings.refine_trials - sum(t.state.is_finished() for t in refined.get_trials(deepcopy=False))
+    log(f"refining {recipe} ({seed['metrics']['speedup']:.2f}x confirmed): its knobs on {settings.refine_samples} "
+        f"samples with {', '.join(g.text for g in goals)}, {max(left, 0)} trials")
+    if left > 0:
+        judge = ProxyJudge(pipe, settings.refine_samples, settings.steps, settings.guidance, settings.timing_batch,
+                           accelerate_fn=accelerate_fn, seed=REFINE_SEED, distribution=True)
+        objective = Objective(judge, {}, goals, settings.steps, log, settings.speed,
+                              propose=lambda trial: refine(trial, recipe, settings.steps), measurable=REFINE_METRICS)
+        refined.optimize(objective, n_trials=left, gc_after_trial=False, catch=(Exception,))
+    faster = [c for c in front(refined) if c["recipe"] != recipe and c["speedup"] > 1.0]
+    if not faster:
+        log("refinement: no refined stack met every target on its samples")
+        return None
+    log("refined front (fastest first): " + "; ".join(f"{c['recipe']} {c['speedup']:.2f}x" for c in faster))
+    run_id, rows, baseline = _confirm_by_bench(pipe, faster[: settings.confirm_top], settings, refined,
+                                               accelerate_fn, goals)
+    best = _choose(rows, baseline, goals)
+    return None if best is None else {**best, "run_id": run_id, "rows": rows, "baseline": baseline}
+
+
 def _confirm_by_proxy(pipe: Any, chosen: list[dict[str, Any]], settings: TuneSettings, accelerate_fn: Any,
                       goals: list[Goal], baseline: dict[str, Any]) -> list[dict[str, Any]]:
     """A speed-only twin has no FID: PSNR/SSIM against its own baseline on fresh seeds, many samples, fastest
@@ -282,17 +333,23 @@ def _show(goal: Goal, value: float | None, baseline: float | None) -> str:
     return text
 
 
-def _missed_message(rows: list[dict[str, Any]], baseline: dict[str, Any], goals: list[Goal], samples: int) -> str:
+def _closest(rows: list[dict[str, Any]], baseline: dict[str, Any], goals: list[Goal]) -> dict[str, Any] | None:
+    """The measured row that misses the goals by least (summed relative shortfall), the refinement's seed when
+    nothing met them."""
     measured = [r for r in rows if r["metrics"].get("speedup") is not None]
-    if not measured:
-        return f"no candidate could be measured on {samples} samples: " + "; ".join(
-            f"{r['recipe']}: {r['metrics'].get('refused', 'refused')}" for r in rows)
 
     def shortfall(row: dict[str, Any]) -> float:
         return sum(max(0.0, -g.margin(row["metrics"][g.metric], baseline.get(g.metric))) / max(abs(g.bound(
             baseline.get(g.metric))), 1e-9) if row["metrics"].get(g.metric) is not None else 1.0 for g in goals)
 
-    best = min(measured, key=shortfall)
+    return min(measured, key=shortfall, default=None)
+
+
+def _missed_message(rows: list[dict[str, Any]], baseline: dict[str, Any], goals: list[Goal], samples: int) -> str:
+    best = _closest(rows, baseline, goals)
+    if best is None:
+        return f"no candidate could be measured on {samples} samples: " + "; ".join(
+            f"{r['recipe']}: {r['metrics'].get('refused', 'refused')}" for r in rows)
     missed = [f"{g.text}: {_show(g, best['metrics'].get(g.metric), baseline.get(g.metric))}" for g in goals
               if not g.met(best["metrics"].get(g.metric), baseline.get(g.metric))]
     return (f"no stack met {', '.join(g.text for g in goals)} on {samples} samples; the closest was "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from effdiff.errors import RecipeError
-from effdiff.recipe import build, to_string
+from effdiff.recipe import build, parse, to_string
 from effdiff.registry import Method, Param, all_methods
 
 LEFT_OUT_FAMILIES = ("parallel", "compile")
@@ -106,10 +106,37 @@ def suggest(trial: Any, space: dict[str, list[str]], max_steps: int) -> str:
             continue
         taken |= resources(name)
         cls = all_methods()[name]
-        values = {key: _suggest_value(trial, f"{name}.{key}", p, max_steps if key == "steps" else None)
-                  for key, p in searched(cls).items()}
-        methods.append(cls(**values))
+        methods.append(cls(**_knobs(trial, cls, max_steps)))
     return to_string(build(methods))
+
+
+def refine(trial: Any, recipe: str, max_steps: int) -> str:
+    """``recipe``'s methods with their searched knobs suggested by ``trial`` (the refinement stage varies the
+    knobs of a confirmed stack, not its methods); the other parameters keep the recipe's values."""
+    methods = []
+    for method in parse(recipe):
+        cls = type(method)
+        methods.append(cls(**{**method.values, **_knobs(trial, cls, max_steps)}))
+    return to_string(build(methods))
+
+
+def knob_params(recipe: str, max_steps: int) -> dict[str, Any] | None:
+    """The refinement trial's parameters that make ``refine`` return ``recipe`` itself (to enqueue it first);
+    None when a knob is outside its searched range."""
+    params: dict[str, Any] = {}
+    for method in parse(recipe):
+        for key, param in searched(type(method)).items():
+            value, search = method.values[key], param.search or ()
+            outside = not search[0] <= value <= search[1] if is_range(param) else value not in search
+            if outside or key == "steps" and value > max_steps:
+                return None
+            params[f"{method.name}.{key}"] = value
+    return params
+
+
+def _knobs(trial: Any, cls: type[Method], max_steps: int) -> dict[str, Any]:
+    return {key: _suggest_value(trial, f"{cls.name}.{key}", p, max_steps if key == "steps" else None)
+            for key, p in searched(cls).items()}
 
 
 def is_range(param: Param) -> bool:

@@ -22,12 +22,13 @@ from typing import Any
 
 from effdiff.errors import RecipeError
 from effdiff.recipe import parse
-from effdiff.registry import Method, all_methods
+from effdiff.registry import Method
 from effdiff.tune.proxy import ProxyJudge
-from effdiff.tune.space import NONE, is_range, resources, searched, suggest
+from effdiff.tune.space import NONE, knob_params, resources, suggest
 from effdiff.tune.targets import Goal
 
 PROXY_METRICS = ("psnr", "ssim", "prompt_accuracy")  # what a handful of samples can check; FID needs many
+REFINE_METRICS = (*PROXY_METRICS, "fid", "kid")  # the refinement's samples are enough for FID/KID
 SPEEDS = {"time": "speedup", "flops": "flops_ratio"}  # --speed -> the proxy metric the search maximises
 
 
@@ -94,17 +95,18 @@ def _constraints_of(goals: Sequence[Goal]) -> Callable[[Any], list[float]]:
     return constraints
 
 
-def proxy_violations(goals: Sequence[Goal], metrics: dict[str, Any]) -> list[float]:
-    """Per proxy-measurable goal, how far the proxy metrics miss it (<= 0: met); [0] when none is measurable."""
+def proxy_violations(goals: Sequence[Goal], metrics: dict[str, Any],
+                     measurable: Sequence[str] = PROXY_METRICS) -> list[float]:
+    """Per goal on a ``measurable`` metric, how far the metrics miss it (<= 0: met); [0] when none is measurable."""
     out = []
     for goal in goals:
-        if goal.metric not in PROXY_METRICS:
+        if goal.metric not in measurable:
             continue
         value = metrics.get(goal.metric)
         if value is None:  # accuracy of a speed-only twin: nothing to hold against
             out.append(0.0)
             continue
-        out.append(-goal.margin(value, metrics.get(f"baseline_{goal.metric}")))  # only accuracy is ever relative
+        out.append(-goal.margin(value, metrics.get(f"baseline_{goal.metric}")))  # relative: accuracy, FID, KID
     return out or [0.0]
 
 
@@ -133,12 +135,10 @@ def params_of(recipe: str, space: dict[str, list[str]], max_steps: int) -> dict[
         if method is None:
             continue
         taken |= resources(method.name)
-        for key, param in searched(all_methods()[method.name]).items():
-            value, search = method.values[key], param.search or ()
-            outside = not search[0] <= value <= search[1] if is_range(param) else value not in search
-            if outside or key == "steps" and value > max_steps:
-                return None
-            params[f"{method.name}.{key}"] = value
+        knobs = knob_params(method.spec(), max_steps)
+        if knobs is None:
+            return None
+        params.update(knobs)
     return params
 
 
@@ -150,16 +150,19 @@ class Objective:
     """One trial: suggest a stack, refuse it before compute if the registry does, else measure it by proxy."""
 
     def __init__(self, judge: ProxyJudge, space: dict[str, list[str]], goals: Sequence[Goal], max_steps: int,
-                 log: Callable[[str], None] = print, speed: str = "time") -> None:
+                 log: Callable[[str], None] = print, speed: str = "time",
+                 propose: Callable[[Any], str] | None = None, measurable: Sequence[str] = PROXY_METRICS) -> None:
         if speed not in SPEEDS:
             raise ValueError(f"--speed must be one of {', '.join(SPEEDS)}, got {speed!r}")
         self.judge, self.space, self.goals, self.max_steps, self.log = judge, space, goals, max_steps, log
+        self.propose = propose or (lambda trial: suggest(trial, self.space, self.max_steps))
+        self.measurable = measurable
         self.speed = SPEEDS[speed]
         self.measured: dict[str, dict[str, Any]] = {}  # recipe -> metrics, within this process
 
     def __call__(self, trial: Any) -> tuple[float, float]:
         try:
-            recipe = suggest(trial, self.space, self.max_steps)
+            recipe = self.propose(trial)
         except RecipeError as refusal:
             return self._refused(trial, "", refusal)
         if not recipe:
@@ -185,7 +188,7 @@ class Objective:
         self.measured[recipe] = metrics
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
-        violations = proxy_violations(self.goals, metrics)
+        violations = proxy_violations(self.goals, metrics, self.measurable)
         trial.set_user_attr("constraints", violations)
         feasible = all(v <= 0 for v in violations)
         self.log(f"  trial {trial.number:>3}: {recipe:<58} {metrics[self.speed]:5.2f}x  "
