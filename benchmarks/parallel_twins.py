@@ -1,0 +1,129 @@
+"""Sequence parallelism at real scale: the random-weight twin of PixArt-α's transformer (28 blocks, 16 heads), one
+guided denoiser call (batch 2) split over the ranks by ``seqparallel`` (Ulysses, ring) and by DistriFusion's
+synchronous exchange, against the same call in one process — speed only (random weights), plus how far each
+rank's output is from the one-process output.
+
+Timing is interleaved on the same machine: each repetition times the split call on every rank (one thread each),
+then rank 0 alone times the whole call with every rank's threads (the others wait at a barrier) — the honest
+alternative on one host. On a 2-core CPU this says whether the split's communication and per-call overheads eat
+its halved work; across GPUs the cost model (``effdiff plan``) estimates it.
+
+    HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node=2 benchmarks/parallel_twins.py [--px 512] [--reps 3]
+        [--recipes seqparallel seqparallel:ring=2 distrifusion:exchange=sync] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from diffusers import PixArtTransformer2DModel
+
+import effdiff
+from effdiff.distributed import init_from_env
+from effdiff.zoo.twins import PIXART_XL2
+
+TINY = {**PIXART_XL2, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "cross_attention_dim": 16,
+        "caption_channels": 32}  # --tiny: the same script end to end in seconds
+
+
+def inputs(config: dict, px: int) -> dict:
+    """One guided call's arguments at ``px`` pixels (latent px / 8), seeded alike on every rank."""
+    generator = torch.Generator().manual_seed(0)
+    side = px // 8
+    return {"hidden_states": torch.randn(2, config["in_channels"], side, side, generator=generator),
+            "encoder_hidden_states": torch.randn(2, 120, config["caption_channels"], generator=generator),
+            "timestep": torch.tensor([500, 500]), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+            "return_dict": False}
+
+
+class Holder:
+    """The transformer held the way a pipeline holds it (``accelerate`` patches a pipeline's denoiser); the
+    benchmark calls the transformer itself."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+
+    def __call__(self) -> None:
+        raise TypeError("call holder.transformer")
+
+
+def timed(call) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    call()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--px", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--recipes", nargs="+", default=["seqparallel", "seqparallel:ring=2",
+                                                         "distrifusion:exchange=sync"])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/parallel_twins.json")
+    args = parser.parse_args()
+    rank, world = init_from_env()
+    torch.set_num_threads(1)
+    config = TINY if args.tiny else PIXART_XL2
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(**config).eval().requires_grad_(False)
+    kwargs = inputs(config, args.px)
+    holder = Holder(model)
+    with torch.no_grad():
+        model(**kwargs)  # warm-up
+        whole = model(**kwargs)[0]
+    rows = []
+    for recipe in args.recipes:
+        effdiff.accelerate(holder, recipe)
+        split_s, single_s = [], []
+        with torch.no_grad():
+            split = model(**kwargs)[0]  # warm-up, and the output compared
+            for _ in range(args.reps):
+                split_s.append(timed(lambda: model(**kwargs)))
+                holder.effdiff.remove()
+                if rank == 0:
+                    torch.set_num_threads(world)
+                single_s.append(timed(lambda: model(**kwargs) if rank == 0 else None))
+                torch.set_num_threads(1)
+                effdiff.accelerate(holder, recipe)
+        with torch.no_grad():
+            model(**kwargs)  # one more call, counted: the bytes one split call sends
+        sent = getattr(holder.effdiff.methods[0], "sent_bytes", None)
+        holder.effdiff.remove()
+        gap = float((split - whole).abs().max())
+        row = {"recipe": recipe, "split_s": statistics.median(split_s), "one_process_s": statistics.median(single_s),
+               "speedup": statistics.median(single_s) / statistics.median(split_s), "max_abs_diff": gap,
+               "relative_diff": gap / float(whole.abs().max()),
+               "sent_mb_per_call": None if sent is None else sent / 1e6}
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+    if rank == 0:
+        flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        result = {"command": "HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node=2 benchmarks/parallel_twins.py "
+                             f"--px {args.px} --reps {args.reps} --recipes {' '.join(args.recipes)}"
+                             + (" --tiny" if args.tiny else ""),
+                  "model": "pixart-alpha-arch transformer (random weights)" if not args.tiny else "tiny PixArt",
+                  "tokens": (args.px // 8 // config["patch_size"]) ** 2, "batch": 2, "ranks": world,
+                  "machine": platform.processor() or platform.machine(),
+                  "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f" {f}" in flags],
+                  "rows": rows}
+        if not args.tiny:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        else:
+            print(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
