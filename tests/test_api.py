@@ -50,6 +50,11 @@ def test_accelerating_again_stacks_or_refuses(tiny_sd):
     assert torch.equal(before, sample(tiny_sd))
 
 
+def test_a_bare_denoiser_is_refused_with_what_to_pass(tiny_sd):
+    with pytest.raises(TypeError, match="takes the pipeline, not its UNet2DConditionModel"):
+        effdiff.accelerate(tiny_sd.unet, "fora")
+
+
 def test_unsupported_backbone_refused():
     class Pipe:
         unet = torch.nn.Linear(2, 2)

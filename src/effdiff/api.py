@@ -14,6 +14,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from torch import nn
+
 from effdiff.adapters import adapter_for, denoiser_attr
 from effdiff.adapters.compiled import block_compiler, compile_regions, decompile, how_compiled
 from effdiff.context import ContextHooks, StepContext
@@ -131,6 +133,9 @@ def _call_class(base: type) -> type:
 
 def accelerate(pipe: Any, recipe: RecipeLike) -> Any:
     """Apply ``recipe`` to ``pipe`` in place and return it; refusals happen before any compute."""
+    if isinstance(pipe, nn.Module):  # the methods follow the pipeline's steps: its call is where they hook in
+        raise TypeError(f"effdiff.accelerate takes the pipeline, not its {type(pipe).__name__}: pass the pipeline "
+                        "that holds it as .unet or .transformer")
     adapter = adapter_for(pipe)
     device = adapter.device.type
     target = (adapter.kind, device, type(adapter.model).__name__, adapter.stream_layouts())
