@@ -149,6 +149,13 @@ def test_until_ends_the_run_after_the_row_it_accepts(tmp_path):
         assert [r["recipe"] for r in store.rows(run_id)] == ["", "scale:0.5"]  # scale:0.9 never generated
         assert next(r for r in store.summaries() if r["run_id"] == run_id)["state"] == "complete"
     assert heard == [("m", "", True), ("m", "scale:0.5", True)]
+    heard.clear()  # resumed: the stored rows are heard again, baseline first, and the accepted one ends it
+    assert run_bench(["m"], ["scale:0.5", "scale:0.9"], samples=2, steps=2, out_dir=tmp_path, loader=tiny_pipeline,
+                     accelerate_fn=FakeAccelerate(), timing_batch=2, progress=False, until=enough,
+                     resume_run_id=run_id) == run_id
+    assert heard == [("m", "", True), ("m", "scale:0.5", True)]
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        assert [r["recipe"] for r in store.rows(run_id)] == ["", "scale:0.5"]  # still nothing more computed
 
 
 def test_a_refusal_inside_the_call_leaves_the_pipeline_clean_for_the_next_recipe(tmp_path):

@@ -486,6 +486,8 @@ class _Enough(Exception):
 def _run_models(config: BenchConfig, store: ResultsStore, run_id: str, out_dir: Path, loader, accelerate_fn,
                 judges: _Judges, progress: bool, until: Callable[[str, str, dict[str, Any]], bool] | None) -> None:
     done = store.finished(run_id)
+    if until is not None:
+        _replay(store, run_id, config, until)
     todo = [(m, r) for m in config.models for r in config.recipes if (m, r) not in done]
     with _progress(progress) as bar:
         task = bar.add_task(f"run {run_id}", total=len(config.models) * len(config.recipes),
@@ -507,6 +509,17 @@ Write = Callable[[str, str, dict[str, Any], Environment], None]  # (recipe, metr
 def row_writer(store: ResultsStore, run_id: str, model: str) -> Write:
     """A ``Write`` that commits each row of ``model`` to ``store`` at once."""
     return lambda recipe, metric_set, metrics, env: store.write(run_id, model, recipe, metric_set, metrics, env)
+
+
+def _replay(store: ResultsStore, run_id: str, config: BenchConfig,
+            until: Callable[[str, str, dict[str, Any]], bool]) -> None:
+    """A resumed run's stored rows through ``until`` first, in the run's order (the baseline before its recipes):
+    the caller hears every row as in an uninterrupted run, and a row it accepts ends the run before any compute."""
+    stored = {(r["model"], r["recipe"]): r["metrics"] for r in store.rows(run_id)}
+    for model in config.models:
+        for recipe in config.recipes:
+            if (model, recipe) in stored and until(model, recipe, stored[(model, recipe)]):
+                raise _Enough
 
 
 def _stopping(write: Write, model: str, until: Callable[[str, str, dict[str, Any]], bool]) -> Write:
