@@ -7,10 +7,12 @@ process and resume. (3) The confirmation: the proxy front's fastest stacks go th
 samples — FID/KID, prompt accuracy and the paired speed-up against the baseline in one process. (4) Optional
 refinement (``--refine-samples N``): PSNR on a few samples does not track FID (a fast stack can lose 10 dB and
 keep its FID), so the confirmed stack's own knobs (step count, cache interval, threshold…) are searched again
-with every target — FID and KID included — held on N samples against the baseline on the same seeds, and the
-refined front is confirmed on many samples like stage 3. The fastest confirmed row that meets every target is
-saved as ``tuned:NAME`` with the numbers it was validated on. A target no row meets is a clear error naming the
-best found; a recipe that violates a target is never chosen.
+with speed and FID on N samples as the objectives (the proxy targets stay constraints), and the refined front
+is confirmed on many samples like stage 3. FID is an objective there, not a constraint: at a few hundred samples
+its differences are exaggerated (measured on tiny-sd: the confirmed stack +6.6 % at 1,000 samples, +16 % at 200),
+so a bound would refuse what the confirmation accepts; the confirmation decides. The fastest confirmed row that
+meets every target is saved as ``tuned:NAME`` with the numbers it was validated on. A target no row meets is a
+clear error naming the best found; a recipe that violates a target is never chosen.
 """
 
 from __future__ import annotations
@@ -263,31 +265,35 @@ def _confirm_by_bench(pipe: Any, chosen: list[dict[str, Any]], settings: TuneSet
 
 def _refine(pipe: Any, settings: TuneSettings, goals: list[Goal], study: Any, seed: dict[str, Any],
             accelerate_fn: Any, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Stage 4: search the knobs of ``seed``'s stack with every target held on ``refine_samples`` samples (FID/KID
-    included), then confirm the refined front faster than the seed on many samples. Returns the fastest confirmed
-    row meeting every target (with its run, rows and baseline), or None."""
+    """Stage 4: search the knobs of ``seed``'s stack for speed and FID on ``refine_samples`` samples (the proxy
+    targets as constraints), then confirm the refined front's stacks faster than the seed on many samples. Returns
+    the fastest confirmed row meeting every target (with its run, rows and baseline), or None."""
     from effdiff.tune.proxy import ProxyJudge
     from effdiff.tune.space import knob_params, refine
-    from effdiff.tune.study import REFINE_METRICS, Objective, front, open_study
+    from effdiff.tune.study import Objective, front, open_study
 
     recipe = seed["recipe"]
-    digest = hashlib.sha1(f"{recipe}|{settings.refine_samples}".encode()).hexdigest()[:8]
+    digest = hashlib.sha1(f"{recipe}|{settings.refine_samples}|fid".encode()).hexdigest()[:8]
     refined = open_study(f"{study.study_name}-refine-{digest}", settings.storage_location(), settings.sampler,
                          settings.seed, goals)
     if not refined.trials and (params := knob_params(recipe, settings.steps)) is not None:
         refined.enqueue_trial(params)
     left = settings.refine_trials - sum(t.state.is_finished() for t in refined.get_trials(deepcopy=False))
-    log(f"refining {recipe} ({seed['metrics']['speedup']:.2f}x confirmed): its knobs on {settings.refine_samples} "
-        f"samples with {', '.join(g.text for g in goals)}, {max(left, 0)} trials")
+    log(f"refining {recipe} ({seed['metrics']['speedup']:.2f}x confirmed): its knobs, speed and FID on "
+        f"{settings.refine_samples} samples, {max(left, 0)} trials")
     if left > 0:
         judge = ProxyJudge(pipe, settings.refine_samples, settings.steps, settings.guidance, settings.timing_batch,
                            accelerate_fn=accelerate_fn, seed=REFINE_SEED, distribution=True)
         objective = Objective(judge, {}, goals, settings.steps, log, settings.speed,
-                              propose=lambda trial: refine(trial, recipe, settings.steps), measurable=REFINE_METRICS)
+                              propose=lambda trial: refine(trial, recipe, settings.steps), quality="fid")
         refined.optimize(objective, n_trials=left, gc_after_trial=False, catch=(Exception,))
-    faster = [c for c in front(refined) if c["recipe"] != recipe and c["speedup"] > 1.0]
+    from optuna.trial import TrialState
+
+    done = refined.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    floor = next((t.values[0] for t in done if t.user_attrs.get("recipe") == recipe), seed["metrics"]["speedup"])
+    faster = [c for c in front(refined) if c["speedup"] > floor]  # timed as the seed was, in this study
     if not faster:
-        log("refinement: no refined stack met every target on its samples")
+        log("refinement: no refined stack on the speed/FID front is faster than the one it started from")
         return None
     log("refined front (fastest first): " + "; ".join(f"{c['recipe']} {c['speedup']:.2f}x" for c in faster))
     run_id, rows, baseline = _confirm_by_bench(pipe, faster[: settings.confirm_top], settings, refined,

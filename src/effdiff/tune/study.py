@@ -28,7 +28,6 @@ from effdiff.tune.space import NONE, knob_params, resources, suggest
 from effdiff.tune.targets import Goal
 
 PROXY_METRICS = ("psnr", "ssim", "prompt_accuracy")  # what a handful of samples can check; FID needs many
-REFINE_METRICS = (*PROXY_METRICS, "fid", "kid")  # the refinement's samples are enough for FID/KID
 SPEEDS = {"time": "speedup", "flops": "flops_ratio"}  # --speed -> the proxy metric the search maximises
 
 
@@ -95,18 +94,17 @@ def _constraints_of(goals: Sequence[Goal]) -> Callable[[Any], list[float]]:
     return constraints
 
 
-def proxy_violations(goals: Sequence[Goal], metrics: dict[str, Any],
-                     measurable: Sequence[str] = PROXY_METRICS) -> list[float]:
-    """Per goal on a ``measurable`` metric, how far the metrics miss it (<= 0: met); [0] when none is measurable."""
+def proxy_violations(goals: Sequence[Goal], metrics: dict[str, Any]) -> list[float]:
+    """Per proxy-measurable goal, how far the proxy metrics miss it (<= 0: met); [0] when none is measurable."""
     out = []
     for goal in goals:
-        if goal.metric not in measurable:
+        if goal.metric not in PROXY_METRICS:
             continue
         value = metrics.get(goal.metric)
         if value is None:  # accuracy of a speed-only twin: nothing to hold against
             out.append(0.0)
             continue
-        out.append(-goal.margin(value, metrics.get(f"baseline_{goal.metric}")))  # relative: accuracy, FID, KID
+        out.append(-goal.margin(value, metrics.get(f"baseline_{goal.metric}")))  # only accuracy is ever relative
     return out or [0.0]
 
 
@@ -151,12 +149,12 @@ class Objective:
 
     def __init__(self, judge: ProxyJudge, space: dict[str, list[str]], goals: Sequence[Goal], max_steps: int,
                  log: Callable[[str], None] = print, speed: str = "time",
-                 propose: Callable[[Any], str] | None = None, measurable: Sequence[str] = PROXY_METRICS) -> None:
+                 propose: Callable[[Any], str] | None = None, quality: str = "psnr") -> None:
         if speed not in SPEEDS:
             raise ValueError(f"--speed must be one of {', '.join(SPEEDS)}, got {speed!r}")
         self.judge, self.space, self.goals, self.max_steps, self.log = judge, space, goals, max_steps, log
         self.propose = propose or (lambda trial: suggest(trial, self.space, self.max_steps))
-        self.measurable = measurable
+        self.quality = quality  # the second objective: "psnr" (higher is better) or "fid" (maximised negated)
         self.speed = SPEEDS[speed]
         self.measured: dict[str, dict[str, Any]] = {}  # recipe -> metrics, within this process
 
@@ -188,12 +186,13 @@ class Objective:
         self.measured[recipe] = metrics
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
-        violations = proxy_violations(self.goals, metrics, self.measurable)
+        violations = proxy_violations(self.goals, metrics)
         trial.set_user_attr("constraints", violations)
         feasible = all(v <= 0 for v in violations)
+        fid = f"  FID {metrics['fid']:.3f} (baseline {metrics['baseline_fid']:.3f})" if "fid" in metrics else ""
         self.log(f"  trial {trial.number:>3}: {recipe:<58} {metrics[self.speed]:5.2f}x  "
-                 f"PSNR {metrics['psnr']:6.2f} dB{'' if feasible else '  (misses a target)'}")
-        return metrics[self.speed], metrics["psnr"]
+                 f"PSNR {metrics['psnr']:6.2f} dB{fid}{'' if feasible else '  (misses a target)'}")
+        return metrics[self.speed], -metrics["fid"] if self.quality == "fid" else metrics["psnr"]
 
     def _refused(self, trial: Any, recipe: str, refusal: Exception) -> Any:
         """A stack the registry or a method refused: a failed trial with its reason. Failed, not pruned: Optuna's
