@@ -8,7 +8,7 @@ then rank 0 alone times the whole call with every rank's threads (the others wai
 alternative on one host. On a 2-core CPU this says whether the split's communication and per-call overheads eat
 its halved work; across GPUs the cost model (``effdiff plan``) estimates it.
 
-    HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node=2 benchmarks/parallel_twins.py [--px 512] [--reps 3]
+    HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node=2 benchmarks/parallel_twins.py [--px 256] [--reps 3]
         [--recipes seqparallel seqparallel:ring=2 distrifusion:exchange=sync] [--tiny]
 """
 
@@ -65,12 +65,12 @@ def timed(call) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--px", type=int, default=512)
+    parser.add_argument("--px", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--recipes", nargs="+", default=["seqparallel", "seqparallel:ring=2",
                                                          "distrifusion:exchange=sync"])
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/parallel_twins.json")
+    parser.add_argument("--out", help="default: benchmarks/results/parallel_twins_<px>.json")
     args = parser.parse_args()
     rank, world = init_from_env()
     torch.set_num_threads(1)
@@ -112,6 +112,7 @@ def main() -> None:
         flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         result = {"command": "HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node=2 benchmarks/parallel_twins.py "
                              f"--px {args.px} --reps {args.reps} --recipes {' '.join(args.recipes)}"
+                             + (f" --out {args.out}" if args.out else "")
                              + (" --tiny" if args.tiny else ""),
                   "model": "pixart-alpha-arch transformer (random weights)" if not args.tiny else "tiny PixArt",
                   "tokens": (args.px // 8 // config["patch_size"]) ** 2, "batch": 2, "ranks": world,
@@ -119,7 +120,8 @@ def main() -> None:
                   "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f" {f}" in flags],
                   "rows": rows}
         if not args.tiny:
-            Path(args.out).write_text(json.dumps(result, indent=1))
+            out = Path(args.out or f"benchmarks/results/parallel_twins_{args.px}.json")
+            out.write_text(json.dumps(result, indent=1))
         else:
             print(json.dumps(result))
     dist.destroy_process_group()
