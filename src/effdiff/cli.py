@@ -431,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="at most this many proxy-front stacks confirmed, fastest first, until one meets the "
                            "targets (default 8)")
     tune.add_argument("--refine-samples", type=int, default=0,
-                      help="then search the confirmed stack's knobs with every target (FID/KID too) held on this many "
-                           "samples, and confirm the faster ones (default 0: no refinement; 200 is a good start)")
+                      help="then search the confirmed stack's knobs for speed and FID on this many samples, and "
+                           "confirm the faster ones (default 0: no refinement; 200 is a good start)")
     tune.add_argument("--refine-trials", type=int, default=24, help="trials of the refinement (default 24)")
     tune.add_argument("--steps", type=int, default=50, help="baseline DDIM steps (default 50)")
     tune.add_argument("--guidance", type=float, default=4.0)

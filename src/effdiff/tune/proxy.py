@@ -21,8 +21,7 @@ PROXY_SEED = 1_000_000
 class ProxyJudge:
     """Measures recipes on ``samples`` images (seeds from ``PROXY_SEED``) against the baseline computed once;
     with ``distribution`` also FID/KID against the held-out digits (the refinement stage's few hundred samples:
-    noisy in absolute terms, but the baseline is scored on the same seeds, so a relative target compares like
-    with like)."""
+    enough to rank stacks, with the baseline scored on the same seeds beside them; too few to hold a bound)."""
 
     def __init__(self, pipe: Any, samples: int, steps: int, guidance: float, timing_batch: int = 2,
                  reps: int = 3, accelerate_fn: Any = None, seed: int = PROXY_SEED, distribution: bool = False) -> None:

@@ -268,6 +268,8 @@ def _refine(pipe: Any, settings: TuneSettings, goals: list[Goal], study: Any, se
     """Stage 4: search the knobs of ``seed``'s stack for speed and FID on ``refine_samples`` samples (the proxy
     targets as constraints), then confirm the refined front's stacks faster than the seed on many samples. Returns
     the fastest confirmed row meeting every target (with its run, rows and baseline), or None."""
+    from optuna.trial import TrialState
+
     from effdiff.tune.proxy import ProxyJudge
     from effdiff.tune.space import knob_params, refine
     from effdiff.tune.study import Objective, front, open_study
@@ -287,8 +289,6 @@ def _refine(pipe: Any, settings: TuneSettings, goals: list[Goal], study: Any, se
         objective = Objective(judge, {}, goals, settings.steps, log, settings.speed,
                               propose=lambda trial: refine(trial, recipe, settings.steps), quality="fid")
         refined.optimize(objective, n_trials=left, gc_after_trial=False, catch=(Exception,))
-    from optuna.trial import TrialState
-
     done = refined.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     floor = next((t.values[0] for t in done if t.user_attrs.get("recipe") == recipe), seed["metrics"]["speedup"])
     faster = [c for c in front(refined) if c["speedup"] > floor]  # timed as the seed was, in this study

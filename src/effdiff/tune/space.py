@@ -125,12 +125,23 @@ def knob_params(recipe: str, max_steps: int) -> dict[str, Any] | None:
     None when a knob is outside its searched range."""
     params: dict[str, Any] = {}
     for method in parse(recipe):
-        for key, param in searched(type(method)).items():
-            value, search = method.values[key], param.search or ()
-            outside = not search[0] <= value <= search[1] if is_range(param) else value not in search
-            if outside or key == "steps" and value > max_steps:
-                return None
-            params[f"{method.name}.{key}"] = value
+        knobs = method_knobs(method, max_steps)
+        if knobs is None:
+            return None
+        params.update(knobs)
+    return params
+
+
+def method_knobs(method: Method, max_steps: int) -> dict[str, Any] | None:
+    """``method``'s searched knobs as trial parameters (``name.key``: value); None when one is outside its searched
+    range or asks for more steps than the baseline's."""
+    params: dict[str, Any] = {}
+    for key, param in searched(type(method)).items():
+        value, search = method.values[key], param.search or ()
+        outside = not search[0] <= value <= search[1] if is_range(param) else value not in search
+        if outside or key == "steps" and value > max_steps:
+            return None
+        params[f"{method.name}.{key}"] = value
     return params
 
 

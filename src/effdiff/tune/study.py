@@ -24,7 +24,7 @@ from effdiff.errors import RecipeError
 from effdiff.recipe import parse
 from effdiff.registry import Method
 from effdiff.tune.proxy import ProxyJudge
-from effdiff.tune.space import NONE, knob_params, resources, suggest
+from effdiff.tune.space import NONE, method_knobs, resources, suggest
 from effdiff.tune.targets import Goal
 
 PROXY_METRICS = ("psnr", "ssim", "prompt_accuracy")  # what a handful of samples can check; FID needs many
@@ -133,7 +133,7 @@ def params_of(recipe: str, space: dict[str, list[str]], max_steps: int) -> dict[
         if method is None:
             continue
         taken |= resources(method.name)
-        knobs = knob_params(method.spec(), max_steps)
+        knobs = method_knobs(method, max_steps)
         if knobs is None:
             return None
         params.update(knobs)

@@ -32,8 +32,8 @@ def new_groups(member_lists: list[list[int]], rank: int) -> Any:
 class ParallelMethod(Method):
     """A method that splits the denoiser's work between the ranks of a ``torch.distributed`` process group. It
     owns the ranks alone (one parallel method a recipe) — except beside ``cfgparallel``, which takes the outer split
-    (the CFG batch's halves on two branches of ranks) while a method that declares ``in_cfg_branches`` splits each
-    branch's image between the branch's ranks (DistriFusion's and xDiT's layout). It comes after what changes the
+    (the CFG batch's halves on two branches of ranks) while the other method splits each branch's image between
+    the branch's ranks (DistriFusion's and xDiT's layout). It comes after what changes the
     model (solvers, quantized, pruned or distilled weights) and before what works per layer call (caches, token
     methods, compile), and decides per call in Python, so a compiled denoiser is compiled per block beneath it."""
 
@@ -42,7 +42,6 @@ class ParallelMethod(Method):
     after = ("solver", "quant", "prune", "distill")
     before = ("cache", "tokens", "compile")
     graph_safe = False
-    in_cfg_branches = True  # whether it runs inside a CFG branch's ranks beside cfgparallel
     splits_branches = False  # cfgparallel: the outer split, across the branches
 
     def join_ranks(self) -> None:
@@ -66,8 +65,6 @@ class ParallelMethod(Method):
             raise RecipeError(f"{self.name}: beside {beside[0].name} the {size} ranks must split into {BRANCHES} CFG "
                               f"branches of 2 or more (a world of 4, 6, …)")
         inner = beside[0] if self.splits_branches else self
-        if not inner.in_cfg_branches:
-            raise RecipeError(f"{inner.name} does not run inside CFG branches; use it without cfgparallel")
         branches = branch_members(size, BRANCHES)
         across = [[b[i] for b in branches] for i in range(size // BRANCHES)]  # one rank of each branch
         inside_group = new_groups(branches, rank)
