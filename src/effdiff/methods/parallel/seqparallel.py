@@ -88,6 +88,9 @@ class SequenceParallel(ParallelMethod):
                    else "has no context-parallel plan in diffusers")
             raise RecipeError(f"{self.name}: {type(model).__name__} {why}; use engine=effdiff")
         wanted = self["engine"] == "diffusers" or (self["engine"] == "auto" and planned and on_accelerator)
+        if wanted and self.group is not None:  # diffusers builds its mesh over the whole world
+            raise RecipeError(f"{self.name}: diffusers' context parallelism spans every rank, so it does not run "
+                              "inside cfgparallel's branches; use seqparallel alone on this model")
         return "diffusers" if wanted else "effdiff"
 
     def _effdiff(self, model: nn.Module) -> None:
