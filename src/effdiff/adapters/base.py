@@ -182,6 +182,22 @@ class PatchLayout:
     exit: nn.Module | None = None
 
 
+@dataclass(frozen=True)
+class SequenceLayout:
+    """How a DiT's token sequence splits between ranks for sequence parallelism: ``image`` returns the image tokens
+    and ``text`` an MMDiT's text tokens (None where the text is only cross-attended), each split by tokens;
+    ``rotary`` returns rotary tables over the text's tokens then the image's (FLUX; None where positions are added
+    at the embedding); ``exit`` is a per-token layer after the last block, whose output is gathered; ``attentions``
+    are the attentions over image (and text) tokens, made whole over the ranks. Everything else works per token,
+    or on the text the text attention keeps whole."""
+
+    image: nn.Module
+    exit: nn.Module
+    attentions: tuple[tuple[str, nn.Module], ...]
+    text: nn.Module | None = None
+    rotary: nn.Module | None = None
+
+
 def basic_transformer_blocks(ref: BlockRef, stride: int, level: int = 1) -> list[TokenBlock]:
     """diffusers' ``BasicTransformerBlock``s in a block (SD U-Nets' ``Transformer2DModel``, PixArt, DiT)."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -234,6 +250,10 @@ class Adapter:
 
     def patch_layout(self) -> PatchLayout | None:
         """How the image splits into patches across ranks; None where the architecture has no known split."""
+        return None
+
+    def sequence_layout(self) -> SequenceLayout | None:
+        """How the token sequence splits across ranks; None for denoisers that are not token sequences (U-Nets)."""
         return None
 
     def linears(self) -> list[tuple[str, nn.Linear]]:

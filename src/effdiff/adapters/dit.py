@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from effdiff.adapters.base import Adapter, BlockRef, CacheLayer, PatchLayout, TokenBlock
+from effdiff.adapters.base import Adapter, BlockRef, CacheLayer, PatchLayout, SequenceLayout, TokenBlock
 
 
 class DiTAdapter(Adapter):
@@ -26,6 +26,11 @@ class DiTAdapter(Adapter):
         """Tokens: ``pos_embed`` patchifies the latent and adds positions, the blocks work per token except their
         self-attention, and the output layer after the last block is per token too."""
         return PatchLayout("tokens", entry=self.model.pos_embed, exit=self.model.transformer_blocks[-1])
+
+    def sequence_layout(self) -> SequenceLayout | None:
+        """The patch split's token entry and exit; the text is only cross-attended, so every rank keeps it whole."""
+        return SequenceLayout(image=self.model.pos_embed, exit=self.model.transformer_blocks[-1],
+                              attentions=tuple(self.self_attentions()))
 
     def modulated_input(self, ref: BlockRef, args: tuple, kwargs: dict) -> torch.Tensor:
         """A ``BasicTransformerBlock``'s normalised, timestep-modulated input: PixArt's adaLN-single, DiT's
@@ -75,6 +80,21 @@ class _MMDiTAdapter(DiTAdapter):
         """None: the joint attention's rotary table and text rows would have to follow the split."""
         return None
 
+    def sequence_layout(self) -> SequenceLayout | None:
+        """Image and text tokens both split (the joint attention sees them as one sequence); the output norm works
+        per image token, so it is where the image is gathered; every attention is over the joint or image
+        sequence."""
+        return SequenceLayout(image=self.image_embedding(), text=self.model.context_embedder,
+                              exit=self.model.norm_out, attentions=tuple(self.attention()), rotary=self.rotary())
+
+    def image_embedding(self) -> nn.Module:
+        """The layer that returns the image tokens: SD3's patch embedding (which adds the positions)."""
+        return self.model.pos_embed
+
+    def rotary(self) -> nn.Module | None:
+        """The layer returning the rotary tables (text rows first); None: positions are added at the embedding."""
+        return None
+
     def timestep_embedding(self) -> tuple[str, nn.Module] | None:
         """``time_text_embed``: timestep (+ guidance) + pooled text, the ``temb`` every joint block reads."""
         return "time_text_embed", self.model.time_text_embed
@@ -118,6 +138,14 @@ class FluxAdapter(_MMDiTAdapter):
         return [TokenBlock(ref.name, ref.module, 1, streams=ref.streams, attn=("attn",), cross=(),
                            ff=("ff",) if ref.streams == "joint" else ("proj_mlp",), rope="image_rotary_emb")
                 for ref in self.blocks()]
+
+    def image_embedding(self) -> nn.Module:
+        """``x_embedder``: the latent is packed into tokens before the model, so a linear embeds them."""
+        return self.model.x_embedder
+
+    def rotary(self) -> nn.Module | None:
+        """``pos_embed``: rotary tables from the text ids then the image ids."""
+        return self.model.pos_embed
 
     def cache_layers(self) -> list[CacheLayer]:
         """Double blocks: the joint attention, the image and text feed-forwards. Single blocks: ``proj_out``, the

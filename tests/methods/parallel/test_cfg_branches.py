@@ -2,12 +2,13 @@
 unconditional half of every guided step and ranks 2–3 the conditional half (the outer split, as in DistriFusion's
 and xDiT's setups), and the other method splits each half's image between its branch's two ranks. Exact
 exchanges give the single-process image up to float rounding, in either written order; each method sees its own
-group's ranks."""
+group's ranks. An MMDiT (the stock SD3 pipeline) splits its text and image tokens inside each branch."""
 
 from __future__ import annotations
 
 import pytest
 from _ranks import on_ranks
+from _stock import build
 from conftest import make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
@@ -17,12 +18,13 @@ STACKS = {
     "dit": ("cfgparallel+distrifusion:exchange=sync", "distrifusion:exchange=sync+cfgparallel",
             "cfgparallel+seqparallel", "cfgparallel+seqparallel:ring=2", "cfgparallel+pipefusion:patches=1"),
     "unet": ("cfgparallel+distrifusion:exchange=sync",),
+    "sd3": ("cfgparallel+seqparallel",),
 }
 
 
 def _four_ranks() -> dict:
     results: dict = {}
-    for kind, make in (("dit", make_tiny_dit), ("unet", make_tiny_sd)):
+    for kind, make in (("dit", make_tiny_dit), ("unet", make_tiny_sd), ("sd3", lambda: build("sd3"))):
         pipe = make()
         single = sample(pipe, steps=STEPS)
         for recipe in STACKS[kind]:

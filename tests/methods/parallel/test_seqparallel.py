@@ -2,6 +2,8 @@
 Ulysses (heads exchanged all-to-all, also with a head count the ranks do not divide), ring (keys and values passed
 round) and their hybrid on four ranks all give the single-process image up to float rounding — far closer than the
 patch split without any exchange; a fixed-schedule cache stacks; ``remove()`` restores the single-process image.
+MMDiTs (stock FLUX and SD3 pipelines): text and image tokens both split — FLUX's 7 text tokens unevenly, its
+rotary rows with them — and joint attention made whole, on two ranks and in the four-rank hybrid.
 Refusals: no process group, feature-driven caches, a ring that does not divide the world, more Ulysses ranks than
 heads, diffusers' engine where it cannot run."""
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _ranks import on_ranks
+from _stock import build
 from conftest import make_tiny_dit, make_tiny_sd, sample
 
 import effdiff
@@ -42,6 +45,30 @@ def _refusal(make, recipe: str) -> str:
     return ""
 
 
+def _stock_image(pipe) -> torch.Tensor:
+    """Three steps at 48 × 32 px (96 image tokens); FLUX with 7 text tokens, which two or four ranks share
+    unevenly."""
+    extra = {"max_sequence_length": 7} if type(pipe).__name__ == "FluxPipeline" else {}
+    return pipe("a red apple", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt",
+                height=48, width=32, **extra).images
+
+
+def _mmdits(recipes: tuple[str, ...]) -> dict:
+    """Each stock MMDiT's single-process image, its images under ``recipes``, and whether ``remove()`` restores
+    the single-process image."""
+    results: dict = {}
+    for name in ("flux", "sd3"):
+        pipe = build(name)
+        single = _stock_image(pipe)
+        images = {}
+        for recipe in recipes:
+            effdiff.accelerate(pipe, recipe)
+            images[recipe] = _stock_image(pipe)
+            pipe.effdiff.remove()
+        results[name] = {"single": single, **images, "restored": bool(torch.equal(_stock_image(pipe), single))}
+    return results
+
+
 def _two_ranks() -> dict:
     pipe = make_tiny_dit()
     seen = _tokens_seen(pipe)
@@ -52,6 +79,7 @@ def _two_ranks() -> dict:
     results["tokens"] = sorted(set(seen))
     results["restored"] = bool(torch.equal(sample(pipe, steps=STEPS), single))
     results["fora"] = (_image(pipe, "fora:interval=2"), _image(pipe, "seqparallel+fora:interval=2"))
+    results["mmdit"] = _mmdits(("seqparallel", "seqparallel:ring=2"))
     three = make_tiny_dit(heads=3)
     results["three heads"] = (sample(three, steps=STEPS), _image(three, "seqparallel"))
     results["refused"] = {
@@ -69,7 +97,7 @@ def _four_ranks() -> dict:
     pipe = make_tiny_dit()
     single = sample(pipe, steps=STEPS)
     return {"single": single, "hybrid": _image(pipe, "seqparallel:ring=2"),
-            "too many heads": _refusal(make_tiny_dit, "seqparallel")}
+            "too many heads": _refusal(make_tiny_dit, "seqparallel"), "mmdit": _mmdits(("seqparallel:ring=2",))}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +116,16 @@ def test_ulysses_and_ring_give_the_single_process_image(ranks, recipe):
     naive = _gap(ranks[0]["distrifusion:exchange=none"], ranks[0]["single"])
     assert naive > 100 * _gap(ranks[0][recipe], ranks[0]["single"])  # the exchange is what makes it whole
     assert torch.equal(ranks[0][recipe], ranks[1][recipe])  # every rank ends with the same image
+
+
+@pytest.mark.parametrize("model", ["flux", "sd3"])
+@pytest.mark.parametrize("recipe", ["seqparallel", "seqparallel:ring=2"])
+def test_mmdit_joint_attention_is_made_whole(ranks, model, recipe):
+    for rank in ranks:
+        images = rank["mmdit"][model]
+        assert _gap(images[recipe], images["single"]) < 1e-4
+        assert images["restored"]
+    assert torch.equal(ranks[0]["mmdit"][model][recipe], ranks[1]["mmdit"][model][recipe])
 
 
 def test_each_rank_holds_half_the_tokens_and_remove_restores(ranks):
@@ -121,6 +159,9 @@ def test_the_usp_hybrid_on_four_ranks(tmp_path):
     for rank in ranks:
         assert _gap(rank["hybrid"], rank["single"]) < 1e-4
     assert "Ulysses over 4 ranks needs at least as many heads (2 here); use ring=4" in ranks[0]["too many heads"]
+    for rank in ranks:
+        for images in rank["mmdit"].values():
+            assert _gap(images["seqparallel:ring=2"], images["single"]) < 1e-4
 
 
 def test_without_a_process_group_it_is_refused():

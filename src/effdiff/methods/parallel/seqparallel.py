@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from effdiff.methods.parallel.base import ParallelMethod
-from effdiff.methods.parallel.patch_layers import all_tokens, own_tokens
-from effdiff.methods.parallel.sequence import Mesh, make_mesh, sequence_attention
-from effdiff.methods.tokens.atedm import plain_attention
+from effdiff.methods.parallel.sequence import (
+    Mesh,
+    WholeSequenceAttention,
+    gather_stream,
+    make_mesh,
+    rotary_rows,
+    split_stream,
+)
 from effdiff.registry import Paper, Param, RecipeError
 
 USP = Paper("USP: A Unified Sequence Parallelism Approach for Long Context Generative AI", "2405.07719")
@@ -20,9 +24,11 @@ RING = Paper("Ring Attention with Blockwise Transformers for Near-Infinite Conte
 
 
 class SequenceParallel(ParallelMethod):
-    """Sequence (context) parallelism: each of ``N`` ranks holds ``1/N`` of the image's tokens through every block;
-    everything per token (projections, feed-forward, cross-attention to the text) runs on its share alone, and
-    each self-attention is made whole over the ranks — **exact**, unlike DistriFusion's stale patches:
+    """Sequence (context) parallelism: each of ``N`` ranks holds ``1/N`` of the image's tokens through every block
+    (an MMDiT's text tokens too: FLUX and SD3 attend over text and image as one sequence; FLUX's rotary rows follow
+    the split); everything per token (projections, feed-forward, cross-attention to the text) runs on its share
+    alone, and each self- or joint attention is made whole over the ranks — **exact**, unlike DistriFusion's stale
+    patches. Shares need not be equal (SD3's 333 text tokens on 2 ranks):
 
     - **Ulysses** (DeepSpeed-Ulysses): an all-to-all turns "my tokens, every head" into "every token, my heads",
       attention runs whole per head, a second all-to-all turns it back. Moves 4 × the local activations per
@@ -36,8 +42,11 @@ class SequenceParallel(ParallelMethod):
     Engine: on accelerators, a denoiser that diffusers gives a context-parallel plan (FLUX, Wan, QwenImage, LTX…)
     runs on diffusers' own ``enable_parallelism(ContextParallelConfig(ring_degree, ulysses_degree))``
     (``engine=auto``/``diffusers``); diffusers' context parallelism does not run on a CPU (it places ranks by
-    accelerator count) and has no plan for PixArt/DiT, so single-stream DiTs — and every run on a CPU — use effdiff's
-    own (``engine=effdiff``) over gloo or NCCL. xDiT (xfuser) does not install here.
+    accelerator count), has no plan for PixArt, DiT or SD3 (whose processors call SDPA directly) and spans every
+    rank (so not inside ``cfgparallel``'s branches): there effdiff's own runs (``engine=effdiff``), over gloo or
+    NCCL. Effdiff's replaces each attention's ``scaled_dot_product_attention`` call inside the module
+    (``WholeSequenceAttention``), so diffusers' processors — projections, QK norms, rotary, text and image
+    concatenated — run unchanged on each rank's share. xDiT (xfuser) does not install here.
 
     Stacking: solvers, compressed/quantized/distilled models and fixed-schedule caches (``fora``, ``taylorseer``)
     stack; caches that decide from the features and token methods would decide on each rank's share differently
@@ -54,7 +63,7 @@ class SequenceParallel(ParallelMethod):
     also = (ULYSSES, RING)
     summary = "one image's tokens split between ranks; attention whole by Ulysses all-to-all and/or ring: exact"
     backbones = frozenset({"dit"})
-    streams = frozenset({"single", "joint"})
+    streams = frozenset({"single", "joint", "concat"})
     params = {
         "ring": Param(int, 1, 1, 1024, help="ranks per ring (ring attention); the other factor of the world size "
                                             "runs Ulysses (1 = Ulysses only, world size = ring only)"),
@@ -87,58 +96,50 @@ class SequenceParallel(ParallelMethod):
             why = ("is on the CPU, where diffusers' context parallelism does not run" if planned
                    else "has no context-parallel plan in diffusers")
             raise RecipeError(f"{self.name}: {type(model).__name__} {why}; use engine=effdiff")
-        wanted = self["engine"] == "diffusers" or (self["engine"] == "auto" and planned and on_accelerator)
-        if wanted and self.group is not None:  # diffusers builds its mesh over the whole world
+        if self["engine"] == "diffusers" and self.group is not None:  # diffusers builds its mesh over the world
             raise RecipeError(f"{self.name}: diffusers' context parallelism spans every rank, so it does not run "
-                              "inside cfgparallel's branches; use seqparallel alone on this model")
+                              "inside cfgparallel's branches; use engine=effdiff")
+        wanted = self["engine"] == "diffusers" or (self["engine"] == "auto" and planned and on_accelerator
+                                                  and self.group is None)
         return "diffusers" if wanted else "effdiff"
 
     def _effdiff(self, model: nn.Module) -> None:
-        layout = self.adapter.patch_layout()
-        if layout is None or layout.split != "tokens":
-            raise RecipeError(f"{self.name}: effdiff's sequence split covers single-stream DiTs (PixArt, DiT); "
-                              f"{type(model).__name__} needs diffusers' context parallelism on a GPU "
-                              "(engine=diffusers)")
-        attentions = self.adapter.self_attentions()
-        for name, attn in attentions:
-            if not plain_attention(attn) or getattr(attn, "fused_projections", False):
-                raise RecipeError(f"{self.name}: {name} uses {type(attn.processor).__name__} or fused projections, "
-                                  "whose attention it does not reproduce; it needs a plain self-attention")
-        heads = min(attn.heads for _, attn in attentions)
+        layout = self.adapter.sequence_layout()
+        if layout is None:
+            raise RecipeError(f"{self.name}: {type(model).__name__} is not a token sequence; split a U-Net's image "
+                              "with distrifusion")
+        heads = min(attn.heads for _, attn in layout.attentions)
         self.mesh = make_mesh(self.branches, self.global_rank, self["ring"], self.group)
         if self.mesh.ulysses > heads:
             raise RecipeError(f"{self.name}: Ulysses over {self.mesh.ulysses} ranks needs at least as many heads "
                               f"({heads} here); use ring={self.world}")
-        self.patches.forward(layout.entry, own_tokens(self.name, self.rank, self.world))
-        self.patches.forward(layout.exit, all_tokens(self.world, self.group))
-        for _, attn in attentions:
-            self.patches.forward(attn, self._attention(attn))
+        self.patches.forward(layout.image, split_stream(self.mesh, "image"))
+        if layout.text is not None:
+            self.patches.forward(layout.text, split_stream(self.mesh, "text"))
+        if layout.rotary is not None:
+            self.patches.forward(layout.rotary, rotary_rows(self.mesh))
+        self.patches.forward(layout.exit, gather_stream(self.mesh, "image", self.group))
+        for name, attn in layout.attentions:
+            self.patches.forward(attn, self._whole_sequence(name))
 
     @property
     def sent_bytes(self) -> int:
         """Bytes this rank has sent in its attentions' exchanges (effdiff's engine; measured communication)."""
         return self.mesh.sent if hasattr(self, "mesh") else 0
 
-    def _attention(self, attn: nn.Module) -> Any:
+    def _whole_sequence(self, name: str) -> Any:
+        """An attention module whose ``scaled_dot_product_attention`` runs over every rank's tokens; refused when
+        its processor computes attention without it (another backend), which the split would silently miss."""
         mesh: Mesh = self.mesh
 
         def make(inner: Any) -> Any:
-            def forward(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                        attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-                if encoder_hidden_states is not None or attention_mask is not None or kwargs:
-                    raise RecipeError(f"{self.name}: a self-attention called with text, a mask or extra arguments "
-                                      "is not split by sequence")
-                batch, tokens, _ = hidden_states.shape
-                q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-                dim = q.shape[-1] // attn.heads
-                q, k, v = (t.view(batch, tokens, attn.heads, dim).transpose(1, 2) for t in (q, k, v))
-                if attn.norm_q is not None:
-                    q = attn.norm_q(q)
-                if attn.norm_k is not None:
-                    k = attn.norm_k(k)
-                out = sequence_attention(q, k, v, attn.scale, mesh)
-                out = out.transpose(1, 2).reshape(batch, tokens, attn.heads * dim).to(q.dtype)
-                return attn.to_out[1](attn.to_out[0](out))
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                with WholeSequenceAttention(mesh, name) as mode:
+                    out = inner(*args, **kwargs)
+                if not mode.calls:
+                    raise RecipeError(f"{self.name}: {name} computed its attention without torch's "
+                                      "scaled_dot_product_attention (another attention backend); set the native one")
+                return out
 
             return forward
 
