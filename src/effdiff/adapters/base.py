@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -258,6 +259,45 @@ class Adapter:
 
     def linears(self) -> list[tuple[str, nn.Linear]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+
+    def context_parallel_planned(self) -> bool:
+        """Whether diffusers has a context-parallel plan for this model (FLUX, Wan, QwenImage, LTX…)."""
+        return getattr(self.model, "_cp_plan", None) is not None
+
+    def enable_context_parallel(self, ring: int, ulysses: int) -> Callable[[], None]:
+        """diffusers' context parallelism over every rank; returns what undoes it (the plan's split/gather hooks
+        removed, the config recorded on the model and on each attention processor cleared). On an accelerator
+        through ``enable_parallelism``; on a CPU, which ``enable_parallelism`` cannot place (it takes the rank
+        modulo the accelerator count), by its same steps with a gloo mesh on the CPU — the config set up, recorded
+        on the model and its processors, the plan's hooks applied."""
+        import torch.distributed as dist
+        from diffusers import ContextParallelConfig
+        from diffusers.hooks.context_parallel import apply_context_parallel, remove_context_parallel
+        from diffusers.models._modeling_parallel import ParallelConfig
+        from torch.distributed.device_mesh import init_device_mesh
+
+        model: Any = self.model
+        config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses)
+        processors = [m.processor for m in model.modules()
+                      if hasattr(getattr(m, "processor", None), "_parallel_config")]
+        if self.device.type != "cpu":
+            model.enable_parallelism(config=config)
+        else:
+            whole = ParallelConfig(context_parallel_config=config)
+            mesh = init_device_mesh("cpu", mesh_shape=config.mesh_shape, mesh_dim_names=config.mesh_dim_names)
+            whole.setup(dist.get_rank(), dist.get_world_size(), self.device, mesh=mesh)
+            model._parallel_config = whole
+            for processor in processors:
+                processor._parallel_config = whole
+            apply_context_parallel(model, config, model._cp_plan)
+
+        def undo() -> None:
+            remove_context_parallel(model, model._cp_plan)
+            model._parallel_config = None
+            for processor in processors:
+                processor._parallel_config = None
+
+        return undo
 
     @property
     def device(self) -> torch.device:

@@ -3,7 +3,8 @@ Ulysses (heads exchanged all-to-all, also with a head count the ranks do not div
 round) and their hybrid on four ranks all give the single-process image up to float rounding — far closer than the
 patch split without any exchange; a fixed-schedule cache stacks; ``remove()`` restores the single-process image.
 MMDiTs (stock FLUX and SD3 pipelines): text and image tokens both split — FLUX's 7 text tokens unevenly, its
-rotary rows with them — and joint attention made whole, on two ranks and in the four-rank hybrid.
+rotary rows with them — and joint attention made whole, on two ranks and in the four-rank hybrid; FLUX also on
+diffusers' own engine, set up on the CPU ranks.
 Refusals: no process group, feature-driven caches, a ring that does not divide the world, more Ulysses ranks than
 heads, diffusers' engine where it cannot run."""
 
@@ -45,27 +46,28 @@ def _refusal(make, recipe: str) -> str:
     return ""
 
 
-def _stock_image(pipe) -> torch.Tensor:
-    """Three steps at 48 × 32 px (96 image tokens); FLUX with 7 text tokens, which two or four ranks share
-    unevenly."""
-    extra = {"max_sequence_length": 7} if type(pipe).__name__ == "FluxPipeline" else {}
+def _stock_image(pipe, text: int = 7) -> torch.Tensor:
+    """Three steps at 48 × 32 px (96 image tokens); FLUX with ``text`` text tokens (7: two or four ranks share them
+    unevenly; diffusers' engine needs them to divide)."""
+    extra = {"max_sequence_length": text} if type(pipe).__name__ == "FluxPipeline" else {}
     return pipe("a red apple", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt",
                 height=48, width=32, **extra).images
 
 
-def _mmdits(recipes: tuple[str, ...]) -> dict:
-    """Each stock MMDiT's single-process image, its images under ``recipes``, and whether ``remove()`` restores
-    the single-process image."""
+def _mmdits(recipes: dict[str, tuple[str, ...]]) -> dict:
+    """Each stock MMDiT's images under its ``recipes`` and the single-process image for each (keyed by recipe), and
+    whether ``remove()`` restores the single-process image."""
     results: dict = {}
-    for name in ("flux", "sd3"):
+    for name in recipes:
         pipe = build(name)
-        single = _stock_image(pipe)
+        single = {text: _stock_image(pipe, text) for text in (7, 8)}
         images = {}
-        for recipe in recipes:
+        for recipe in recipes[name]:
+            text = 8 if "engine=diffusers" in recipe else 7
             effdiff.accelerate(pipe, recipe)
-            images[recipe] = _stock_image(pipe)
+            images[recipe] = (_stock_image(pipe, text), single[text])
             pipe.effdiff.remove()
-        results[name] = {"single": single, **images, "restored": bool(torch.equal(_stock_image(pipe), single))}
+        results[name] = {**images, "restored": bool(torch.equal(_stock_image(pipe), single[7]))}
     return results
 
 
@@ -79,7 +81,8 @@ def _two_ranks() -> dict:
     results["tokens"] = sorted(set(seen))
     results["restored"] = bool(torch.equal(sample(pipe, steps=STEPS), single))
     results["fora"] = (_image(pipe, "fora:interval=2"), _image(pipe, "seqparallel+fora:interval=2"))
-    results["mmdit"] = _mmdits(("seqparallel", "seqparallel:ring=2"))
+    both = ("seqparallel", "seqparallel:ring=2")
+    results["mmdit"] = _mmdits({"flux": (*both, "seqparallel:engine=diffusers"), "sd3": both})
     three = make_tiny_dit(heads=3)
     results["three heads"] = (sample(three, steps=STEPS), _image(three, "seqparallel"))
     results["refused"] = {
@@ -88,6 +91,7 @@ def _two_ranks() -> dict:
         "ring": _refusal(make_tiny_dit, "seqparallel:ring=3"),
         "unet": _refusal(make_tiny_sd, "seqparallel"),
         "engine": _refusal(make_tiny_dit, "seqparallel:engine=diffusers"),
+        "diffusers ring": _refusal(lambda: build("flux"), "seqparallel:engine=diffusers,ring=2"),
         "branches": _refusal(make_tiny_dit, "cfgparallel+seqparallel"),
     }
     return results
@@ -97,7 +101,8 @@ def _four_ranks() -> dict:
     pipe = make_tiny_dit()
     single = sample(pipe, steps=STEPS)
     return {"single": single, "hybrid": _image(pipe, "seqparallel:ring=2"),
-            "too many heads": _refusal(make_tiny_dit, "seqparallel"), "mmdit": _mmdits(("seqparallel:ring=2",))}
+            "too many heads": _refusal(make_tiny_dit, "seqparallel"),
+            "mmdit": _mmdits({m: ("seqparallel:ring=2",) for m in ("flux", "sd3")})}
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +127,15 @@ def test_ulysses_and_ring_give_the_single_process_image(ranks, recipe):
 @pytest.mark.parametrize("recipe", ["seqparallel", "seqparallel:ring=2"])
 def test_mmdit_joint_attention_is_made_whole(ranks, model, recipe):
     for rank in ranks:
-        images = rank["mmdit"][model]
-        assert _gap(images[recipe], images["single"]) < 1e-4
-        assert images["restored"]
-    assert torch.equal(ranks[0]["mmdit"][model][recipe], ranks[1]["mmdit"][model][recipe])
+        assert _gap(*rank["mmdit"][model][recipe]) < 1e-4
+        assert rank["mmdit"][model]["restored"]
+    assert torch.equal(ranks[0]["mmdit"][model][recipe][0], ranks[1]["mmdit"][model][recipe][0])
+
+
+def test_diffusers_engine_runs_flux_on_cpu_ranks(ranks):
+    """diffusers' own context parallelism (its FLUX plan and Ulysses attention), set up on a CPU mesh."""
+    for rank in ranks:
+        assert _gap(*rank["mmdit"]["flux"]["seqparallel:engine=diffusers"]) < 1e-4
 
 
 def test_each_rank_holds_half_the_tokens_and_remove_restores(ranks):
@@ -151,6 +161,7 @@ def test_refusals_name_the_reason(ranks):
     assert "ring=3 does not divide the world size 2" in refused["ring"]
     assert "seqparallel supports dit backbones" in refused["unet"]
     assert "has no context-parallel plan in diffusers; use engine=effdiff" in refused["engine"]
+    assert "diffusers' native attention has no ring" in refused["diffusers ring"]
     assert "the 2 ranks must split into 2 CFG branches of 2 or more" in refused["branches"]
 
 
@@ -161,7 +172,7 @@ def test_the_usp_hybrid_on_four_ranks(tmp_path):
     assert "Ulysses over 4 ranks needs at least as many heads (2 here); use ring=4" in ranks[0]["too many heads"]
     for rank in ranks:
         for images in rank["mmdit"].values():
-            assert _gap(images["seqparallel:ring=2"], images["single"]) < 1e-4
+            assert _gap(*images["seqparallel:ring=2"]) < 1e-4
 
 
 def test_without_a_process_group_it_is_refused():

@@ -39,12 +39,14 @@ class SequenceParallel(ParallelMethod):
     - ``ring=R`` with ``N = R × U``: USP's hybrid (Ulysses inside groups of ``U`` neighbouring ranks, rings across
       them) — what xDiT runs.
 
-    Engine: on accelerators, a denoiser that diffusers gives a context-parallel plan (FLUX, Wan, QwenImage, LTX…)
-    runs on diffusers' own ``enable_parallelism(ContextParallelConfig(ring_degree, ulysses_degree))``
-    (``engine=auto``/``diffusers``); diffusers' context parallelism does not run on a CPU (it places ranks by
-    accelerator count), has no plan for PixArt, DiT or SD3 (whose processors call SDPA directly) and spans every
-    rank (so not inside ``cfgparallel``'s branches): there effdiff's own runs (``engine=effdiff``), over gloo or
-    NCCL. Effdiff's replaces each attention's ``scaled_dot_product_attention`` call inside the module
+    Engine: on accelerators, Ulysses on a denoiser that diffusers gives a context-parallel plan (FLUX, Wan,
+    QwenImage, LTX…) runs on diffusers' own ``enable_parallelism(ContextParallelConfig(ring_degree,
+    ulysses_degree))`` (``engine=auto``); ``engine=diffusers`` asks for it anywhere it can run — on a CPU too
+    (Ulysses only, set up by the adapter since ``enable_parallelism`` places ranks by accelerator count). diffusers
+    has no plan for PixArt, DiT or SD3 (whose processors call SDPA directly), its ring needs an attention backend
+    that returns the log-sum-exp, and its mesh spans every rank (so not inside ``cfgparallel``'s branches): there
+    effdiff's own runs (``engine=effdiff``), over gloo or NCCL, and splits streams unevenly where diffusers needs
+    them to divide. Effdiff's replaces each attention's ``scaled_dot_product_attention`` call inside the module
     (``WholeSequenceAttention``), so diffusers' processors — projections, QK norms, rotary, text and image
     concatenated — run unchanged on each rank's share. xDiT (xfuser) does not install here.
 
@@ -88,19 +90,24 @@ class SequenceParallel(ParallelMethod):
             self._effdiff(model)
 
     def engine(self, model: nn.Module) -> str:
-        """Which implementation runs: diffusers' where asked or (``auto``) where it has a plan for the model and the
-        model is on an accelerator; effdiff's otherwise."""
-        planned = getattr(model, "_cp_plan", None) is not None
+        """Which implementation runs. ``auto``: diffusers' where it has a plan for the model, the model is on an
+        accelerator, the ranks are the whole world and the split is Ulysses (diffusers' ring needs an attention
+        backend that returns the log-sum-exp, which its default native one does not); effdiff's otherwise.
+        ``diffusers`` is refused only where it cannot run: no plan, inside ``cfgparallel``'s branches (its mesh
+        spans the world), a ring on the CPU's native backend."""
+        planned = self.adapter.context_parallel_planned()
         on_accelerator = self.adapter.device.type != "cpu"
-        if self["engine"] == "diffusers" and not (planned and on_accelerator):
-            why = ("is on the CPU, where diffusers' context parallelism does not run" if planned
-                   else "has no context-parallel plan in diffusers")
-            raise RecipeError(f"{self.name}: {type(model).__name__} {why}; use engine=effdiff")
-        if self["engine"] == "diffusers" and self.group is not None:  # diffusers builds its mesh over the world
-            raise RecipeError(f"{self.name}: diffusers' context parallelism spans every rank, so it does not run "
-                              "inside cfgparallel's branches; use engine=effdiff")
-        wanted = self["engine"] == "diffusers" or (self["engine"] == "auto" and planned and on_accelerator
-                                                  and self.group is None)
+        if self["engine"] == "diffusers":
+            why = ("has no context-parallel plan in diffusers" if not planned
+                   else "is split inside cfgparallel's branches, and diffusers' context parallelism spans every rank"
+                   if self.group is not None
+                   else "is on the CPU, where diffusers' native attention has no ring (it returns no log-sum-exp)"
+                   if self["ring"] > 1 and not on_accelerator else "")
+            if why:
+                raise RecipeError(f"{self.name}: {type(model).__name__} {why}; use engine=effdiff")
+            return "diffusers"
+        wanted = (self["engine"] == "auto" and planned and on_accelerator and self.group is None
+                  and self["ring"] == 1)
         return "diffusers" if wanted else "effdiff"
 
     def _effdiff(self, model: nn.Module) -> None:
@@ -146,20 +153,5 @@ class SequenceParallel(ParallelMethod):
         return make
 
     def _diffusers(self, model: nn.Module) -> None:
-        """diffusers' context parallelism, undone through the log: its split/gather hooks removed and the parallel
-        config it records on the model and on each attention processor cleared."""
-        from diffusers import ContextParallelConfig
-        from diffusers.hooks.context_parallel import remove_context_parallel
-
-        ring = self["ring"]
-        model.enable_parallelism(config=ContextParallelConfig(ring_degree=ring, ulysses_degree=self.world // ring))
-        processors = [m.processor for m in model.modules() if hasattr(getattr(m, "processor", None),
-                                                                      "_parallel_config")]
-
-        def undo() -> None:
-            remove_context_parallel(model, model._cp_plan)
-            model._parallel_config = None
-            for processor in processors:
-                processor._parallel_config = None
-
-        self.patches.call(undo)
+        """diffusers' context parallelism, undone through the log."""
+        self.patches.call(self.adapter.enable_context_parallel(self["ring"], self.world // self["ring"]))
