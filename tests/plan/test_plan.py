@@ -94,7 +94,17 @@ def test_patch_methods_appear_only_where_the_model_splits(constants):
     assert 1 < pixart["pipefusion"].speedup < 4  # M + N - 1 patch-times a step: short of N
     assert "pipefusion" not in {r.method for r in estimates("sd15-arch", 512, 4, device, link, constants)}
     flux = [r.method for r in estimates("flux-dev-arch", 512, 4, device, link, constants)]
-    assert flux == ["one device"]  # no CFG batch, no patch split for the joint blocks
+    assert flux == ["one device", "seqparallel (Ulysses)", "seqparallel:ring=4 (ring)"]  # no CFG batch, no patches
+
+
+def test_an_mmdits_sequence_split_exchanges_its_text_keys_too(constants):
+    """FLUX's joint attention makes text and image keys whole: 512 text tokens beside 1,024 image ones at 512 px."""
+    device, link = resolve("a100", "nvlink")
+    rows = {r.method: r for r in estimates("flux-dev-arch", 512, 4, device, link, constants)}
+    tokens = 512 + (512 // 16) ** 2
+    # per attention q/k/v/output of a rank's tokens, 3072 wide in fp16: 4 × share × (N − 1) / N bytes
+    per_attention = 4 * tokens * 3072 * 2 / 4 * 3 / 4
+    assert rows["seqparallel (Ulysses)"].sent_mb == pytest.approx(57 * per_attention / 1e6, rel=1e-6)
 
 
 def test_sequence_parallel_rows_cost_what_their_collectives_move(constants):

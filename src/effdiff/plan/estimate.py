@@ -12,8 +12,8 @@
   tokens (so M times the floors), the patches fill and drain the pipeline — a step takes M + N − 1 patch-times of a
   stage; a patch's activations go to the next stage while it computes the next patch; the first step is one patch
   (N stages in turn, no speed-up); the output is broadcast. No keys or values cross the link;
-- ``seqparallel`` (DiTs, N ranks; exact): each rank 1/N of every kernel's work as DistriFusion. Ulysses: per
-  self-attention two all-to-alls (q, k, v of the rank's tokens out, the attention output back: 4 × a rank's share
+- ``seqparallel`` (DiTs and MMDiTs, N ranks; exact): each rank 1/N of every kernel's work as DistriFusion (an
+  MMDiT's text tokens split too). Ulysses: per self- or joint attention two all-to-alls (q, k, v of the rank's tokens out, the attention output back: 4 × a rank's share
   of one of them, of which (N − 1)/N leaves the rank), synchronous — nothing else can run while a layer waits for
   its heads. Ring: per self-attention the keys and values go round the ring (N − 1 hops of the rank's share),
   each hop hidden behind the attention of the chunk in hand — counted as overlapping the whole step, which is
@@ -109,6 +109,7 @@ def estimates(model: str, px: int, ranks: int, device: Device, link: Link, const
             rows.append(Estimate(**{**asdict(split), "devices": ranks}))
     if ranks >= 2 and whole.split == "tokens":
         rows.append(pipefusion(whole, ranks, patches, device, link, constants, steps, baseline))
+    if ranks >= 2 and whole.sequence_attentions:
         rows.extend(sequence_parallel(whole, ranks, device, link, constants, steps, baseline))
     return rows
 
@@ -118,8 +119,8 @@ def sequence_parallel(whole: Trace, ranks: int, device: Device, link: Link, cons
     """Ulysses' and ring attention's step loops (no warm-up: both are exact from the first step)."""
     compute = call_seconds(whole.kernels, device, constants, share=ranks)
     gather = all_gather_seconds([whole.output_bytes // ranks], ranks, link)
-    layers = len(whole.kv_bytes) // 2  # a key and a value projection per self-attention
-    share = sum(whole.kv_bytes) / 2 / ranks  # one of q / k / v / output, every layer, one rank's tokens
+    layers = whole.sequence_attentions
+    share = sum(whole.sequence_bytes) / 2 / ranks  # one of q / k / v / output, every layer, one rank's tokens
     bandwidth, latency = link.gbps * 1e9, link.latency_us * 1e-6
     ulysses_bytes = 4 * share * (ranks - 1) / ranks
     ulysses = ulysses_bytes / bandwidth + 2 * layers * (ranks - 1) * latency

@@ -27,7 +27,9 @@ class Kernel:
 @dataclass
 class Trace:
     """One call's kernels, and per exchanged layer the bytes of the whole activation DistriFusion gathers
-    (self-attention keys and values; a convolution's two boundary rows per patch edge; GroupNorm statistics)."""
+    (self-attention keys and values; a convolution's two boundary rows per patch edge; GroupNorm statistics).
+    ``sequence_bytes``: the keys' and values' bytes of every attention a sequence split makes whole (an MMDiT's
+    text keys included), ``sequence_attentions`` their calls; empty where the model has no sequence split."""
 
     kernels: list[Kernel] = field(default_factory=list)
     kv_bytes: list[int] = field(default_factory=list)
@@ -35,6 +37,8 @@ class Trace:
     norm_bytes: list[int] = field(default_factory=list)
     output_bytes: int = 0
     split: str | None = None  # the adapter's patch layout ("rows", "tokens"), None where it has none
+    sequence_bytes: list[int] = field(default_factory=list)
+    sequence_attentions: int = 0
 
     @property
     def flops(self) -> int:
@@ -104,6 +108,26 @@ def _exchange_hooks(model: nn.Module, trace: Trace, adapter: Any) -> list[Any]:
     for _, attn in adapter.self_attentions():
         for projection in (attn.to_k, attn.to_v):
             handles.append(projection.register_forward_hook(lambda _m, _a, out: trace.kv_bytes.append(_size(out))))
+    return handles + _sequence_hooks(trace, adapter)
+
+
+def _sequence_hooks(trace: Trace, adapter: Any) -> list[Any]:
+    """Forward hooks recording the keys and values (image and text) each attention a sequence split makes whole
+    exchanges, at the whole sequence's size."""
+    layout = adapter.sequence_layout()
+    if layout is None:
+        return []
+
+    def count(*_: Any) -> None:
+        trace.sequence_attentions += 1
+
+    handles = []
+    for _, attn in layout.attentions:
+        handles.append(attn.register_forward_hook(count))
+        for name in ("to_k", "to_v", "add_k_proj", "add_v_proj"):
+            if (projection := getattr(attn, name, None)) is not None:
+                handles.append(projection.register_forward_hook(
+                    lambda _m, _a, out: trace.sequence_bytes.append(_size(out))))
     return handles
 
 
