@@ -13,11 +13,12 @@
   stage; a patch's activations go to the next stage while it computes the next patch; the first step is one patch
   (N stages in turn, no speed-up); the output is broadcast. No keys or values cross the link;
 - ``seqparallel`` (DiTs and MMDiTs, N ranks; exact): each rank 1/N of every kernel's work as DistriFusion (an
-  MMDiT's text tokens split too). Ulysses: per self- or joint attention two all-to-alls (q, k, v of the rank's tokens out, the attention output back: 4 × a rank's share
-  of one of them, of which (N − 1)/N leaves the rank), synchronous — nothing else can run while a layer waits for
-  its heads. Ring: per self-attention the keys and values go round the ring (N − 1 hops of the rank's share),
-  each hop hidden behind the attention of the chunk in hand — counted as overlapping the whole step, which is
-  optimistic where the attention is a small part of it. Both end with the output gathered.
+  MMDiT's text tokens split too). Ulysses: per self- or joint attention two all-to-alls (q, k, v of the rank's
+  tokens out, the attention output back: 4 × a rank's share of one of them, of which (N − 1)/N leaves the rank),
+  synchronous — nothing else can run while a layer waits for its heads. Ring: per attention the keys and values
+  go round the ring (N − 1 hops of the rank's share), each hop hidden behind the attention of the chunk in hand —
+  counted as overlapping the whole step, which is optimistic where the attention is a small part of it. Both end
+  with the output gathered.
 
 A ring all-gather of ``m`` bytes a rank costs ``(N − 1) × (m / bandwidth + latency)``. What the model leaves out:
 the kernels' slowdown while NCCL shares the SMs and memory, halo rows' extra convolution work, the text encoder
