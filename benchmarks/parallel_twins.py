@@ -1,7 +1,9 @@
 """Sequence parallelism at real scale: the random-weight twin of PixArt-α's transformer (28 blocks, 16 heads), one
 guided denoiser call (batch 2) split over the ranks by ``seqparallel`` (Ulysses, ring) and by DistriFusion's
 synchronous exchange, against the same call in one process — speed only (random weights), plus how far each
-rank's output is from the one-process output.
+rank's output is from the one-process output. ``--model flux``: FLUX.1-dev's transformer at its full width (24
+heads × 128, 512 text tokens, guidance embedded, batch 1) cut to ``--flux-blocks`` double and twice as many single
+blocks (of its 19 + 38) so that two ranks fit this machine's memory; a call's cost is per block, so the ratio holds.
 
 Timing is interleaved on the same machine: each repetition times the split call on every rank (one thread each),
 then rank 0 alone times the whole call with every rank's threads (the others wait at a barrier) — the honest
@@ -9,7 +11,7 @@ alternative on one host. On a 2-core CPU this says whether the split's communica
 its halved work; across GPUs the cost model (``effdiff plan``) estimates it.
 
     HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node=2 benchmarks/parallel_twins.py [--px 256] [--reps 3]
-        [--recipes seqparallel seqparallel:ring=2 distrifusion:exchange=sync] [--tiny]
+        [--recipes seqparallel seqparallel:ring=2 distrifusion:exchange=sync] [--model pixart|flux] [--tiny]
 """
 
 from __future__ import annotations
@@ -24,24 +26,49 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from diffusers import PixArtTransformer2DModel
+from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
 
 import effdiff
 from effdiff.distributed import init_from_env
-from effdiff.zoo.twins import PIXART_XL2
+from effdiff.zoo.twins import FLUX_DEV, PIXART_XL2
 
-TINY = {**PIXART_XL2, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "cross_attention_dim": 16,
-        "caption_channels": 32}  # --tiny: the same script end to end in seconds
+TINY = {"pixart": {**PIXART_XL2, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8,
+                   "cross_attention_dim": 16, "caption_channels": 32},
+        "flux": {**FLUX_DEV, "num_layers": 1, "num_single_layers": 2, "num_attention_heads": 2,
+                 "attention_head_dim": 16, "joint_attention_dim": 32, "pooled_projection_dim": 16,
+                 "axes_dims_rope": (4, 6, 6)}}  # --tiny: the same script end to end in seconds
+FLUX_TEXT = 512  # FLUX.1-dev's T5 sequence
+MODELS = {"pixart": "pixart-alpha-arch transformer (random weights)",
+          "flux": "flux-dev-arch transformer, {blocks} double + {blocks}×2 single blocks (random weights)"}
 
 
-def inputs(config: dict, px: int) -> dict:
-    """One guided call's arguments at ``px`` pixels (latent px / 8), seeded alike on every rank."""
+def model_and_inputs(name: str, px: int, tiny: bool, flux_blocks: int) -> tuple[torch.nn.Module, dict, int]:
+    """The transformer, one call's arguments at ``px`` pixels (latent px / 8), seeded alike on every rank, and its
+    image tokens. PixArt: a guided call (batch 2, 120 caption tokens). FLUX: one call (guidance embedded), the
+    latent packed 2 × 2 into tokens, ids for the rotary tables."""
+    torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     side = px // 8
-    return {"hidden_states": torch.randn(2, config["in_channels"], side, side, generator=generator),
-            "encoder_hidden_states": torch.randn(2, 120, config["caption_channels"], generator=generator),
-            "timestep": torch.tensor([500, 500]), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
-            "return_dict": False}
+    if name == "pixart":
+        config = TINY["pixart"] if tiny else PIXART_XL2
+        model = PixArtTransformer2DModel(**config)
+        kwargs = {"hidden_states": torch.randn(2, config["in_channels"], side, side, generator=generator),
+                  "encoder_hidden_states": torch.randn(2, 120, config["caption_channels"], generator=generator),
+                  "timestep": torch.tensor([500, 500]), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+                  "return_dict": False}
+        return model.eval().requires_grad_(False), kwargs, (side // config["patch_size"]) ** 2
+    config = TINY["flux"] if tiny else {**FLUX_DEV, "num_layers": flux_blocks, "num_single_layers": 2 * flux_blocks}
+    model = FluxTransformer2DModel(**config)
+    grid = side // 2
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    text = 8 if tiny else FLUX_TEXT
+    kwargs = {"hidden_states": torch.randn(1, grid * grid, config["in_channels"], generator=generator),
+              "encoder_hidden_states": torch.randn(1, text, config["joint_attention_dim"], generator=generator),
+              "pooled_projections": torch.randn(1, config["pooled_projection_dim"], generator=generator),
+              "timestep": torch.tensor([0.5]), "guidance": torch.tensor([3.5]),
+              "img_ids": torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float(),
+              "txt_ids": torch.zeros(text, 3), "return_dict": False}
+    return model.eval().requires_grad_(False), kwargs, grid * grid
 
 
 class Holder:
@@ -69,15 +96,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--recipes", nargs="+", default=["seqparallel", "seqparallel:ring=2",
                                                          "distrifusion:exchange=sync"])
+    parser.add_argument("--model", choices=("pixart", "flux"), default="pixart")
+    parser.add_argument("--flux-blocks", type=int, default=1, help="FLUX double blocks (single blocks: twice)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", help="default: benchmarks/results/parallel_twins_<px>.json")
     args = parser.parse_args()
     rank, world = init_from_env()
     torch.set_num_threads(1)
-    config = TINY if args.tiny else PIXART_XL2
-    torch.manual_seed(0)
-    model = PixArtTransformer2DModel(**config).eval().requires_grad_(False)
-    kwargs = inputs(config, args.px)
+    model, kwargs, tokens = model_and_inputs(args.model, args.px, args.tiny, args.flux_blocks)
     holder = Holder(model)
     with torch.no_grad():
         model(**kwargs)  # warm-up
@@ -112,15 +138,18 @@ def main() -> None:
         flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         result = {"command": "HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node=2 benchmarks/parallel_twins.py "
                              f"--px {args.px} --reps {args.reps} --recipes {' '.join(args.recipes)}"
+                             + (f" --model flux --flux-blocks {args.flux_blocks}" if args.model == "flux" else "")
                              + (f" --out {args.out}" if args.out else "")
                              + (" --tiny" if args.tiny else ""),
-                  "model": "pixart-alpha-arch transformer (random weights)" if not args.tiny else "tiny PixArt",
-                  "tokens": (args.px // 8 // config["patch_size"]) ** 2, "batch": 2, "ranks": world,
+                  "model": f"tiny {args.model}" if args.tiny else MODELS[args.model].format(blocks=args.flux_blocks),
+                  "tokens": tokens, "text_tokens": kwargs["encoder_hidden_states"].shape[1],
+                  "batch": kwargs["hidden_states"].shape[0], "ranks": world,
                   "machine": platform.processor() or platform.machine(),
                   "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f" {f}" in flags],
                   "rows": rows}
         if not args.tiny:
-            out = Path(args.out or f"benchmarks/results/parallel_twins_{args.px}.json")
+            name = "parallel_twins" if args.model == "pixart" else "parallel_twins_flux"
+            out = Path(args.out or f"benchmarks/results/{name}_{args.px}.json")
             out.write_text(json.dumps(result, indent=1))
         else:
             print(json.dumps(result))
