@@ -15,10 +15,9 @@
 - ``seqparallel`` (DiTs and MMDiTs, N ranks; exact): each rank 1/N of every kernel's work as DistriFusion (an
   MMDiT's text tokens split too). Ulysses: per self- or joint attention two all-to-alls (q, k, v of the rank's
   tokens out, the attention output back: 4 × a rank's share of one of them, of which (N − 1)/N leaves the rank),
-  synchronous — nothing else can run while a layer waits for its heads. Ring: per attention the keys and values
-  go round the ring (N − 1 hops of the rank's share), each hop hidden behind the attention of the chunk in hand —
-  counted as overlapping the whole step, which is optimistic where the attention is a small part of it. Both end
-  with the output gathered.
+  synchronous — nothing else can run while a layer waits for its heads. Ring: per attention N chunk attentions
+  (each with its kernel floor), the keys and values going round the ring (N − 1 hops of the rank's share), each
+  hop overlapping the chunk in hand, and N − 1 merges of partial results. Both end with the output gathered.
 
 A ring all-gather of ``m`` bytes a rank costs ``(N − 1) × (m / bandwidth + latency)``. What the model leaves out:
 the kernels' slowdown while NCCL shares the SMs and memory, halo rows' extra convolution work, the text encoder
@@ -33,8 +32,18 @@ from dataclasses import asdict, dataclass
 import torch
 
 from effdiff.plan.denoisers import DENOISERS, build_on_meta
-from effdiff.plan.hardware import CALIBRATION, DEVICES, LINKS, Constants, Device, Link, calibrate, call_seconds
-from effdiff.plan.trace import Trace, trace_call
+from effdiff.plan.hardware import (
+    CALIBRATION,
+    DEVICES,
+    LINKS,
+    Constants,
+    Device,
+    Link,
+    calibrate,
+    call_seconds,
+    kernel_seconds,
+)
+from effdiff.plan.trace import Kernel, Trace, trace_call
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -115,9 +124,17 @@ def estimates(model: str, px: int, ranks: int, device: Device, link: Link, const
     return rows
 
 
+RING_MERGE_KERNELS = 8  # a chunk's partial result merged: log-add-exp, two differences, two exps, two products, a sum
+
+
 def sequence_parallel(whole: Trace, ranks: int, device: Device, link: Link, constants: Constants, steps: int,
                       baseline: float) -> list[Estimate]:
-    """Ulysses' and ring attention's step loops (no warm-up: both are exact from the first step)."""
+    """Ulysses' and ring attention's step loops (no warm-up: both are exact from the first step).
+
+    Ring: each attention made whole runs as ``N`` chunk attentions (1/N of the queries on 1/N of the keys: each
+    pays the kernel floor), the hop of the next chunk's keys and values overlapping the chunk in hand (a hop takes
+    the longer of the two), and ``N − 1`` merges of the partial results — so at small sizes, where the floors
+    dominate, the ring loses to Ulysses' two all-to-alls, as xDiT measured (``benchmarks/plan_check_sequence.py``)."""
     compute = call_seconds(whole.kernels, device, constants, share=ranks)
     gather = all_gather_seconds([whole.output_bytes // ranks], ranks, link)
     layers = whole.sequence_attentions
@@ -126,13 +143,19 @@ def sequence_parallel(whole: Trace, ranks: int, device: Device, link: Link, cons
     ulysses_bytes = 4 * share * (ranks - 1) / ranks
     ulysses = ulysses_bytes / bandwidth + 2 * layers * (ranks - 1) * latency
     ring_bytes = 2 * share * (ranks - 1)
-    ring = ring_bytes / bandwidth + layers * (ranks - 1) * latency
+    hop = 2 * share / max(layers, 1) / bandwidth + latency  # one layer's keys and values of one rank
+    ring_compute = call_seconds([k for k in whole.kernels if not k.sequence], device, constants, share=ranks)
+    for kernel in (k for k in whole.kernels if k.sequence):
+        chunk = kernel_seconds(kernel, device, constants, share=ranks * ranks)
+        merge = RING_MERGE_KERNELS * kernel_seconds(Kernel(0, 3 * 2 * kernel.bytes // 4 // ranks), device,
+                                                    constants)  # float32 partial results of the rank's queries
+        ring_compute += chunk + (ranks - 1) * (max(chunk, hop) + merge)
     out = []
     for method, received, exchange, step, note in (
             ("seqparallel (Ulysses)", ulysses_bytes, ulysses, compute + ulysses + gather,
              "exact; synchronous all-to-alls"),
-            (f"seqparallel:ring={ranks} (ring)", ring_bytes, ring, max(compute, ring) + gather,
-             "exact; hops assumed hidden behind the computation")):
+            (f"seqparallel:ring={ranks} (ring)", ring_bytes, ring_bytes / bandwidth + layers * (ranks - 1) * latency,
+             ring_compute + gather, "exact; N chunk attentions a layer, each hop behind its chunk, N − 1 merges")):
         out.append(Estimate(method, ranks, compute * 1e3, received / 1e6, exchange * 1e3, step * 1e3, steps * step,
                             baseline / (steps * step), note))
     return out

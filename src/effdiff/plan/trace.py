@@ -22,6 +22,7 @@ from effdiff.eval.cost import attention_flops
 class Kernel:
     flops: int
     bytes: int
+    sequence: bool = False  # the fused attention of an attention a sequence split makes whole
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Trace:
     split: str | None = None  # the adapter's patch layout ("rows", "tokens"), None where it has none
     sequence_bytes: list[int] = field(default_factory=list)
     sequence_attentions: int = 0
+    inside_sequence_attention: bool = False
 
     @property
     def flops(self) -> int:
@@ -72,9 +74,9 @@ class FusedAttention(TorchFunctionMode):
     """``scaled_dot_product_attention`` as the one fused kernel a GPU runs (flash / memory-efficient): on the meta
     device it would decompose into matmuls and a softmax over the whole score matrix, whose bytes no GPU moves."""
 
-    def __init__(self, kernels: list[Kernel]) -> None:
+    def __init__(self, kernels: list[Kernel], trace: Trace | None = None) -> None:
         super().__init__()
-        self.kernels = kernels
+        self.kernels, self.trace = kernels, trace
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -84,7 +86,8 @@ class FusedAttention(TorchFunctionMode):
         query, key, value = given["query"], given["key"], given["value"]
         out = query.new_empty(*query.shape[:-1], value.shape[-1])
         flops = attention_flops(query.shape, key.shape, value.shape)
-        self.kernels.append(Kernel(flops, sum(_size(t) for t in (query, key, value, out))))
+        sequence = self.trace is not None and self.trace.inside_sequence_attention
+        self.kernels.append(Kernel(flops, sum(_size(t) for t in (query, key, value, out)), sequence))
         return out
 
 
@@ -118,12 +121,16 @@ def _sequence_hooks(trace: Trace, adapter: Any) -> list[Any]:
     if layout is None:
         return []
 
-    def count(*_: Any) -> None:
+    def enter(*_: Any) -> None:
+        trace.inside_sequence_attention = True
+
+    def leave(*_: Any) -> None:
         trace.sequence_attentions += 1
+        trace.inside_sequence_attention = False
 
     handles = []
     for _, attn in layout.attentions:
-        handles.append(attn.register_forward_hook(count))
+        handles += [attn.register_forward_pre_hook(enter), attn.register_forward_hook(leave)]
         for name in ("to_k", "to_v", "add_k_proj", "add_v_proj"):
             if (projection := getattr(attn, name, None)) is not None:
                 handles.append(projection.register_forward_hook(
@@ -141,7 +148,7 @@ def trace_call(model: nn.Module, call: dict[str, Any], args: tuple = ()) -> Trac
     handles = _exchange_hooks(model, trace, adapter)
     recorder = KernelRecorder()
     try:
-        with torch.no_grad(), recorder, FusedAttention(recorder.kernels):
+        with torch.no_grad(), recorder, FusedAttention(recorder.kernels, trace):
             out = model(*args, **call)
     finally:
         for handle in handles:
