@@ -57,7 +57,7 @@ VARIANTS = [
     Variant("teacher LCMScheduler 4 + CFG 4, not distilled", "", 4, 4.0, swap=True),
     Variant("guidance-distill DDIM 20, w 4", "guidance-distill", 20, 4.0, student="guidance-distill-lora"),
     Variant("guidance-distill full student DDIM 20, w 4", "guidance-distill:form=full", 20, 4.0,
-            student="guidance-distill-full"),
+            student="guidance-distill"),
     Variant("teacher DDIM 20 + CFG 4", "", 20, 4.0),
 ]
 WITH_BASELINE = [
