@@ -6,10 +6,10 @@ Rows per model: ``lcm`` and ``progressive`` at 4, 2 and 1 steps (guidance folded
 one-step student, and its reflowed student at 4, 2 and 1 steps (what reflow alone buys); the teacher with
 DDIM at 4 steps and CFG 4, and with diffusers' ``LCMScheduler`` at 4 steps and CFG 4 but no distillation (what
 swapping the scheduler alone gives); ``guidance-distill`` (LoRA and full student) at DDIM 20 (w 4, one pass a
-step) beside the teacher's DDIM 20 + CFG 4; with ``--baseline`` also the teacher's DDIM 50 + CFG 4 (the reference; 100 denoiser calls an image)
-and ``guidance-distill`` at DDIM 50. A row whose student is not shipped is left out and said so. Denoiser calls per
-image are counted, not assumed. Speed-ups come from ``effdiff bench``, which times each recipe against the baseline
-in one process.
+step) beside the teacher's DDIM 20 + CFG 4; with ``--baseline`` also the teacher's DDIM 50 + CFG 4 (the
+reference; 100 denoiser calls an image) and ``guidance-distill`` at DDIM 50. A row whose student is not shipped is
+left out and said so. Denoiser calls per image are counted, not assumed. Speed-ups come from ``effdiff bench``,
+which times each recipe against the baseline in one process.
 
     HF_HUB_OFFLINE=1 python benchmarks/distill_quality.py [--per-digit 100] [--baseline] [--models tiny-sd tiny-dit]
         [--only lcm progressive]
