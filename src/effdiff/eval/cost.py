@@ -211,6 +211,15 @@ class StageTimer:
 # ---------------------------------------------------------------- FLOPs
 
 
+SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def sdpa_arguments(args: tuple, kwargs: dict | None) -> dict:
+    """``scaled_dot_product_attention``'s arguments by name, however the caller passed them (processors pass them
+    by position, diffusers' attention dispatcher by keyword) — for the modes that intercept the call."""
+    return dict(zip(SDPA_PARAMETERS, args, strict=False)) | dict(kwargs or {})
+
+
 def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """2·B·H·Lq·Lk·D for QKᵀ plus 2·B·H·Lq·Lk·Dv for PV (softmax not counted, as torch does)."""
     *batch, lq, d = query_shape

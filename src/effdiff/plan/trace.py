@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
-from effdiff.eval.cost import attention_flops
+from effdiff.eval.cost import attention_flops, sdpa_arguments
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Trace:
     """One call's kernels, and per exchanged layer the bytes of the whole activation DistriFusion gathers
     (self-attention keys and values; a convolution's two boundary rows per patch edge; GroupNorm statistics).
     ``sequence_bytes``: the keys' and values' bytes of every attention a sequence split makes whole (an MMDiT's
-    text keys included), ``sequence_attentions`` their calls; empty where the model has no sequence split."""
+    text keys included), ``sequence_attentions`` their fused attentions; empty where the model has no sequence split."""
 
     kernels: list[Kernel] = field(default_factory=list)
     kv_bytes: list[int] = field(default_factory=list)
@@ -39,12 +39,15 @@ class Trace:
     output_bytes: int = 0
     split: str | None = None  # the adapter's patch layout ("rows", "tokens"), None where it has none
     sequence_bytes: list[int] = field(default_factory=list)
-    sequence_attentions: int = 0
     inside_sequence_attention: bool = False
 
     @property
     def flops(self) -> int:
         return sum(k.flops for k in self.kernels)
+
+    @property
+    def sequence_attentions(self) -> int:
+        return sum(k.sequence for k in self.kernels)
 
 
 def _size(value: Any) -> int:
@@ -79,10 +82,9 @@ class FusedAttention(TorchFunctionMode):
         self.kernels, self.trace = kernels, trace
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        given = dict(zip(("query", "key", "value"), args, strict=False)) | kwargs
+            return func(*args, **(kwargs or {}))
+        given = sdpa_arguments(args, kwargs)
         query, key, value = given["query"], given["key"], given["value"]
         out = query.new_empty(*query.shape[:-1], value.shape[-1])
         flops = attention_flops(query.shape, key.shape, value.shape)
@@ -125,7 +127,6 @@ def _sequence_hooks(trace: Trace, adapter: Any) -> list[Any]:
         trace.inside_sequence_attention = True
 
     def leave(*_: Any) -> None:
-        trace.sequence_attentions += 1
         trace.inside_sequence_attention = False
 
     handles = []

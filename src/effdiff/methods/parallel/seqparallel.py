@@ -98,17 +98,23 @@ class SequenceParallel(ParallelMethod):
         planned = self.adapter.context_parallel_planned()
         on_accelerator = self.adapter.device.type != "cpu"
         if self["engine"] == "diffusers":
-            why = ("has no context-parallel plan in diffusers" if not planned
-                   else "is split inside cfgparallel's branches, and diffusers' context parallelism spans every rank"
-                   if self.group is not None
-                   else "is on the CPU, where diffusers' native attention has no ring (it returns no log-sum-exp)"
-                   if self["ring"] > 1 and not on_accelerator else "")
+            why = self._why_not_diffusers(planned, on_accelerator)
             if why:
                 raise RecipeError(f"{self.name}: {type(model).__name__} {why}; use engine=effdiff")
             return "diffusers"
         wanted = (self["engine"] == "auto" and planned and on_accelerator and self.group is None
                   and self["ring"] == 1)
         return "diffusers" if wanted else "effdiff"
+
+    def _why_not_diffusers(self, planned: bool, on_accelerator: bool) -> str:
+        """Why diffusers' engine cannot run this split ("" when it can)."""
+        if not planned:
+            return "has no context-parallel plan in diffusers"
+        if self.group is not None:
+            return "is split inside cfgparallel's branches, and diffusers' context parallelism spans every rank"
+        if self["ring"] > 1 and not on_accelerator:
+            return "is on the CPU, where diffusers' native attention has no ring (it returns no log-sum-exp)"
+        return ""
 
     def _effdiff(self, model: nn.Module) -> None:
         layout = self.adapter.sequence_layout()

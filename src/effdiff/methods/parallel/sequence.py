@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from effdiff.eval.cost import sdpa_arguments
 from effdiff.methods.parallel.base import new_groups
 from effdiff.registry import RecipeError
 
@@ -197,9 +198,6 @@ def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return ranks_to_heads(out, heads, mesh) if mesh.ulysses > 1 else out
 
 
-_SDPA_OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
 class WholeSequenceAttention(TorchFunctionMode):
     """Inside an attention module's forward, every ``scaled_dot_product_attention`` call becomes
     ``sequence_attention`` over the ranks — whatever the processor did before it (projections, QK norms, an MMDiT's
@@ -213,11 +211,10 @@ class WholeSequenceAttention(TorchFunctionMode):
         self.mesh, self.name, self.calls = mesh, name, 0
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = dict(kwargs or {})
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        kwargs.update(zip(("query", "key", "value", *_SDPA_OPTIONS), args, strict=False))
-        q, k, v = kwargs.pop("query"), kwargs.pop("key"), kwargs.pop("value")
+        if func is not F.scaled_dot_product_attention:  # every other op of the attention: straight through
+            return func(*args, **(kwargs or {}))
+        kwargs = sdpa_arguments(args, kwargs)
+        q, k, v = kwargs["query"], kwargs["key"], kwargs["value"]
         if (kwargs.get("attn_mask") is not None or kwargs.get("dropout_p", 0.0) or kwargs.get("is_causal")
                 or kwargs.get("enable_gqa") or q.dim() != 4 or k.shape[1] != q.shape[1]):
             raise RecipeError(f"{self.name}: an attention with a mask, dropout, causality or grouped heads cannot "
