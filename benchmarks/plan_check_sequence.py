@@ -16,7 +16,9 @@ Sources (read 2026-12-06; figures are images with the values printed on their ba
   PixArt-α, 20 DPM steps, fp16, CFG batch 2, no VAE decode. "Ulysses=1" there is ring over every GPU
   (``legacy/pipefuser/utils.py``: ring degree = world size / Ulysses degree). Both reuse the same one-GPU times.
 
-Not compared: the 2 × 2 Ulysses × ring hybrid on 4 H100s (1.29×; the plan has no hybrid row) and torch.compile runs.
+  The same table has USP's hybrid ``Ulysses-2 x Ring-2`` on the 4 H100s (5.19 s): ``seqparallel:ring=2`` on 4 ranks.
+
+Not compared: xDiT's torch.compile runs (the plan's constants are eager ones) and hybrids read off figures only.
 
     HF_HUB_OFFLINE=1 python benchmarks/plan_check_sequence.py [--out benchmarks/results/plan_check_sequence.json]
 """
@@ -39,7 +41,7 @@ class Published(NamedTuple):
     devices: int
     device: str
     link: str
-    method: str  # "ulysses" or "ring"
+    method: str  # "ulysses", "ring" or "ulysses2xring2" (USP's hybrid)
     one_gpu_s: float
     split_s: float
 
@@ -50,6 +52,7 @@ PUBLISHED = [
     Published("F-H100", FLUX, 1024, 28, 2, "h100", "nvlink", "ring", 6.71, 5.31),
     Published("F-H100", FLUX, 1024, 28, 4, "h100", "nvlink", "ulysses", 6.71, 4.24),
     Published("F-H100", FLUX, 1024, 28, 4, "h100", "nvlink", "ring", 6.71, 5.11),
+    Published("F-H100", FLUX, 1024, 28, 4, "h100", "nvlink", "ulysses2xring2", 6.71, 5.19),
     Published("F-A100-dev", FLUX, 1024, 28, 8, "a100", "nvlink", "ulysses", 12.77, 4.13),
     Published("F-A100-schnell", FLUX, 1024, 4, 8, "a100", "nvlink", "ulysses", 2.18, 0.93),
     Published("F-A100-schnell", FLUX, 2048, 4, 8, "a100", "nvlink", "ulysses", 11.06, 2.63),
@@ -66,6 +69,10 @@ PUBLISHED = [
 ]
 
 
+PLAN_ROW = {"ulysses": lambda n: "seqparallel (Ulysses)", "ring": lambda n: f"seqparallel:ring={n} (ring)",
+            "ulysses2xring2": lambda n: "seqparallel:ring=2 (Ulysses 2 × ring 2)"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/plan_check_sequence.json")
@@ -80,9 +87,8 @@ def main() -> None:
             dtype = "bfloat16" if row.model == FLUX else "float16"
             found = estimates(row.model, row.px, row.devices, device, link, constants, steps=row.steps, dtype=dtype)
             planned[key] = {r.method: r.speedup for r in found}
-        name = "seqparallel (Ulysses)" if row.method == "ulysses" else f"seqparallel:ring={row.devices} (ring)"
         paper = row.one_gpu_s / row.split_s
-        plan = planned[key][name]
+        plan = planned[key][PLAN_ROW[row.method](row.devices)]
         checks.append({**row._asdict(), "paper_speedup": round(paper, 2), "plan_speedup": round(plan, 2),
                        "error": round(plan / paper - 1, 3)})
     within = [abs(c["error"]) <= 0.25 for c in checks]

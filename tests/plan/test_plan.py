@@ -94,7 +94,8 @@ def test_patch_methods_appear_only_where_the_model_splits(constants):
     assert 1 < pixart["pipefusion"].speedup < 4  # M + N - 1 patch-times a step: short of N
     assert "pipefusion" not in {r.method for r in estimates("sd15-arch", 512, 4, device, link, constants)}
     flux = [r.method for r in estimates("flux-dev-arch", 512, 4, device, link, constants)]
-    assert flux == ["one device", "seqparallel (Ulysses)", "seqparallel:ring=4 (ring)"]  # no CFG batch, no patches
+    assert flux == ["one device", "seqparallel (Ulysses)", "seqparallel:ring=2 (Ulysses 2 × ring 2)",
+                    "seqparallel:ring=4 (ring)"]  # no CFG batch, no patches
 
 
 def test_an_mmdits_sequence_split_exchanges_its_text_keys_too(constants):
@@ -120,3 +121,17 @@ def test_sequence_parallel_rows_cost_what_their_collectives_move(constants):
     pcie = {r.method: r for r in estimates("pixart-alpha-arch", 1024, 8, device, resolve("a100", "pcie4")[1],
                                            constants)}
     assert pcie["seqparallel (Ulysses)"].speedup < ulysses.speedup  # a slower link, a longer wait
+
+
+def test_usp_hybrids_sit_between_ulysses_and_ring(constants):
+    """Ulysses in groups of U, rings of R across them: what it moves is the two exchanges' shares, and where ring
+    alone loses to Ulysses the hybrid lands between them."""
+    device, link = resolve("a100", "nvlink")
+    rows = {r.method: r for r in estimates("pixart-alpha-arch", 1024, 8, device, link, constants)}
+    ulysses, ring = rows["seqparallel (Ulysses)"], rows["seqparallel:ring=8 (ring)"]
+    hybrids = [rows["seqparallel:ring=2 (Ulysses 4 × ring 2)"], rows["seqparallel:ring=4 (Ulysses 2 × ring 4)"]]
+    share = ulysses.sent_mb / (4 * 7 / 8)  # one of q / k / v / output of a rank's tokens
+    assert hybrids[0].sent_mb == pytest.approx(share * (4 * 3 / 4 + 2 * 1))
+    assert hybrids[1].sent_mb == pytest.approx(share * (4 * 1 / 2 + 2 * 3))
+    assert ring.speedup < hybrids[1].speedup < hybrids[0].speedup < ulysses.speedup
+    assert {r.compute_ms for r in (ulysses, ring, *hybrids)} == {ulysses.compute_ms}

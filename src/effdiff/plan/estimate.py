@@ -17,7 +17,8 @@
   tokens out, the attention output back: 4 × a rank's share of one of them, of which (N − 1)/N leaves the rank),
   synchronous — nothing else can run while a layer waits for its heads. Ring: per attention N chunk attentions
   (each with its kernel floor), the keys and values going round the ring (N − 1 hops of the rank's share), each
-  hop overlapping the chunk in hand, and N − 1 merges of partial results. Both end with the output gathered.
+  hop overlapping the chunk in hand, and N − 1 merges of partial results. USP's hybrids (U × R = N): Ulysses in
+  groups of U, rings of R across them. All end with the output gathered.
 
 A ring all-gather of ``m`` bytes a rank costs ``(N − 1) × (m / bandwidth + latency)``. What the model leaves out:
 the kernels' slowdown while NCCL shares the SMs and memory, halo rows' extra convolution work, the text encoder
@@ -129,35 +130,49 @@ RING_MERGE_KERNELS = 8  # a chunk's partial result merged: log-add-exp, two diff
 
 def sequence_parallel(whole: Trace, ranks: int, device: Device, link: Link, constants: Constants, steps: int,
                       baseline: float) -> list[Estimate]:
-    """Ulysses' and ring attention's step loops (no warm-up: both are exact from the first step).
+    """One row per way of factoring the ranks into ``U`` (Ulysses) × ``R`` (ring) — Ulysses alone, ring alone and
+    USP's hybrids between — each as ``seqparallel:ring=R`` would run (no warm-up: all are exact from the first
+    step).
 
-    Ring: each attention made whole runs as ``N`` chunk attentions (1/N of the queries on 1/N of the keys: each
-    pays the kernel floor), the hop of the next chunk's keys and values overlapping the chunk in hand (a hop takes
-    the longer of the two), and ``N − 1`` merges of the partial results — so at small sizes, where the floors
-    dominate, the ring loses to Ulysses' two all-to-alls, as xDiT measured (``benchmarks/plan_check_sequence.py``)."""
+    Ulysses inside each group of ``U`` ranks: per attention two all-to-alls among them (q, k, v of the rank's tokens
+    out, the output back: 4 × a rank's share of one of them, of which (U − 1)/U leaves the rank), synchronous —
+    nothing else can run while a layer waits for its heads. Each group then holds 1/R of the tokens in 1/U of the
+    heads, and the ring across the ``R`` groups makes its attention whole: ``R`` chunk attentions (each 1/(N·R) of the
+    attention's work, each paying the kernel floor), the hop of the next chunk's keys and values (the rank's share
+    again: 1/R of the tokens × 1/U of the heads) overlapping the chunk in hand — a hop takes the longer of the two —
+    and ``R − 1`` merges of partial results. So at small sizes, where the floors dominate, a ring loses to the
+    all-to-alls, as xDiT measured (``benchmarks/plan_check_sequence.py``). All end with the output gathered."""
     compute = call_seconds(whole.kernels, device, constants, share=ranks)
     gather = all_gather_seconds([whole.output_bytes // ranks], ranks, link)
     layers = whole.sequence_attentions
     share = sum(whole.sequence_bytes) / 2 / ranks  # one of q / k / v / output, every layer, one rank's tokens
     bandwidth, latency = link.gbps * 1e9, link.latency_us * 1e-6
-    ulysses_bytes = 4 * share * (ranks - 1) / ranks
-    ulysses = ulysses_bytes / bandwidth + 2 * layers * (ranks - 1) * latency
-    ring_bytes = 2 * share * (ranks - 1)
     hop = 2 * share / max(layers, 1) / bandwidth + latency  # one layer's keys and values of one rank
-    ring_compute = call_seconds([k for k in whole.kernels if not k.sequence], device, constants, share=ranks)
-    for kernel in (k for k in whole.kernels if k.sequence):
-        chunk = kernel_seconds(kernel, device, constants, share=ranks * ranks)
-        merge = RING_MERGE_KERNELS * kernel_seconds(Kernel(0, 3 * 2 * kernel.bytes // 4 // ranks), device,
-                                                    constants)  # float32 partial results of the rank's queries
-        ring_compute += chunk + (ranks - 1) * (max(chunk, hop) + merge)
+    others = call_seconds([k for k in whole.kernels if not k.sequence], device, constants, share=ranks)
     out = []
-    for method, received, exchange, step, note in (
-            ("seqparallel (Ulysses)", ulysses_bytes, ulysses, compute + ulysses + gather,
-             "exact; synchronous all-to-alls"),
-            (f"seqparallel:ring={ranks} (ring)", ring_bytes, ring_bytes / bandwidth + layers * (ranks - 1) * latency,
-             ring_compute + gather, "exact; N chunk attentions a layer, each hop behind its chunk, N − 1 merges")):
-        out.append(Estimate(method, ranks, compute * 1e3, received / 1e6, exchange * 1e3, step * 1e3, steps * step,
-                            baseline / (steps * step), note))
+    for ring in (r for r in range(1, ranks + 1) if ranks % r == 0):
+        ulysses = ranks // ring
+        ulysses_bytes = 4 * share * (ulysses - 1) / ulysses
+        ulysses_seconds = ulysses_bytes / bandwidth + 2 * layers * (ulysses - 1) * latency
+        attention = 0.0
+        for kernel in (k for k in whole.kernels if k.sequence):
+            chunk = kernel_seconds(kernel, device, constants, share=ranks * ring)
+            merge = RING_MERGE_KERNELS * kernel_seconds(Kernel(0, 3 * 2 * kernel.bytes // 4 // ranks), device,
+                                                        constants)  # float32 partial results of the rank's queries
+            attention += chunk + (ring - 1) * (max(chunk, hop) + merge)
+        ring_bytes = 2 * share * (ring - 1)
+        exchange = ulysses_seconds + ring_bytes / bandwidth + layers * (ring - 1) * latency
+        step = others + attention + ulysses_seconds + gather
+        if ring == 1:
+            method, note = "seqparallel (Ulysses)", "exact; synchronous all-to-alls"
+        elif ulysses == 1:
+            method, note = f"seqparallel:ring={ring} (ring)", \
+                "exact; N chunk attentions a layer, each hop behind its chunk, N − 1 merges"
+        else:
+            method, note = f"seqparallel:ring={ring} (Ulysses {ulysses} × ring {ring})", \
+                "exact; all-to-alls inside groups, rings across them"
+        out.append(Estimate(method, ranks, compute * 1e3, (ulysses_bytes + ring_bytes) / 1e6, exchange * 1e3,
+                            step * 1e3, steps * step, baseline / (steps * step), note))
     return out
 
 
