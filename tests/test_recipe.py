@@ -1,9 +1,11 @@
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from effdiff.recipe import RecipeError, build, check, order, parse, to_string
-from effdiff.registry import Method, get_method
+from effdiff.registry import Method, all_methods, get_method
 
 
 def test_parse_string_with_params():
@@ -28,6 +30,21 @@ def test_order_detects_contradiction():
     a.name, b.name = "order-a", "order-b"
     with pytest.raises(RecipeError, match="contradict"):
         order([a, b])
+
+
+def test_every_pair_the_checks_accept_has_an_order():
+    """Declared constraints never contradict for two registered methods (``compile`` with a parallel method once
+    did: each declared itself before the other), and compile goes before what decides per call in Python."""
+    names = sorted(all_methods())
+    unordered = []
+    for a, b in itertools.permutations(names, 2):
+        try:
+            build(f"{a}+{b}")
+        except RecipeError as exc:
+            if "contradict" in str(exc):
+                unordered.append((a, b))
+    assert unordered == []
+    assert [m.name for m in build("seqparallel+compile")] == ["compile", "seqparallel"]
 
 
 @pytest.mark.parametrize(("text", "message"), [

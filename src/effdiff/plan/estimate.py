@@ -27,6 +27,7 @@ and VAE (outside the step loop), and uneven patches.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -62,7 +63,10 @@ class Estimate:
     note: str = ""
 
 
+@functools.cache
 def traced(model: str, px: int, batch: int, dtype: str = "float16") -> Trace:
+    """One call's trace, kept: tracing builds the model on the meta device (seconds each), and the calibration, every
+    estimate and the paper checks ask for the same few calls again. Readers must not change the trace."""
     return trace_call(*build_on_meta(model, px, batch, DTYPES[dtype]))
 
 

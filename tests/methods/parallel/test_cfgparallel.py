@@ -98,7 +98,7 @@ def test_without_a_process_group_it_is_refused():
         effdiff.accelerate(make_tiny_sd(), "cfgparallel")
 
 
-def test_generate_with_two_ranks_writes_the_single_process_grid(tmp_path):
+def test_generate_with_two_ranks_writes_the_single_process_grid(tmp_path, capsys):
     """``effdiff generate --nproc 2`` relaunches itself under torchrun; rank 0 writes the grid (8-bit pixels equal
     the one-process grid's), and a recipe without a parallel method is refused before anything starts."""
     import os
@@ -108,14 +108,14 @@ def test_generate_with_two_ranks_writes_the_single_process_grid(tmp_path):
     import numpy as np
     from PIL import Image
 
+    from effdiff.cli import USAGE_ERROR, main
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "effdiff.cli", "generate", "--model", "tiny-sd", "--prompt", "a handwritten seven",
-            "-n", "2", "--steps", "3"]
-    subprocess.run([*base, "--out", str(tmp_path / "one.png")], check=True, env=env, capture_output=True)
-    subprocess.run([*base, "--recipe", "cfgparallel", "--nproc", "2", "--out", str(tmp_path / "two.png")],
-                   check=True, env=env, capture_output=True)
+    args = ["generate", "--model", "tiny-sd", "--prompt", "a handwritten seven", "-n", "2", "--steps", "3"]
+    assert main([*args, "--out", str(tmp_path / "one.png")]) == 0  # in-process: only the relaunch needs a process
+    subprocess.run([sys.executable, "-m", "effdiff.cli", *args, "--recipe", "cfgparallel", "--nproc", "2", "--out",
+                    str(tmp_path / "two.png")], check=True, env=env, capture_output=True)
     one, two = (np.asarray(Image.open(tmp_path / name)).astype(int) for name in ("one.png", "two.png"))
     assert one.shape == two.shape and np.abs(one - two).max() <= 1
-    refused = subprocess.run([*base, "--recipe", "deepcache", "--nproc", "2", "--out", str(tmp_path / "x.png")],
-                             env=env, capture_output=True, text=True)
-    assert refused.returncode != 0 and "needs a parallel method in the recipe" in refused.stderr
+    assert main([*args, "--recipe", "deepcache", "--nproc", "2", "--out", str(tmp_path / "x.png")]) == USAGE_ERROR
+    assert "needs a parallel method in the recipe" in capsys.readouterr().err

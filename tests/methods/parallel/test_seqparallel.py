@@ -4,7 +4,7 @@ round) and their hybrid on four ranks all give the single-process image up to fl
 patch split without any exchange; a fixed-schedule cache stacks; ``remove()`` restores the single-process image.
 MMDiTs (stock FLUX and SD3 pipelines): text and image tokens both split — FLUX's 7 text tokens unevenly, its
 rotary rows with them — and joint attention made whole, on two ranks and in the four-rank hybrid; FLUX also on
-diffusers' own engine, set up on the CPU ranks.
+diffusers' own engine, set up on the CPU ranks, and with the transformer compiled first.
 Refusals: no process group, feature-driven caches, a ring that does not divide the world, more Ulysses ranks than
 heads, diffusers' engine where it cannot run."""
 
@@ -71,6 +71,25 @@ def _mmdits(recipes: dict[str, tuple[str, ...]]) -> dict:
     return results
 
 
+def _compiled_flux() -> dict:
+    """The common idiom — the transformer compiled in place first (AOT-traced, no code generated: the capture is
+    what could break), then ``seqparallel``: the core recompiles beneath its patches, dynamo traces the attention
+    with the interception active and the all-to-alls inside."""
+    from torch._dynamo.utils import counters
+
+    from effdiff.adapters.compiled import how_compiled
+
+    pipe = build("flux")
+    single = _stock_image(pipe)
+    pipe.transformer.compile(backend="aot_eager")
+    counters.clear()
+    effdiff.accelerate(pipe, "seqparallel")
+    split = _stock_image(pipe)
+    graphs = counters["stats"]["unique_graphs"]
+    pipe.effdiff.remove()
+    return {"images": (split, single), "graphs": graphs, "compiled after remove": how_compiled(pipe.transformer)}
+
+
 def _two_ranks() -> dict:
     pipe = make_tiny_dit()
     seen = _tokens_seen(pipe)
@@ -83,6 +102,7 @@ def _two_ranks() -> dict:
     results["fora"] = (_image(pipe, "fora:interval=2"), _image(pipe, "seqparallel+fora:interval=2"))
     both = ("seqparallel", "seqparallel:ring=2")
     results["mmdit"] = _mmdits({"flux": (*both, "seqparallel:engine=diffusers"), "sd3": both})
+    results["compiled"] = _compiled_flux()
     three = make_tiny_dit(heads=3)
     results["three heads"] = (sample(three, steps=STEPS), _image(three, "seqparallel"))
     results["refused"] = {
@@ -136,6 +156,15 @@ def test_diffusers_engine_runs_flux_on_cpu_ranks(ranks):
     """diffusers' own context parallelism (its FLUX plan and Ulysses attention), set up on a CPU mesh."""
     for rank in ranks:
         assert _gap(*rank["mmdit"]["flux"]["seqparallel:engine=diffusers"]) < 1e-4
+
+
+def test_it_composes_with_a_compiled_transformer(ranks):
+    for rank in ranks:
+        compiled = rank["compiled"]
+        assert _gap(*compiled["images"]) < 1e-4
+        assert compiled["graphs"] > 0  # dynamo captured graphs beneath the patches
+        assert compiled["compiled after remove"] == "in place"  # remove() hands the user's compilation back
+    assert torch.equal(ranks[0]["compiled"]["images"][0], ranks[1]["compiled"]["images"][0])
 
 
 def test_each_rank_holds_half_the_tokens_and_remove_restores(ranks):

@@ -35,12 +35,13 @@ class ParallelMethod(Method):
     (the CFG batch's halves on two branches of ranks) while the other method splits each branch's image between
     the branch's ranks (DistriFusion's and xDiT's layout). It comes after what changes the
     model (solvers, quantized, pruned or distilled weights) and before what works per layer call (caches, token
-    methods, compile), and decides per call in Python, so a compiled denoiser is compiled per block beneath it."""
+    methods); ``compile`` comes first, as it does before every method that decides per call in Python, and hands
+    the core its compiler, which compiles per block beneath the parallel method's patches."""
 
     family = "parallel"
     exclusive = ("parallel",)
     after = ("solver", "quant", "prune", "distill")
-    before = ("cache", "tokens", "compile")
+    before = ("cache", "tokens")
     graph_safe = False
     splits_branches = False  # cfgparallel: the outer split, across the branches
 

@@ -37,7 +37,6 @@ class PipeFusion(ParallelMethod):
     summary = "a DiT's blocks as pipeline stages over the ranks, patches streamed through; stale keys per stage"
     backbones = frozenset({"dit"})
     streams = frozenset({"single"})
-    before = ("compile",)
     params = {
         "patches": Param(int, 2, 1, 64, help="patches of the token sequence streamed through the stages"),
         "warmup": Param(int, 1, 0, 1000, help="first steps run as one patch, every key fresh"),

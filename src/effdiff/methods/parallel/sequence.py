@@ -198,6 +198,11 @@ def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return ranks_to_heads(out, heads, mesh) if mesh.ulysses > 1 else out
 
 
+# Tensor methods written in Python whose body dynamo cannot trace once a mode hands them over (``Tensor.unflatten``
+# ends in ``super().unflatten``: a graph break in every FLUX attention under torch.compile), and their builtin twins
+TRACEABLE_FORM = {torch.Tensor.unflatten: torch.unflatten}
+
+
 class WholeSequenceAttention(TorchFunctionMode):
     """Inside an attention module's forward, every ``scaled_dot_product_attention`` call becomes
     ``sequence_attention`` over the ranks — whatever the processor did before it (projections, QK norms, an MMDiT's
@@ -212,7 +217,7 @@ class WholeSequenceAttention(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if func is not F.scaled_dot_product_attention:  # every other op of the attention: straight through
-            return func(*args, **(kwargs or {}))
+            return TRACEABLE_FORM.get(func, func)(*args, **(kwargs or {}))
         kwargs = sdpa_arguments(args, kwargs)
         q, k, v = kwargs["query"], kwargs["key"], kwargs["value"]
         if (kwargs.get("attn_mask") is not None or kwargs.get("dropout_p", 0.0) or kwargs.get("is_causal")
