@@ -7,9 +7,9 @@ one-step student, and its reflowed student at 4, 2 and 1 steps (what reflow alon
 DDIM at 4 steps and CFG 4, and with diffusers' ``LCMScheduler`` at 4 steps and CFG 4 but no distillation (what
 swapping the scheduler alone gives); ``guidance-distill`` (LoRA and full student) at DDIM 20 (w 4, one pass a
 step) beside the teacher's DDIM 20 + CFG 4; with ``--baseline`` also the teacher's DDIM 50 + CFG 4 (the
-reference; 100 denoiser calls an image) and ``guidance-distill`` at DDIM 50. A row whose student is not shipped is
-left out and said so. Denoiser calls per image are counted, not assumed. Speed-ups come from ``effdiff bench``,
-which times each recipe against the baseline in one process.
+reference; 100 denoiser calls an image) and ``guidance-distill`` (LoRA and full student) at DDIM 50. A row
+whose student is not shipped is left out and said so. Denoiser calls per image are counted, not assumed.
+Speed-ups come from ``effdiff bench``, which times each recipe against the baseline in one process.
 
     HF_HUB_OFFLINE=1 python benchmarks/distill_quality.py [--per-digit 100] [--baseline] [--models tiny-sd tiny-dit]
         [--only lcm progressive]
@@ -63,6 +63,8 @@ VARIANTS = [
 WITH_BASELINE = [
     Variant("teacher DDIM 50 + CFG 4 (baseline)", "", 50, 4.0),
     Variant("guidance-distill DDIM 50, w 4", "guidance-distill", 50, 4.0, student="guidance-distill-lora"),
+    Variant("guidance-distill full student DDIM 50, w 4", "guidance-distill:form=full", 50, 4.0,
+            student="guidance-distill"),
 ]
 
 
@@ -121,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.time()
-    rows = []
+    rows: list[dict] = []
     for model in args.models:
         print(f"== {model}: {10 * args.per_digit} samples", flush=True)
         pipe = effdiff.load(model)
@@ -135,6 +137,10 @@ def main() -> None:
                 continue
             rows.append({"model": model, **score(pipe, variant, args.per_digit, batches),
                          "student_training": training})
+            save(args, rows, started)  # after every row: a run stopped early keeps what it scored
+
+
+def save(args: argparse.Namespace, rows: list[dict], started: float) -> None:
     result = {"benchmark": "distill_quality", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
               "torch": torch.__version__, "per_digit": args.per_digit, "seconds": round(time.time() - started, 1),

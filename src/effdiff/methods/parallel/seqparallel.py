@@ -52,7 +52,9 @@ class SequenceParallel(ParallelMethod):
 
     Stacking: solvers, compressed/quantized/distilled models and fixed-schedule caches (``fora``, ``taylorseer``)
     stack; caches that decide from the features and token methods would decide on each rank's share differently
-    (and the ranks' collectives would no longer pair up), so they are refused.
+    (and the ranks' collectives would no longer pair up), so they are refused. ``compile`` (in the recipe, or the
+    denoiser compiled before ``accelerate``) compiles beneath the patches: dynamo traces each attention with the
+    interception active, Ulysses' all-to-alls inside the graph, the ring's point-to-point sends between graphs.
 
     Papers: Fang & Zhao, "USP: A Unified Sequence Parallelism Approach for Long Context Generative AI",
     arXiv 2405.07719; Jacobs et al., "DeepSpeed Ulysses", arXiv 2309.14509; Liu et al., "Ring Attention with
