@@ -153,16 +153,17 @@ def sequence_parallel(whole: Trace, ranks: int, device: Device, link: Link, cons
     bandwidth, latency = link.gbps * 1e9, link.latency_us * 1e-6
     hop = 2 * share / max(layers, 1) / bandwidth + latency  # one layer's keys and values of one rank
     others = call_seconds([k for k in whole.kernels if not k.sequence], device, constants, share=ranks)
+    # each attention with the merge of one chunk's float32 partial results (the rank's queries: the same at every R)
+    attentions = [(k, RING_MERGE_KERNELS * kernel_seconds(Kernel(0, 3 * 2 * k.bytes // 4 // ranks), device, constants))
+                  for k in whole.kernels if k.sequence]
     out = []
     for ring in (r for r in range(1, ranks + 1) if ranks % r == 0):
         ulysses = ranks // ring
         ulysses_bytes = 4 * share * (ulysses - 1) / ulysses
         ulysses_seconds = ulysses_bytes / bandwidth + 2 * layers * (ulysses - 1) * latency
         attention = 0.0
-        for kernel in (k for k in whole.kernels if k.sequence):
+        for kernel, merge in attentions:
             chunk = kernel_seconds(kernel, device, constants, share=ranks * ring)
-            merge = RING_MERGE_KERNELS * kernel_seconds(Kernel(0, 3 * 2 * kernel.bytes // 4 // ranks), device,
-                                                        constants)  # float32 partial results of the rank's queries
             attention += chunk + (ring - 1) * (max(chunk, hop) + merge)
         ring_bytes = 2 * share * (ring - 1)
         exchange = ulysses_seconds + ring_bytes / bandwidth + layers * (ring - 1) * latency
@@ -170,11 +171,11 @@ def sequence_parallel(whole: Trace, ranks: int, device: Device, link: Link, cons
         if ring == 1:
             method, note = "seqparallel (Ulysses)", "exact; synchronous all-to-alls"
         elif ulysses == 1:
-            method, note = f"seqparallel:ring={ring} (ring)", \
-                "exact; N chunk attentions a layer, each hop behind its chunk, N − 1 merges"
+            method = f"seqparallel:ring={ring} (ring)"
+            note = "exact; N chunk attentions a layer, each hop behind its chunk, N − 1 merges"
         else:
-            method, note = f"seqparallel:ring={ring} (Ulysses {ulysses} × ring {ring})", \
-                "exact; all-to-alls inside groups, rings across them"
+            method = f"seqparallel:ring={ring} (Ulysses {ulysses} × ring {ring})"
+            note = "exact; all-to-alls inside groups, rings across them"
         out.append(Estimate(method, ranks, compute * 1e3, (ulysses_bytes + ring_bytes) / 1e6, exchange * 1e3,
                             step * 1e3, steps * step, baseline / (steps * step), note))
     return out
