@@ -90,6 +90,8 @@ def test_bad_settings_and_other_models_are_refused(tmp_path):
         CompressTrainer(config(importance="random"), tmp_path, tmp_path, tiny_teacher())
     with pytest.raises(ValueError, match="laptop: importance must be one of output, random"):
         CompressTrainer(config(method="laptop", importance="taylor"), tmp_path, tmp_path, tiny_teacher())
+    with pytest.raises(ValueError, match="--allocation is diffpruning's.*laptop removes whole layers"):
+        CompressTrainer(config(method="laptop", allocation="global"), tmp_path, tmp_path, tiny_teacher())
     with pytest.raises(ValueError, match="compress works on tiny-sd, tiny-dit"):
         CompressTrainer(config(model="sd15-arch"), tmp_path, tmp_path)
     with pytest.raises(ValueError, match="method must be one of diffpruning, laptop, bksdm, ditprune, got 'slim'"):

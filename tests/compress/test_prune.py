@@ -51,6 +51,26 @@ def test_the_importance_decides_which_channels_stay_and_is_deterministic():
     assert not torch.equal(kept["taylor"][0], kept["magnitude"][0])
 
 
+def kept_widths(model: torch.nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_global_allocation_meets_the_budget_and_prunes_layers_unevenly():
+    """Uniform allocation takes the same share from every layer group; a global ranking takes more where the
+    importance is lower, so the kept shares differ between groups."""
+    original = kept_widths(with_gradients("sd"))
+    shares = {}
+    for allocation in ("uniform", "global"):
+        model = with_gradients("sd")
+        call = adapter_for(model).example_call(2)
+        pruned, facts = prune_to_macs(model, 0.6, "taylor", allocation=allocation)
+        assert facts["macs_fraction"] <= 0.6 and pruned(**call)[0].shape == model(**call)[0].shape
+        shares[allocation] = {round(k / n, 2) for k, n in zip(kept_widths(pruned), original, strict=True) if k != n}
+    assert len(shares["global"]) > len(shares["uniform"])
+    with pytest.raises(ValueError, match="allocation must be one of uniform, global"):
+        prune_in_place(with_gradients("sd"), 0.3, "taylor", "layerwise")
+
+
 def test_the_bundled_unet_keeps_its_attention_pooled_text_embedding_whole():
     """tiny-sd adds a text embedding pooled by attention (``add_embedding``), which reshapes by a fixed head
     width: pruned, it broke the forward until the adapter kept it."""

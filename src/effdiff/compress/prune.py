@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 IMPORTANCES = ("taylor", "magnitude")
+ALLOCATIONS = ("uniform", "global")
+MAX_GLOBAL_RATIO = 0.75  # global allocation: no layer group loses more than this share of its channels
 
 
 def _importance(name: str) -> Any:
@@ -71,13 +73,18 @@ def _adapter(model: nn.Module) -> Any:
     return adapter
 
 
-def prune_in_place(model: nn.Module, ratio: float, importance: str) -> None:
+def prune_in_place(model: nn.Module, ratio: float, importance: str, allocation: str = "uniform") -> None:
     """Remove ``ratio`` of the channels of every prunable layer group (and of each attention's heads) from
-    ``model``; Taylor importance reads the gradients already in ``.grad``."""
+    ``model`` ("uniform", the authors' setting), or ``ratio`` of all channels wherever the importance is lowest
+    ("global": torch-pruning ranks every group's channels together, each group keeping at least
+    ``1 - MAX_GLOBAL_RATIO``; attention keeps its heads, since a global head ranking could empty a layer of its
+    one or two); Taylor importance reads the gradients already in ``.grad``."""
     import torch_pruning as tp
 
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"the pruning ratio must be in (0, 1), got {ratio}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     adapter = _adapter(model)
     model.requires_grad_(True)  # torch-pruning leaves frozen layers whole
     attention = [attn for _, attn in adapter.attention()]
@@ -89,7 +96,9 @@ def prune_in_place(model: nn.Module, ratio: float, importance: str) -> None:
         warnings.filterwarnings("ignore", message=".*prune the last non-singleton dimension.*")
         pruner = tp.pruner.BasePruner(
             model, adapter.example_call(1), importance=_importance(importance), pruning_ratio=ratio,
-            ignored_layers=adapter.pruning_kept(), num_heads=heads, prune_num_heads=True, prune_head_dims=False,
+            global_pruning=allocation == "global", max_pruning_ratio=MAX_GLOBAL_RATIO,
+            ignored_layers=adapter.pruning_kept(), num_heads=heads, prune_num_heads=allocation == "uniform",
+            prune_head_dims=False,
             head_pruning_ratio_dict=head_ratios, in_channel_groups={}, out_channel_groups={},
             customized_pruners={nn.GroupNorm: _regrouping_norm_pruner()})
         pruner.step()
@@ -117,8 +126,8 @@ def copy_with_gradients(model: nn.Module) -> nn.Module:
     return clone
 
 
-def prune_to_macs(model: nn.Module, target: float, importance: str,
-                  trials: int = 10) -> tuple[nn.Module, dict[str, float]]:
+def prune_to_macs(model: nn.Module, target: float, importance: str, trials: int = 10,
+                  allocation: str = "uniform") -> tuple[nn.Module, dict[str, float]]:
     """A pruned copy of ``model`` with at most ``target`` × its MACs (the largest ratio-bisection trial under
     it), and {ratio, macs_fraction, params_fraction}. ``model`` keeps its weights (and gradients)."""
     if not 0.0 < target < 1.0:
@@ -128,7 +137,7 @@ def prune_to_macs(model: nn.Module, target: float, importance: str,
     for _ in range(trials):
         ratio = (low + high) / 2
         trial = copy_with_gradients(model)
-        prune_in_place(trial, ratio, importance)
+        prune_in_place(trial, ratio, importance, allocation)
         fraction = call_macs(trial) / full_macs
         if fraction <= target:
             high = ratio

@@ -36,7 +36,7 @@ import torch
 
 from effdiff.compress.depth import DEPTH_IMPORTANCES
 from effdiff.compress.layers import ORDERS
-from effdiff.compress.prune import IMPORTANCES
+from effdiff.compress.prune import ALLOCATIONS, IMPORTANCES
 from effdiff.distill.store import default_output
 from effdiff.zoo.train import (
     SteppedTraining,
@@ -60,16 +60,20 @@ VARIANTS = ("base", "small", "tiny")  # BK-SDM's
 DEPTH_TOLERANCE = 0.01
 
 
-def compressed_folder(method: str, macs: float, importance: str, variant: str = "small") -> str:
+def compressed_folder(method: str, macs: float, importance: str, variant: str = "small",
+                      allocation: str = "uniform") -> str:
     if method == "bksdm":
         return f"bksdm-{variant}"
-    return f"{method}-macs{macs:g}" + ("" if importance == IMPORTANCE_OF[method][0] else f"-{importance}")
+    return (f"{method}-macs{macs:g}" + ("" if importance == IMPORTANCE_OF[method][0] else f"-{importance}")
+            + ("" if allocation == "uniform" else f"-{allocation}"))
 
 
 def recipe_of(record: dict[str, Any], folder: Path | None = None) -> str:
     """The recipe that applies the compressed model a record describes (from ``folder`` when given)."""
     values = ([f"variant={record['variant']}"] if record["method"] == "bksdm"
               else [f"macs={record['macs_target']:g}", f"importance={record['importance']}"])
+    allocation = record.get("config", {}).get("allocation", "uniform")  # records before it was a choice: uniform
+    values += [] if allocation == "uniform" else [f"allocation={allocation}"]
     return f"{record['method']}:" + ",".join(values + ([f"path={folder}"] if folder is not None else []))
 
 
@@ -78,6 +82,7 @@ class CompressConfig:
     model: str
     method: str = "diffpruning"
     importance: str | None = None  # None: the method's own (taylor, output)
+    allocation: str = "uniform"  # diffpruning: every layer group loses the same share, or a global ranking
     macs: float = 0.5  # the pruned model's MACs per call, as a fraction of the original's
     variant: str = "small"  # bksdm: which of BK-SDM's models (base, small, tiny)
     pattern: str = "1:2"  # ditprune: keep N of every M consecutive blocks (TinyFusion's local groups)
@@ -182,6 +187,8 @@ class CompressTrainer(SteppedTraining):
                              f" got {config.importance!r}")
         if not 0.0 < config.macs < 1.0:
             raise ValueError(f"--macs is a fraction of the original's MACs in (0, 1), got {config.macs}")
+        if config.allocation != "uniform" and config.method != "diffpruning":
+            raise ValueError(f"--allocation is diffpruning's (channel pruning); {config.method} removes whole layers")
         if config.variant not in VARIANTS:
             raise ValueError(f"--variant is one of {', '.join(VARIANTS)}, got {config.variant!r}")
         self.config, self.run_dir, self.out = config, Path(run), Path(out)
@@ -231,7 +238,7 @@ class CompressTrainer(SteppedTraining):
                                                       self.prediction_type, c.threshold, c.stride, self.gen)
                           if importance == "taylor" else [])
         share = c.macs * self.teacher_macs / call_macs(start)
-        pruned, facts = prune_to_macs(model, share, importance)
+        pruned, facts = prune_to_macs(model, share, importance, allocation=c.allocation)
         self.facts.update(ratio=facts["ratio"], **self._fractions(pruned))
         self.widths = changed_widths(start, pruned)
         return pruned
@@ -466,7 +473,7 @@ def compress(config: CompressConfig, run: Path | None = None, out: Path | None =
              pipe: Any = None) -> Path:
     """Prune and finetune (or continue) one compressed model; returns the folder it was exported to."""
     config = resolved(config)
-    name = compressed_folder(config.method, config.macs, config.importance, config.variant)
+    name = compressed_folder(config.method, config.macs, config.importance, config.variant, config.allocation)
     out = out or default_output(config.model, name, "compress")
     run = run or Path("runs") / "compress" / f"{config.model}-{name}"
     return train_and_export(CompressTrainer(config, run, out, pipe), resume)
@@ -481,6 +488,9 @@ def add_compress_arguments(parser) -> None:
     parser.add_argument("--importance", default=None, choices=sorted({i for v in IMPORTANCE_OF.values() for i in v}),
                         help="diffpruning: taylor (default) or magnitude (the naive baseline); laptop: output "
                              "(default) or random; ditprune: learned (default) or random")
+    parser.add_argument("--allocation", default=CompressConfig.allocation, choices=ALLOCATIONS,
+                        help="diffpruning: uniform (every layer group loses the same share, the authors' setting) or "
+                             "global (channels ranked across layers)")
     parser.add_argument("--macs", type=float, default=CompressConfig.macs,
                         help="the pruned model's MACs per call as a fraction of the original's, in (0, 1)")
     parser.add_argument("--variant", default=CompressConfig.variant, choices=VARIANTS,

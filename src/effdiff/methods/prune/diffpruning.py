@@ -25,4 +25,17 @@ class DiffPruning(CompressedMethod):
     params = {"macs": Param(float, 0.5, 0.01, 0.99, help="which compressed model: its MACs as a fraction"),
               "importance": Param(str, "taylor", choices=importances,
                                   help="taylor (Diff-Pruning) or magnitude (the naive baseline)"),
+              "allocation": Param(str, "uniform", choices=("uniform", "global"),
+                                  help="which compressed model: the same share from every layer (the paper's) or a "
+                                       "global ranking"),
               "path": PATH}
+
+    def folder_name(self) -> str:
+        from effdiff.compress.trainer import compressed_folder
+
+        return compressed_folder(self.name, self.values["macs"], self.values["importance"],
+                                 allocation=self.values["allocation"])
+
+    def command_flags(self) -> str:
+        allocation = self.values["allocation"]
+        return super().command_flags() + ("" if allocation == "uniform" else f" --allocation {allocation}")
