@@ -39,8 +39,10 @@ FULL_ONLY = (
     "int8",  # convs too where the CPU has VNNI; the rule keeps layers narrower than 128 features in fp32
     "dpmpp2m:steps=20+fbcache",
     "dpmpp2m:steps=20+deepcache:interval=3+tome:ratio=0.5,max_downsample=2",
-    # torch.compile is a GPU lever: on the bundled 32-px models it read 1.00x / 0.98x (run 20261205-081244-760c12)
-    # and its compilation added two minutes to the default run
+    # torch.compile pays little on the bundled 32-px models at 50 steps + CFG (1.00x / 0.98x in run
+    # 20261205-081244-760c12; 1.08x / 1.31x against the baseline row of run 20261207-064821-e38944, whose compile
+    # rows' adjacent-block ratios read 1.50x / 1.55x: benchmarks/results/bench_compile_timing_20261207.json) and its
+    # compilation adds a minute or two per model
     "compile",
     "guidance-distill",  # 50 DDIM steps at one call each: what guidance distillation alone buys
     "diffpruning",  # the pruned denoiser alone (50 % of the MACs)
