@@ -39,10 +39,9 @@ FULL_ONLY = (
     "int8",  # convs too where the CPU has VNNI; the rule keeps layers narrower than 128 features in fp32
     "dpmpp2m:steps=20+fbcache",
     "dpmpp2m:steps=20+deepcache:interval=3+tome:ratio=0.5,max_downsample=2",
-    # torch.compile pays little on the bundled 32-px models at 50 steps + CFG (1.00x / 0.98x in run
-    # 20261205-081244-760c12; 1.08x / 1.31x against the baseline row of run 20261207-064821-e38944, whose compile
-    # rows' adjacent-block ratios read 1.50x / 1.55x: benchmarks/results/bench_compile_timing_20261207.json) and its
-    # compilation adds a minute or two per model
+    # torch.compile: 1.00x / 0.98x on the bundled models in run 20261205-081244-760c12 (AVX512 host), 1.50x / 1.55x
+    # in run 20261207-064821-e38944 (AVX2 host; benchmarks/results/bench_compile_timing_20261207.json; per call
+    # 1.3-1.6x, benchmarks/compile_per_call.py); its compilation adds a minute or two per model to the default run
     "compile",
     "guidance-distill",  # 50 DDIM steps at one call each: what guidance distillation alone buys
     "diffpruning",  # the pruned denoiser alone (50 % of the MACs)
