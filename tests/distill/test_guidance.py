@@ -57,3 +57,33 @@ def test_training_lowers_the_loss_and_trains_the_embedding(tmp_path, kind):
     trainer = DistillTrainer(config, tmp_path / "run", tmp_path / "out", tiny_teacher(kind))
     assert loss_ratio_after_training(trainer) < 0.8
     assert trainer.parts["guidance"].linear_2.weight.abs().sum() > 0
+
+
+def _loss_with_error_on(sample: int, weighting: str) -> float:
+    """The loss when the student is exact except for an error of 0.1 on one of two samples: the first with a
+    large guidance direction (cond − uncond = 1), the second with a small one (0.01)."""
+    embedding = GuidanceEmbedding(8)
+    direction = torch.tensor([1.0, 0.01])
+    error = torch.zeros(2)
+    error[sample] = 0.1
+
+    def teacher(noisy, t, text):
+        return noisy * 0 + text[:, :1, :1, None]  # uncond 0, cond the sample's direction
+
+    def student(noisy, t, text):
+        return noisy * 0 + (embedding.scale * direction + error)[:, None, None, None]
+
+    objective = GuidanceObjective(teacher, student, embedding, default_scheduler().alphas_cumprod.float(), 2.0, 6.0,
+                                  weighting=weighting)
+    text = direction[:, None, None].expand(2, 2, 3).clone()
+    return objective(torch.zeros(2, 1, 4, 4), text, torch.zeros(1, 2, 3), torch.Generator().manual_seed(0)).item()
+
+
+def test_relative_weighting_counts_an_error_where_guidance_changes_little_more():
+    assert _loss_with_error_on(0, "uniform") == pytest.approx(_loss_with_error_on(1, "uniform"), rel=1e-5)
+    assert _loss_with_error_on(1, "relative") > 50 * _loss_with_error_on(0, "relative")
+
+
+def test_an_unknown_weighting_is_refused():
+    with pytest.raises(ValueError, match="weighting must be one of uniform, relative"):
+        GuidanceObjective(None, None, GuidanceEmbedding(8), torch.ones(10), weighting="snr")

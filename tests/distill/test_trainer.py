@@ -78,6 +78,9 @@ def test_the_command_line_flags_build_the_config():
     add_distill_arguments(parser)
     args = parser.parse_args(["tiny-dit", "--full", "--iterations", "7", "--rank", "2", "--guidance", "3"])
     assert (args.model, args.full, args.iterations, args.rank, args.guidance) == ("tiny-dit", True, 7, 2, 3.0)
+    assert args.weighting == "uniform"
+    assert parser.parse_args(["tiny-sd", "--method", "guidance-distill", "--weighting", "relative"]).weighting == \
+        "relative"
 
 
 @pytest.mark.parametrize(("kind", "frozen"), [("dit", "adaln_single"), ("sd", "")])

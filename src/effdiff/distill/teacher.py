@@ -28,15 +28,27 @@ def clean_and_noise(prediction: torch.Tensor, noisy: torch.Tensor, alpha_bar: to
 
 
 @torch.no_grad()
-def guided_prediction(model: Denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
-                      uncond: torch.Tensor, guidance: torch.Tensor | float) -> torch.Tensor:
-    """The CFG output at scale ``guidance`` (a float, or one per sample), both halves in one batch."""
+def guidance_halves(model: Denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                    uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unconditional, conditional) outputs, both halves in one batch."""
     both = model(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
                  torch.cat([uncond.expand_as(text), text]))
     unconditional, conditional = both.chunk(2)
+    return unconditional, conditional
+
+
+def combine_guidance(unconditional: torch.Tensor, conditional: torch.Tensor,
+                     guidance: torch.Tensor | float) -> torch.Tensor:
+    """``uncond + w·(cond − uncond)`` at scale ``guidance`` (a float, or one per sample)."""
     if isinstance(guidance, torch.Tensor):
-        guidance = guidance.to(both.dtype)[:, None, None, None]
+        guidance = guidance.to(conditional.dtype)[:, None, None, None]
     return unconditional + guidance * (conditional - unconditional)
+
+
+def guided_prediction(model: Denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                      uncond: torch.Tensor, guidance: torch.Tensor | float) -> torch.Tensor:
+    """The CFG output at scale ``guidance`` (a float, or one per sample)."""
+    return combine_guidance(*guidance_halves(model, noisy, timesteps, text, uncond), guidance)
 
 
 def ddim_step(prediction: torch.Tensor, noisy: torch.Tensor, alpha_start: torch.Tensor, alpha_end: torch.Tensor,

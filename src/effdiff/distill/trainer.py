@@ -31,7 +31,7 @@ from torch import nn
 
 from effdiff.distill import lora
 from effdiff.distill.consistency import ConsistencyObjective
-from effdiff.distill.guidance import GuidanceEmbedding, GuidanceObjective, embedding_width
+from effdiff.distill.guidance import WEIGHTINGS, GuidanceEmbedding, GuidanceObjective, embedding_width
 from effdiff.distill.store import GUIDANCE_FILE, RECORD, default_output, student_folder
 from effdiff.zoo.train import (
     SteppedTraining,
@@ -67,6 +67,7 @@ class DistillConfig:
     target_decay: float = 0.95  # lcm full form only: the consistency target is an EMA of the student
     w_min: float = 1.0  # guidance-distill: the range of guidance scales the student learns
     w_max: float = 8.0
+    weighting: str = "uniform"  # guidance-distill: "relative" weighs each error by the size of cond − uncond
     start_steps: int = 8  # progressive: the first student's steps (its teacher samples in twice as many)
     couplings: int = 1536  # rectflow: noise -> image pairs sampled per phase
     coupling_steps: int = 12  # rectflow: the DDIM steps that sample them
@@ -192,7 +193,8 @@ class DistillTrainer(SteppedTraining):
         teacher, student = (denoiser_call(m, self.is_dit) for m in (self.teacher, self.student))
         if c.method == "guidance-distill":
             return GuidanceObjective(teacher=teacher, student=student, embedding=self.parts["guidance"],
-                                     alphas_cumprod=self.alphas_cumprod, w_min=c.w_min, w_max=c.w_max)
+                                     alphas_cumprod=self.alphas_cumprod, w_min=c.w_min, w_max=c.w_max,
+                                     weighting=c.weighting)
         if c.form == "lora":
             target = self.student  # LCM-LoRA: the online student, without its gradient
         else:
@@ -347,6 +349,8 @@ def add_distill_arguments(parser) -> None:
                                              "start_steps", "warmup", "couplings", "coupling_steps"),
                      ("lr", "guidance", "max_minutes", "w_min", "w_max", "reflow_share"))
     parser.add_argument("--loss", choices=("l2", "huber"), default=DistillConfig.loss)
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default=DistillConfig.weighting,
+                        help="guidance-distill: uniform MSE, or each error relative to the teacher's cond − uncond")
     parser.add_argument("--exclude", default=None,
                         help="regex of layer names the LoRA leaves frozen (default: adaln_single on a DiT, none on a "
                              "U-Net; '' trains every layer)")
