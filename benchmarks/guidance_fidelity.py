@@ -35,7 +35,8 @@ SHIPPED = {"lora": "guidance-distill-lora", "full": "guidance-distill"}
 def students_of(model: str, given: list[str]) -> list[tuple[str, str]]:
     """(label, recipe) for each student to measure."""
     if given:
-        return [(folder, f"guidance-distill:path={folder}") for folder in given]
+        return [(folder, f"guidance-distill:form={'lora' if (Path(folder) / 'lora.safetensors').is_file() else 'full'},"
+                         f"path={folder}") for folder in given]
     return [(folder, f"guidance-distill:form={form}") for form, folder in SHIPPED.items()
             if (WEIGHTS / model / "distill" / folder).is_dir()]
 
