@@ -24,21 +24,21 @@ from pathlib import Path
 import torch
 
 import effdiff
+from effdiff.distill.store import RECORD, default_output, student_folder
 from effdiff.distill.teacher import alpha_at, combine_guidance, ddim_step, guidance_halves, student_timesteps
-from effdiff.distill.trainer import denoiser_call, training_data
-from effdiff.zoo.load import WEIGHTS
+from effdiff.distill.trainer import FORMS, denoiser_call, training_data
 from effdiff.zoo.train import caption_of
 
-SHIPPED = {"lora": "guidance-distill-lora", "full": "guidance-distill"}
+METHOD = "guidance-distill"
 
 
 def students_of(model: str, given: list[str]) -> list[tuple[str, str]]:
-    """(label, recipe) for each student to measure."""
+    """(label, recipe) for each student to measure; a given folder's form is the one its record says."""
     if given:
-        return [(folder, f"guidance-distill:form={'lora' if (Path(folder) / 'lora.safetensors').is_file() else 'full'},"
-                         f"path={folder}") for folder in given]
-    return [(folder, f"guidance-distill:form={form}") for form, folder in SHIPPED.items()
-            if (WEIGHTS / model / "distill" / folder).is_dir()]
+        return [(folder, f"{METHOD}:form={json.loads((Path(folder) / RECORD).read_text())['form']},path={folder}")
+                for folder in given]
+    return [(student_folder(METHOD, form), f"{METHOD}:form={form}") for form in FORMS
+            if default_output(model, student_folder(METHOD, form)).is_dir()]
 
 
 @torch.no_grad()
