@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch.distributed as dist
 import effdiff
 from effdiff.distributed import init_from_env
 from effdiff.eval.fidelity import psnr_per_image
+from effdiff.host import simd
 from effdiff.zoo.evaluate import generate_eval_samples, score_samples
 
 ROWS = ("distrifusion", "distrifusion:warmup=1", "distrifusion:exchange=none")
@@ -85,13 +85,12 @@ def main() -> None:
         raise SystemExit("run under torchrun with 2 or more ranks (see the docstring)")
     rows = [row for name in args.models for row in model_rows(name, args, rank, world)]
     if rank == 0:
-        flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         result = {"command": "HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node=2 benchmarks/parallel_quality.py "
                              f"--per-digit {args.per_digit} --steps {args.steps} --models {' '.join(args.models)} "
                              f"--rows {' '.join(args.rows)} --out {args.out}",
                   "ranks": world, "threads_per_rank": torch.get_num_threads(), "steps": args.steps,
                   "guidance": 4.0, "machine": platform.processor() or platform.machine(),
-                  "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f" {f}" in flags],
+                  "cpu_flags": simd(),
                   "rows": rows}
         Path(args.out).write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()

@@ -20,7 +20,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
 
 import effdiff
 from effdiff.distributed import init_from_env
+from effdiff.host import simd
 from effdiff.zoo.twins import FLUX_DEV, PIXART_XL2
 
 TINY = {"pixart": {**PIXART_XL2, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8,
@@ -135,7 +135,6 @@ def main() -> None:
         if rank == 0:
             print(json.dumps(row), flush=True)
     if rank == 0:
-        flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         result = {"command": "HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node=2 benchmarks/parallel_twins.py "
                              f"--px {args.px} --reps {args.reps} --recipes {' '.join(args.recipes)}"
                              + (f" --model flux --flux-blocks {args.flux_blocks}" if args.model == "flux" else "")
@@ -145,7 +144,7 @@ def main() -> None:
                   "tokens": tokens, "text_tokens": kwargs["encoder_hidden_states"].shape[1],
                   "batch": kwargs["hidden_states"].shape[0], "ranks": world,
                   "machine": platform.processor() or platform.machine(),
-                  "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f" {f}" in flags],
+                  "cpu_flags": simd(),
                   "rows": rows}
         if not args.tiny:
             name = "parallel_twins" if args.model == "pixart" else "parallel_twins_flux"

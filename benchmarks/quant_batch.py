@@ -26,7 +26,7 @@ from quant_peers import first_denoiser_call
 import effdiff
 from effdiff.adapters import denoiser_attr
 from effdiff.eval.cost import time_alternating
-from effdiff.methods.quant.native.kernels import cpu_flags
+from effdiff.host import simd
 
 
 def captured_inputs(pipe: Any, prompts: int) -> tuple[tuple, dict]:
@@ -79,7 +79,7 @@ def main() -> None:
     existing = json.loads(out.read_text()) if out.exists() else {}
     existing[args.model] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
                             "machine": f"{platform.machine()} threads={torch.get_num_threads()}",
-                            "cpu_simd": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))),
+                            "cpu_simd": simd(),
                             "args": vars(args), "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(existing, indent=1))

@@ -42,7 +42,8 @@ import effdiff
 from effdiff.adapters import denoiser_attr
 from effdiff.eval.cost import PeakMemory
 from effdiff.eval.fidelity import fidelity
-from effdiff.methods.quant.native.kernels import Int8DynamicConv2d, Int8DynamicLinear, cpu_flags, has_vnni, native_float
+from effdiff.host import simd
+from effdiff.methods.quant.native.kernels import Int8DynamicConv2d, Int8DynamicLinear, has_vnni, native_float
 from effdiff.registry import RecipeError
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
@@ -454,7 +455,7 @@ def save(path: Path, key: str, rows: Any, args: argparse.Namespace) -> None:
     existing = json.loads(path.read_text()) if path.exists() else {}
     host = {"when": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
-            "cpu_simd": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or "vnni" in f),
+            "cpu_simd": simd(),
             "torch": torch.__version__}
     existing.update({"benchmark": "quant_peers", "guidance": GUIDANCE, **host})
     existing.setdefault("runs", {})[key] = {"args": vars(args), **host, "rows": rows}  # hosts differ between runs

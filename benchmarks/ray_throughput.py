@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from effdiff.bench.runner import run_bench
 from effdiff.bench.store import ResultsStore
+from effdiff.host import simd
 
 RECIPES = ["dpmpp2m:steps=20", "deepcache:interval=3", "fbcache", "tome"]
 
@@ -53,10 +53,9 @@ def main() -> None:
         ray.shutdown()
     fid = {(r["model"], r["recipe"]): r["metrics"].get("fid") for r in one_rows}
     fid_gap = max(abs(r["metrics"].get("fid", 0) - (fid[(r["model"], r["recipe"])] or 0)) for r in ray_rows)
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     result = {"command": f"HF_HUB_OFFLINE=1 python benchmarks/ray_throughput.py --samples {args.samples} "
                          f"--steps {args.steps}", "cores": cores, "recipes": RECIPES, "models": ["tiny-sd", "tiny-dit"],
-              "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f" {f}" in flags],
+              "cpu_flags": simd(),
               "one_process": {"threads": cores, "seconds": one_seconds, "rows": len(one_rows),
                               "rows_per_minute": 60 * len(one_rows) / one_seconds},
               "ray": {"workers": cores, "threads_per_worker": 1, "seconds": ray_seconds, "rows": len(ray_rows),

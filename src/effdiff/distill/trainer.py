@@ -123,7 +123,11 @@ def training_data(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def machine(device: torch.device) -> str:
-    return (f"{platform.node()} {platform.processor() or platform.machine()} "
+    """Where a training ran, for its record: host, CPU model and SIMD extensions (its wall time depends on them),
+    the GPU where one trained it, threads."""
+    from effdiff.host import cpu_description
+
+    return (f"{platform.node()} {cpu_description()} "
             f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} threads={torch.get_num_threads()}")
 
 

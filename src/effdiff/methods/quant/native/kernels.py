@@ -14,7 +14,6 @@ memory and size on disk, not speed (the dequantization costs time; the compute s
 
 from __future__ import annotations
 
-import functools
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effdiff.host import cpu_flags
 from effdiff.methods.quant.packing import pack, unpack
 from effdiff.registry import RecipeError
 
@@ -324,14 +324,3 @@ def has_vnni() -> bool:
     return bool(cpu_flags() & VNNI_FLAGS)
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux), for the report: which SIMD int8/bf16 instructions exist."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
