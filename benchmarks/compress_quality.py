@@ -9,7 +9,10 @@ tiny-sd and 2.96 on tiny-dit in ``benchmarks/results/distill_quality*.json``). E
 ``effdiff bench``.
 
     HF_HUB_OFFLINE=1 python benchmarks/compress_quality.py [--models tiny-sd tiny-dit] [--per-digit 100]
-        [--teacher] [--steps 20] [--only FOLDER ...]
+        [--teacher] [--steps 20] [--only FOLDER ...] [--folders PATH ...]
+
+``--folders`` scores compressed models written elsewhere (``effdiff compress … --out PATH``) instead of the shipped
+ones, each with the model its record names.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--teacher", action="store_true", help="also score the teacher in this run")
     parser.add_argument("--only", nargs="+", default=[], help="these compressed folders (exact names) only")
+    parser.add_argument("--folders", nargs="+", type=Path, default=[],
+                        help="compressed folders made elsewhere (effdiff compress --out), instead of the shipped ones")
     parser.add_argument("--out", default="benchmarks/results/compress_quality.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -75,11 +80,11 @@ def main() -> None:
             rows.append({"model": model, "variant": "teacher", "recipe": "", **score(pipe, "", args.per_digit,
                                                                                      args.steps)})
             print(f"  teacher  FID {rows[-1]['fid']:.3f}  accuracy {rows[-1]['prompt_accuracy']:.1%}", flush=True)
-        for folder in sorted((WEIGHTS / model / "compress").glob("*/")):
-            if args.only and folder.name not in args.only:
-                continue
+        for folder in args.folders or sorted((WEIGHTS / model / "compress").glob("*/")):
             record = json.loads((folder / RECORD).read_text())
-            recipe = recipe_of(record)
+            if (args.only and folder.name not in args.only) or record["teacher"] != model:
+                continue
+            recipe = recipe_of(record, folder)
             effdiff.accelerate(pipe, recipe)
             macs, params = call_macs(pipe.denoiser), sum(p.numel() for p in pipe.denoiser.parameters())
             pipe.effdiff.remove()

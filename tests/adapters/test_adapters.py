@@ -16,6 +16,32 @@ def test_unet_view():
     assert all(isinstance(m, torch.nn.Linear) for _, m in adapter.linears())
 
 
+def test_each_unet_blocks_output_layer_produces_the_channels_the_block_returns():
+    """A channel-pruned block's output is matched to the teacher's kept channels of this layer: the layer must be
+    the one whose output the block returns (same width, same values for the last one of a stage)."""
+    model = tiny_unet()
+    adapter = adapter_for(model)
+    outputs, layers = {}, {}
+    hooks = [ref.module.register_forward_hook(lambda _m, _a, out, ref=ref: outputs.__setitem__(ref.name,
+                                                                                            ref.hidden_out(out)))
+             for ref in adapter.blocks()]
+    for ref in adapter.blocks():
+        name = adapter.block_output_layer(ref)
+        hooks.append(model.get_submodule(name).register_forward_hook(
+            lambda _m, _a, out, ref=ref: layers.__setitem__(ref.name, out)))
+    with torch.no_grad():
+        model(**adapter.example_call(1))
+    for hook in hooks:
+        hook.remove()
+    assert set(outputs) == set(layers) == {ref.name for ref in adapter.blocks()}
+    resampled = [ref.name for ref in adapter.blocks() if "samplers" in adapter.block_output_layer(ref)]
+    assert resampled  # a resampler's convolution is the block's output itself
+    for name, out in outputs.items():
+        assert layers[name].shape == out.shape, name
+        assert torch.equal(layers[name], out) or name not in resampled, name
+    assert adapter_for(tiny_pixart()).block_output_layer(adapter_for(tiny_pixart()).blocks()[0]) is None
+
+
 def test_dit_views():
     pix = adapter_for(tiny_pixart())
     assert pix.kind == "dit" and len(pix.blocks()) == 2 and pix.skips() == []

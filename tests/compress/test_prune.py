@@ -51,6 +51,25 @@ def test_the_importance_decides_which_channels_stay_and_is_deterministic():
     assert not torch.equal(kept["taylor"][0], kept["magnitude"][0])
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_the_kept_channels_are_the_slice_of_the_original_each_pruned_layer_starts_as(allocation):
+    """Feature distillation of a pruned model reads ``kept``: a pruned layer's output channel j is the original's
+    kept[j], so its bias (and a first layer's whole weight) is exactly that slice of the original's."""
+    model = with_gradients("sd")
+    original = copy.deepcopy(model)
+    kept = prune_in_place(model, 0.3, "taylor", allocation)
+    layers = dict(model.named_modules())
+    before = dict(original.named_modules())
+    assert len(kept["conv_in"]) == model.conv_in.out_channels  # global allocation may leave it whole
+    assert torch.equal(model.conv_in.weight, original.conv_in.weight[kept["conv_in"]])
+    with_bias = [name for name in kept if getattr(layers[name], "bias", None) is not None]
+    assert len(with_bias) > 10
+    assert any(len(kept[name]) < before[name].bias.shape[0] for name in with_bias)
+    for name in with_bias:
+        assert kept[name] == sorted(kept[name]) and len(kept[name]) == layers[name].bias.shape[0]
+        assert torch.equal(layers[name].bias, before[name].bias[kept[name]]), name
+
+
 def kept_widths(model: torch.nn.Module) -> list[int]:
     return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
 

@@ -358,6 +358,12 @@ class Adapter:
         model reshapes by a fixed width); None where no pruning plan is known for the architecture."""
         return None
 
+    def block_output_layer(self, ref: BlockRef) -> str | None:
+        """The layer (its name in the model) whose output channels ``ref``'s hidden output carries, so a
+        channel-pruned block's output can be matched to the teacher's channels it kept; None where pruning keeps
+        the block's output width (a DiT's residual stream: its heads and feed-forward widths are what is pruned)."""
+        return None
+
     def example_call(self, batch: int = 1, text_tokens: int = 8) -> dict[str, Any]:
         """Keyword arguments of one denoiser call at the model's native size (random tensors), for tracing its
         layer dependencies and counting its MACs."""

@@ -87,6 +87,15 @@ class _UNetAdapter(Adapter):
         extra = [getattr(self.model, name, None) for name in ("add_embedding", "encoder_hid_proj")]
         return [self.model.conv_out, *(module for module in extra if module is not None)]
 
+    def block_output_layer(self, ref: BlockRef) -> str | None:
+        """A stage's resampler convolution where it has one, else its last ResNet's ``conv2`` (the shortcut
+        convolution that adds to it is pruned with it): what a down, mid or up block returns as its hidden states."""
+        resamplers = getattr(ref.module, "downsamplers", None) or getattr(ref.module, "upsamplers", None)
+        if resamplers:
+            return f"{ref.name}.{'downsamplers' if ref.role == 'down' else 'upsamplers'}.{len(resamplers) - 1}.conv"
+        resnets = getattr(ref.module, "resnets", None)
+        return f"{ref.name}.resnets.{len(resnets) - 1}.conv2" if resnets else None
+
     def example_call(self, batch: int = 1, text_tokens: int = 8) -> dict[str, Any]:
         config = self.model.config
         size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]

@@ -73,12 +73,16 @@ def _adapter(model: nn.Module) -> Any:
     return adapter
 
 
-def prune_in_place(model: nn.Module, ratio: float, importance: str, allocation: str = "uniform") -> None:
+def prune_in_place(model: nn.Module, ratio: float, importance: str,
+                   allocation: str = "uniform") -> dict[str, list[int]]:
     """Remove ``ratio`` of the channels of every prunable layer group (and of each attention's heads) from
     ``model`` ("uniform", the authors' setting), or ``ratio`` of all channels wherever the importance is lowest
     ("global": torch-pruning ranks every group's channels together, each group keeping at least
     ``1 - MAX_GLOBAL_RATIO``; attention keeps its heads, since a global head ranking could empty a layer of its
-    one or two); Taylor importance reads the gradients already in ``.grad``."""
+    one or two); Taylor importance reads the gradients already in ``.grad``. Returns, for every layer that lost
+    output channels in one group, the original indices of those it kept (in order): a pruned layer's channel ``j``
+    is the original's ``kept[j]``, which is what lets a finetune match the pruned model's features to the
+    teacher's."""
     import torch_pruning as tp
 
     if not 0.0 < ratio < 1.0:
@@ -101,9 +105,33 @@ def prune_in_place(model: nn.Module, ratio: float, importance: str, allocation: 
             prune_head_dims=False,
             head_pruning_ratio_dict=head_ratios, in_channel_groups={}, out_channel_groups={},
             customized_pruners={nn.GroupNorm: _regrouping_norm_pruner()})
-        pruner.step()
+        names = {module: name for name, module in model.named_modules()}
+        widths: dict[str, int | None] = {}  # each layer's output width before its group pruned it
+        removed: dict[str, set[int]] = {}
+        twice: set[str] = set()  # pruned by two groups: the second group's indices count the first's survivors
+        for group in pruner.step(interactive=True):
+            this_group: dict[str, set[int]] = {}
+            for dep, idxs in group:
+                module = dep.target.module
+                if pruner.DG.is_out_channel_pruning_fn(dep.handler) and module in names:
+                    this_group.setdefault(names[module], set()).update(int(i) for i in idxs)
+                    widths.setdefault(names[module], _out_width(module))
+            twice |= this_group.keys() & removed.keys()
+            removed.update(this_group)
+            group.prune()
     adapter.fix_pruned_widths({attn.to_q: pruner.num_heads[attn.to_q] for attn in attention})
     model.zero_grad(set_to_none=True)
+    return {name: [i for i in range(widths[name]) if i not in gone] for name, gone in removed.items()
+            if widths[name] is not None and name not in twice}
+
+
+def _out_width(module: nn.Module) -> int | None:
+    """How many output channels a layer torch-pruning prunes has (None for the rest)."""
+    for attribute in ("out_channels", "out_features", "num_channels", "normalized_shape"):
+        value = getattr(module, attribute, None)
+        if value is not None:
+            return value if isinstance(value, int) else value[0]
+    return None
 
 
 def call_macs(model: nn.Module) -> int:
@@ -127,9 +155,10 @@ def copy_with_gradients(model: nn.Module) -> nn.Module:
 
 
 def prune_to_macs(model: nn.Module, target: float, importance: str, trials: int = 10,
-                  allocation: str = "uniform") -> tuple[nn.Module, dict[str, float]]:
+                  allocation: str = "uniform") -> tuple[nn.Module, dict[str, Any]]:
     """A pruned copy of ``model`` with at most ``target`` × its MACs (the largest ratio-bisection trial under
-    it), and {ratio, macs_fraction, params_fraction}. ``model`` keeps its weights (and gradients)."""
+    it), and {ratio, macs_fraction, params_fraction, kept_channels (``prune_in_place``'s)}. ``model`` keeps its
+    weights (and gradients)."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"the MAC target is a fraction of the original's MACs in (0, 1), got {target}")
     full_macs, full_params = call_macs(model), sum(p.numel() for p in model.parameters())
@@ -137,12 +166,12 @@ def prune_to_macs(model: nn.Module, target: float, importance: str, trials: int 
     for _ in range(trials):
         ratio = (low + high) / 2
         trial = copy_with_gradients(model)
-        prune_in_place(trial, ratio, importance, allocation)
+        kept = prune_in_place(trial, ratio, importance, allocation)
         fraction = call_macs(trial) / full_macs
         if fraction <= target:
             high = ratio
             if best is None or fraction > best[1]["macs_fraction"]:
-                best = (trial, {"ratio": ratio, "macs_fraction": fraction})
+                best = (trial, {"ratio": ratio, "macs_fraction": fraction, "kept_channels": kept})
         else:
             low = ratio
     if best is None:

@@ -12,8 +12,11 @@ et al., arXiv 2412.01199): N of every M DiT blocks kept by a mask learned with a
 random`` is the baseline), heads and widths pruned further if the budget asks, then TinyFusion's masked feature
 distillation. diffpruning, laptop and ditprune prune to ``--macs`` of the original's MACs per call; all finetune
 on the denoising loss plus the teacher's output (``--teacher-weight``: Diff-Pruning finetunes on the plain loss for
-100k+ steps; on a 20-minute CPU budget the teacher's output is a denser signal, as BK-SDM uses it). Captions are
-dropped 10 % of the time, as the bundled models were trained, so classifier-free guidance keeps working.
+100k+ steps; on a 20-minute CPU budget the teacher's output is a denser signal, as BK-SDM uses it), and a
+feature loss (``--feature-weight``; diffpruning's: every block's output matched to the teacher's channels it kept,
+which torch-pruning reports as it prunes — each pruned layer starts as exactly that slice of the teacher's).
+Captions are dropped 10 % of the time, as the bundled models were trained, so classifier-free guidance keeps
+working.
 
 What it writes, beside the model unless ``--out`` says otherwise: ``compress/<method>-macs<M>[-<baseline>]/``
 (``bksdm-<variant>/``) with ``denoiser.safetensors`` (the EMA of the finetuned weights) and
@@ -95,7 +98,7 @@ class CompressConfig:
     warmup: int = 50
     ema_decay: float = 0.995
     teacher_weight: float = 1.0  # the teacher's output as a second target (0: the paper's plain loss)
-    feature_weight: float = 1.0  # laptop: normalized feature distillation (LAPTOP-Diff)
+    feature_weight: float = 1.0  # laptop and diffpruning: normalized feature distillation (LAPTOP-Diff's loss)
     caption_dropout: float = 0.1
     threshold: float = 0.05  # Diff-Pruning's informative-timestep rule
     stride: int = 10  # every stride-th timestep is visited for the importance
@@ -158,6 +161,21 @@ def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> to
     return torch.stack([(s - t).pow(2).mean() for s, t in zip(student, teacher, strict=True)]).sum()
 
 
+def kept_channel_feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                              kept: list[torch.Tensor | None]) -> torch.Tensor:
+    """Feature distillation for a channel-pruned model: each block's output matched to the teacher's channels the
+    block kept (``kept``: their indices, None where it kept all), normalized as LAPTOP-Diff's loss is."""
+    def selected(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        return t if index is None else t.index_select(1 if t.ndim == 4 else t.ndim - 1, index.to(t.device))
+
+    chosen = [selected(t, index) for t, index in zip(teacher, kept, strict=True)]
+    for s, t in zip(student, chosen, strict=True):
+        if s.shape != t.shape:
+            raise ValueError(f"a pruned block's output {tuple(s.shape)} does not match the teacher's kept channels "
+                             f"{tuple(t.shape)}: the adapter's block_output_layer names the wrong layer")
+    return normalized_feature_loss(student, chosen)
+
+
 def masked_feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     """TinyFusion's masked distillation: features farther than 2 standard deviations from their mean (per
     example; a DiT's few massive activations) are left out of each side before matching; normalised by the
@@ -209,6 +227,7 @@ class CompressTrainer(SteppedTraining):
         self.blocks: dict[str, Any] = {}  # a BlockPlan (bksdm, ditprune)
         self.facts: dict[str, Any] = {}
         self.widths: dict[str, Any] = {}
+        self.kept_channels: dict[str, list[int]] = {}  # diffpruning: each pruned layer's original channels kept
         self.step, self.elapsed, self.losses = 0, 0.0, []
 
     # ---------------------------------------------------------------- pruning
@@ -239,6 +258,7 @@ class CompressTrainer(SteppedTraining):
                           if importance == "taylor" else [])
         share = c.macs * self.teacher_macs / call_macs(start)
         pruned, facts = prune_to_macs(model, share, importance, allocation=c.allocation)
+        self.kept_channels = facts["kept_channels"]
         self.facts.update(ratio=facts["ratio"], **self._fractions(pruned))
         self.widths = changed_widths(start, pruned)
         return pruned
@@ -350,7 +370,7 @@ class CompressTrainer(SteppedTraining):
     def save_checkpoint(self) -> None:
         state = {"student": self.student.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                  "widths": self.widths, "removed": self.removed, "blocks": self.blocks, "facts": self.facts,
-                 "timesteps": self.timesteps,
+                 "timesteps": self.timesteps, "kept_channels": self.kept_channels,
                  "step": self.step, "elapsed": self.elapsed, "losses": self.losses, "gen": self.gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "config": asdict(self.config)}
         tmp = self.checkpoint_path.with_suffix(".tmp")
@@ -367,6 +387,7 @@ class CompressTrainer(SteppedTraining):
             raise ValueError(f"--resume: the checkpoint was made with other settings (saved, now): {differs}")
         self.widths, self.facts, self.timesteps = state["widths"], state["facts"], state["timesteps"]
         self.removed, self.blocks = state["removed"], state["blocks"]
+        self.kept_channels = state.get("kept_channels", {})  # checkpoints before 2026-12-07: no feature matching
         self._start(self.rebuild(state["student"]))
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
@@ -401,17 +422,30 @@ class CompressTrainer(SteppedTraining):
 
     def _feature_taps(self) -> tuple[FeatureTaps, FeatureTaps, Any] | None:
         """(student taps, teacher taps, loss) of the method's feature distillation; None without one: LAPTOP-Diff's
-        every block, normalized; BK-SDM's stage outputs, plain; TinyFusion's group outputs, masked."""
+        every block, normalized; BK-SDM's stage outputs, plain; TinyFusion's group outputs, masked; a
+        channel-pruned model's every block, on the teacher's channels it kept, normalized."""
         if not self.config.feature_weight:
             return None
         if self.removed:
             return FeatureTaps.blocks(self.student), FeatureTaps.blocks(self.teacher), normalized_feature_loss
         pairs = self.blocks.get("features")
+        if not pairs and self.kept_channels:
+            return (FeatureTaps.blocks(self.student), FeatureTaps.blocks(self.teacher),
+                    functools.partial(kept_channel_feature_loss, kept=self._kept_per_block))
         if not pairs:
             return None
         loss = masked_feature_loss if self.config.method == "ditprune" else feature_loss
         return (FeatureTaps.named(self.student, [s for _, s in pairs]),
                 FeatureTaps.named(self.teacher, [t for t, _ in pairs]), loss)
+
+    @functools.cached_property
+    def _kept_per_block(self) -> list[torch.Tensor | None]:
+        """For each of the teacher's blocks, the indices of its output channels the pruned model kept (None: all)."""
+        from effdiff.adapters import adapter_for
+
+        adapter = adapter_for(self.teacher)
+        layers = [adapter.block_output_layer(ref) for ref in adapter.blocks()]
+        return [torch.tensor(self.kept_channels[layer]) if layer in self.kept_channels else None for layer in layers]
 
     def step_loss(self) -> torch.Tensor:
         noisy, timesteps, text, target = self._noised()
@@ -450,13 +484,24 @@ class CompressTrainer(SteppedTraining):
         c = self.config
         return {"method": c.method, "importance": c.importance, "macs_target": c.macs, **self.facts,
                 "informative_timesteps": self.timesteps, "removed": self.removed, "blocks": self.blocks,
-                "widths": self.widths,
+                "widths": self.widths, "feature_distillation": self._feature_distillation(),
                 "teacher": c.model,
                 "teacher_fingerprint": self.fingerprint, "config": asdict(c), "iterations_done": self.step,
                 "wall_seconds": round(self.elapsed, 1), "machine": machine(self.device),
                 "data": "4,000 training digits (effdiff.zoo.data) with their captions, the teacher's outputs",
                 "final_loss_avg100": sum(self.losses[-100:]) / max(1, len(self.losses[-100:])),
                 "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def _feature_distillation(self) -> str | None:
+        """What the finetune's feature loss matched, in words, for the record (None: no feature loss)."""
+        if not self.config.feature_weight:
+            return None
+        if self.removed:
+            return "every block's output, normalized (LAPTOP-Diff)"
+        if self.blocks.get("features"):
+            return ("each group's last block output, masked (TinyFusion)" if self.config.method == "ditprune"
+                    else "each stage's output, plain MSE (BK-SDM)")
+        return "every block's output on the teacher's kept channels, normalized" if self.kept_channels else None
 
     def export(self) -> Path:
         from safetensors.torch import save_file
