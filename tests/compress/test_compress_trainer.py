@@ -132,3 +132,16 @@ def test_bad_settings_and_other_models_are_refused(tmp_path):
         compress(config(method="ditprune", pattern="1:3"), tmp_path / "w", pipe=tiny_teacher("dit"))
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
         compress(config(), tmp_path / "none", tmp_path / "out", resume=True, pipe=tiny_teacher())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_autocasts_the_loss_and_keeps_the_weights_fp32(tmp_path, monkeypatch, bf16):
+    """``--bf16`` (every trainer: SteppedTraining.autocast) runs the loss under bf16 autocast; without it, fp32."""
+    trainer = CompressTrainer(config(iterations=1, bf16=bf16), tmp_path / "run", tmp_path / "out",
+                              tiny_teacher("sd"))
+    seen = []
+    real = trainer.step_loss
+    monkeypatch.setattr(trainer, "step_loss", lambda: seen.append(torch.is_autocast_enabled("cpu")) or real())
+    trainer.train()
+    assert seen == [bf16] and torch.isfinite(torch.tensor(trainer.losses)).all()
+    assert {p.dtype for p in trainer.student.parameters()} == {torch.float32}

@@ -67,14 +67,14 @@ class Crash(RuntimeError):
 
 def crash_at(monkeypatch, step: int) -> None:
     """The process "dies" while computing ``step``'s batch, after the checkpoint of the step before."""
-    real = Trainer._batch_loss
+    real = Trainer.step_loss
 
     def dying(self):
         if self.step == step:
             raise Crash(f"simulated crash at step {step}")
         return real(self)
 
-    monkeypatch.setattr(Trainer, "_batch_loss", dying)
+    monkeypatch.setattr(Trainer, "step_loss", dying)
 
 
 @pytest.mark.parametrize("model", ["tiny-sd", "mnist-features", "scene-dit", "scene-judge"])

@@ -104,6 +104,7 @@ class CompressConfig:
     stride: int = 10  # every stride-th timestep is visited for the importance
     checkpoint_every: int = 200
     device: str = "cpu"
+    bf16: bool = False  # bf16 autocast around the loss (SteppedTraining.autocast)
 
 
 def resolved(config: CompressConfig) -> CompressConfig:

@@ -76,6 +76,7 @@ class DistillConfig:
     max_minutes: float | None = None  # wall-clock budget; then the run is no longer bit-deterministic
     eval_steps: int = 4  # lcm: recorded (it samples any 1-8); progressive: the last round's steps
     device: str = "cpu"
+    bf16: bool = False  # bf16 autocast around the loss (SteppedTraining.autocast)
 
 
 def teacher_pipeline(model: str, command: str = "distill") -> Any:
