@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from effdiff.adapters import adapter_for
 from effdiff.compress.prune import call_macs
 from effdiff.compress.trainer import RECORD, recipe_of
 from effdiff.eval.cost import time_alternating
+from effdiff.host import cpu_description
 from effdiff.zoo.evaluate import generate_eval_samples, score_samples
 from effdiff.zoo.load import WEIGHTS
 
@@ -100,7 +100,7 @@ def main() -> None:
                   f"call {row['call_speedup']:.2f}x  FID {row['fid']:.3f}  KID {row['kid']:.4f}  "
                   f"accuracy {row['prompt_accuracy']:.1%}", flush=True)
     result = {"benchmark": "compress_quality", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+              "machine": f"{cpu_description()} threads={torch.get_num_threads()}",
               "torch": torch.__version__, "per_digit": args.per_digit, "steps": args.steps,
               "seconds": round(time.time() - started, 1), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

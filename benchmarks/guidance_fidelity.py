@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import effdiff
 from effdiff.distill.store import RECORD, default_output, student_folder
 from effdiff.distill.teacher import alpha_at, combine_guidance, ddim_step, guidance_halves, student_timesteps
 from effdiff.distill.trainer import FORMS, denoiser_call, training_data
+from effdiff.host import cpu_description
 from effdiff.zoo.train import caption_of
 
 METHOD = "guidance-distill"
@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     result = {"benchmark": "guidance_fidelity", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+              "machine": f"{cpu_description()} threads={torch.get_num_threads()}",
               "torch": torch.__version__, "samples": args.samples, "steps": args.steps, "w": args.w, "students": []}
     for index, model in enumerate(args.models):
         for label, recipe in students_of(model, args.student if index == 0 else []):

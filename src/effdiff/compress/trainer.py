@@ -191,6 +191,14 @@ def masked_feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]
     return torch.stack(terms).mean()
 
 
+FEATURE_LOSS_WORDS = {
+    normalized_feature_loss: "every block's output, normalized (LAPTOP-Diff)",
+    feature_loss: "each stage's output, plain MSE (BK-SDM)",
+    masked_feature_loss: "each group's last block output, masked (TinyFusion)",
+    kept_channel_feature_loss: "every block's output on the teacher's kept channels, normalized",
+}
+
+
 class CompressTrainer(SteppedTraining):
     """Prunes on ``prepare`` (or rebuilds the pruned model from a checkpoint on ``resume``), then finetunes."""
 
@@ -494,15 +502,12 @@ class CompressTrainer(SteppedTraining):
                 "when": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def _feature_distillation(self) -> str | None:
-        """What the finetune's feature loss matched, in words, for the record (None: no feature loss)."""
-        if not self.config.feature_weight:
+        """What the finetune's feature loss matched, in words, for the record (None: no feature loss); read off the
+        loss ``_feature_taps`` chooses, so the record cannot disagree with the training."""
+        taps = self._feature_taps()
+        if taps is None:
             return None
-        if self.removed:
-            return "every block's output, normalized (LAPTOP-Diff)"
-        if self.blocks.get("features"):
-            return ("each group's last block output, masked (TinyFusion)" if self.config.method == "ditprune"
-                    else "each stage's output, plain MSE (BK-SDM)")
-        return "every block's output on the teacher's kept channels, normalized" if self.kept_channels else None
+        return FEATURE_LOSS_WORDS[getattr(taps[2], "func", taps[2])]
 
     def export(self) -> Path:
         from safetensors.torch import save_file
