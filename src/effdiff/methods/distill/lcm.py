@@ -1,7 +1,9 @@
 """``lcm``: sample with a latent consistency student in a few steps and no classifier-free-guidance pass.
 
 The student is trained by ``effdiff distill MODEL --method lcm`` (``effdiff.distill``) and found beside the model
-(``student.py``: merged LoRA or swapped weights, undone by ``remove()``). The scheduler becomes diffusers'
+(``student.py``: merged LoRA or swapped weights, undone by ``remove()``), or is a published LCM-LoRA
+(``path=`` a diffusers/PEFT/kohya LoRA file such as latent-consistency/lcm-lora-sdv1-5's, downloaded beforehand;
+``effdiff.distill.published``). The scheduler becomes diffusers'
 ``LCMScheduler`` on the teacher's noise schedule, the default steps the recipe's, and the guidance 1 (folded into
 the student at training) unless the call sets them.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from effdiff.distill.published import is_published
 from effdiff.methods.distill.student import FORM, PATH, StudentMethod
 from effdiff.registry import Paper, Param
 
@@ -36,6 +39,7 @@ class LatentConsistency(StudentMethod):
     exclusive = ("scheduler", "denoiser weights")
     decides = frozenset({"num_inference_steps", "guidance_scale"})
     student_kind = "LCM"
+    reads_published = True
 
     def apply(self, pipe: Any, ctx: Any) -> None:
         from diffusers import LCMScheduler
@@ -43,7 +47,8 @@ class LatentConsistency(StudentMethod):
         from effdiff.methods.solvers.schedulers import refuse_flow_matching
 
         refuse_flow_matching(self.name, pipe)
-        record = self.load_student(self.student_folder(pipe))
+        folder = self.student_folder(pipe)
+        record = self.load_published(pipe, folder) if is_published(folder) else self.load_student(folder)
         grid = record.get("config", {}).get("ddim_steps", 50)
         self.patches.attr(pipe, "scheduler", LCMScheduler.from_config(pipe.scheduler.config,
                                                                       original_inference_steps=grid))

@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 from effdiff.distill import lora
+from effdiff.distill.published import is_published
 from effdiff.distill.store import RECORD, find_student, given_folder, make_command
 from effdiff.patches import split_name
 from effdiff.registry import FAMILIES, Method, Param, RecipeError, refusal
 
 FORM = Param(str, "lora", choices=("lora", "full"), help="a LoRA merged into the weights, or a full student")
-PATH = Param(str, "", help="a student folder written by effdiff distill (default: the one beside the model)")
+PATH = Param(str, "", help="a student folder written by effdiff distill (default: the one beside the model); "
+                           "for lcm also a LoRA published for diffusers (file, or folder holding one)")
 
 
 class StudentMethod(Method):
@@ -30,11 +32,18 @@ class StudentMethod(Method):
     after = ("solver",)
     before = tuple(f for f in FAMILIES if f not in ("solver", "distill"))
     student_kind: ClassVar[str] = "student"
+    reads_published: ClassVar[bool] = False  # path= may name a LoRA published for diffusers (lcm's LCM-LoRAs)
 
     def student_folder(self, pipe: Any) -> Path:
         """The folder of this recipe's student: ``path=``, else the one beside the model (refused, with the
         command that trains it, when there is none)."""
         form = self.values["form"]
+        given = Path(self.values["path"]).expanduser()
+        if self.values["path"] and is_published(given):
+            if not self.reads_published or form != "lora":
+                raise RecipeError(f"{self.name}: {given} is a LoRA effdiff distill did not write; published LoRAs "
+                                  "load with lcm (form=lora), students of this method come from effdiff distill")
+            return given
         folder = given_folder(self.name, self.values["path"], "distill")
         if folder is not None:
             return folder
@@ -93,6 +102,24 @@ class StudentMethod(Method):
         if not path.is_file():
             raise RecipeError(f"{self.name}: {folder} has no lora.safetensors (form=lora)")
         deltas, scale, _ = lora.load(path)
+        self._merge_deltas(deltas, scale)
+
+    def load_published(self, pipe: Any, path: Path) -> dict[str, Any]:
+        """Merge a LoRA published for diffusers (``effdiff.distill.published``) into the denoiser (undoable);
+        returns an empty record (such a file says nothing of its teacher: a LoRA made for another architecture
+        is refused by its layers' shapes)."""
+        from effdiff.adapters import denoiser_attr
+        from effdiff.distill.published import read_published
+
+        try:
+            deltas = read_published(pipe, path, denoiser_attr(pipe))
+        except lora.LoRAError as exc:
+            raise RecipeError(f"{self.name}: {exc}") from None
+        self._merge_deltas(deltas, 1.0)
+        self.source = str(path)
+        return {}
+
+    def _merge_deltas(self, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
         try:
             merged = lora.merged_weights(self.adapter.model, deltas, scale)
         except lora.LoRAError as exc:
