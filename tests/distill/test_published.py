@@ -87,7 +87,8 @@ def test_kohya_layout_reads_with_its_alphas(tmp_path):
         down = torch.randn((rank, shape[1], *shape[2:]), generator=generator)
         up = torch.randn((shape[0], rank, *(1,) * (len(shape) - 2)), generator=generator)
         stem = "lora_unet_" + layer.replace(".", "_")
-        tensors |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(alpha)}
+        tensors |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                    f"{stem}.alpha": torch.tensor(alpha)}
         expected[layer] = (down, up * alpha / rank)
     save_file(tensors, str(tmp_path / "lcm_lora.safetensors"))
     assert is_published(tmp_path) and is_published(tmp_path / "lcm_lora.safetensors")
@@ -116,8 +117,8 @@ def test_text_encoder_entries_and_other_architectures_are_refused(tmp_path):
     wrong = tmp_path / "wide"
     wrong.mkdir()
     layer = "lora_unet_down_blocks_0_resnets_0_conv1"
-    save_file({f"{layer}.lora_down.weight": torch.zeros(2, 32, 3, 3), f"{layer}.lora_up.weight": torch.zeros(32, 2, 1, 1)},
-              str(wrong / "pytorch_lora_weights.safetensors"))
+    save_file({f"{layer}.lora_down.weight": torch.zeros(2, 32, 3, 3),
+               f"{layer}.lora_up.weight": torch.zeros(32, 2, 1, 1)}, str(wrong / "pytorch_lora_weights.safetensors"))
     before = _weights(pipe)
     with pytest.raises(effdiff.RecipeError, match="down_blocks.0.resnets.0.conv1"):
         effdiff.accelerate(pipe, f"lcm:path={wrong}")

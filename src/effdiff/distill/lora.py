@@ -54,11 +54,16 @@ class LowRankDelta(nn.Module):
         return nn.functional.linear(nn.functional.linear(x, self.down), self.up) * self.scale
 
 
-def weight_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
-    """The dense change ``scale · up @ down`` in the layer's weight shape (conv kernels included)."""
+def merged_weight(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """``weight + scale · up @ down`` (conv kernels included), in one float32 GEMM on the weight's device, returned
+    in the weight's dtype. One ``addmm`` rather than a dense delta added afterwards: merging is memory-bound (an SD
+    1.5 LCM-LoRA, rank 64 on 278 layers, touches all 860 M weights), and the delta-then-add version in float64
+    took 21 s on two cores."""
     rank = down.shape[0]
-    dense = up.reshape(up.shape[0], rank).double() @ down.reshape(rank, -1).double()
-    return (dense * scale).reshape(up.shape[0], *down.shape[1:])
+    up = up.reshape(up.shape[0], rank).to(weight.device, torch.float32) * scale
+    down = down.reshape(rank, -1).to(weight.device, torch.float32)
+    flat = weight.detach().reshape(up.shape[0], -1).float()
+    return torch.addmm(flat, up, down).reshape(weight.shape).to(weight.dtype)
 
 
 def target_layers(model: nn.Module, rank: int, exclude: str = "") -> list[tuple[str, nn.Module]]:
@@ -124,11 +129,11 @@ def merged_weights(model: nn.Module, deltas: dict[str, tuple[torch.Tensor, torch
         except AttributeError:
             raise LoRAError(f"the LoRA has a delta for {layer!r}, which this model does not have") from None
         weight = module.weight
-        change = weight_delta(down, up, scale)
-        if tuple(change.shape) != tuple(weight.shape):
-            raise LoRAError(f"the LoRA's delta for {layer!r} has shape {tuple(change.shape)}, the layer's weight "
+        shape = (up.shape[0], *down.shape[1:])
+        if tuple(shape) != tuple(weight.shape):
+            raise LoRAError(f"the LoRA's delta for {layer!r} has shape {tuple(shape)}, the layer's weight "
                             f"{tuple(weight.shape)}: it was trained for another model")
-        merged.append((module, (weight.detach().double() + change.to(weight.device)).to(weight.dtype)))
+        merged.append((module, merged_weight(weight, down, up, scale)))
     return merged
 
 
