@@ -22,6 +22,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -86,18 +87,24 @@ def differing(now: dict[str, str], original: dict[str, str]) -> int:
     return sum(now[k] != original[k] for k in original)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sd15_twin(description: str, reps: int, out: str) -> tuple[argparse.Namespace, Any, torch.dtype]:
+    """The flags both SD 1.5 benchmarks take, and the SD 1.5 twin on the device they name (fp16 on a GPU)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", type=int, default=256, help="pixels per side (latents are size/8)")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=reps)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="benchmarks/results/published_lora.json")
+    parser.add_argument("--out", default=out)
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(2)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     pipe = effdiff.load("sd15-arch").to(args.device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    return args, pipe, dtype
+
+
+def main() -> None:
+    args, pipe, dtype = sd15_twin(__doc__.splitlines()[0], 5, "benchmarks/results/published_lora.json")
     unet = pipe.unet
     folder = Path(tempfile.mkdtemp())
     lora_file = folder / "pytorch_lora_weights.safetensors"

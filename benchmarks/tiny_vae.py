@@ -14,7 +14,6 @@ random weights, as the published madebyollin/taesd would be after download), at 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -23,31 +22,15 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderTiny
-from published_lora import kohya_lora
+from published_lora import kohya_lora, sd15_twin, seconds
 
 import effdiff
 from effdiff.eval.cost import time_alternating
 from effdiff.host import cpu_description
 
 
-def seconds(action) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="benchmarks/results/tiny_vae.json")
-    args = parser.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(2)
-    dtype = torch.float16 if args.device == "cuda" else torch.float32
-    pipe = effdiff.load("sd15-arch").to(args.device, dtype)
-    pipe.set_progress_bar_config(disable=True)
+    args, pipe, dtype = sd15_twin(__doc__.splitlines()[0], 3, "benchmarks/results/tiny_vae.json")
     folder = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
     AutoencoderTiny().save_pretrained(str(folder / "taesd"))  # TAESD's architecture, random weights
