@@ -36,8 +36,8 @@ def is_published(path: Path) -> bool:
     """A LoRA file, or a folder holding one, that ``effdiff distill`` did not write (it writes a record)."""
     from effdiff.distill.store import RECORD
 
-    if path.is_file():
-        return path.suffix == ".safetensors"
+    if path.is_file():  # effdiff's own lora.safetensors is read through its folder, record and all
+        return path.suffix == ".safetensors" and not (path.parent / RECORD).is_file()
     return path.is_dir() and not (path / RECORD).is_file() and _weight_file(path) is not None
 
 

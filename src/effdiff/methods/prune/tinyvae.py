@@ -1,8 +1,8 @@
 """``tinyvae``: decode (and encode) with a tiny distilled autoencoder instead of the pipeline's VAE.
 
-Why: the VAE is outside every denoiser method's reach, and once the denoiser is cheap it is most of an image's
-time — at 256 px SD 1.5's decode costs more than one and a half guided U-Net steps on a CPU, and after a 4-step
-``lcm`` it is the larger part of the whole image (``benchmarks/tiny_vae.py``). A TAESD-style autoencoder
+Why: the VAE is outside every denoiser method's reach, and once the denoiser is cheap it is a large share of an
+image's time — at 256 px SD 1.5's decode costs about one guided U-Net step on a CPU, a fifth of a whole 4-step
+``lcm`` image (``benchmarks/tiny_vae.py``). A TAESD-style autoencoder
 (diffusers' ``AutoencoderTiny``: 1.2 M decoder parameters against SD's 49 M) is distilled to reproduce the VAE's
 decode from the same latents, so it drops into the pipeline: its ``scaling_factor`` 1 and zero shift make the
 pipeline hand it the latents as the denoiser left them, which is what it was trained on.
