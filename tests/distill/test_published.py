@@ -133,3 +133,12 @@ def test_only_lcm_takes_a_published_lora(tmp_path):
         effdiff.accelerate(pipe, f"progressive:path={tmp_path}")
     with pytest.raises(effdiff.RecipeError, match="published LoRAs load with lcm"):
         effdiff.accelerate(pipe, f"lcm:form=full,path={tmp_path}")
+
+
+def test_effdiffs_own_student_files_are_not_taken_for_published_ones(tmp_path):
+    from effdiff.distill.store import RECORD
+
+    save_file({"layer.down": torch.zeros(2, 4), "layer.up": torch.zeros(4, 2)}, str(tmp_path / "lora.safetensors"))
+    assert is_published(tmp_path) and is_published(tmp_path / "lora.safetensors")
+    (tmp_path / RECORD).write_text("{}")
+    assert not is_published(tmp_path) and not is_published(tmp_path / "lora.safetensors")
