@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _stock import build, generate
 from safetensors.torch import save_file
 
 import effdiff
 from effdiff.distill.lora import LoRAError
 from effdiff.distill.published import is_published, read_published
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _stock import build, generate  # noqa: E402
-
-peft = pytest.importorskip("peft", reason="diffusers' own LoRA loading (the parity reference) needs peft")
+pytest.importorskip("peft", reason="diffusers' own LoRA loading (the parity reference) needs peft")
 
 TARGETS = ["to_q", "to_out.0", "conv1", "proj_in", "time_emb_proj"]
 
