@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 import effdiff
-from effdiff.eval.cost import time_alternating
+from effdiff.eval.cost import time_alternating, timed
 from effdiff.host import cpu_description
 
 RANK = 64
@@ -53,12 +53,6 @@ def kohya_lora(unet: torch.nn.Module, path: Path, rank: int = RANK) -> int:
         count += down.numel() + up.numel()
     save_file(tensors, str(path))
     return count
-
-
-def seconds(action) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
 
 
 def per_call(unet, call: dict, reps: int, enter, leave) -> dict[str, float]:
@@ -122,17 +116,17 @@ def main() -> None:
                                           "megabytes_fp16": round(lora_file.stat().st_size / 2**20, 1)}}
 
     recipe = f"lcm:steps=4,path={lora_file}"
-    apply_s = seconds(lambda: effdiff.accelerate(pipe, recipe))
+    apply_s = timed(lambda: effdiff.accelerate(pipe, recipe))
     merged_weights = weights(unet)
-    remove_s = seconds(pipe.effdiff.remove)
+    remove_s = timed(pipe.effdiff.remove)
     report["effdiff"] = {"apply_s": round(apply_s, 2), "remove_s": round(remove_s, 3),
                          "tensors_differing_after_remove": differing(checksums(unet), original)}
-    load_s = seconds(lambda: pipe.load_lora_weights(str(folder)))
-    fuse_s = seconds(pipe.fuse_lora)
+    load_s = timed(lambda: pipe.load_lora_weights(str(folder)))
+    fuse_s = timed(pipe.fuse_lora)
     report["merged_vs_fused_largest_difference"] = max(
         (value.float() - merged_weights[key].float()).abs().max().item() for key, value in weights(unet).items())
     del merged_weights
-    unfuse_s = seconds(lambda: (pipe.unfuse_lora(), pipe.unload_lora_weights()))
+    unfuse_s = timed(lambda: (pipe.unfuse_lora(), pipe.unload_lora_weights()))
     report["diffusers"] = {"load_s": round(load_s, 2), "fuse_s": round(fuse_s, 2),
                            "unfuse_unload_s": round(unfuse_s, 2),
                            "tensors_differing_after_unfuse": differing(checksums(unet), original)}
@@ -151,9 +145,9 @@ def main() -> None:
                     generator=torch.Generator().manual_seed(1), output_type="pt", **kwargs).images
 
     with torch.no_grad():
-        baseline_s = seconds(lambda: generate(num_inference_steps=50, guidance_scale=7.5))
+        baseline_s = timed(lambda: generate(num_inference_steps=50, guidance_scale=7.5))
         effdiff.accelerate(pipe, recipe)
-        lcm_s = seconds(generate)
+        lcm_s = timed(generate)
         pipe.effdiff.remove()
     report["end_to_end"] = {"baseline": "DDIM 50 + CFG 7.5", "baseline_s": round(baseline_s, 2),
                             "lcm_steps4_s": round(lcm_s, 2), "speedup": round(baseline_s / lcm_s, 2),

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderTiny
-from published_lora import kohya_lora, sd15_twin, seconds
+from published_lora import kohya_lora, sd15_twin
 
 import effdiff
-from effdiff.eval.cost import time_alternating
+from effdiff.eval.cost import time_alternating, timed
 from effdiff.host import cpu_description
 
 
@@ -48,7 +48,7 @@ def main() -> None:
 
     def image(**kwargs) -> float:
         with torch.no_grad():
-            return seconds(lambda: pipe(prompt_embeds=text[:1], negative_prompt_embeds=text[1:], height=args.size,
+            return timed(lambda: pipe(prompt_embeds=text[:1], negative_prompt_embeds=text[1:], height=args.size,
                                         width=args.size, generator=torch.Generator().manual_seed(1),
                                         output_type="pt", **kwargs))
 

@@ -130,8 +130,8 @@ def merged_weights(model: nn.Module, deltas: dict[str, tuple[torch.Tensor, torch
             raise LoRAError(f"the LoRA has a delta for {layer!r}, which this model does not have") from None
         weight = module.weight
         shape = (up.shape[0], *down.shape[1:])
-        if tuple(shape) != tuple(weight.shape):
-            raise LoRAError(f"the LoRA's delta for {layer!r} has shape {tuple(shape)}, the layer's weight "
+        if shape != tuple(weight.shape):
+            raise LoRAError(f"the LoRA's delta for {layer!r} has shape {shape}, the layer's weight "
                             f"{tuple(weight.shape)}: it was trained for another model")
         merged.append((module, merged_weight(weight, down, up, scale)))
     return merged
