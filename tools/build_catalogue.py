@@ -120,6 +120,7 @@ CORRECTIONS: dict[str, dict] = {
     "distrifusion": {"arxiv": "2402.19481"},  # the seed gives PipeFusion's id (2405.14430)
     "consistency models": {"arxiv": "2303.01469"},  # one seed gives LCM's id (2310.04378) to Song et al.
     "on distillation of guided diffusion models": {"arxiv": "2210.03142"},  # not ADD's 2311.17042
+    "one-step diffusion with distribution matching": {"arxiv": "2311.18828"},  # the seed gives no link
     "lcm-lora": {"family": "distill", "status": "planned", "reason": ""},  # a few-step student: acceleration
     "attention-driven training-free efficiency": {"family": "tokens"},  # AT-EDM prunes tokens, not a solver
     "faster diffusion": {"family": "cache"},  # reuses encoder features across steps

@@ -406,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", help="JSON path (default: teacache-MODEL.json in $EFFDIFF_CACHE_DIR or ~/.cache/effdiff)")
     cal.set_defaults(func=_cmd_calibrate)
 
-    dist = sub.add_parser("distill", help="train a student: lcm, guidance-distill, progressive or rectflow, LoRA "
-                                          "or full (checkpoints, --resume)")
+    dist = sub.add_parser("distill", help="train a student: lcm, guidance-distill, progressive, rectflow or "
+                                          "dmd, LoRA or full (checkpoints, --resume)")
     add_distill_arguments(dist)
     dist.set_defaults(func=_cmd_distill)
 

@@ -22,25 +22,17 @@ Exported: ``reflow/`` (samples in any number of steps) and ``onestep/``, each wi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from effdiff.distill.couplings import Couplings, TeacherCouplings
 from effdiff.distill.phased import PhasedTrainer
-from effdiff.distill.teacher import Denoiser, alpha_at, clean_and_noise, ddim_sample
+from effdiff.distill.teacher import Denoiser, alpha_at, clean_and_noise
 from effdiff.distill.trainer import DistillConfig, denoiser_call
 
 PHASES = ("reflow", "onestep")
-
-
-class Couplings(NamedTuple):
-    """Noise → image pairs and the caption states they were made under (row i of each belongs together)."""
-
-    noise: torch.Tensor
-    images: torch.Tensor
-    text: torch.Tensor
 
 
 @dataclass
@@ -86,7 +78,7 @@ class OneStepObjective(CouplingObjective):
         return (clean.float() - images.float()).pow(2).mean()
 
 
-class RectflowTrainer(PhasedTrainer):
+class RectflowTrainer(TeacherCouplings, PhasedTrainer):
     """Phases ``reflow`` (``reflow_share`` of the iterations) and ``onestep``; each draws its couplings when it
     begins (into the run folder, so a resumed run reads them back instead of sampling them again)."""
 
@@ -99,33 +91,6 @@ class RectflowTrainer(PhasedTrainer):
 
     def _objective(self) -> ReflowObjective:
         return ReflowObjective(denoiser_call(self.student, self.is_dit), self.alphas_cumprod, self.prediction_type)
-
-    def couplings_from(self, model: torch.nn.Module, guidance: float | None, path: Path) -> Couplings:
-        """``config.couplings`` pairs sampled by ``model`` (guided when ``guidance`` is set), read back from
-        ``path`` when an earlier run with the same settings wrote them. Noise and captions come from a generator
-        of their own, so both phases pair the same noises with the same captions."""
-        made_with = {k: v for k, v in asdict(self.config).items() if k not in self.resumable_changes}
-        if path.is_file():
-            saved = torch.load(path, map_location=self.device)
-            if saved["made_with"] == made_with:
-                return Couplings(saved["noise"], saved["images"], saved["text"])
-        from effdiff.zoo.train import caption_of
-
-        c = self.config
-        gen = torch.Generator().manual_seed(c.seed + 1)
-        shape = (c.couplings, *self.images.shape[1:])
-        noise = torch.randn(shape, generator=gen).to(self.device)
-        labels = torch.randint(0, len(self.per_digit), (c.couplings,), generator=gen).to(self.device)
-        text = caption_of(labels, self.per_digit, gen)
-        call = denoiser_call(model, self.is_dit)
-        uncond = self.uncond if guidance is not None else None
-        final_alpha = float(self.pipe.scheduler.final_alpha_cumprod)
-        images = torch.cat([
-            ddim_sample(call, noise[i:i + c.batch_size * 4], text[i:i + c.batch_size * 4], c.coupling_steps,
-                        self.alphas_cumprod, final_alpha, self.prediction_type, uncond, guidance or 1.0)
-            for i in range(0, c.couplings, c.batch_size * 4)])
-        torch.save({"noise": noise, "images": images, "text": text, "made_with": made_with}, path)
-        return Couplings(noise, images, text)
 
     def enter_phase(self, index: int) -> None:
         """``reflow``: the guided teacher's couplings. ``onestep``: the reflowed student's couplings and a fresh

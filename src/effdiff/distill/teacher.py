@@ -27,6 +27,20 @@ def clean_and_noise(prediction: torch.Tensor, noisy: torch.Tensor, alpha_bar: to
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected v_prediction, epsilon or sample")
 
 
+def prediction_target(clean: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor,
+                      prediction_type: str) -> torch.Tensor:
+    """What a model of ``prediction_type`` should output at ``√ᾱ·clean + √(1 − ᾱ)·noise``: the inverse of
+    ``clean_and_noise``, the target of the plain denoising loss."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "v_prediction":
+        return a * noise - s * clean
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return clean
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected v_prediction, epsilon or sample")
+
+
 @torch.no_grad()
 def guidance_halves(model: Denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
                     uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

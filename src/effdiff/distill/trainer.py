@@ -1,9 +1,10 @@
 """``effdiff distill``: trains a student of a bundled model — seeded, checkpointed, resumable, with EMA.
 
 Methods: ``lcm`` (consistency distillation, ``consistency.py``), ``guidance-distill`` (one pass per step at any
-guidance scale, ``guidance.py``), ``progressive`` (halving the steps per round, ``progressive.py``) and
+guidance scale, ``guidance.py``), ``progressive`` (halving the steps per round, ``progressive.py``),
 ``rectflow`` (reflow on the teacher's couplings, then one step, ``rectflow.py``; the last two train in phases,
-``phased.py``). Two forms each: ``lora`` trains low-rank deltas on the frozen teacher (for LCM the target is then
+``phased.py``) and ``dmd`` (a one-step generator by distribution matching against a critic, ``dmd.py``).
+Two forms each: ``lora`` trains low-rank deltas on the frozen teacher (for LCM the target is then
 the online student, as in LCM-LoRA's recipe, Luo et al., arXiv 2311.05556), ``full`` trains every weight of a
 copy (LCM's target is then an EMA of the student, decay 0.95). Either way the exported weights are an EMA of the
 trained ones. The data are the 4,000 training digits with their captions (rectflow uses only the captions); the
@@ -44,7 +45,7 @@ from effdiff.zoo.train import (
 )
 
 FORMS = ("lora", "full")
-METHODS = ("lcm", "guidance-distill", "progressive", "rectflow")
+METHODS = ("lcm", "guidance-distill", "progressive", "rectflow", "dmd")
 DISTILLABLE = ("tiny-sd", "tiny-dit")
 
 
@@ -72,6 +73,9 @@ class DistillConfig:
     couplings: int = 1536  # rectflow: noise -> image pairs sampled per phase
     coupling_steps: int = 12  # rectflow: the DDIM steps that sample them
     reflow_share: float = 0.67  # rectflow: the reflow phase's part of the iterations (the rest: one step)
+    regression_weight: float = 0.25  # dmd: the L2 regression onto the teacher's couplings (DMD1); 0: none (DMD2)
+    critic_updates: int = 1  # dmd: critic steps per generator step (DMD2's two-time-scale rule: 5)
+    critic_lr: float = 3e-4  # dmd: the critic (a full copy of the teacher) learns at this peak rate
     checkpoint_every: int = 200
     max_minutes: float | None = None  # wall-clock budget; then the run is no longer bit-deterministic
     eval_steps: int = 4  # lcm: recorded (it samples any 1-8); progressive: the last round's steps
@@ -332,6 +336,10 @@ def trainer_for(config: DistillConfig, run: Path, out: Path, pipe: Any = None) -
         from effdiff.distill.rectflow import RectflowTrainer
 
         return RectflowTrainer(config, run, out, pipe)
+    if config.method == "dmd":
+        from effdiff.distill.dmd import DmdTrainer
+
+        return DmdTrainer(config, run, out, pipe)
     return DistillTrainer(config, run, out, pipe)
 
 
@@ -351,8 +359,10 @@ def add_distill_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=DistillConfig.eval_steps,
                         help="lcm: recorded (it samples any 1-8); progressive: the last round's steps")
     add_config_flags(parser, DistillConfig, ("seed", "iterations", "batch_size", "rank", "checkpoint_every",
-                                             "start_steps", "warmup", "couplings", "coupling_steps"),
-                     ("lr", "guidance", "max_minutes", "w_min", "w_max", "reflow_share"))
+                                             "start_steps", "warmup", "couplings", "coupling_steps",
+                                             "critic_updates"),
+                     ("lr", "guidance", "max_minutes", "w_min", "w_max", "reflow_share", "regression_weight",
+                      "critic_lr"))
     parser.add_argument("--loss", choices=("l2", "huber"), default=DistillConfig.loss)
     parser.add_argument("--weighting", choices=WEIGHTINGS, default=DistillConfig.weighting,
                         help="guidance-distill: uniform MSE, or each error relative to the teacher's cond − uncond")

