@@ -3,13 +3,13 @@ accuracy, with the quality bar's prompts and seeds (``effdiff zoo eval``), besid
 many steps without distillation — every row of a model in one run.
 
 Rows per model: ``lcm`` and ``progressive`` at 4, 2 and 1 steps (guidance folded in, no CFG pass); ``rectflow``'s
-one-step student, and its reflowed student at 4, 2 and 1 steps (what reflow alone buys); the teacher with
-DDIM at 4 steps and CFG 4, and with diffusers' ``LCMScheduler`` at 4 steps and CFG 4 but no distillation (what
-swapping the scheduler alone gives); ``guidance-distill`` (LoRA and full student) at DDIM 20 (w 4, one pass a
-step) beside the teacher's DDIM 20 + CFG 4; with ``--baseline`` also the teacher's DDIM 50 + CFG 4 (the
-reference; 100 denoiser calls an image) and ``guidance-distill`` (LoRA and full student) at DDIM 50. A row
-whose student is not shipped is left out and said so. Denoiser calls per image are counted, not assumed.
-Speed-ups come from ``effdiff bench``, which times each recipe against the baseline in one process.
+one-step student, and its reflowed student at 4, 2 and 1 steps (what reflow alone buys); ``dmd``'s one-step
+generator; the teacher with DDIM at 4 steps and CFG 4, and with diffusers' ``LCMScheduler`` at 4 steps and CFG 4
+but no distillation (what swapping the scheduler alone gives); ``guidance-distill`` (LoRA and full student) at
+DDIM 20 (w 4, one pass a step) beside the teacher's DDIM 20 + CFG 4; with ``--baseline`` also the teacher's
+DDIM 50 + CFG 4 (the reference; 100 denoiser calls an image) and ``guidance-distill`` (LoRA and full student)
+at DDIM 50. A row whose student is not shipped is left out and said so. Denoiser calls per image are counted,
+not assumed. Speed-ups come from ``effdiff bench``, which times each recipe against the baseline in one process.
 
     HF_HUB_OFFLINE=1 python benchmarks/distill_quality.py [--per-digit 100] [--baseline] [--models tiny-sd tiny-dit]
         [--only lcm progressive]
@@ -53,6 +53,7 @@ VARIANTS = [
     Variant("rectflow reflowed, 2 steps", "rectflow:steps=2", 2, 1.0, student="rectflow-lora/reflow"),
     Variant("rectflow reflowed, 1 step (not distilled)", "rectflow:stage=reflow,steps=1", 1, 1.0,
             student="rectflow-lora/reflow"),
+    Variant("dmd one-step generator, 1 step", "dmd", 1, 1.0, student="dmd-lora"),
     Variant("teacher DDIM 4 + CFG 4", "", 4, 4.0),
     Variant("teacher LCMScheduler 4 + CFG 4, not distilled", "", 4, 4.0, swap=True),
     Variant("guidance-distill DDIM 20, w 4", "guidance-distill", 20, 4.0, student="guidance-distill-lora"),
