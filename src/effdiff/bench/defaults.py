@@ -49,6 +49,7 @@ FULL_ONLY = (
     "bksdm:variant=tiny",  # tiny-sd without its mid-block and innermost stage (BK-SDM; a U-Net method)
     "ditprune",  # tiny-dit keeping 4 of its 8 blocks by TinyFusion's learned mask (a DiT method)
     "todo:factor=2",  # ToDo's keys/values downsampled at the first attention level
+    "dmd",  # the one-step generator of distribution matching distillation (the default run shows rectflow's)
 )
 
 
