@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _stock import build, generate
+from _stock import PROMPT, SIZE, build, generate
 from safetensors.torch import save_file
 
 import effdiff
@@ -120,6 +120,28 @@ def test_text_encoder_entries_and_other_architectures_are_refused(tmp_path):
     with pytest.raises(effdiff.RecipeError, match="down_blocks.0.resnets.0.conv1"):
         effdiff.accelerate(pipe, f"lcm:path={wrong}")
     assert all(torch.equal(value, before[key]) for key, value in _weights(pipe).items())
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_dmd_samples_a_published_dmd2_lora_on_its_own_grid_without_cfg(tmp_path):
+    """DMD2's 4-step LoRA: merged as lcm merges it, one call (no unconditional half) at each of 999, 749, 499,
+    249, another step count refused, and ``remove()`` gives back the bits and the scheduler."""
+    pipe = build("sd")
+    _peft_lora(tmp_path)
+    reference = build("sd")
+    effdiff.accelerate(reference, f"lcm:path={tmp_path}")
+    original = _weights(pipe)
+    effdiff.accelerate(pipe, f"dmd:steps=4,path={tmp_path}")
+    assert all(torch.equal(value, _weights(reference)[key]) for key, value in _weights(pipe).items())
+    calls: list[tuple[int, int]] = []
+    pipe.unet.register_forward_pre_hook(lambda _m, args, kwargs: calls.append((len(args[0]), int(args[1]))),
+                                        with_kwargs=True)
+    pipe(PROMPT, height=SIZE, width=SIZE, output_type="pt")  # the steps and guidance are the recipe's
+    assert calls == [(1, 999), (1, 749), (1, 499), (1, 249)]
+    with pytest.raises(effdiff.RecipeError, match="samples in 4 steps .* not 2"):
+        generate("sd", pipe, steps=2)
+    pipe.effdiff.remove()
+    assert all(torch.equal(value, original[key]) for key, value in _weights(pipe).items())
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
 
 

@@ -49,6 +49,10 @@ def test_another_step_count_is_refused_and_both_forms_load_through_their_method(
     with pytest.raises(RecipeError, match="samples in 1 step .* not 4"):
         generate(pipe, num_inference_steps=4)
     assert all(_needs_its_method(model_folder / "distill" / form) for form in ("dmd-lora", "dmd"))
+    pipe.effdiff.remove()
+    with pytest.raises(RecipeError, match="from effdiff distill samples in 1 step, not 4; steps=N is for a "
+                                          "published DMD2 LoRA"):
+        effdiff.accelerate(pipe, "dmd:steps=4")
 
 
 def test_a_missing_generator_is_refused_with_the_command_that_makes_it(tmp_path):

@@ -1,17 +1,24 @@
-"""``dmd``: sample in one step with a generator trained by distribution matching distillation.
+"""``dmd``: sample with a generator trained by distribution matching distillation, in one call an image.
 
 ``effdiff distill MODEL --method dmd`` writes it beside the model (``distill/dmd-lora/``, or ``distill/dmd/``
 with ``--full``). It samples with diffusers' DDIMScheduler on the teacher's noise schedule, one trailing step
 from pure noise — the very step its training differentiated through (``effdiff.distill.dmd``) — and guidance 1:
 the teacher's CFG was folded into the real score it was matched to, so the image costs one call.
+
+``path=`` may also name a DMD2 LoRA published for diffusers (tianweiy/DMD2's ``dmd2_sdxl_4step_lora_fp16``,
+downloaded beforehand; read like LCM-LoRAs, ``effdiff.distill.published``) with ``steps=`` its step count. DMD2's
+multi-step generators predict a clean image at each of T−1, T−1−T/N, … and re-noise it to the next; diffusers'
+``LCMScheduler`` over an N-step original grid takes exactly those timesteps (999, 749, 499, 249 for 4), so no
+``timesteps=`` argument is needed and any pipeline runs it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from effdiff.distill.published import is_published
 from effdiff.methods.distill.student import FORM, PATH, StudentMethod
-from effdiff.registry import Paper, RecipeError
+from effdiff.registry import Paper, Param, RecipeError
 
 DMD = Paper("One-step Diffusion with Distribution Matching Distillation", "2311.18828", "CVPR 2024")
 DMD2 = Paper("Improved Distribution Matching Distillation for Fast Image Synthesis", "2405.14867", "NeurIPS 2024")
@@ -30,22 +37,39 @@ class DistributionMatching(StudentMethod):
     paper = DMD
     also = (DMD2,)
     summary = "distribution-matching one-step generator (DMD): one call an image, no CFG pass"
-    params = {"form": FORM, "path": PATH}
+    params = {"steps": Param(int, 1, 1, 8, help="1 for a generator effdiff distill trained; a published DMD2 "
+                                                "LoRA's own step count (4 for dmd2_sdxl_4step_lora)"),
+              "form": FORM, "path": PATH}
     exclusive = ("scheduler", "denoiser weights")
     decides = frozenset({"num_inference_steps", "guidance_scale"})
     student_kind = "DMD generator"
+    reads_published = True
 
     def apply(self, pipe: Any, ctx: Any) -> None:
+        from diffusers import LCMScheduler
+
         from effdiff.methods.solvers.schedulers import refuse_flow_matching
 
         refuse_flow_matching(self.name, pipe)
-        self.load_student(self.student_folder(pipe))
+        folder = self.student_folder(pipe)
+        self.student_steps = self.values["steps"]
+        if is_published(folder):
+            self.load_published(pipe, folder)
+            self.patches.attr(pipe, "scheduler", LCMScheduler.from_config(
+                pipe.scheduler.config, original_inference_steps=self.student_steps))
+            return
+        if self.student_steps != 1:
+            raise RecipeError(f"{self.name}: a generator from effdiff distill samples in 1 step, not "
+                              f"{self.student_steps}; steps=N is for a published DMD2 LoRA (path=)")
+        self.load_student(folder)
         self.use_trailing_ddim(pipe)
 
     def prepare_call(self, arguments: dict[str, Any], explicit: frozenset[str]) -> None:
-        if "num_inference_steps" in explicit and arguments["num_inference_steps"] != 1:
-            raise RecipeError(f"{self.name}: the generator samples in 1 step (it was trained for that step "
-                              f"only), not {arguments['num_inference_steps']}")
-        arguments["num_inference_steps"] = 1
+        steps = self.student_steps
+        if "num_inference_steps" in explicit and arguments["num_inference_steps"] != steps:
+            raise RecipeError(f"{self.name}: the generator samples in {steps} step{'s' * (steps > 1)} (it was "
+                              f"trained for {'those' if steps > 1 else 'that step'} only), not "
+                              f"{arguments['num_inference_steps']}")
+        arguments["num_inference_steps"] = steps
         if "guidance_scale" not in explicit:
             arguments["guidance_scale"] = 1.0

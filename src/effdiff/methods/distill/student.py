@@ -19,7 +19,7 @@ from effdiff.registry import FAMILIES, Method, Param, RecipeError, refusal
 
 FORM = Param(str, "lora", choices=("lora", "full"), help="a LoRA merged into the weights, or a full student")
 PATH = Param(str, "", help="a student folder written by effdiff distill (default: the one beside the model); "
-                           "for lcm also a LoRA published for diffusers (file, or folder holding one)")
+                           "for lcm and dmd also a LoRA published for diffusers (file, or folder holding one)")
 
 
 class StudentMethod(Method):
@@ -32,7 +32,7 @@ class StudentMethod(Method):
     after = ("solver",)
     before = tuple(f for f in FAMILIES if f not in ("solver", "distill"))
     student_kind: ClassVar[str] = "student"
-    reads_published: ClassVar[bool] = False  # path= may name a LoRA published for diffusers (lcm's LCM-LoRAs)
+    reads_published: ClassVar[bool] = False  # path= may name a LoRA published for diffusers (LCM-LoRA, DMD2)
 
     def student_folder(self, pipe: Any) -> Path:
         """The folder of this recipe's student: ``path=``, else the one beside the model (refused, with the
@@ -42,7 +42,8 @@ class StudentMethod(Method):
         if self.values["path"] and is_published(given):
             if not self.reads_published or form != "lora":
                 raise RecipeError(f"{self.name}: {given} is a LoRA effdiff distill did not write; published LoRAs "
-                                  "load with lcm (form=lora), students of this method come from effdiff distill")
+                                  "load with lcm or dmd (form=lora), students of this method come from effdiff "
+                                  "distill")
             return given
         folder = given_folder(self.name, self.values["path"], "distill")
         if folder is not None:
