@@ -12,7 +12,7 @@ at DDIM 50. A row whose student is not shipped is left out and said so. Denoiser
 not assumed. Speed-ups come from ``effdiff bench``, which times each recipe against the baseline in one process.
 
     HF_HUB_OFFLINE=1 python benchmarks/distill_quality.py [--per-digit 100] [--baseline] [--models tiny-sd tiny-dit]
-        [--only lcm progressive]
+        [--only lcm progressive] [--student FOLDER]
 """
 
 from __future__ import annotations
@@ -105,9 +105,9 @@ def score(pipe: Any, variant: Variant, per_digit: int, batches: list[int]) -> di
     return row
 
 
-def training_of(model: str, student: str) -> dict | None:
-    """How the row's student was made (from its record), or None when it is not shipped."""
-    path = WEIGHTS / model / "distill" / student / RECORD
+def training_of(folder: Path) -> dict | None:
+    """How the row's student was made (from its record), or None when there is none."""
+    path = folder / RECORD
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--per-digit", type=int, default=100)
     parser.add_argument("--baseline", action="store_true", help="also score DDIM 50 + CFG 4 (slow)")
     parser.add_argument("--only", nargs="+", default=[], help="rows whose label contains one of these words")
+    parser.add_argument("--student", type=Path,
+                        help="score the student rows --only picks with this folder instead of the shipped one (an "
+                             "experiment's, e.g. written by effdiff distill --out)")
     parser.add_argument("--out", default="benchmarks/results/distill_quality.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -132,10 +135,15 @@ def main() -> None:
         for variant in (WITH_BASELINE if args.baseline else []) + VARIANTS:
             if args.only and not any(word in variant.label for word in args.only):
                 continue
-            training = training_of(model, variant.student) if variant.student else None
+            folder = args.student or WEIGHTS / model / "distill" / variant.student
+            training = training_of(folder) if variant.student else None
             if variant.student and training is None:
-                print(f"  {variant.label}: no {variant.student} shipped for {model}; row left out", flush=True)
+                print(f"  {variant.label}: no student in {folder}; row left out", flush=True)
                 continue
+            if variant.student and args.student:
+                joiner = "," if ":" in variant.recipe else ":"
+                variant = variant._replace(label=f"{variant.label} ({args.student.name})",
+                                           recipe=f"{variant.recipe}{joiner}path={args.student}")
             rows.append({"model": model, **score(pipe, variant, args.per_digit, batches),
                          "student_training": training})
             save(args, rows, started)  # after every row: a run stopped early keeps what it scored
