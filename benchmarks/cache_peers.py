@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 import effdiff
 from effdiff.eval.cost import NFECounter, count_flops, time_alternating
 from effdiff.eval.fidelity import fidelity, psnr
+from effdiff.host import cpu_description
 
 PROMPTS = ["a handwritten seven", "a handwritten three"]
 HOOK_FIXES = [
@@ -256,7 +256,7 @@ def section(title: str, model: str, steps: int, variants: list[tuple[str, str]],
 def save(args: argparse.Namespace, rows: list[dict[str, Any]], started: float) -> dict[str, Any]:
     """Merge ``rows`` into the JSON file (rows of the same model and variant are replaced)."""
     result = {"benchmark": "cache_peers", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+              "machine": f"{cpu_description()} threads={torch.get_num_threads()}",
               "torch": torch.__version__, "prompts": PROMPTS, "guidance": 4.0, "reps": args.reps,
               "hook_fixes": HOOK_FIXES, "seconds": round(time.time() - started, 1), "rows": rows}
     out = Path(args.out)

@@ -11,7 +11,6 @@ cache alternate each round, and each ratio is the median of per-round paired rat
 """
 
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from torch._dynamo.utils import counters
 
 import effdiff
 from effdiff.adapters import denoiser_attr
+from effdiff.host import cpu_description
 
 MODEL = sys.argv[1] if len(sys.argv) > 1 else "tiny-sd"
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
@@ -78,7 +78,7 @@ counters.clear()
 compiled = phase("compiled (unet.compile(), Inductor; caches recompile it by regions)")
 flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
 result = {
-    "model": MODEL, "rounds": ROUNDS, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+    "model": MODEL, "rounds": ROUNDS, "torch": torch.__version__, "machine": cpu_description(),
     "cpu_flags": next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("Flags")), ""),
     "eager": eager, "compiled": compiled,
     "compiled_baseline_vs_eager": statistics.median(eager["times_s"]["baseline"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import effdiff
 from effdiff.adapters import adapter_for
 from effdiff.eval.cost import time_alternating
+from effdiff.host import cpu_description
 
 CALLS_PER_BLOCK = 10
 
@@ -48,7 +48,7 @@ def main() -> None:
                   f"{eager_ms / compiled_ms:.2f}x", flush=True)
     Path(args.out).write_text(json.dumps({
         "benchmark": "compile_per_call", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+        "machine": f"{cpu_description()} threads={torch.get_num_threads()}",
         "torch": torch.__version__, "rows": rows}, indent=1))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 import effdiff
 from effdiff.eval.cost import time_alternating
+from effdiff.host import cpu_description
 
 
 def one_image(pipe, **settings) -> Callable[[], object]:
@@ -52,7 +52,7 @@ def main() -> None:
                   f"{rows[-1]['speedup']:.1f}x (paired {min(ratios):.1f}-{max(ratios):.1f}x)", flush=True)
     Path(args.out).write_text(json.dumps({
         "benchmark": "compiled_student_speed", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+        "machine": f"{cpu_description()} threads={torch.get_num_threads()}",
         "torch": torch.__version__, "reps": args.reps, "rows": rows}, indent=1))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from effdiff.adapters import adapter_for, find_denoiser
 from effdiff.compress.prune import call_macs, prune_to_macs
 from effdiff.compress.structure import BlockPlan, apply_block_plan
 from effdiff.eval.cost import time_alternating
+from effdiff.host import cpu_description
 from effdiff.patches import PatchLog
 
 
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/compress_twins.json")
     args = parser.parse_args()
     rows = [row for twin in args.twins for row in measure(twin, args)]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_description()
     result = {"benchmark": "compress_twins", "when": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device,
               "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

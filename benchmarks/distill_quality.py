@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +27,7 @@ import torch
 
 import effdiff
 from effdiff.distill.store import RECORD
+from effdiff.host import cpu_description
 from effdiff.zoo.evaluate import generate_eval_samples, score_samples
 from effdiff.zoo.load import WEIGHTS
 
@@ -151,7 +151,7 @@ def main() -> None:
 
 def save(args: argparse.Namespace, rows: list[dict], started: float) -> None:
     result = {"benchmark": "distill_quality", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+              "machine": f"{cpu_description()} threads={torch.get_num_threads()}",
               "torch": torch.__version__, "per_digit": args.per_digit, "seconds": round(time.time() - started, 1),
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch.distributed as dist
 import effdiff
 from effdiff.distributed import init_from_env
 from effdiff.eval.fidelity import psnr_per_image
-from effdiff.host import simd
+from effdiff.host import cpu_description, simd
 from effdiff.zoo.evaluate import generate_eval_samples, score_samples
 
 ROWS = ("distrifusion", "distrifusion:warmup=1", "distrifusion:exchange=none")
@@ -89,7 +88,7 @@ def main() -> None:
                              f"--per-digit {args.per_digit} --steps {args.steps} --models {' '.join(args.models)} "
                              f"--rows {' '.join(args.rows)} --out {args.out}",
                   "ranks": world, "threads_per_rank": torch.get_num_threads(), "steps": args.steps,
-                  "guidance": 4.0, "machine": platform.processor() or platform.machine(),
+                  "guidance": 4.0, "machine": cpu_description(),
                   "cpu_flags": simd(),
                   "rows": rows}
         Path(args.out).write_text(json.dumps(result, indent=1))

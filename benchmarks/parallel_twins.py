@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
 
 import effdiff
 from effdiff.distributed import init_from_env
-from effdiff.host import simd
+from effdiff.host import cpu_description, simd
 from effdiff.zoo.twins import FLUX_DEV, PIXART_XL2
 
 TINY = {"pixart": {**PIXART_XL2, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8,
@@ -143,7 +142,7 @@ def main() -> None:
                   "model": f"tiny {args.model}" if args.tiny else MODELS[args.model].format(blocks=args.flux_blocks),
                   "tokens": tokens, "text_tokens": kwargs["encoder_hidden_states"].shape[1],
                   "batch": kwargs["hidden_states"].shape[0], "ranks": world,
-                  "machine": platform.processor() or platform.machine(),
+                  "machine": cpu_description(),
                   "cpu_flags": simd(),
                   "rows": rows}
         if not args.tiny:

@@ -25,7 +25,6 @@ import argparse
 import copy
 import io
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -42,7 +41,7 @@ import effdiff
 from effdiff.adapters import denoiser_attr
 from effdiff.eval.cost import PeakMemory
 from effdiff.eval.fidelity import fidelity
-from effdiff.host import simd
+from effdiff.host import cpu_description, simd
 from effdiff.methods.quant.native.kernels import Int8DynamicConv2d, Int8DynamicLinear, has_vnni, native_float
 from effdiff.registry import RecipeError
 
@@ -454,7 +453,7 @@ def cell(row: dict[str, Any], key: str, fmt: str) -> str:
 def save(path: Path, key: str, rows: Any, args: argparse.Namespace) -> None:
     existing = json.loads(path.read_text()) if path.exists() else {}
     host = {"when": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+            "machine": f"{cpu_description()} threads={torch.get_num_threads()}",
             "cpu_simd": simd(),
             "torch": torch.__version__}
     existing.update({"benchmark": "quant_peers", "guidance": GUIDANCE, **host})

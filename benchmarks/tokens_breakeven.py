@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from cache_peers import effdiff_variant
 
 import effdiff
 from effdiff.eval.cost import PeakMemory, timed
+from effdiff.host import cpu_description
 from effdiff.recipe import parse
 
 OUT = Path("benchmarks/results/tokens")
@@ -189,7 +189,7 @@ def merge_rows(path: Path, header: dict[str, Any], rows: list[dict[str, Any]], s
     fresh = {(r["model"], r["px"], r["variant"]) for r in rows}
     kept = [r for r in existing.get("rows", []) if (r["model"], r["px"], r["variant"]) not in fresh]
     result = {**header, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}",
+              "torch": torch.__version__, "machine": cpu_description(),
               "seconds": round(time.time() - started, 1), "rows": kept + rows}
     path.write_text(json.dumps(result, indent=1))
     return path
