@@ -57,7 +57,6 @@ class DistributionMatchingObjective:
     final_alpha: float
     prediction_type: str
     guidance: float = 4.0
-    regression_weight: float = 0.25
     couplings: Couplings | None = None
 
     def _alpha(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -112,6 +111,9 @@ class DmdTrainer(TeacherCouplings, DistillTrainer):
 
     def _objective(self) -> DistributionMatchingObjective:
         c = self.config
+        if c.critic_updates < 1 or c.regression_weight < 0:
+            raise ValueError(f"dmd: --critic-updates must be ≥ 1 and --regression-weight ≥ 0, got "
+                             f"{c.critic_updates} and {c.regression_weight}")
         self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train()
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=c.critic_lr, weight_decay=0.0)
         self.critic_losses: list[float] = []
@@ -119,7 +121,7 @@ class DmdTrainer(TeacherCouplings, DistillTrainer):
             generator=denoiser_call(self.student, self.is_dit), teacher=denoiser_call(self.teacher, self.is_dit),
             critic=denoiser_call(self.critic, self.is_dit), alphas_cumprod=self.alphas_cumprod,
             final_alpha=float(self.pipe.scheduler.final_alpha_cumprod), prediction_type=self.prediction_type,
-            guidance=c.guidance, regression_weight=c.regression_weight)
+            guidance=c.guidance)
 
     def _critic_step(self, images: torch.Tensor, text: torch.Tensor) -> None:
         for group in self.critic_opt.param_groups:
