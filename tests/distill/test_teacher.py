@@ -1,12 +1,12 @@
-"""The teacher's side of the objectives: the three parameterisations, guided prediction, a DDIM step, and a whole
-trailing DDIM trajectory that matches diffusers' scheduler bit for bit."""
+"""The teacher's side of the objectives: the three parameterisations (and their denoising targets), guided
+prediction, a DDIM step, and a whole trailing DDIM trajectory that matches diffusers' scheduler bit for bit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from effdiff.distill.teacher import clean_and_noise, ddim_sample, ddim_step, guided_prediction
+from effdiff.distill.teacher import clean_and_noise, ddim_sample, ddim_step, guided_prediction, prediction_target
 
 
 @pytest.mark.parametrize("kind", ["v_prediction", "epsilon", "sample"])
@@ -18,6 +18,7 @@ def test_each_parameterisation_recovers_the_clean_sample_and_noise(kind):
     output = {"v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * clean, "epsilon": noise, "sample": clean}
     got_clean, got_noise = clean_and_noise(output[kind], noisy, alpha, kind)
     assert torch.allclose(got_clean, clean, atol=1e-5) and torch.allclose(got_noise, noise, atol=1e-5)
+    assert torch.equal(prediction_target(clean, noise, alpha, kind), output[kind])  # the denoising loss's target
 
 
 def test_guidance_is_applied_to_the_output_per_sample():
