@@ -42,6 +42,14 @@ def call_batches(pipe) -> list[int]:
     return batches
 
 
+def timesteps_seen(pipe) -> list[tuple[int, int]]:
+    """(batch size, timestep) of the denoiser's calls from now on."""
+    seen: list[tuple[int, int]] = []
+    pipe.denoiser.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((len(args[0]), int(args[1]))),
+                                            with_kwargs=True)
+    return seen
+
+
 def assert_shipped_student_round_trips(model: str, folder: Path, recipe: str, **call) -> torch.Tensor:
     """A shipped student is ≤ 10 % of the model, changes the samples, is removed bit for bit, and loads with
     ``effdiff.load(folder)`` to the same samples; returns them."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _students import assert_shipped_student_round_trips, call_batches, generate, model_folder_with, teacher_at
+from _students import assert_shipped_student_round_trips, generate, model_folder_with, teacher_at, timesteps_seen
 
 import effdiff
 from effdiff.registry import RecipeError
@@ -28,13 +28,10 @@ def test_the_generator_samples_in_one_call_and_removes_bit_identically(model_fol
     pipe = teacher_at(model_folder)
     weights = dict(pipe.denoiser.named_parameters())
     baseline = generate(pipe, num_inference_steps=4)
-    timesteps: list[int] = []
-    pipe.denoiser.register_forward_pre_hook(lambda _m, args, kwargs: timesteps.append(int(args[1])),
-                                            with_kwargs=True)
-    batches = call_batches(pipe)
+    seen = timesteps_seen(pipe)
     effdiff.accelerate(pipe, recipe)
     images = generate(pipe)
-    assert batches == [1] and timesteps == [999]  # one call from pure noise, no unconditional half
+    assert seen == [(1, 999)]  # one call from pure noise, no unconditional half
     assert images.shape == baseline.shape and torch.isfinite(images).all()
     pipe.effdiff.remove()
     assert all(p is weights[name] for name, p in pipe.denoiser.named_parameters())

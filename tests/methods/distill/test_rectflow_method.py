@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _students import assert_shipped_student_round_trips, generate, model_folder_with, teacher_at
+from _students import assert_shipped_student_round_trips, generate, model_folder_with, teacher_at, timesteps_seen
 
 import effdiff
 from effdiff.distill.teacher import student_timesteps
@@ -22,13 +22,6 @@ def model_folder(tmp_path_factory) -> Path:
     """A model folder with both rectified-flow students of ``tiny_teacher()``, both forms."""
     return model_folder_with(tmp_path_factory.mktemp("tiny-sd"), "rectflow", iterations=4, lr=1e-2, couplings=8,
                              coupling_steps=2)
-
-
-def timesteps_seen(pipe) -> list[tuple[int, int]]:
-    seen: list[tuple[int, int]] = []
-    pipe.denoiser.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((len(args[0]), int(args[1]))),
-                                            with_kwargs=True)
-    return seen
 
 
 @pytest.mark.parametrize(("recipe", "stage", "steps"), [
