@@ -76,7 +76,7 @@ def test_an_exact_critic_has_zero_denoising_loss_and_a_blind_one_does_not():
 def config(**overrides) -> DistillConfig:
     return DistillConfig(**{"model": "tiny-sd", "method": "dmd", "iterations": 4, "batch_size": 4, "warmup": 1,
                             "lr": 1e-2, "checkpoint_every": 2, "couplings": 8, "coupling_steps": 2,
-                            "critic_updates": 2, **overrides})
+                            "critic_updates": 2, "regression_weight": 0.25, **overrides})
 
 
 def kill_at(trainer, step: int) -> None:

@@ -73,8 +73,8 @@ class DistillConfig:
     couplings: int = 1536  # rectflow: noise -> image pairs sampled per phase
     coupling_steps: int = 12  # rectflow: the DDIM steps that sample them
     reflow_share: float = 0.67  # rectflow: the reflow phase's part of the iterations (the rest: one step)
-    regression_weight: float = 0.25  # dmd: the L2 regression onto the teacher's couplings (DMD1); 0: none (DMD2)
-    critic_updates: int = 1  # dmd: critic steps per generator step (DMD2's two-time-scale rule: 5)
+    regression_weight: float = 0.0  # dmd: L2 regression onto the teacher's couplings (DMD1: 0.25); 0: none (DMD2)
+    critic_updates: int = 5  # dmd: critic steps per generator step (DMD2's two-time-scale rule; DMD1: 1)
     critic_lr: float = 3e-4  # dmd: the critic (a full copy of the teacher) learns at this peak rate
     checkpoint_every: int = 200
     max_minutes: float | None = None  # wall-clock budget; then the run is no longer bit-deterministic
