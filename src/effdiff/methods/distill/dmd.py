@@ -29,14 +29,15 @@ class DistributionMatching(StudentMethod):
 
     Paper: One-step Diffusion with Distribution Matching Distillation (Yin et al., arXiv 2311.18828): the
     generator is trained so that the difference of the teacher's guided score and a critic's score, both on its
-    re-noised images, vanishes, with a regression onto the teacher's noise → image pairs; the optional
-    two-time-scale critic updates follow DMD2 (Yin et al., arXiv 2405.14867).
+    re-noised images, vanishes (DMD1 adds a regression onto the teacher's noise → image pairs); the default
+    training, five critic updates a generator step and no regression, and the published multi-step LoRAs follow
+    DMD2 (Yin et al., arXiv 2405.14867).
     """
 
     name = "dmd"
     paper = DMD
     also = (DMD2,)
-    summary = "distribution-matching one-step generator (DMD): one call an image, no CFG pass"
+    summary = "distribution-matching generator (DMD/DMD2): one call an image (a published DMD2 LoRA: its steps), no CFG"
     params = {"steps": Param(int, 1, 1, 8, help="1 for a generator effdiff distill trained; a published DMD2 "
                                                 "LoRA's own step count (4 for dmd2_sdxl_4step_lora)"),
               "form": FORM, "path": PATH}
