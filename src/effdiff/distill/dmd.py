@@ -1,5 +1,6 @@
 """Distribution matching distillation (DMD): a one-step generator whose images are pulled, as a distribution, onto
-the teacher's by the difference of two scores, plus a regression onto the teacher's own noise → image pairs.
+the teacher's by the difference of two scores (optionally with DMD1's regression onto the teacher's own noise →
+image pairs).
 
 Yin et al., One-step Diffusion with Distribution Matching Distillation (arXiv 2311.18828); the two-time-scale
 update from DMD2 (Yin et al., arXiv 2405.14867). Per training step:

@@ -7,7 +7,7 @@ guidance scale, ``guidance.py``), ``progressive`` (halving the steps per round, 
 Two forms each: ``lora`` trains low-rank deltas on the frozen teacher (for LCM the target is then
 the online student, as in LCM-LoRA's recipe, Luo et al., arXiv 2311.05556), ``full`` trains every weight of a
 copy (LCM's target is then an EMA of the student, decay 0.95). Either way the exported weights are an EMA of the
-trained ones. The data are the 4,000 training digits with their captions (rectflow uses only the captions); the
+trained ones. The data are the 4,000 training digits with their captions (rectflow and dmd use only the captions); the
 teacher supplies every target, so no label beyond the caption is used.
 
 What it writes, beside the model unless ``--out`` says otherwise: ``distill/<method>-lora/lora.safetensors`` (a
@@ -70,8 +70,8 @@ class DistillConfig:
     w_max: float = 8.0
     weighting: str = "uniform"  # guidance-distill: "relative" weighs each error by the size of cond − uncond
     start_steps: int = 8  # progressive: the first student's steps (its teacher samples in twice as many)
-    couplings: int = 1536  # rectflow: noise -> image pairs sampled per phase
-    coupling_steps: int = 12  # rectflow: the DDIM steps that sample them
+    couplings: int = 1536  # rectflow (per phase) and dmd's regression: noise -> image pairs sampled by the teacher
+    coupling_steps: int = 12  # rectflow, dmd: the DDIM steps that sample them
     reflow_share: float = 0.67  # rectflow: the reflow phase's part of the iterations (the rest: one step)
     regression_weight: float = 0.0  # dmd: L2 regression onto the teacher's couplings (DMD1: 0.25); 0: none (DMD2)
     critic_updates: int = 5  # dmd: critic steps per generator step (DMD2's two-time-scale rule; DMD1: 1)
