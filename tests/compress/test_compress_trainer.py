@@ -145,3 +145,40 @@ def test_bf16_autocasts_the_loss_and_keeps_the_weights_fp32(tmp_path, monkeypatc
     trainer.train()
     assert seen == [bf16] and torch.isfinite(torch.tensor(trainer.losses)).all()
     assert {p.dtype for p in trainer.student.parameters()} == {torch.float32}
+
+
+def test_the_guided_loss_pairs_each_sample_with_and_without_its_caption_and_weighs_the_guidance_direction(tmp_path):
+    """``--guidance-weight``: each noisy input is seen unconditionally and with its caption (none dropped), and the
+    loss counts the student's guided output against the teacher's relative to the teacher's cond − uncond — so a
+    student whose conditional output is right but whose guidance direction is off pays for it."""
+    trainer = CompressTrainer(config(iterations=2, guidance_weight=1.0, caption_dropout=1.0), tmp_path / "run",
+                              tmp_path / "out", tiny_teacher("sd"))
+    trainer.prepare()
+    noisy, timesteps, text, target = trainer._paired()
+    half = len(noisy) // 2
+    assert half == 4 and torch.equal(noisy[:half], noisy[half:]) and torch.equal(target[:half], target[half:])
+    assert torch.equal(timesteps[:half], timesteps[half:])
+    assert torch.equal(text[:half], trainer.uncond.expand_as(text[:half]))
+    assert not any(torch.equal(t, trainer.uncond[0]) for t in text[half:])  # dropout 1.0 is not applied here
+
+    gen = torch.Generator().manual_seed(0)
+    uncond, cond = torch.randn(2, 4, 3, 8, 8, generator=gen)
+    taught = torch.cat([uncond, cond])
+    assert trainer._guided_loss(taught.clone(), taught) == 0
+    shifted = torch.cat([uncond + 0.1, cond + 0.1])  # both halves off alike: the guided output is off by 0.1
+    wrong_direction = torch.cat([uncond - 0.1, cond])  # the cond half exact, the direction off by 0.1
+    assert trainer._guided_loss(wrong_direction, taught) > 4 * trainer._guided_loss(shifted, taught)
+
+    trainer.train()
+    assert trainer.step == 2 and torch.isfinite(torch.tensor(trainer.losses)).all()
+    assert json.loads((trainer.export() / RECORD).read_text())["config"]["guidance_weight"] == 1.0
+
+
+def test_without_a_guidance_weight_the_batch_is_unpaired_with_captions_dropped(tmp_path, monkeypatch):
+    trainer = CompressTrainer(config(iterations=1, guidance_weight=0.0), tmp_path / "run", tmp_path / "out",
+                              tiny_teacher("sd"))
+    trainer.prepare()
+    monkeypatch.setattr(trainer, "_paired", lambda: pytest.fail("paired batch without a guidance weight"))
+    monkeypatch.setattr(trainer, "_guided_loss", lambda *a: pytest.fail("guided loss without a guidance weight"))
+    trainer.train()
+    assert trainer.step == 1 and torch.isfinite(torch.tensor(trainer.losses)).all()

@@ -111,7 +111,13 @@ class GuidanceObjective:
         prediction = self.student(noisy, timesteps, text)
         if self.weighting == "uniform":
             return ((prediction.float() - target.float()) ** 2).mean()
-        error = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-        direction = (conditional.float() - unconditional.float()).pow(2).flatten(1).mean(1)
-        weights = 1 / (direction + RELATIVE_FLOOR)
-        return (weights / weights.mean() * error).mean()
+        return relative_error(prediction, target, conditional - unconditional)
+
+
+def relative_error(prediction: torch.Tensor, target: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """The batch's squared error with each sample weighted by 1 / the mean square of its guidance direction
+    ``cond − uncond`` (weights normalised to mean 1): an error counts by the size of what guidance changes there.
+    Shared by guidance distillation's ``relative`` weighting and ``effdiff compress``'s guided-output loss."""
+    error = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    weights = 1 / (direction.float().pow(2).flatten(1).mean(1) + RELATIVE_FLOOR)
+    return (weights / weights.mean() * error).mean()
