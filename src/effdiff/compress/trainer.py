@@ -105,7 +105,7 @@ class CompressConfig:
     teacher_weight: float = 1.0  # the teacher's output as a second target (0: the paper's plain loss)
     feature_weight: float = 1.0  # laptop and diffpruning: normalized feature distillation (LAPTOP-Diff's loss)
     guidance_weight: float = 1.0  # the teacher's guided output (both halves of each sample), relative to cond − uncond
-    caption_dropout: float = 0.1
+    caption_dropout: float = 0.1  # without the guided loss only (with it, every sample is seen both ways)
     threshold: float = 0.05  # Diff-Pruning's informative-timestep rule
     stride: int = 10  # every stride-th timestep is visited for the importance
     checkpoint_every: int = 200
@@ -474,7 +474,7 @@ class CompressTrainer(SteppedTraining):
         each sample's error relative to the teacher's ``cond − uncond`` there (``relative_error``). Why: sampling
         uses ``uncond + w·(cond − uncond)``, and below t ≈ 800 that direction is 10–50× smaller than the outputs, so
         the plain losses leave it unlearned — the pruned tiny-sd's direction had a relative error above 1 there
-        (its guidance nearly noise) while its conditional output was within 0.5 %."""
+        (its guidance nearly noise) while its conditional output was within 1 %."""
         from effdiff.distill.guidance import relative_error
         from effdiff.distill.teacher import combine_guidance
 
