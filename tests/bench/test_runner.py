@@ -1,4 +1,5 @@
 import pytest
+import torch
 from _fixtures import FakeAccelerate, one_thread, tiny_pipeline
 
 from effdiff.api import is_accelerated
@@ -178,6 +179,19 @@ def test_a_compile_recipe_reports_its_compiling_call_apart_and_is_not_reapplied_
     assert compiled["first_call_s"] > 0 and compiled["compile_seconds"] >= 0
     assert compiled["timing_mode"] == "adjacent blocks, compiled once" and plain["timing_mode"] == "alternating"
     assert plain["first_call_s"] is None and plain["compile_seconds"] is None
+
+
+def test_every_compile_recipe_is_timed_from_a_fresh_dynamo_cache(tmp_path, monkeypatch):
+    """Two compile recipes in one run: the second must compile its own graph, not reuse (or, past dynamo's
+    recompile limit, silently run eager on) what the first left on the same module's code."""
+    from effdiff.api import accelerate
+
+    resets = []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1) or real_reset())
+    run_bench(["m"], ["compile:backend=eager", "compile:backend=aot_eager", "ddim:steps=2"], samples=2, steps=2,
+              out_dir=tmp_path, loader=tiny_pipeline, accelerate_fn=accelerate, timing_batch=2, progress=False)
+    assert len(resets) == 2
 
 
 def test_the_caller_leaves_to_a_recipe_the_arguments_it_decides():

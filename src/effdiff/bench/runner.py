@@ -261,6 +261,9 @@ def measure_cost(pipe, caller: Caller, switch: RecipeSwitch, config: BenchConfig
     first_call_s = None
     if compiles:  # applied once: re-applying recompiles, and counting FLOPs first would time another graph
         switch.remove()  # nothing has run, so nothing was compiled yet
+        # a fresh dynamo cache: an earlier compile recipe of this run left its graphs and its recompile count on
+        # the same module's code, and `diffpruning+compile` after `compile` then ran eager with "compile s" 0.0
+        torch._dynamo.reset()
         with ForeignLoad() as load:
             base_t = time_call(base, reps=config.reps, warmup=1)
             switch.apply()
