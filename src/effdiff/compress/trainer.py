@@ -43,7 +43,9 @@ import torch
 from effdiff.compress.depth import DEPTH_IMPORTANCES
 from effdiff.compress.layers import ORDERS
 from effdiff.compress.prune import ALLOCATIONS, IMPORTANCES
+from effdiff.distill.guidance import relative_error
 from effdiff.distill.store import default_output
+from effdiff.distill.teacher import combine_guidance, prediction_target
 from effdiff.zoo.train import (
     SteppedTraining,
     add_config_flags,
@@ -431,9 +433,7 @@ class CompressTrainer(SteppedTraining):
         noise = torch.randn(images.shape, generator=self.gen).to(self.device)
         alpha = self.alphas_cumprod.to(self.device)[timesteps][:, None, None, None]
         noisy = alpha.sqrt() * images + (1 - alpha).sqrt() * noise
-        target = {"v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * images, "epsilon": noise,
-                  "sample": images}[self.prediction_type]
-        return noisy, timesteps, text, target
+        return noisy, timesteps, text, prediction_target(images, noise, alpha, self.prediction_type)
 
     def _feature_taps(self) -> tuple[FeatureTaps, FeatureTaps, Any] | None:
         """(student taps, teacher taps, loss) of the method's feature distillation; None without one: LAPTOP-Diff's
@@ -475,9 +475,6 @@ class CompressTrainer(SteppedTraining):
         uses ``uncond + w·(cond − uncond)``, and below t ≈ 800 that direction is 10–50× smaller than the outputs, so
         the plain losses leave it unlearned — the pruned tiny-sd's direction had a relative error above 1 there
         (its guidance nearly noise) while its conditional output was within 1 %."""
-        from effdiff.distill.guidance import relative_error
-        from effdiff.distill.teacher import combine_guidance
-
         (student_uncond, student_cond), (teacher_uncond, teacher_cond) = output.chunk(2), taught.chunk(2)
         low, high = GUIDED_SCALES
         scale = (low + (high - low) * torch.rand(len(student_cond), generator=self.gen)).to(output.device)
