@@ -103,7 +103,7 @@ def test_the_phases_split_the_iterations_and_a_time_budget_is_refused(tmp_path):
     assert trainer_for(config(reflow_share=1.0), tmp_path / "b", tmp_path / "b-out", tiny_teacher()).names == (
         "reflow",)
     with pytest.raises(ValueError, match="leaves no reflow iterations"):
-        trainer_for(config(reflow_share=0.0), tmp_path / "c", tmp_path / "c-out", tiny_teacher())
+        trainer_for(config(iterations=10, reflow_share=0.01), tmp_path / "c", tmp_path / "c-out", tiny_teacher())
     with pytest.raises(ValueError, match="--max-minutes would cut a phase short"):
         distill(config(max_minutes=1.0), tmp_path / "d", tmp_path / "d-out", pipe=tiny_teacher())
 

@@ -46,6 +46,7 @@ from effdiff.compress.prune import ALLOCATIONS, IMPORTANCES
 from effdiff.distill.guidance import relative_error
 from effdiff.distill.store import default_output
 from effdiff.distill.teacher import combine_guidance, prediction_target
+from effdiff.zoo.ranges import refuse_out_of_range
 from effdiff.zoo.train import (
     SteppedTraining,
     add_config_flags,
@@ -217,6 +218,7 @@ class CompressTrainer(SteppedTraining):
         from effdiff.methods.solvers.schedule import model_fingerprint
 
         config = resolved(config)
+        refuse_out_of_range(config)
         if config.importance not in IMPORTANCE_OF[config.method]:
             raise ValueError(f"{config.method}: importance must be one of {', '.join(IMPORTANCE_OF[config.method])},"
                              f" got {config.importance!r}")

@@ -115,9 +115,6 @@ class DmdTrainer(TeacherCouplings, DistillTrainer):
 
     def _objective(self) -> DistributionMatchingObjective:
         c = self.config
-        if c.critic_updates < 1 or c.regression_weight < 0:
-            raise ValueError(f"dmd: --critic-updates must be ≥ 1 and --regression-weight ≥ 0, got "
-                             f"{c.critic_updates} and {c.regression_weight}")
         self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train()
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=c.critic_lr, weight_decay=0.0)
         self.critic_losses: list[float] = []

@@ -34,6 +34,7 @@ from effdiff.distill import lora
 from effdiff.distill.consistency import ConsistencyObjective
 from effdiff.distill.guidance import WEIGHTINGS, GuidanceEmbedding, GuidanceObjective, embedding_width
 from effdiff.distill.store import GUIDANCE_FILE, RECORD, default_output, student_folder
+from effdiff.zoo.ranges import refuse_out_of_range
 from effdiff.zoo.train import (
     SteppedTraining,
     add_config_flags,
@@ -150,6 +151,7 @@ class DistillTrainer(SteppedTraining):
         """``pipe``: the teacher pipeline, if not the bundled ``config.model`` (a test's tiny random one)."""
         from effdiff.methods.solvers.schedule import model_fingerprint
 
+        refuse_out_of_range(config)
         if config.form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {config.form!r}")
         if config.method not in METHODS:

@@ -33,6 +33,7 @@ from effdiff.zoo.architectures import (
 from effdiff.zoo.captions import caption_bank, caption_states
 from effdiff.zoo.checkpoints import CLASSIFIERS, DENOISER_FOLDER
 from effdiff.zoo.data import load_digits
+from effdiff.zoo.ranges import refuse_out_of_range
 
 GENERATORS = {"tiny-sd": build_tiny_sd, "tiny-dit": build_tiny_dit, "scene-sd": build_scene_sd,
               "scene-dit": build_scene_dit}
@@ -164,6 +165,7 @@ class Trainer(SteppedTraining):
     """Runs one model's training to ``config.steps`` and writes checkpoints and final weights to ``out``."""
 
     def __init__(self, config: TrainConfig, out: Path) -> None:
+        refuse_out_of_range(config)
         self.config, self.out = config, Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(config.device)
