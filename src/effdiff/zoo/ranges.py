@@ -27,7 +27,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(("steps", "iterations", "batch_size", "checkpoint_every", "stride", "rank", "couplings",
                      "coupling_steps", "critic_updates", "ddim_steps", "start_steps", "eval_steps"), _COUNT),
     **dict.fromkeys(("warmup", "mask_iterations", "teacher_weight", "feature_weight", "guidance_weight",
-                     "regression_weight", "guidance", "w_min"), _NON_NEGATIVE),
+                     "regression_weight", "gan_weight", "gan_critic_weight", "guidance", "w_min"), _NON_NEGATIVE),
     **dict.fromkeys(("ema_decay", "target_decay"), _DECAY),
     "caption_dropout": _PROBABILITY,
     "threshold": _OPEN_FRACTION,
