@@ -145,12 +145,12 @@ def test_dmd_samples_a_published_dmd2_lora_on_its_own_grid_without_cfg(tmp_path)
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
 
 
-def test_only_lcm_takes_a_published_lora(tmp_path):
+def test_only_the_methods_that_read_published_loras_take_one_and_the_refusal_names_them(tmp_path):
     pipe = build("sd")
     _peft_lora(tmp_path)
-    with pytest.raises(effdiff.RecipeError, match="published LoRAs load with lcm"):
+    with pytest.raises(effdiff.RecipeError, match=r"published LoRAs load with dmd or lcm \(form=lora\)"):
         effdiff.accelerate(pipe, f"progressive:path={tmp_path}")
-    with pytest.raises(effdiff.RecipeError, match="published LoRAs load with lcm"):
+    with pytest.raises(effdiff.RecipeError, match=r"published LoRAs load with dmd or lcm \(form=lora\)"):
         effdiff.accelerate(pipe, f"lcm:form=full,path={tmp_path}")
 
 

@@ -15,7 +15,7 @@ from effdiff.distill import lora
 from effdiff.distill.published import is_published
 from effdiff.distill.store import RECORD, find_student, given_folder, make_command
 from effdiff.patches import split_name
-from effdiff.registry import FAMILIES, Method, Param, RecipeError, refusal
+from effdiff.registry import FAMILIES, Method, Param, RecipeError, all_methods, refusal
 
 FORM = Param(str, "lora", choices=("lora", "full"), help="a LoRA merged into the weights, or a full student")
 PATH = Param(str, "", help="a student folder written by effdiff distill (default: the one beside the model); "
@@ -41,8 +41,10 @@ class StudentMethod(Method):
         given = Path(self.values["path"]).expanduser()
         if self.values["path"] and is_published(given):
             if not self.reads_published or form != "lora":
+                readers = " or ".join(sorted(name for name, method in all_methods().items()
+                                             if getattr(method, "reads_published", False)))
                 raise RecipeError(f"{self.name}: {given} is a LoRA effdiff distill did not write; published LoRAs "
-                                  "load with lcm or dmd (form=lora), students of this method come from effdiff "
+                                  f"load with {readers} (form=lora), students of this method come from effdiff "
                                   "distill")
             return given
         folder = given_folder(self.name, self.values["path"], "distill")
