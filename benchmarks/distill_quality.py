@@ -12,7 +12,7 @@ at DDIM 50. A row whose student is not shipped is left out and said so. Denoiser
 not assumed. Speed-ups come from ``effdiff bench``, which times each recipe against the baseline in one process.
 
     HF_HUB_OFFLINE=1 python benchmarks/distill_quality.py [--per-digit 100] [--baseline] [--models tiny-sd tiny-dit]
-        [--only lcm progressive] [--student FOLDER]
+        [--only lcm progressive] [--student FOLDER] [--w 4]
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--student", type=Path,
                         help="score the student rows --only picks with this folder instead of the shipped one (an "
                              "experiment's, e.g. written by effdiff distill --out)")
+    parser.add_argument("--w", type=float, default=4.0,
+                        help="the guidance scale the guidance-distill rows ask their student for (the teacher rows "
+                             "keep CFG 4): does asking for more make up for a student that under-applies it?")
     parser.add_argument("--out", default="benchmarks/results/distill_quality.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -140,6 +143,9 @@ def main() -> None:
             if variant.student and training is None:
                 print(f"  {variant.label}: no student in {folder}; row left out", flush=True)
                 continue
+            if variant.recipe.startswith("guidance-distill") and args.w != variant.guidance:
+                variant = variant._replace(label=variant.label.replace(f"w {variant.guidance:g}", f"w {args.w:g}"),
+                                           guidance=args.w)
             if variant.student and args.student:
                 joiner = "," if ":" in variant.recipe else ":"
                 variant = variant._replace(label=f"{variant.label} ({args.student.name})",
