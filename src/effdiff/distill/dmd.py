@@ -275,7 +275,7 @@ class DmdTrainer(TeacherCouplings, DistillTrainer):
 
     def record(self) -> dict[str, Any]:
         c = self.config
-        data = "the captions of the 4,000 training digits (no training image used)"
+        data = "the captions of the 4,000 training digits" + ("" if c.gan_weight else " (no training image used)")
         if c.regression_weight:
             data += (f"; {c.couplings} couplings: noise → the teacher's DDIM-{c.coupling_steps} sample with CFG "
                      f"{c.guidance}")
